@@ -1,0 +1,89 @@
+#include "common/grpc_server.h"
+
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace fm {
+
+GrpcServerRunner::GrpcServerRunner(ServerOptions options, MetricsRegistry* metrics)
+    : options_(std::move(options)), metrics_(metrics) {}
+
+GrpcServerRunner::~GrpcServerRunner() { Shutdown(); }
+
+void GrpcServerRunner::AddService(grpc::Service* service, const std::string& health_name) {
+  services_.emplace_back(service, health_name);
+}
+
+absl::Status GrpcServerRunner::Start() {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(absl::StrCat(options_.host, ":", options_.port),
+                           grpc::InsecureServerCredentials(), &port_);
+  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  builder.SetMaxSendMessageSize(options_.max_message_bytes);
+  for (auto& [svc, name] : services_) builder.RegisterService(svc);
+  server_ = builder.BuildAndStart();
+  if (!server_ || port_ == 0)
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
+  auto* health = server_->GetHealthCheckService();
+  for (auto& [svc, name] : services_) health->SetServingStatus(name, true);
+  health->SetServingStatus(true);
+  if (options_.metrics_port >= 0 && metrics_ != nullptr) {
+    metrics_http_ = std::make_unique<MetricsHttpServer>(metrics_);
+    absl::Status s = metrics_http_->Start(options_.host, options_.metrics_port);
+    if (!s.ok()) return s;
+  }
+  if (!options_.ready_file.empty()) {
+    std::string tmp = options_.ready_file + ".tmp";
+    {
+      std::ofstream f(tmp);
+      f << port_ << "\n" << metrics_port() << "\n";
+    }
+    if (std::rename(tmp.c_str(), options_.ready_file.c_str()) != 0)
+      return absl::InternalError(absl::StrCat("cannot write ready file ", options_.ready_file));
+  }
+  FM_LOG_INFO("serving gRPC on %s:%d (metrics port %d)", options_.host.c_str(), port_, metrics_port());
+  return absl::OkStatus();
+}
+
+void GrpcServerRunner::Shutdown() {
+  if (server_) {
+    server_->GetHealthCheckService()->SetServingStatus(false);
+    server_->Shutdown(std::chrono::system_clock::now() +
+                      std::chrono::milliseconds(options_.shutdown_grace_ms));
+    server_->Wait();
+    server_.reset();
+  }
+  if (metrics_http_) {
+    metrics_http_->Stop();
+    metrics_http_.reset();
+  }
+}
+
+void BlockTerminationSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+int WaitForTerminationSignal() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  int sig = 0;
+  sigwait(&set, &sig);
+  return sig;
+}
+
+}  // namespace fm

@@ -1,0 +1,54 @@
+// gRPC server scaffolding shared by every FlashMemory binary: health (grpc.health.v1),
+// reflection, message size limits, a ready file for process supervisors and tests, a
+// Prometheus metrics port, and graceful shutdown on SIGTERM that drains in-flight calls.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/status.h"
+#include "common/metrics.h"
+
+namespace fm {
+
+struct ServerOptions {
+  std::string host = "0.0.0.0";     // listen address; "127.0.0.1" for loopback only
+  int port = 50051;                 // gRPC port; 0 = any free port (see ready_file)
+  int max_message_bytes = 64 << 20; // max gRPC message size, both directions
+  int metrics_port = -1;            // Prometheus /metrics HTTP port; -1 = off, 0 = any free
+  std::string ready_file;           // written once serving: "<grpc port>\n<metrics port>\n"; empty = none
+  int shutdown_grace_ms = 10000;    // drain deadline for in-flight calls on shutdown
+};
+
+class GrpcServerRunner {
+ public:
+  GrpcServerRunner(ServerOptions options, MetricsRegistry* metrics);
+  ~GrpcServerRunner();
+
+  // Services are owned by the caller and must outlive the runner.
+  void AddService(grpc::Service* service, const std::string& health_name);
+  absl::Status Start();
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
+  // Stops accepting calls, waits up to shutdown_grace_ms for in-flight ones, then cancels.
+  void Shutdown();
+
+ private:
+  ServerOptions options_;
+  MetricsRegistry* metrics_;
+  std::vector<std::pair<grpc::Service*, std::string>> services_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsHttpServer> metrics_http_;
+  int port_ = 0;
+};
+
+// Blocks SIGTERM and SIGINT in the calling thread and every thread it creates later. Call
+// first thing in main.
+void BlockTerminationSignals();
+// Waits for SIGTERM or SIGINT (blocked beforehand) and returns its number.
+int WaitForTerminationSignal();
+
+}  // namespace fm

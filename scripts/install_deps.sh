@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs every build and test dependency of FlashMemory from Debian's packages.
+# Idempotent: re-running it on a machine that has them is a no-op apart from apt's checks.
+set -euo pipefail
+PKGS=(
+  build-essential cmake ninja-build ccache pkg-config git
+  libgrpc++-dev libgrpc-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
+  libabsl-dev librocksdb-dev libucx-dev ucx-utils
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libxxhash-dev libcpp-httplib-dev
+  python3-numpy python3-matplotlib python3-grpcio
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
