@@ -1,0 +1,381 @@
+#include "services/kvstore/kv_client.h"
+
+#include <netdb.h>
+#include <arpa/inet.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/checksum.h"
+#include "common/status.h"
+#include "services/kvstore/kvstore_service.h"
+
+namespace fm {
+namespace v1 = flashmemory::v1;
+
+PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
+                              uint32_t token_count, DType dtype, const void* payload, size_t len) {
+  PageHeaderData h;
+  h.session_id = session_id;
+  h.page = page;
+  h.spec_hash = spec_hash;
+  h.token_count = token_count;
+  h.dtype = dtype;
+  h.payload_bytes = len;
+  h.checksum = Checksum64(payload, len);
+  return h;
+}
+
+absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(const std::string& target,
+                                                            const KvClientOptions& options, UcxEngine* engine) {
+  std::unique_ptr<KvClient> c(new KvClient());
+  c->target_ = target;
+  c->options_ = options;
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  c->channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  c->stub_ = v1::KvStore::NewStub(c->channel_);
+
+  if (options.use_ucx) {
+    if (engine == nullptr) {
+      FM_ASSIGN_OR_RETURN(c->own_engine_, UcxEngine::Create(/*progress_thread=*/false));
+      engine = c->own_engine_.get();
+    }
+    c->engine_ = engine;
+    v1::ConnectRequest req;
+    req.set_worker_address(engine->worker_address());
+    v1::ConnectResponse resp;
+    auto ctx = c->Context();
+    FM_RETURN_IF_ERROR(FromGrpcStatus(c->stub_->Connect(ctx.get(), req, &resp)));
+    if (!resp.worker_address().empty()) {
+      FM_ASSIGN_OR_RETURN(c->peer_, UcxPeer::Connect(engine, resp.worker_address(), resp.rkey()));
+      FM_ASSIGN_OR_RETURN(c->staging_, engine->MapRegion(options.staging_bytes));
+    }
+  }
+  return c;
+}
+
+KvClient::~KvClient() {
+  staging_.reset();
+  peer_.reset();
+}
+
+std::unique_ptr<grpc::ClientContext> KvClient::Context() const {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(options_.deadline_ms));
+  return ctx;
+}
+
+absl::Status KvClient::Put(const PageHeaderData& header, const void* payload, bool* in_ram) {
+  v1::PutPageRequest req;
+  HeaderToProto(header, req.mutable_header());
+  req.set_payload(payload, header.payload_bytes);
+  v1::PutPageResponse resp;
+  auto ctx = Context();
+  FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->PutPage(ctx.get(), req, &resp)));
+  if (in_ram) *in_ram = resp.in_ram();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<PageRecord>> KvClient::Get(const std::vector<PageRef>& keys) {
+  v1::GetPagesRequest req;
+  for (const auto& k : keys) {
+    auto* p = req.add_keys();
+    p->set_session_id(k.session_id);
+    p->set_page(k.page);
+  }
+  auto ctx = Context();
+  auto reader = stub_->GetPages(ctx.get(), req);
+  std::vector<PageRecord> out;
+  out.reserve(keys.size());
+  v1::PageData msg;
+  while (reader->Read(&msg)) {
+    if (out.size() >= keys.size()) return absl::DataLossError("server sent more pages than requested");
+    const PageRef& want = keys[out.size()];
+    PageRecord rec;
+    rec.header = HeaderFromProto(msg.header());
+    if (rec.header.session_id != want.session_id || rec.header.page != want.page)
+      return absl::DataLossError(absl::StrCat("got page ", rec.header.page, " of \"", rec.header.session_id,
+                                              "\", asked for page ", want.page, " of \"", want.session_id, "\""));
+    if (msg.payload().size() != rec.header.payload_bytes ||
+        Checksum64(msg.payload().data(), msg.payload().size()) != rec.header.checksum)
+      return absl::DataLossError(absl::StrCat("page ", want.page, " of \"", want.session_id, "\": checksum mismatch"));
+    rec.payload = std::move(*msg.mutable_payload());
+    out.push_back(std::move(rec));
+  }
+  FM_RETURN_IF_ERROR(FromGrpcStatus(reader->Finish()));
+  if (out.size() != keys.size()) return absl::DataLossError("server ended the stream early");
+  return out;
+}
+
+absl::Status KvClient::ReadUcx(const std::vector<PageRef>& keys, const UcxRegion& dst,
+                               const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers) {
+  if (!peer_) return absl::FailedPreconditionError("no UCX connection to " + target_);
+  if (dst_offsets.size() != keys.size()) return absl::InvalidArgumentError("one destination offset per key");
+  v1::ResolveRequest req;
+  for (const auto& k : keys) {
+    auto* p = req.add_keys();
+    p->set_session_id(k.session_id);
+    p->set_page(k.page);
+  }
+  req.set_lease_ms(options_.lease_ms);
+  v1::ResolveResponse resp;
+  {
+    auto ctx = Context();
+    FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->Resolve(ctx.get(), req, &resp)));
+  }
+  std::vector<UcxPeer::Op> ops;
+  ops.reserve(keys.size());
+  absl::Status s;
+  for (size_t i = 0; i < keys.size(); ++i) {
+    const auto& loc = resp.locations(i);
+    if (dst_offsets[i] + loc.length() > dst.size()) {
+      s = absl::InvalidArgumentError("destination buffer too small for the page records");
+      break;
+    }
+    ops.push_back(UcxPeer::Op{loc.remote_address(), dst.data() + dst_offsets[i], loc.length()});
+  }
+  if (s.ok()) s = peer_->Get(ops, dst, options_.deadline_ms);
+  // The lease ends as soon as the bytes are here; verification needs no server state.
+  v1::ReleaseRequest rel;
+  rel.set_lease_id(resp.lease_id());
+  v1::ReleaseResponse rel_resp;
+  auto ctx = Context();
+  absl::Status rs = FromGrpcStatus(stub_->Release(ctx.get(), rel, &rel_resp));
+  FM_RETURN_IF_ERROR(s);
+  if (headers) headers->resize(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    FM_RETURN_IF_ERROR(VerifyPageRecord(dst.data() + dst_offsets[i], ops[i].length, keys[i].session_id,
+                                        keys[i].page, headers ? &(*headers)[i] : nullptr));
+  }
+  // A lease that expired before Release is fine once the bytes verified.
+  if (!rs.ok() && rs.code() != absl::StatusCode::kNotFound) return rs;
+  return absl::OkStatus();
+}
+
+absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload) {
+  if (!peer_) return absl::FailedPreconditionError("no UCX connection to " + target_);
+  uint64_t len = kPageHeaderBytes + header.payload_bytes;
+  std::lock_guard<std::mutex> lock(staging_mu_);
+  if (len > staging_->size()) return absl::ResourceExhaustedError("page larger than the staging buffer");
+  v1::GrantPutRequest req;
+  HeaderToProto(header, req.mutable_header());
+  req.set_lease_ms(options_.lease_ms);
+  v1::GrantPutResponse resp;
+  {
+    auto ctx = Context();
+    FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->GrantPut(ctx.get(), req, &resp)));
+  }
+  EncodePageHeader(header, staging_->data());
+  std::memcpy(staging_->data() + kPageHeaderBytes, payload, header.payload_bytes);
+  FM_RETURN_IF_ERROR(peer_->Put({UcxPeer::Op{resp.location().remote_address(), staging_->data(), len}}, *staging_,
+                                options_.deadline_ms));
+  v1::CommitPutRequest commit;
+  commit.set_lease_id(resp.lease_id());
+  v1::CommitPutResponse commit_resp;
+  auto ctx = Context();
+  return FromGrpcStatus(stub_->CommitPut(ctx.get(), commit, &commit_resp));
+}
+
+absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef>& keys) {
+  if (!peer_) return Get(keys);
+  std::vector<PageRecord> out;
+  out.reserve(keys.size());
+  std::lock_guard<std::mutex> lock(staging_mu_);
+  // Batches that fit the staging buffer; the record size is learned from the first read.
+  size_t i = 0;
+  uint64_t guess = 0;
+  while (i < keys.size()) {
+    size_t n = guess == 0 ? 1 : std::max<uint64_t>(1, staging_->size() / guess);
+    n = std::min(n, keys.size() - i);
+    std::vector<PageRef> batch(keys.begin() + i, keys.begin() + i + n);
+    // Resolve first to learn lengths, then read each into its slot.
+    v1::ResolveRequest req;
+    for (const auto& k : batch) {
+      auto* p = req.add_keys();
+      p->set_session_id(k.session_id);
+      p->set_page(k.page);
+    }
+    req.set_lease_ms(options_.lease_ms);
+    v1::ResolveResponse resp;
+    {
+      auto ctx = Context();
+      FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->Resolve(ctx.get(), req, &resp)));
+    }
+    std::vector<UcxPeer::Op> ops;
+    uint64_t off = 0;
+    size_t fit = 0;
+    for (const auto& loc : resp.locations()) {
+      if (off + loc.length() > staging_->size()) break;
+      ops.push_back(UcxPeer::Op{loc.remote_address(), staging_->data() + off, loc.length()});
+      off += loc.length();
+      ++fit;
+    }
+    absl::Status s = fit == 0 ? absl::ResourceExhaustedError("page larger than the staging buffer")
+                              : peer_->Get(ops, *staging_, options_.deadline_ms);
+    v1::ReleaseRequest rel;
+    rel.set_lease_id(resp.lease_id());
+    v1::ReleaseResponse rel_resp;
+    {
+      auto ctx = Context();
+      IgnoreError(FromGrpcStatus(stub_->Release(ctx.get(), rel, &rel_resp)));  // expiry ends it anyway
+    }
+    FM_RETURN_IF_ERROR(s);
+    for (size_t j = 0; j < fit; ++j) {
+      PageRecord rec;
+      const uint8_t* p = ops[j].local;
+      FM_RETURN_IF_ERROR(VerifyPageRecord(p, ops[j].length, batch[j].session_id, batch[j].page, &rec.header));
+      rec.payload.assign(reinterpret_cast<const char*>(p + kPageHeaderBytes), rec.header.payload_bytes);
+      out.push_back(std::move(rec));
+    }
+    guess = std::max<uint64_t>(guess, ops[0].length);
+    i += fit;
+  }
+  return out;
+}
+
+absl::StatusOr<v1::PrefetchResponse> KvClient::Prefetch(const std::vector<PageRef>& keys, uint32_t lease_ms) {
+  v1::PrefetchRequest req;
+  for (const auto& k : keys) {
+    auto* p = req.add_keys();
+    p->set_session_id(k.session_id);
+    p->set_page(k.page);
+  }
+  req.set_lease_ms(lease_ms);
+  v1::PrefetchResponse resp;
+  auto ctx = Context();
+  FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->Prefetch(ctx.get(), req, &resp)));
+  return resp;
+}
+
+absl::Status KvClient::Release(uint64_t lease_id) {
+  v1::ReleaseRequest req;
+  req.set_lease_id(lease_id);
+  v1::ReleaseResponse resp;
+  auto ctx = Context();
+  return FromGrpcStatus(stub_->Release(ctx.get(), req, &resp));
+}
+
+absl::StatusOr<uint64_t> KvClient::DeleteSession(const std::string& session_id) {
+  v1::DeleteSessionRequest req;
+  req.set_session_id(session_id);
+  v1::DeleteSessionResponse resp;
+  auto ctx = Context();
+  FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->DeleteSession(ctx.get(), req, &resp)));
+  return resp.pages_deleted();
+}
+
+absl::StatusOr<v1::GetStatsResponse> KvClient::Stats(const std::string& session) {
+  v1::GetStatsRequest req;
+  req.set_session_id(session);
+  v1::GetStatsResponse resp;
+  auto ctx = Context();
+  FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->GetStats(ctx.get(), req, &resp)));
+  return resp;
+}
+
+size_t RendezvousPick(const std::vector<std::string>& replicas, const std::string& session_id, uint64_t page) {
+  std::string key = session_id;
+  key.append(reinterpret_cast<const char*>(&page), sizeof(page));
+  size_t best = 0;
+  uint64_t best_w = 0;
+  for (size_t i = 0; i < replicas.size(); ++i) {
+    uint64_t w = Checksum64(key.data(), key.size(), Checksum64(replicas[i].data(), replicas[i].size()));
+    if (i == 0 || w > best_w) {
+      best_w = w;
+      best = i;
+    }
+  }
+  return best;
+}
+
+absl::StatusOr<std::vector<std::string>> ResolveReplicas(const std::string& spec) {
+  std::vector<std::string> out;
+  if (spec.rfind("dns:", 0) == 0) {
+    std::string rest = spec.substr(4);
+    size_t colon = rest.rfind(':');
+    if (colon == std::string::npos) return absl::InvalidArgumentError("dns replica list needs dns:NAME:PORT");
+    std::string name = rest.substr(0, colon), port = rest.substr(colon + 1);
+    addrinfo hints{};
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* res = nullptr;
+    int rc = getaddrinfo(name.c_str(), port.c_str(), &hints, &res);
+    if (rc != 0) return absl::UnavailableError(absl::StrCat("cannot resolve ", name, ": ", gai_strerror(rc)));
+    for (addrinfo* a = res; a; a = a->ai_next) {
+      char host[INET6_ADDRSTRLEN];
+      if (a->ai_family == AF_INET) {
+        inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, host, sizeof(host));
+        out.push_back(absl::StrCat(host, ":", port));
+      } else if (a->ai_family == AF_INET6) {
+        inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr, host, sizeof(host));
+        out.push_back(absl::StrCat("[", host, "]:", port));
+      }
+    }
+    freeaddrinfo(res);
+  } else {
+    for (absl::string_view part : absl::StrSplit(spec, ',', absl::SkipEmpty())) out.emplace_back(part);
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  if (out.empty()) return absl::InvalidArgumentError("empty replica list");
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<ShardedKvClient>> ShardedKvClient::Connect(const std::vector<std::string>& replicas,
+                                                                          const KvClientOptions& options) {
+  if (replicas.empty()) return absl::InvalidArgumentError("empty replica list");
+  auto c = std::make_unique<ShardedKvClient>();
+  c->names_ = replicas;
+  if (options.use_ucx) {
+    FM_ASSIGN_OR_RETURN(c->engine_, UcxEngine::Create(false));
+  }
+  for (const auto& r : replicas) {
+    FM_ASSIGN_OR_RETURN(auto client, KvClient::Connect(r, options, c->engine_.get()));
+    c->clients_.push_back(std::move(client));
+  }
+  return c;
+}
+
+size_t ShardedKvClient::ReplicaFor(const std::string& session_id, uint64_t page) const {
+  return RendezvousPick(names_, session_id, page);
+}
+
+absl::Status ShardedKvClient::Put(const PageHeaderData& header, const void* payload) {
+  return clients_[ReplicaFor(header.session_id, header.page)]->Put(header, payload);
+}
+
+absl::StatusOr<std::vector<PageRecord>> ShardedKvClient::Read(const std::vector<PageRef>& keys) {
+  std::map<size_t, std::vector<size_t>> by_replica;
+  for (size_t i = 0; i < keys.size(); ++i) by_replica[ReplicaFor(keys[i].session_id, keys[i].page)].push_back(i);
+  std::vector<PageRecord> out(keys.size());
+  for (auto& [r, idx] : by_replica) {
+    std::vector<PageRef> sub;
+    for (size_t i : idx) sub.push_back(keys[i]);
+    FM_ASSIGN_OR_RETURN(auto recs, clients_[r]->Read(sub));
+    for (size_t j = 0; j < idx.size(); ++j) out[idx[j]] = std::move(recs[j]);
+  }
+  return out;
+}
+
+absl::StatusOr<uint64_t> ShardedKvClient::DeleteSession(const std::string& session_id) {
+  uint64_t total = 0;
+  bool found = false;
+  for (auto& c : clients_) {
+    absl::StatusOr<uint64_t> n = c->DeleteSession(session_id);
+    if (n.ok()) {
+      found = true;
+      total += *n;
+    } else if (n.status().code() != absl::StatusCode::kNotFound) {
+      return n.status();
+    }
+  }
+  if (!found) return absl::NotFoundError(absl::StrCat("unknown session \"", session_id, "\""));
+  return total;
+}
+
+}  // namespace fm

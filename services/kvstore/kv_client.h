@@ -1,0 +1,117 @@
+// Client library of the kvstore: one replica (KvClient) or many (ShardedKvClient, pages
+// spread by rendezvous hashing of the page key over the replica list).
+//
+// Reads verify every record: the header must name the requested session and page and the
+// payload checksum must match, otherwise DATA_LOSS. Every RPC carries a deadline.
+// Thread-safe.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "common/page_format.h"
+#include "flashmemory/v1/kvstore.grpc.pb.h"
+#include "services/kvstore/kv_store.h"
+#include "services/kvstore/ucx_transport.h"
+
+namespace fm {
+
+struct KvClientOptions {
+  int deadline_ms = 10000;             // per RPC
+  int max_message_bytes = 64 << 20;    // gRPC message limit
+  bool use_ucx = true;                 // connect the UCX data path when the server offers it
+  uint32_t lease_ms = 0;               // lease for Resolve/GrantPut; 0 = server default
+  uint64_t staging_bytes = 64ull << 20;// registered buffer for ReadPayloads / PutUcx
+};
+
+// A page read back: its header and payload.
+struct PageRecord {
+  PageHeaderData header;
+  std::string payload;
+};
+
+// Builds a header (checksum included) for a payload.
+PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
+                              uint32_t token_count, DType dtype, const void* payload, size_t len);
+
+class KvClient {
+ public:
+  // `engine` may be null (a private one is made when UCX is used); if given it must outlive
+  // the client.
+  static absl::StatusOr<std::unique_ptr<KvClient>> Connect(const std::string& target,
+                                                           const KvClientOptions& options,
+                                                           UcxEngine* engine = nullptr);
+  ~KvClient();
+
+  const std::string& target() const { return target_; }
+  bool has_ucx() const { return peer_ != nullptr; }
+  UcxEngine* engine() const { return engine_; }
+  flashmemory::v1::KvStore::Stub* stub() const { return stub_.get(); }
+
+  // gRPC byte path.
+  absl::Status Put(const PageHeaderData& header, const void* payload, bool* in_ram = nullptr);
+  absl::StatusOr<std::vector<PageRecord>> Get(const std::vector<PageRef>& keys);
+
+  // UCX path. Reads each page's record (header + payload) into dst at dst_offsets[i]
+  // (each must leave room for the record), verifies it, releases the lease.
+  absl::Status ReadUcx(const std::vector<PageRef>& keys, const UcxRegion& dst,
+                       const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers);
+  // UCX put: GrantPut, one-sided write of header + payload, CommitPut.
+  absl::Status PutUcx(const PageHeaderData& header, const void* payload);
+  // Reads via UCX when connected, else via gRPC; returns payloads.
+  absl::StatusOr<std::vector<PageRecord>> Read(const std::vector<PageRef>& keys);
+
+  absl::StatusOr<flashmemory::v1::PrefetchResponse> Prefetch(const std::vector<PageRef>& keys,
+                                                             uint32_t lease_ms = 0);
+  absl::Status Release(uint64_t lease_id);
+  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
+  absl::StatusOr<flashmemory::v1::GetStatsResponse> Stats(const std::string& session = "");
+
+ private:
+  KvClient() = default;
+  std::unique_ptr<grpc::ClientContext> Context() const;
+
+  std::string target_;
+  KvClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<flashmemory::v1::KvStore::Stub> stub_;
+  std::unique_ptr<UcxEngine> own_engine_;
+  UcxEngine* engine_ = nullptr;
+  std::unique_ptr<UcxPeer> peer_;
+  std::mutex staging_mu_;
+  std::unique_ptr<UcxRegion> staging_;
+};
+
+// Rendezvous (highest random weight) choice of a replica for a page key: stable, and moving
+// a replica in or out moves only the pages it gains or loses.
+size_t RendezvousPick(const std::vector<std::string>& replicas, const std::string& session_id, uint64_t page);
+
+// Parses a replica list: "host:port,host:port" (static) or "dns:NAME:PORT" (every address
+// NAME resolves to, e.g. a Kubernetes headless Service), sorted.
+absl::StatusOr<std::vector<std::string>> ResolveReplicas(const std::string& spec);
+
+class ShardedKvClient {
+ public:
+  static absl::StatusOr<std::unique_ptr<ShardedKvClient>> Connect(const std::vector<std::string>& replicas,
+                                                                  const KvClientOptions& options);
+  size_t ReplicaFor(const std::string& session_id, uint64_t page) const;
+  KvClient* replica(size_t i) const { return clients_[i].get(); }
+  size_t size() const { return clients_.size(); }
+
+  absl::Status Put(const PageHeaderData& header, const void* payload);
+  // Reads pages from their replicas (UCX when available), in request order.
+  absl::StatusOr<std::vector<PageRecord>> Read(const std::vector<PageRef>& keys);
+  // Deletes the session on every replica; NOT_FOUND only if no replica knew it.
+  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
+
+ private:
+  std::vector<std::string> names_;
+  std::unique_ptr<UcxEngine> engine_;
+  std::vector<std::unique_ptr<KvClient>> clients_;
+};
+
+}  // namespace fm

@@ -1,0 +1,534 @@
+#include "services/kvstore/kv_store_impl.h"
+
+#include <sys/mman.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/checksum.h"
+#include "common/log.h"
+#include "common/status.h"
+
+namespace fm {
+namespace {
+
+std::string PrintableLabel(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') { out.push_back('\\'); out.push_back(static_cast<char>(c)); }
+    else if (c >= 0x20 && c < 0x7f) out.push_back(static_cast<char>(c));
+    else absl::StrAppend(&out, "%", absl::Hex(c, absl::kZeroPad2));
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KvStore>> KvStore::Open(const KvStoreOptions& options,
+                                                       MetricsRegistry* metrics) {
+  auto store = std::make_unique<KvStoreImpl>(options, metrics);
+  FM_RETURN_IF_ERROR(store->Init());
+  return std::unique_ptr<KvStore>(std::move(store));
+}
+
+KvStoreImpl::KvStoreImpl(const KvStoreOptions& options, MetricsRegistry* metrics)
+    : options_(options), metrics_(metrics) {}
+
+KvStoreImpl::~KvStoreImpl() {
+  {
+    std::lock_guard<std::mutex> lock(reaper_mu_);
+    stop_ = true;
+  }
+  reaper_cv_.notify_all();
+  if (reaper_.joinable()) reaper_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    ram_.reset();
+  }
+  region_.reset();
+  ucx_.reset();
+  if (heap_) munmap(heap_, options_.ram_bytes);
+}
+
+absl::Status KvStoreImpl::Init() {
+  if (options_.ram_bytes < 4096) return absl::InvalidArgumentError("ram_bytes must be at least 4096");
+  if (options_.enable_ucx) {
+    FM_ASSIGN_OR_RETURN(ucx_, UcxEngine::Create(/*progress_thread=*/true));
+    FM_ASSIGN_OR_RETURN(region_, ucx_->MapRegion(options_.ram_bytes));
+    arena_ = region_->data();
+  } else {
+    heap_ = mmap(nullptr, options_.ram_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (heap_ == MAP_FAILED) {
+      heap_ = nullptr;
+      return absl::ResourceExhaustedError("cannot map the RAM arena");
+    }
+    arena_ = static_cast<uint8_t*>(heap_);
+  }
+  RocksTierOptions ro;
+  ro.path = options_.db_path;
+  ro.sync_writes = options_.sync_writes;
+  FM_ASSIGN_OR_RETURN(disk_, RocksTier::Open(ro));
+
+  absl::MutexLock lock(&mu_);
+  ram_ = std::make_unique<RamTier>(arena_, options_.ram_bytes, options_.slab_bytes);
+  // Recover per-session totals from the headers of every durable page.
+  uint64_t pages = 0;
+  absl::Status scan = disk_->ScanHeaders([&](absl::string_view key, absl::string_view hdr) {
+    std::string sid;
+    uint64_t page;
+    PageHeaderData h;
+    if (!DecodePageKey(key, &sid, &page) || hdr.size() != kPageHeaderBytes ||
+        !DecodePageHeader(reinterpret_cast<const uint8_t*>(hdr.data()), &h).ok()) {
+      FM_LOG_WARN("kvstore: skipping a malformed meta entry during recovery");
+      return;
+    }
+    SessionState& ss = sessions_[sid];
+    uint64_t len = kPageHeaderBytes + h.payload_bytes;
+    ss.bytes += len;
+    ss.pages[page] = PageInfo{len, next_version_++};
+    ++pages;
+  });
+  FM_RETURN_IF_ERROR(scan);
+  FM_LOG_INFO("kvstore: recovered %llu pages of %zu sessions from %s", static_cast<unsigned long long>(pages),
+              sessions_.size(), options_.db_path.c_str());
+
+  if (metrics_) {
+    puts_metric_ = metrics_->GetCounter("fm_kvstore_puts_total", "Pages stored.");
+    put_bytes_metric_ = metrics_->GetCounter("fm_kvstore_put_bytes_total", "Record bytes stored.");
+    read_bytes_metric_ = metrics_->GetCounter("fm_kvstore_read_bytes_total", "Record bytes read over gRPC.");
+    metrics_->AddCollector([this](std::string* out) { RenderMetrics(out); });
+  }
+  reaper_ = std::thread([this] { ReaperLoop(); });
+  return absl::OkStatus();
+}
+
+UcxEndpointInfo KvStoreImpl::ucx() const {
+  UcxEndpointInfo info;
+  if (!ucx_) return info;
+  info.worker_address = ucx_->worker_address();
+  info.rkey = region_->packed_rkey();
+  info.arena_base = reinterpret_cast<uint64_t>(region_->data());
+  info.arena_bytes = region_->size();
+  return info;
+}
+
+absl::Status KvStoreImpl::ValidateHeader(const PageHeaderData& h) const {
+  FM_RETURN_IF_ERROR(ValidateSessionId(h.session_id));
+  if (h.payload_bytes == 0) return absl::InvalidArgumentError("payload_bytes is 0; a page has a payload");
+  if (h.payload_bytes > options_.max_page_bytes)
+    return absl::ResourceExhaustedError(absl::StrCat("page payload is ", h.payload_bytes,
+                                                     " bytes; the limit is ", options_.max_page_bytes));
+  if (DTypeSize(h.dtype) == 0) return absl::InvalidArgumentError("page dtype is unspecified or unknown");
+  if (h.token_count == 0) return absl::InvalidArgumentError("token_count is 0");
+  if (kPageHeaderBytes + h.payload_bytes > options_.ram_bytes && options_.ram_bytes > 0) {
+    // Still durable; it just never caches. Allowed.
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvStoreImpl::ReserveLocked(const PageHeaderData& h, bool* had_old, PageInfo* old) {
+  SessionState& ss = sessions_[h.session_id];
+  uint64_t len = kPageHeaderBytes + h.payload_bytes;
+  auto it = ss.pages.find(h.page);
+  *had_old = it != ss.pages.end();
+  if (*had_old) *old = it->second;
+  uint64_t new_bytes = ss.bytes - (*had_old ? old->record_len : 0) + len;
+  if (options_.max_session_bytes > 0 && new_bytes > options_.max_session_bytes) {
+    if (ss.pages.empty()) sessions_.erase(h.session_id);
+    return absl::ResourceExhaustedError(absl::StrCat("session \"", h.session_id, "\" would hold ", new_bytes,
+                                                     " bytes; the limit is ", options_.max_session_bytes));
+  }
+  ss.bytes = new_bytes;
+  ss.pages[h.page] = PageInfo{len, next_version_++};
+  return absl::OkStatus();
+}
+
+void KvStoreImpl::RollbackLocked(const PageHeaderData& h, bool had_old, const PageInfo& old) {
+  auto sit = sessions_.find(h.session_id);
+  if (sit == sessions_.end()) return;
+  SessionState& ss = sit->second;
+  auto it = ss.pages.find(h.page);
+  if (it == ss.pages.end()) return;
+  ss.bytes -= it->second.record_len;
+  if (had_old) {
+    ss.bytes += old.record_len;
+    it->second = old;
+  } else {
+    ss.pages.erase(it);
+    if (ss.pages.empty()) sessions_.erase(sit);
+  }
+}
+
+RamCell* KvStoreImpl::AllocateLocked(uint64_t len) {
+  std::vector<std::string> evicted;
+  RamCell* c = ram_->Allocate(len, &evicted);
+  for (const std::string& k : evicted) {
+    std::string sid;
+    uint64_t page;
+    if (!DecodePageKey(k, &sid, &page)) continue;
+    auto it = sessions_.find(sid);
+    if (it != sessions_.end() && it->second.ram_pages > 0) --it->second.ram_pages;
+  }
+  return c;
+}
+
+void KvStoreImpl::PublishLocked(RamCell* cell, const std::string& key, const std::string& sid) {
+  bool replaced = false;
+  ram_->Publish(cell, key, &replaced);
+  if (!replaced) {
+    auto it = sessions_.find(sid);
+    if (it != sessions_.end()) ++it->second.ram_pages;
+  }
+}
+
+absl::Status KvStoreImpl::Put(const PageHeaderData& header, const uint8_t* payload, size_t len,
+                              bool* in_ram) {
+  *in_ram = false;
+  FM_RETURN_IF_ERROR(ValidateHeader(header));
+  if (len != header.payload_bytes)
+    return absl::InvalidArgumentError(absl::StrCat("payload is ", len, " bytes; header says ", header.payload_bytes));
+  if (Checksum64(payload, len) != header.checksum)
+    return absl::DataLossError(absl::StrCat("page ", header.page, " of session \"", header.session_id,
+                                            "\": payload checksum does not match the header"));
+  const std::string key = EncodePageKey(header.session_id, header.page);
+  const uint64_t record_len = kPageHeaderBytes + len;
+  bool had_old;
+  PageInfo old, mine;
+  RamCell* cell;
+  {
+    absl::MutexLock lock(&mu_);
+    FM_RETURN_IF_ERROR(ReserveLocked(header, &had_old, &old));
+    mine = sessions_[header.session_id].pages[header.page];
+    cell = AllocateLocked(record_len);
+  }
+  uint8_t hdr[kPageHeaderBytes];
+  EncodePageHeader(header, hdr);
+  absl::Status s = disk_->Put(key, hdr, kPageHeaderBytes, payload, len);
+  if (cell && s.ok()) {
+    std::memcpy(arena_ + cell->offset, hdr, kPageHeaderBytes);
+    std::memcpy(arena_ + cell->offset + kPageHeaderBytes, payload, len);
+  }
+  absl::MutexLock lock(&mu_);
+  if (!s.ok()) {
+    RollbackLocked(header, had_old, old);
+    if (cell) ram_->Unpin(cell);
+    return s;
+  }
+  if (cell) {
+    // Publish only if no newer put of this page (or a delete) overtook this one.
+    auto sit = sessions_.find(header.session_id);
+    bool current = sit != sessions_.end() && sit->second.pages.contains(header.page) &&
+                   sit->second.pages[header.page].version == mine.version;
+    if (current) {
+      PublishLocked(cell, key, header.session_id);
+      *in_ram = true;
+    }
+    ram_->Unpin(cell);
+  }
+  if (puts_metric_) {
+    puts_metric_->Add();
+    put_bytes_metric_->Add(record_len);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RamCell*> KvStoreImpl::PinInRam(const PageRef& ref, const std::string& key, bool* promoted,
+                                               const std::function<void(const uint8_t*, size_t)>* fallback) {
+  *promoted = false;
+  uint64_t version;
+  {
+    absl::MutexLock lock(&mu_);
+    auto sit = sessions_.find(ref.session_id);
+    if (sit == sessions_.end())
+      return absl::NotFoundError(absl::StrCat("unknown session \"", ref.session_id, "\""));
+    auto pit = sit->second.pages.find(ref.page);
+    if (pit == sit->second.pages.end())
+      return absl::NotFoundError(absl::StrCat("page ", ref.page, " of session \"", ref.session_id, "\" not found"));
+    version = pit->second.version;
+    if (RamCell* c = ram_->Find(key)) {
+      ram_->Pin(c);
+      ++hits_;
+      ++sit->second.hits;
+      return c;
+    }
+    ++misses_;
+    ++sit->second.misses;
+  }
+  RamCell* result = nullptr;
+  absl::Status s = disk_->Get(key, [&](const uint8_t* rec, size_t len) -> absl::Status {
+    FM_RETURN_IF_ERROR(VerifyPageRecord(rec, len, ref.session_id, ref.page));
+    RamCell* c;
+    {
+      absl::MutexLock lock(&mu_);
+      ++spill_reads_;
+      if ((c = ram_->Find(key)) != nullptr) {  // promoted meanwhile by another reader
+        ram_->Pin(c);
+        result = c;
+        return absl::OkStatus();
+      }
+      c = AllocateLocked(len);
+    }
+    if (c == nullptr) {
+      if (fallback) (*fallback)(rec, len);
+      return absl::OkStatus();
+    }
+    std::memcpy(arena_ + c->offset, rec, len);
+    absl::MutexLock lock(&mu_);
+    auto sit = sessions_.find(ref.session_id);
+    bool current = sit != sessions_.end() && sit->second.pages.contains(ref.page) &&
+                   sit->second.pages[ref.page].version == version;
+    if (!current) {
+      ram_->Unpin(c);  // overtaken by a put or delete: drop the stale copy
+      return absl::AbortedError("page changed while being read back; retry");
+    }
+    PublishLocked(c, key, ref.session_id);
+    *promoted = true;
+    result = c;
+    return absl::OkStatus();
+  });
+  if (s.code() == absl::StatusCode::kNotFound)
+    return absl::NotFoundError(absl::StrCat("page ", ref.page, " of session \"", ref.session_id, "\" not found"));
+  FM_RETURN_IF_ERROR(s);
+  return result;
+}
+
+absl::Status KvStoreImpl::Read(const PageRef& ref, const std::function<void(const uint8_t*, size_t)>& sink,
+                               bool* from_spill) {
+  FM_RETURN_IF_ERROR(ValidateSessionId(ref.session_id));
+  const std::string key = EncodePageKey(ref.session_id, ref.page);
+  bool got_fallback = false;
+  std::function<void(const uint8_t*, size_t)> fallback = [&](const uint8_t* rec, size_t len) {
+    got_fallback = true;
+    sink(rec, len);
+  };
+  absl::StatusOr<RamCell*> cell;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    cell = PinInRam(ref, key, from_spill, &fallback);
+    if (cell.status().code() != absl::StatusCode::kAborted) break;
+  }
+  FM_RETURN_IF_ERROR(cell.status());
+  if (got_fallback) {
+    *from_spill = true;
+    return absl::OkStatus();
+  }
+  RamCell* c = *cell;
+  sink(arena_ + c->offset, c->record_len);
+  if (read_bytes_metric_) read_bytes_metric_->Add(c->record_len);
+  absl::MutexLock lock(&mu_);
+  ram_->Unpin(c);
+  return absl::OkStatus();
+}
+
+uint32_t KvStoreImpl::LeaseMs(uint32_t requested) const {
+  uint32_t ms = requested == 0 ? options_.default_lease_ms : requested;
+  return std::min(ms, options_.max_lease_ms);
+}
+
+absl::StatusOr<Lease> KvStoreImpl::Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms) {
+  if (keys.empty()) return absl::InvalidArgumentError("no pages requested");
+  if (keys.size() > options_.max_keys_per_call)
+    return absl::ResourceExhaustedError(absl::StrCat(keys.size(), " pages in one call; the limit is ",
+                                                     options_.max_keys_per_call));
+  for (const PageRef& k : keys) FM_RETURN_IF_ERROR(ValidateSessionId(k.session_id));
+  LeaseState state;
+  Lease lease;
+  absl::Status failure;
+  for (const PageRef& k : keys) {
+    const std::string key = EncodePageKey(k.session_id, k.page);
+    absl::StatusOr<RamCell*> cell;
+    bool promoted = false;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      cell = PinInRam(k, key, &promoted, nullptr);
+      if (cell.status().code() != absl::StatusCode::kAborted) break;
+    }
+    if (!cell.ok()) { failure = cell.status(); break; }
+    if (*cell == nullptr) {
+      failure = absl::ResourceExhaustedError("RAM tier is full of pinned pages; release leases or raise ram_bytes");
+      break;
+    }
+    lease.promoted += promoted ? 1 : 0;
+    state.cells.push_back(*cell);
+    lease.locations.push_back(LeasedLocation{k, reinterpret_cast<uint64_t>(arena_ + (*cell)->offset),
+                                             (*cell)->record_len});
+  }
+  absl::MutexLock lock(&mu_);
+  if (!failure.ok()) {
+    for (RamCell* c : state.cells) ram_->Unpin(c);
+    return failure;
+  }
+  state.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(LeaseMs(lease_ms));
+  lease.id = next_lease_++;
+  leases_.emplace(lease.id, std::move(state));
+  return lease;
+}
+
+absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32_t lease_ms) {
+  FM_RETURN_IF_ERROR(ValidateHeader(header));
+  const uint64_t record_len = kPageHeaderBytes + header.payload_bytes;
+  absl::MutexLock lock(&mu_);
+  LeaseState state;
+  state.is_put = true;
+  state.put_header = header;
+  state.put_key = EncodePageKey(header.session_id, header.page);
+  // Reserve the RAM cell first: without one there is nothing to write into.
+  RamCell* c = AllocateLocked(record_len);
+  if (c == nullptr)
+    return absl::ResourceExhaustedError("RAM tier is full of pinned pages; use PutPage or release leases");
+  absl::Status s = ReserveLocked(header, &state.had_old, &state.old_info);
+  if (!s.ok()) {
+    ram_->Unpin(c);
+    return s;
+  }
+  state.cells.push_back(c);
+  state.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(LeaseMs(lease_ms));
+  Lease lease;
+  lease.id = next_lease_++;
+  lease.locations.push_back(LeasedLocation{PageRef{header.session_id, header.page},
+                                           reinterpret_cast<uint64_t>(arena_ + c->offset), record_len});
+  leases_.emplace(lease.id, std::move(state));
+  return lease;
+}
+
+absl::Status KvStoreImpl::CommitPut(uint64_t lease_id) {
+  LeaseState state;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = leases_.find(lease_id);
+    if (it == leases_.end())
+      return absl::NotFoundError(absl::StrCat("lease ", lease_id, " is unknown or expired"));
+    if (!it->second.is_put)
+      return absl::InvalidArgumentError(absl::StrCat("lease ", lease_id, " is not a put grant"));
+    state = std::move(it->second);
+    leases_.erase(it);
+  }
+  const PageHeaderData& want = state.put_header;
+  RamCell* c = state.cells[0];
+  const uint8_t* rec = arena_ + c->offset;
+  PageHeaderData got;
+  absl::Status s = VerifyPageRecord(rec, c->record_len, want.session_id, want.page, &got);
+  if (s.ok() && (got.spec_hash != want.spec_hash || got.token_count != want.token_count ||
+                 got.dtype != want.dtype || got.checksum != want.checksum))
+    s = absl::DataLossError("written page header differs from the granted header");
+  if (s.ok()) s = disk_->Put(state.put_key, rec, kPageHeaderBytes, rec + kPageHeaderBytes, got.payload_bytes);
+  absl::MutexLock lock(&mu_);
+  if (!s.ok()) {
+    RollbackLocked(want, state.had_old, state.old_info);
+    ram_->Unpin(c);
+    return s;
+  }
+  PublishLocked(c, state.put_key, want.session_id);
+  ram_->Unpin(c);
+  if (puts_metric_) {
+    puts_metric_->Add();
+    put_bytes_metric_->Add(c->record_len);
+  }
+  return absl::OkStatus();
+}
+
+void KvStoreImpl::EndLeaseLocked(LeaseState& lease) {
+  if (lease.is_put) RollbackLocked(lease.put_header, lease.had_old, lease.old_info);
+  for (RamCell* c : lease.cells) ram_->Unpin(c);
+}
+
+absl::Status KvStoreImpl::Release(uint64_t lease_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = leases_.find(lease_id);
+  if (it == leases_.end()) return absl::NotFoundError(absl::StrCat("lease ", lease_id, " is unknown or expired"));
+  EndLeaseLocked(it->second);
+  leases_.erase(it);
+  return absl::OkStatus();
+}
+
+void KvStoreImpl::ExpireLeases() {
+  auto now = std::chrono::steady_clock::now();
+  absl::MutexLock lock(&mu_);
+  for (auto it = leases_.begin(); it != leases_.end();) {
+    if (it->second.deadline <= now) {
+      EndLeaseLocked(it->second);
+      leases_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void KvStoreImpl::ReaperLoop() {
+  std::unique_lock<std::mutex> lock(reaper_mu_);
+  while (!stop_) {
+    reaper_cv_.wait_for(lock, std::chrono::milliseconds(50));
+    if (stop_) break;
+    lock.unlock();
+    ExpireLeases();
+    lock.lock();
+  }
+}
+
+absl::StatusOr<uint64_t> KvStoreImpl::DeleteSession(const std::string& sid) {
+  FM_RETURN_IF_ERROR(ValidateSessionId(sid));
+  uint64_t n;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(sid);
+    if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session \"", sid, "\""));
+    n = it->second.pages.size();
+    for (const auto& [page, info] : it->second.pages) ram_->Erase(EncodePageKey(sid, page));
+    sessions_.erase(it);
+  }
+  FM_RETURN_IF_ERROR(disk_->DeleteSession(sid));
+  return n;
+}
+
+absl::StatusOr<KvStats> KvStoreImpl::Stats(const std::string& session) {
+  absl::MutexLock lock(&mu_);
+  KvStats st;
+  st.ram_bytes = ram_->used_bytes();
+  st.ram_pages = ram_->pages();
+  st.ram_capacity = ram_->capacity_bytes();
+  st.evictions = ram_->evictions();
+  st.pinned_pages = ram_->pinned_pages();
+  st.hits = hits_;
+  st.misses = misses_;
+  st.spill_reads = spill_reads_;
+  st.active_leases = leases_.size();
+  for (const auto& [sid, ss] : sessions_) {
+    st.disk_pages += ss.pages.size();
+    st.disk_bytes += ss.bytes;
+    if (session == "*" || session == sid)
+      st.sessions.push_back(KvSessionStats{sid, ss.pages.size(), ss.bytes, ss.ram_pages, ss.hits, ss.misses});
+  }
+  if (!session.empty() && session != "*" && st.sessions.empty())
+    return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
+  return st;
+}
+
+void KvStoreImpl::RenderMetrics(std::string* out) {
+  absl::StatusOr<KvStats> st = Stats("*");
+  if (!st.ok()) return;
+  auto gauge = [&](const char* name, const char* help, uint64_t v) {
+    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v, "\n");
+  };
+  gauge("fm_kvstore_ram_bytes", "Record bytes in the RAM tier.", st->ram_bytes);
+  gauge("fm_kvstore_ram_pages", "Pages in the RAM tier.", st->ram_pages);
+  gauge("fm_kvstore_ram_capacity_bytes", "RAM tier budget.", st->ram_capacity);
+  gauge("fm_kvstore_disk_bytes", "Record bytes in RocksDB.", st->disk_bytes);
+  gauge("fm_kvstore_disk_pages", "Pages in RocksDB.", st->disk_pages);
+  gauge("fm_kvstore_pinned_pages", "RAM pages under a lease.", st->pinned_pages);
+  gauge("fm_kvstore_active_leases", "Leases not yet released or expired.", st->active_leases);
+  auto counter = [&](const char* name, const char* help, uint64_t v) {
+    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ", v, "\n");
+  };
+  counter("fm_kvstore_hits_total", "Reads served from RAM.", st->hits);
+  counter("fm_kvstore_misses_total", "Reads not in RAM.", st->misses);
+  counter("fm_kvstore_evictions_total", "Pages evicted from RAM.", st->evictions);
+  counter("fm_kvstore_spill_reads_total", "Pages read back from RocksDB.", st->spill_reads);
+  absl::StrAppend(out, "# HELP fm_kvstore_session_bytes Durable bytes per session.\n",
+                  "# TYPE fm_kvstore_session_bytes gauge\n");
+  for (const auto& s : st->sessions)
+    absl::StrAppend(out, "fm_kvstore_session_bytes{session=\"", PrintableLabel(s.session_id), "\"} ", s.bytes, "\n");
+  absl::StrAppend(out, "# HELP fm_kvstore_session_pages Durable pages per session.\n",
+                  "# TYPE fm_kvstore_session_pages gauge\n");
+  for (const auto& s : st->sessions)
+    absl::StrAppend(out, "fm_kvstore_session_pages{session=\"", PrintableLabel(s.session_id), "\"} ", s.pages, "\n");
+}
+
+}  // namespace fm

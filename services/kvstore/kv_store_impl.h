@@ -1,0 +1,103 @@
+// Private: the KvStore implementation (RAM tier over a UCX-registered arena + RocksDB).
+#pragma once
+
+#include <condition_variable>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "services/kvstore/kv_store.h"
+#include "services/kvstore/ram_tier.h"
+#include "services/kvstore/rocks_tier.h"
+#include "services/kvstore/ucx_transport.h"
+
+namespace fm {
+
+class KvStoreImpl final : public KvStore {
+ public:
+  KvStoreImpl(const KvStoreOptions& options, MetricsRegistry* metrics);
+  ~KvStoreImpl() override;
+  absl::Status Init();
+
+  UcxEndpointInfo ucx() const override;
+  absl::Status Put(const PageHeaderData& header, const uint8_t* payload, size_t len,
+                   bool* in_ram) override;
+  absl::Status Read(const PageRef& key, const std::function<void(const uint8_t*, size_t)>& sink,
+                    bool* from_spill) override;
+  absl::StatusOr<Lease> Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms) override;
+  absl::StatusOr<Lease> GrantPut(const PageHeaderData& header, uint32_t lease_ms) override;
+  absl::Status CommitPut(uint64_t lease_id) override;
+  absl::Status Release(uint64_t lease_id) override;
+  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id) override;
+  absl::StatusOr<KvStats> Stats(const std::string& session) override;
+  void TEST_ExpireLeases() override { ExpireLeases(); }
+
+ private:
+  struct PageInfo {
+    uint64_t record_len = 0;
+    uint64_t version = 0;  // bumped by every put; a read-back publishes only if unchanged
+  };
+  struct SessionState {
+    uint64_t bytes = 0;
+    absl::flat_hash_map<uint64_t, PageInfo> pages;
+    uint64_t ram_pages = 0, hits = 0, misses = 0;
+  };
+  struct LeaseState {
+    std::vector<RamCell*> cells;
+    std::chrono::steady_clock::time_point deadline;
+    bool is_put = false;
+    PageHeaderData put_header;  // put grants: what the client promised to write
+    std::string put_key;
+    bool had_old = false;       // put grants: the reservation to roll back
+    PageInfo old_info;
+  };
+
+  absl::Status ValidateHeader(const PageHeaderData& h) const;
+  // Reserves session bytes for a new version of a page; returns the previous info.
+  absl::Status ReserveLocked(const PageHeaderData& h, bool* had_old, PageInfo* old)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RollbackLocked(const PageHeaderData& h, bool had_old, const PageInfo& old)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  RamCell* AllocateLocked(uint64_t len) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void PublishLocked(RamCell* cell, const std::string& key, const std::string& sid)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Returns a pinned, published cell holding the page (promoting it from RocksDB), or null
+  // when RAM has no room (then `fallback` got the record, if given).
+  absl::StatusOr<RamCell*> PinInRam(const PageRef& ref, const std::string& key, bool* promoted,
+                                    const std::function<void(const uint8_t*, size_t)>* fallback);
+  void EndLeaseLocked(LeaseState& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  uint32_t LeaseMs(uint32_t requested) const;
+  void ExpireLeases();
+  void ReaperLoop();
+  void RenderMetrics(std::string* out);
+
+  const KvStoreOptions options_;
+  MetricsRegistry* metrics_;
+  std::unique_ptr<UcxEngine> ucx_;
+  std::unique_ptr<UcxRegion> region_;
+  void* heap_ = nullptr;  // arena when UCX is off
+  uint8_t* arena_ = nullptr;
+  std::unique_ptr<RocksTier> disk_;
+
+  absl::Mutex mu_;
+  std::unique_ptr<RamTier> ram_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, SessionState> sessions_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, LeaseState> leases_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t next_version_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t hits_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t misses_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t spill_reads_ ABSL_GUARDED_BY(mu_) = 0;
+
+  Counter* puts_metric_ = nullptr;
+  Counter* put_bytes_metric_ = nullptr;
+  Counter* read_bytes_metric_ = nullptr;
+
+  std::mutex reaper_mu_;
+  std::condition_variable reaper_cv_;
+  bool stop_ = false;
+  std::thread reaper_;
+};
+
+}  // namespace fm

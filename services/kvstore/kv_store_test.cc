@@ -1,0 +1,258 @@
+#include "services/kvstore/kv_store.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "common/checksum.h"
+#include "common/status_matchers.h"
+#include "services/kvstore/kv_client.h"
+
+namespace fm {
+namespace {
+using ::fm::testing::IsOk;
+using ::fm::testing::StatusIs;
+using Code = absl::StatusCode;
+
+std::string Payload(size_t n, uint64_t seed) {
+  std::string s(n, '\0');
+  std::mt19937_64 rng(seed);
+  for (size_t i = 0; i < n; i += 8) {
+    uint64_t v = rng();
+    std::memcpy(&s[i], &v, std::min<size_t>(8, n - i));
+  }
+  return s;
+}
+
+class KvStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("fm_kv_" + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    options_.db_path = dir_.string();
+    options_.enable_ucx = false;
+    options_.ram_bytes = 4 * kCell;  // four 64 KiB cells
+    options_.slab_bytes = 4 * kCell;
+  }
+  void TearDown() override {
+    store_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  void Open() { store_ = KvStore::Open(options_, nullptr).value(); }
+
+  absl::Status PutPage(const std::string& sid, uint64_t page, const std::string& payload, bool* in_ram = nullptr) {
+    bool r;
+    auto h = MakePageHeader(sid, page, 99, 64, DType::kBf16, payload.data(), payload.size());
+    return store_->Put(h, reinterpret_cast<const uint8_t*>(payload.data()), payload.size(), in_ram ? in_ram : &r);
+  }
+  absl::StatusOr<std::string> ReadPayload(const std::string& sid, uint64_t page, bool* spill = nullptr) {
+    std::string out;
+    bool s;
+    absl::Status st = store_->Read(PageRef{sid, page}, [&](const uint8_t* rec, size_t len) {
+      out.assign(reinterpret_cast<const char*>(rec) + kPageHeaderBytes, len - kPageHeaderBytes);
+    }, spill ? spill : &s);
+    if (!st.ok()) return st;
+    return out;
+  }
+
+  static constexpr size_t kCell = 64 << 10;
+  static constexpr size_t kPayload = kCell - kPageHeaderBytes;
+  std::filesystem::path dir_;
+  KvStoreOptions options_;
+  std::unique_ptr<KvStore> store_;
+};
+
+TEST_F(KvStoreTest, PutThenReadIsBitExact) {
+  Open();
+  std::string p = Payload(kPayload, 1);
+  bool in_ram = false;
+  ASSERT_THAT(PutPage("s", 0, p, &in_ram), IsOk());
+  EXPECT_TRUE(in_ram);
+  bool spill = true;
+  EXPECT_EQ(ReadPayload("s", 0, &spill).value(), p);
+  EXPECT_FALSE(spill);
+  auto st = store_->Stats("s").value();
+  EXPECT_EQ(st.hits, 1u);
+  EXPECT_EQ(st.sessions[0].pages, 1u);
+  EXPECT_EQ(st.sessions[0].bytes, kCell);
+}
+
+TEST_F(KvStoreTest, RamBudgetSmallerThanDataSpillsAndReadsBack) {
+  Open();
+  for (uint64_t i = 0; i < 12; ++i) ASSERT_THAT(PutPage("s", i, Payload(kPayload, i)), IsOk());
+  auto st = store_->Stats("").value();
+  EXPECT_EQ(st.ram_pages, 4u);
+  EXPECT_EQ(st.disk_pages, 12u);
+  EXPECT_EQ(st.evictions, 8u);
+  for (uint64_t i = 12; i-- > 0;) {  // newest first: the 4 cached pages are hits
+    bool spill = false;
+    ASSERT_EQ(ReadPayload("s", i, &spill).value(), Payload(kPayload, i)) << i;
+    EXPECT_EQ(spill, i < 8) << i;  // the oldest 8 were evicted
+  }
+  st = store_->Stats("").value();
+  EXPECT_EQ(st.spill_reads, 8u);
+  EXPECT_EQ(st.misses, 8u);
+  EXPECT_EQ(st.hits, 4u);
+}
+
+TEST_F(KvStoreTest, ReopenServesEveryAcknowledgedPage) {
+  Open();
+  for (uint64_t i = 0; i < 6; ++i) ASSERT_THAT(PutPage("a", i, Payload(1000 + i, i)), IsOk());
+  ASSERT_THAT(PutPage("b", 3, Payload(5000, 77)), IsOk());
+  store_.reset();
+  Open();
+  auto st = store_->Stats("*").value();
+  ASSERT_EQ(st.sessions.size(), 2u);
+  EXPECT_EQ(st.disk_pages, 7u);
+  for (uint64_t i = 0; i < 6; ++i) EXPECT_EQ(ReadPayload("a", i).value(), Payload(1000 + i, i));
+  EXPECT_EQ(ReadPayload("b", 3).value(), Payload(5000, 77));
+}
+
+TEST_F(KvStoreTest, OverwriteReplacesAndKeepsAccounting) {
+  Open();
+  ASSERT_THAT(PutPage("s", 1, Payload(1000, 1)), IsOk());
+  ASSERT_THAT(PutPage("s", 1, Payload(2000, 2)), IsOk());
+  EXPECT_EQ(ReadPayload("s", 1).value(), Payload(2000, 2));
+  auto st = store_->Stats("s").value();
+  EXPECT_EQ(st.sessions[0].pages, 1u);
+  EXPECT_EQ(st.sessions[0].bytes, kPageHeaderBytes + 2000);
+  EXPECT_EQ(st.ram_pages, 1u);
+}
+
+TEST_F(KvStoreTest, BadInputGetsPreciseStatus) {
+  options_.max_session_bytes = 3 * kCell;
+  options_.max_page_bytes = kPayload;
+  options_.max_keys_per_call = 8;
+  Open();
+  std::string p = Payload(kPayload, 5);
+  EXPECT_THAT(PutPage("", 0, p), StatusIs(Code::kInvalidArgument, "session_id"));
+  EXPECT_THAT(PutPage(std::string(129, 'x'), 0, p), StatusIs(Code::kInvalidArgument, "128"));
+  EXPECT_THAT(PutPage("s", 0, Payload(kPayload + 1, 5)), StatusIs(Code::kResourceExhausted, "limit"));
+  // Length disagrees with the header.
+  auto h = MakePageHeader("s", 0, 1, 64, DType::kBf16, p.data(), p.size());
+  bool in_ram;
+  EXPECT_THAT(store_->Put(h, reinterpret_cast<const uint8_t*>(p.data()), p.size() - 1, &in_ram),
+              StatusIs(Code::kInvalidArgument, "header says"));
+  // Checksum disagrees.
+  h.checksum ^= 1;
+  EXPECT_THAT(store_->Put(h, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &in_ram),
+              StatusIs(Code::kDataLoss, "checksum"));
+  h = MakePageHeader("s", 0, 1, 0, DType::kBf16, p.data(), p.size());
+  EXPECT_THAT(store_->Put(h, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &in_ram),
+              StatusIs(Code::kInvalidArgument, "token_count"));
+  h = MakePageHeader("s", 0, 1, 1, static_cast<DType>(9), p.data(), p.size());
+  EXPECT_THAT(store_->Put(h, reinterpret_cast<const uint8_t*>(p.data()), p.size(), &in_ram),
+              StatusIs(Code::kInvalidArgument, "dtype"));
+  // Session byte limit: three pages fit, the fourth does not; overwriting one still does.
+  for (uint64_t i = 0; i < 3; ++i) ASSERT_THAT(PutPage("s", i, p), IsOk());
+  EXPECT_THAT(PutPage("s", 3, p), StatusIs(Code::kResourceExhausted, "limit"));
+  EXPECT_THAT(PutPage("s", 2, p), IsOk());
+  EXPECT_THAT(PutPage("other", 0, p), IsOk());  // the limit is per session
+  // Unknowns.
+  EXPECT_THAT(ReadPayload("nobody", 0), StatusIs(Code::kNotFound, "unknown session"));
+  EXPECT_THAT(ReadPayload("s", 3), StatusIs(Code::kNotFound, "page 3"));
+  EXPECT_THAT(store_->Release(12345), StatusIs(Code::kNotFound, "lease"));
+  EXPECT_THAT(store_->CommitPut(12345), StatusIs(Code::kNotFound, "lease"));
+  EXPECT_THAT(store_->DeleteSession("nobody"), StatusIs(Code::kNotFound));
+  EXPECT_THAT(store_->Stats("nobody"), StatusIs(Code::kNotFound));
+  EXPECT_THAT(store_->Acquire({}, 0), StatusIs(Code::kInvalidArgument));
+  EXPECT_THAT(store_->Acquire(std::vector<PageRef>(9, PageRef{"s", 0}), 0), StatusIs(Code::kResourceExhausted));
+  // Nothing above disturbed the stored pages.
+  EXPECT_EQ(ReadPayload("s", 0).value(), p);
+  EXPECT_EQ(store_->Stats("s").value().sessions[0].pages, 3u);
+}
+
+TEST_F(KvStoreTest, LeasesPinAndExpire) {
+  options_.default_lease_ms = 60000;
+  Open();
+  for (uint64_t i = 0; i < 4; ++i) ASSERT_THAT(PutPage("s", i, Payload(kPayload, i)), IsOk());
+  auto lease = store_->Acquire({{"s", 0}, {"s", 1}, {"s", 2}, {"s", 3}}, 0);
+  ASSERT_THAT(lease, IsOk());
+  EXPECT_EQ(store_->Stats("").value().pinned_pages, 4u);
+  // RAM is full of pinned pages: a put is still durable but not cached, and a lease on a
+  // page that is not in RAM cannot be granted.
+  bool in_ram = true;
+  ASSERT_THAT(PutPage("s", 4, Payload(kPayload, 4), &in_ram), IsOk());
+  EXPECT_FALSE(in_ram);
+  EXPECT_THAT(store_->Acquire({{"s", 4}}, 0), StatusIs(Code::kResourceExhausted, "pinned"));
+  bool spill = false;
+  EXPECT_EQ(ReadPayload("s", 4, &spill).value(), Payload(kPayload, 4));  // served from RocksDB
+  EXPECT_TRUE(spill);
+  // The leased bytes are the page records.
+  for (const auto& loc : lease->locations) {
+    EXPECT_THAT(VerifyPageRecord(reinterpret_cast<const uint8_t*>(loc.address), loc.length, "s", loc.key.page), IsOk());
+  }
+  ASSERT_THAT(store_->Release(lease->id), IsOk());
+  EXPECT_THAT(store_->Release(lease->id), StatusIs(Code::kNotFound));
+  auto second = store_->Acquire({{"s", 4}}, 1);  // 1 ms
+  ASSERT_THAT(second, IsOk());
+  EXPECT_EQ(second->promoted, 1u);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  store_->TEST_ExpireLeases();
+  EXPECT_EQ(store_->Stats("").value().pinned_pages, 0u);
+  EXPECT_THAT(store_->Release(second->id), StatusIs(Code::kNotFound, "expired"));
+}
+
+TEST_F(KvStoreTest, GrantPutCommitsWhatWasWrittenAndRejectsForgeries) {
+  Open();
+  std::string p = Payload(3000, 9);
+  auto h = MakePageHeader("w", 7, 5, 64, DType::kFp16, p.data(), p.size());
+  auto grant = store_->GrantPut(h, 0);
+  ASSERT_THAT(grant, IsOk());
+  auto* cell = reinterpret_cast<uint8_t*>(grant->locations[0].address);
+  EXPECT_THAT(ReadPayload("w", 7), StatusIs(Code::kNotFound));  // invisible until committed
+  EncodePageHeader(h, cell);
+  std::memcpy(cell + kPageHeaderBytes, p.data(), p.size());
+  ASSERT_THAT(store_->CommitPut(grant->id), IsOk());
+  EXPECT_EQ(ReadPayload("w", 7).value(), p);
+  EXPECT_THAT(store_->CommitPut(grant->id), StatusIs(Code::kNotFound));
+
+  // A writer that puts another session's page into its grant is refused.
+  auto h2 = MakePageHeader("w", 8, 5, 64, DType::kFp16, p.data(), p.size());
+  grant = store_->GrantPut(h2, 0);
+  ASSERT_THAT(grant, IsOk());
+  cell = reinterpret_cast<uint8_t*>(grant->locations[0].address);
+  auto forged = h2;
+  forged.session_id = "victim";
+  EncodePageHeader(forged, cell);
+  std::memcpy(cell + kPageHeaderBytes, p.data(), p.size());
+  EXPECT_THAT(store_->CommitPut(grant->id), StatusIs(Code::kDataLoss, "victim"));
+  EXPECT_THAT(ReadPayload("w", 8), StatusIs(Code::kNotFound));
+  EXPECT_THAT(ReadPayload("victim", 8), StatusIs(Code::kNotFound));
+  // Corrupted payload.
+  grant = store_->GrantPut(h2, 0);
+  cell = reinterpret_cast<uint8_t*>(grant->locations[0].address);
+  EncodePageHeader(h2, cell);
+  std::memcpy(cell + kPageHeaderBytes, p.data(), p.size());
+  cell[kPageHeaderBytes + 10] ^= 0xff;
+  EXPECT_THAT(store_->CommitPut(grant->id), StatusIs(Code::kDataLoss, "checksum"));
+  // An expired grant cannot be committed and releases its reservation.
+  grant = store_->GrantPut(h2, 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  store_->TEST_ExpireLeases();
+  EXPECT_THAT(store_->CommitPut(grant->id), StatusIs(Code::kNotFound, "expired"));
+  EXPECT_EQ(store_->Stats("w").value().sessions[0].pages, 1u);
+}
+
+TEST_F(KvStoreTest, DeleteSessionLeavesOthersIntact) {
+  Open();
+  for (uint64_t i = 0; i < 3; ++i) {
+    ASSERT_THAT(PutPage("gone", i, Payload(100, i)), IsOk());
+    ASSERT_THAT(PutPage("kept", i, Payload(100, 10 + i)), IsOk());
+  }
+  auto lease = store_->Acquire({{"gone", 1}}, 0).value();
+  EXPECT_EQ(store_->DeleteSession("gone").value(), 3u);
+  EXPECT_THAT(ReadPayload("gone", 1), StatusIs(Code::kNotFound));
+  EXPECT_THAT(store_->Release(lease.id), IsOk());
+  for (uint64_t i = 0; i < 3; ++i) EXPECT_EQ(ReadPayload("kept", i).value(), Payload(100, 10 + i));
+  store_.reset();
+  Open();  // the delete is durable too
+  EXPECT_THAT(ReadPayload("gone", 0), StatusIs(Code::kNotFound));
+  EXPECT_EQ(store_->Stats("*").value().sessions.size(), 1u);
+}
+
+}  // namespace
+}  // namespace fm
