@@ -61,6 +61,8 @@ MetricsHttpServer::MetricsHttpServer(const MetricsRegistry* registry)
 MetricsHttpServer::~MetricsHttpServer() { Stop(); }
 
 absl::Status MetricsHttpServer::Start(const std::string& host, int port) {
+  impl_->server.set_keep_alive_max_count(1);  // scrapes are rare; never hold shutdown
+  impl_->server.set_keep_alive_timeout(1);
   impl_->server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(registry_->RenderPrometheus(), "text/plain; version=0.0.4");
   });
