@@ -1,6 +1,7 @@
 #include "tests/process_util.h"
 
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -48,6 +49,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::s
     sigset_t set;
     sigemptyset(&set);
     pthread_sigmask(SIG_SETMASK, &set, nullptr);
+    prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test or benchmark
     execv(path.c_str(), argv.data());
     _exit(127);
   }

@@ -113,10 +113,8 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Get(const std::vector<PageRef>
   return out;
 }
 
-absl::Status KvClient::ReadUcx(const std::vector<PageRef>& keys, const UcxRegion& dst,
-                               const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers) {
+absl::StatusOr<KvClient::Resolved> KvClient::Resolve(const std::vector<PageRef>& keys) {
   if (!peer_) return absl::FailedPreconditionError("no UCX connection to " + target_);
-  if (dst_offsets.size() != keys.size()) return absl::InvalidArgumentError("one destination offset per key");
   v1::ResolveRequest req;
   for (const auto& k : keys) {
     auto* p = req.add_keys();
@@ -125,37 +123,69 @@ absl::Status KvClient::ReadUcx(const std::vector<PageRef>& keys, const UcxRegion
   }
   req.set_lease_ms(options_.lease_ms);
   v1::ResolveResponse resp;
-  {
-    auto ctx = Context();
-    FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->Resolve(ctx.get(), req, &resp)));
-  }
-  std::vector<UcxPeer::Op> ops;
-  ops.reserve(keys.size());
-  absl::Status s;
-  for (size_t i = 0; i < keys.size(); ++i) {
-    const auto& loc = resp.locations(i);
-    if (dst_offsets[i] + loc.length() > dst.size()) {
-      s = absl::InvalidArgumentError("destination buffer too small for the page records");
-      break;
-    }
-    ops.push_back(UcxPeer::Op{loc.remote_address(), dst.data() + dst_offsets[i], loc.length()});
-  }
-  if (s.ok()) s = peer_->Get(ops, dst, options_.deadline_ms);
-  // The lease ends as soon as the bytes are here; verification needs no server state.
-  v1::ReleaseRequest rel;
-  rel.set_lease_id(resp.lease_id());
-  v1::ReleaseResponse rel_resp;
   auto ctx = Context();
-  absl::Status rs = FromGrpcStatus(stub_->Release(ctx.get(), rel, &rel_resp));
-  FM_RETURN_IF_ERROR(s);
-  if (headers) headers->resize(keys.size());
-  for (size_t i = 0; i < keys.size(); ++i) {
-    FM_RETURN_IF_ERROR(VerifyPageRecord(dst.data() + dst_offsets[i], ops[i].length, keys[i].session_id,
-                                        keys[i].page, headers ? &(*headers)[i] : nullptr));
+  FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->Resolve(ctx.get(), req, &resp)));
+  if (resp.locations_size() != static_cast<int>(keys.size())) {
+    ReleaseAsync(resp.lease_id());
+    return absl::DataLossError("server resolved a different number of pages than asked");
   }
-  // A lease that expired before Release is fine once the bytes verified.
-  if (!rs.ok() && rs.code() != absl::StatusCode::kNotFound) return rs;
-  return absl::OkStatus();
+  Resolved r;
+  r.lease_id = resp.lease_id();
+  r.keys = keys;
+  for (const auto& loc : resp.locations()) {
+    r.addresses.push_back(loc.remote_address());
+    r.lengths.push_back(loc.length());
+  }
+  return r;
+}
+
+absl::Status KvClient::ReadUcx(const std::vector<PageRef>& keys, const UcxRegion& dst,
+                               const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers) {
+  if (dst_offsets.size() != keys.size()) return absl::InvalidArgumentError("one destination offset per key");
+  FM_ASSIGN_OR_RETURN(Resolved r, Resolve(keys));
+  return ReadResolved(r, dst, dst_offsets, headers);
+}
+
+absl::Status KvClient::ReadResolved(const Resolved& r, const UcxRegion& dst, const std::vector<uint64_t>& dst_offsets,
+                                    std::vector<PageHeaderData>* headers) {
+  absl::Status s;
+  if (dst_offsets.size() != r.keys.size()) s = absl::InvalidArgumentError("one destination offset per key");
+  std::vector<UcxPeer::Op> ops;
+  ops.reserve(r.keys.size());
+  for (size_t i = 0; i < r.keys.size() && s.ok(); ++i) {
+    if (dst_offsets[i] + r.lengths[i] > dst.size())
+      s = absl::InvalidArgumentError("destination buffer too small for the page records");
+    ops.push_back(UcxPeer::Op{r.addresses[i], dst.data() + dst_offsets[i], r.lengths[i]});
+  }
+  if (headers) headers->resize(r.keys.size());
+  // Get and verify in groups of about kVerifyGroupBytes, so the checksum reads bytes that are
+  // still in cache rather than making a second pass over memory.
+  constexpr uint64_t kVerifyGroupBytes = 2ull << 20;
+  for (size_t i = 0; i < ops.size() && s.ok();) {
+    size_t j = i;
+    uint64_t bytes = 0;
+    while (j < ops.size() && (j == i || bytes + ops[j].length <= kVerifyGroupBytes)) bytes += ops[j++].length;
+    s = peer_->Get(std::vector<UcxPeer::Op>(ops.begin() + i, ops.begin() + j), dst, options_.deadline_ms);
+    for (; i < j && s.ok(); ++i)
+      s = VerifyPageRecord(ops[i].local, ops[i].length, r.keys[i].session_id, r.keys[i].page,
+                           headers ? &(*headers)[i] : nullptr);
+  }
+  // The lease can end as soon as the bytes are here; release it off the critical path.
+  ReleaseAsync(r.lease_id);
+  return s;
+}
+
+void KvClient::ReleaseAsync(uint64_t lease_id) {
+  struct Call {
+    grpc::ClientContext ctx;
+    v1::ReleaseRequest req;
+    v1::ReleaseResponse resp;
+  };
+  auto* call = new Call();
+  call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(options_.deadline_ms));
+  call->req.set_lease_id(lease_id);
+  // A failed release is harmless: the lease expires on its own.
+  stub_->async()->Release(&call->ctx, &call->req, &call->resp, [call](grpc::Status) { delete call; });
 }
 
 absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload) {
@@ -218,13 +248,7 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef
     }
     absl::Status s = fit == 0 ? absl::ResourceExhaustedError("page larger than the staging buffer")
                               : peer_->Get(ops, *staging_, options_.deadline_ms);
-    v1::ReleaseRequest rel;
-    rel.set_lease_id(resp.lease_id());
-    v1::ReleaseResponse rel_resp;
-    {
-      auto ctx = Context();
-      IgnoreError(FromGrpcStatus(stub_->Release(ctx.get(), rel, &rel_resp)));  // expiry ends it anyway
-    }
+    ReleaseAsync(resp.lease_id());
     FM_RETURN_IF_ERROR(s);
     for (size_t j = 0; j < fit; ++j) {
       PageRecord rec;

@@ -56,6 +56,17 @@ class KvClient {
   absl::Status Put(const PageHeaderData& header, const void* payload, bool* in_ram = nullptr);
   absl::StatusOr<std::vector<PageRecord>> Get(const std::vector<PageRef>& keys);
 
+  // UCX path in two halves, so a caller can resolve the next batch while reading this one.
+  struct Resolved {
+    uint64_t lease_id = 0;
+    std::vector<PageRef> keys;
+    std::vector<uint64_t> addresses, lengths;  // remote record location per key
+  };
+  absl::StatusOr<Resolved> Resolve(const std::vector<PageRef>& keys);
+  // Reads and verifies each record into dst at dst_offsets[i], then ends the lease.
+  absl::Status ReadResolved(const Resolved& resolved, const UcxRegion& dst,
+                            const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers);
+
   // UCX path. Reads each page's record (header + payload) into dst at dst_offsets[i]
   // (each must leave room for the record), verifies it, releases the lease.
   absl::Status ReadUcx(const std::vector<PageRef>& keys, const UcxRegion& dst,
@@ -74,6 +85,8 @@ class KvClient {
  private:
   KvClient() = default;
   std::unique_ptr<grpc::ClientContext> Context() const;
+  // Ends a lease without waiting for the answer.
+  void ReleaseAsync(uint64_t lease_id);
 
   std::string target_;
   KvClientOptions options_;

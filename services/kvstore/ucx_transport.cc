@@ -15,9 +15,6 @@ absl::Status UcxError(const char* what, ucs_status_t s) {
   return absl::UnavailableError(absl::StrCat("ucx: ", what, ": ", ucs_status_string(s)));
 }
 
-void ErrorHandler(void* arg, ucp_ep_h, ucs_status_t status) {
-  FM_LOG_WARN("ucx: endpoint error: %s", ucs_status_string(status));
-}
 
 }  // namespace
 
@@ -122,12 +119,12 @@ absl::StatusOr<std::unique_ptr<UcxPeer>> UcxPeer::Connect(UcxEngine* engine,
   p->engine_ = engine;
   std::lock_guard<std::mutex> lock(engine->worker_mutex());
   ucp_ep_params_t ep{};
-  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
-                  UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  // No peer-failure error mode: it would exclude the shared-memory transports (posix, sysv,
+  // cma) that make same-host gets run at memory speed. A dead peer is caught by the
+  // deadline in Run() instead.
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
   ep.address = reinterpret_cast<const ucp_address_t*>(remote_address.data());
-  ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
-  ep.err_handler.cb = ErrorHandler;
-  ep.err_handler.arg = nullptr;
+  ep.err_mode = UCP_ERR_HANDLING_MODE_NONE;
   ucs_status_t s = ucp_ep_create(engine->worker(), &ep, &p->ep_);
   if (s != UCS_OK) return UcxError("ep_create", s);
   s = ucp_ep_rkey_unpack(p->ep_, packed_rkey.data(), &p->rkey_);

@@ -1,0 +1,20 @@
+// fm-bench: the FlashMemory benchmark suite, one subcommand per part.
+#include <CLI/CLI.hpp>
+
+#include "tools/fm_bench/bench.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"FlashMemory benchmarks: figures and same-run anchors"};
+  app.require_subcommand(1);
+  fm::bench::KvBenchOptions kv;
+  auto* kvc = app.add_subcommand("kvstore", "Page get over UCX, gRPC and RocksDB spill vs memcpy and RocksDB");
+  kvc->add_option("--pages", kv.pages, "Pages per path")->capture_default_str();
+  kvc->add_option("--page_bytes", kv.page_bytes, "Payload bytes per page")
+      ->transform(CLI::AsSizeValue(false))->capture_default_str();
+  kvc->add_option("--rounds", kv.rounds, "Timed passes (best reported)")->capture_default_str();
+  kvc->add_option("--batch", kv.batch, "Pages per call")->capture_default_str();
+  kvc->add_option("--json", kv.json, "Write figures as JSON");
+  CLI11_PARSE(app, argc, argv);
+  if (kvc->parsed()) return fm::bench::RunKvStoreBench(kv);
+  return 2;
+}
