@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: installs dependencies, builds, starts the all-in-one
+# server (RocksDB under a temporary data directory, a RAM tier smaller than the session so
+# spill shows) and runs the demo client against it. Extra arguments go to `fmctl demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install_deps.sh
+bash scripts/build.sh
+export UCX_NET_DEVICES=${UCX_NET_DEVICES:-lo}
+data=$(mktemp -d /tmp/flashmemory.XXXXXX)
+ready="$data/ready"
+build/bin/flashmemory --host 127.0.0.1 --port 0 --ready_file "$ready" --data_dir "$data" \
+  --ram_bytes 256MiB --slab_bytes 32MiB &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 1 300); do [[ -s "$ready" ]] && break; sleep 0.1; done
+[[ -s "$ready" ]] || { echo "flashmemory did not start" >&2; exit 1; }
+port=$(head -1 "$ready")
+build/bin/fmctl demo --target "127.0.0.1:$port" "$@"
