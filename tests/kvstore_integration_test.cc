@@ -24,16 +24,6 @@ using ::fm::testing::IsOk;
 using ::fm::testing::StatusIs;
 using Code = absl::StatusCode;
 
-std::string Payload(size_t n, uint64_t seed) {
-  std::string s(n, '\0');
-  std::mt19937_64 rng(seed);
-  for (size_t i = 0; i + 8 <= n; i += 8) {
-    uint64_t v = rng();
-    std::memcpy(&s[i], &v, 8);
-  }
-  return s;
-}
-
 PageHeaderData Header(const std::string& sid, uint64_t page, const std::string& p) {
   return MakePageHeader(sid, page, 1234, 64, DType::kBf16, p.data(), p.size());
 }
@@ -61,7 +51,7 @@ TEST_F(KvStoreProcessTest, PutGetOverGrpcAndUcxWithHealthAndMetrics) {
   ASSERT_TRUE((*client)->has_ucx());
   std::vector<std::string> payloads;
   for (uint64_t i = 0; i < 16; ++i) {
-    payloads.push_back(Payload(256 << 10, i));
+    payloads.push_back(RandomBytes(256 << 10, i));
     auto h = Header("sess", i, payloads[i]);
     ASSERT_THAT(i % 2 ? (*client)->PutUcx(h, payloads[i].data()) : (*client)->Put(h, payloads[i].data()), IsOk());
   }
@@ -109,7 +99,7 @@ TEST_F(KvStoreProcessTest, RamBudgetSmallerThanDataSpillsAndReadsBack) {
   auto client = KvClient::Connect(kv->target(), KvClientOptions{}).value();
   const int n = 24;  // 24 x 256 KiB = 6 MiB of pages over a 2 MiB RAM tier
   for (int i = 0; i < n; ++i) {
-    std::string p = Payload(256 << 10, 100 + i);
+    std::string p = RandomBytes(256 << 10, 100 + i);
     ASSERT_THAT(client->Put(Header("big", i, p), p.data()), IsOk());
   }
   auto st = client->Stats("big").value();
@@ -119,10 +109,10 @@ TEST_F(KvStoreProcessTest, RamBudgetSmallerThanDataSpillsAndReadsBack) {
   for (int i = 0; i < n; ++i) {
     auto viaucx = client->Read({{"big", static_cast<uint64_t>(i)}});
     ASSERT_THAT(viaucx, IsOk());
-    EXPECT_EQ((*viaucx)[0].payload, Payload(256 << 10, 100 + i));
+    EXPECT_EQ((*viaucx)[0].payload, RandomBytes(256 << 10, 100 + i));
     auto viagrpc = client->Get({{"big", static_cast<uint64_t>(n - 1 - i)}});
     ASSERT_THAT(viagrpc, IsOk());
-    EXPECT_EQ((*viagrpc)[0].payload, Payload(256 << 10, 100 + n - 1 - i));
+    EXPECT_EQ((*viagrpc)[0].payload, RandomBytes(256 << 10, 100 + n - 1 - i));
   }
   st = client->Stats("big").value();
   EXPECT_GT(st.spill_reads(), 0u);
@@ -136,7 +126,7 @@ TEST_F(KvStoreProcessTest, KillDashNineLosesNothingAcknowledged) {
   {
     auto client = KvClient::Connect(kv->target(), KvClientOptions{}).value();
     for (int i = 0; i < n; ++i) {
-      std::string p = Payload(64 << 10, 1000 + i);
+      std::string p = RandomBytes(64 << 10, 1000 + i);
       // Half through each data path; every OK is an acknowledgement.
       ASSERT_THAT(i % 2 ? client->PutUcx(Header("durable", i, p), p.data())
                         : client->Put(Header("durable", i, p), p.data()),
@@ -154,7 +144,7 @@ TEST_F(KvStoreProcessTest, KillDashNineLosesNothingAcknowledged) {
   for (int i = 0; i < n; ++i) keys.push_back({"durable", static_cast<uint64_t>(i)});
   auto got = client->Read(keys);
   ASSERT_THAT(got, IsOk());
-  for (int i = 0; i < n; ++i) EXPECT_EQ((*got)[i].payload, Payload(64 << 10, 1000 + i)) << i;
+  for (int i = 0; i < n; ++i) EXPECT_EQ((*got)[i].payload, RandomBytes(64 << 10, 1000 + i)) << i;
 }
 
 TEST_F(KvStoreProcessTest, TwoReplicasWithTheShardingClient) {
@@ -168,7 +158,7 @@ TEST_F(KvStoreProcessTest, TwoReplicasWithTheShardingClient) {
   const int n = 64;
   std::vector<PageRef> keys;
   for (int i = 0; i < n; ++i) {
-    std::string p = Payload(32 << 10, 5000 + i);
+    std::string p = RandomBytes(32 << 10, 5000 + i);
     ASSERT_THAT((*sharded)->Put(Header("spread", i, p), p.data()), IsOk());
     keys.push_back({"spread", static_cast<uint64_t>(i)});
   }
@@ -188,7 +178,7 @@ TEST_F(KvStoreProcessTest, TwoReplicasWithTheShardingClient) {
   }
   auto got = (*sharded)->Read(keys);
   ASSERT_THAT(got, IsOk());
-  for (int i = 0; i < n; ++i) EXPECT_EQ((*got)[i].payload, Payload(32 << 10, 5000 + i));
+  for (int i = 0; i < n; ++i) EXPECT_EQ((*got)[i].payload, RandomBytes(32 << 10, 5000 + i));
   EXPECT_EQ((*sharded)->DeleteSession("spread").value(), static_cast<uint64_t>(n));
   EXPECT_THAT((*sharded)->DeleteSession("spread"), StatusIs(Code::kNotFound));
 }
@@ -198,7 +188,7 @@ TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
                      "--max_page_bytes", "256KiB", "--max_message_bytes", "1MiB"});
   ASSERT_NE(kv, nullptr);
   auto client = KvClient::Connect(kv->target(), KvClientOptions{}).value();
-  std::string good = Payload(100 << 10, 1);
+  std::string good = RandomBytes(100 << 10, 1);
   ASSERT_THAT(client->Put(Header("victim", 0, good), good.data()), IsOk());
   auto* stub = client->stub();
   auto put = [&](v1::PutPageRequest req) {
@@ -222,9 +212,9 @@ TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
   auto corrupt = request("x", 0, good);
   (*corrupt.mutable_payload())[77] ^= 1;
   EXPECT_THAT(put(corrupt), StatusIs(Code::kDataLoss, "checksum"));
-  std::string big = Payload(300 << 10, 2);
+  std::string big = RandomBytes(300 << 10, 2);
   EXPECT_THAT(put(request("x", 0, big)), StatusIs(Code::kResourceExhausted, "limit"));
-  std::string huge = Payload(2 << 20, 3);
+  std::string huge = RandomBytes(2 << 20, 3);
   EXPECT_THAT(put(request("x", 0, huge)), StatusIs(Code::kResourceExhausted));  // over the message limit
   ASSERT_THAT(client->Put(Header("x", 0, good), good.data()), IsOk());
   ASSERT_THAT(client->Put(Header("x", 1, good), good.data()), IsOk());
@@ -264,7 +254,7 @@ TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
     ASSERT_EQ(client->DeleteSession("x").value(), 2u);
     EXPECT_THAT(client->Get({{"x", 0}}), StatusIs(Code::kNotFound));
     for (uint64_t i = 0; i < 12; ++i) {  // fill the RAM tier so the old cell is reused
-      std::string p = Payload(100 << 10, 50 + i);
+      std::string p = RandomBytes(100 << 10, 50 + i);
       ASSERT_THAT(client->Put(Header("intruder" + std::to_string(i), 0, p), p.data()), IsOk());
     }
     v1::ConnectRequest creq;

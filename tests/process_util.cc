@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -21,6 +22,18 @@ std::string BinDir() {
   std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe").parent_path();
   if (std::filesystem::exists(exe.parent_path() / "bin")) return (exe.parent_path() / "bin").string();
   return exe.string();
+}
+
+std::string RandomBytes(size_t n, uint64_t seed) {
+  std::string s(n, '\0');
+  std::mt19937_64 rng(seed);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t v = rng();
+    std::memcpy(&s[i], &v, 8);
+  }
+  for (uint64_t v = rng(); i < n; ++i, v >>= 8) s[i] = static_cast<char>(v);
+  return s;
 }
 
 std::string MakeTempDir(const std::string& prefix) {

@@ -14,6 +14,9 @@ namespace fm {
 // sibling "bin" (build/tests -> build/bin), else the executable's own directory.
 std::string BinDir();
 
+// n deterministic pseudo-random bytes (a page payload for tests and benchmarks).
+std::string RandomBytes(size_t n, uint64_t seed);
+
 // A fresh temporary directory (removed by the caller).
 std::string MakeTempDir(const std::string& prefix);
 

@@ -30,7 +30,7 @@ int main(int argc, char** argv) {
     FM_LOG_ERROR("flashmemory: %s", store.status().ToString().c_str());
     return 1;
   }
-  fm::KvStoreService kv_service(store->get());
+  fm::KvStoreService kv_service(store->get(), kv.max_keys_per_call);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&kv_service, "flashmemory.v1.KvStore");
   if (absl::Status s = runner.Start(); !s.ok()) {

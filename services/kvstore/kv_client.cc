@@ -17,6 +17,19 @@
 namespace fm {
 namespace v1 = flashmemory::v1;
 
+namespace {
+
+template <typename Request>
+void AddKeys(const std::vector<PageRef>& keys, Request* req) {
+  for (const auto& k : keys) {
+    auto* p = req->add_keys();
+    p->set_session_id(k.session_id);
+    p->set_page(k.page);
+  }
+}
+
+}  // namespace
+
 PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
                               uint32_t token_count, DType dtype, const void* payload, size_t len) {
   PageHeaderData h;
@@ -84,11 +97,7 @@ absl::Status KvClient::Put(const PageHeaderData& header, const void* payload, bo
 
 absl::StatusOr<std::vector<PageRecord>> KvClient::Get(const std::vector<PageRef>& keys) {
   v1::GetPagesRequest req;
-  for (const auto& k : keys) {
-    auto* p = req.add_keys();
-    p->set_session_id(k.session_id);
-    p->set_page(k.page);
-  }
+  AddKeys(keys, &req);
   auto ctx = Context();
   auto reader = stub_->GetPages(ctx.get(), req);
   std::vector<PageRecord> out;
@@ -116,11 +125,7 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Get(const std::vector<PageRef>
 absl::StatusOr<KvClient::Resolved> KvClient::Resolve(const std::vector<PageRef>& keys) {
   if (!peer_) return absl::FailedPreconditionError("no UCX connection to " + target_);
   v1::ResolveRequest req;
-  for (const auto& k : keys) {
-    auto* p = req.add_keys();
-    p->set_session_id(k.session_id);
-    p->set_page(k.page);
-  }
+  AddKeys(keys, &req);
   req.set_lease_ms(options_.lease_ms);
   v1::ResolveResponse resp;
   auto ctx = Context();
@@ -217,59 +222,50 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef
   std::vector<PageRecord> out;
   out.reserve(keys.size());
   std::lock_guard<std::mutex> lock(staging_mu_);
-  // Batches that fit the staging buffer; the record size is learned from the first read.
+  // Batches sized to the staging buffer; the record size is learned from the first batch.
   size_t i = 0;
-  uint64_t guess = 0;
+  uint64_t record = 0;
   while (i < keys.size()) {
-    size_t n = guess == 0 ? 1 : std::max<uint64_t>(1, staging_->size() / guess);
+    size_t n = record == 0 ? 1 : std::max<uint64_t>(1, staging_->size() / record);
     n = std::min(n, keys.size() - i);
-    std::vector<PageRef> batch(keys.begin() + i, keys.begin() + i + n);
-    // Resolve first to learn lengths, then read each into its slot.
-    v1::ResolveRequest req;
-    for (const auto& k : batch) {
-      auto* p = req.add_keys();
-      p->set_session_id(k.session_id);
-      p->set_page(k.page);
-    }
-    req.set_lease_ms(options_.lease_ms);
-    v1::ResolveResponse resp;
-    {
-      auto ctx = Context();
-      FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->Resolve(ctx.get(), req, &resp)));
-    }
-    std::vector<UcxPeer::Op> ops;
+    FM_ASSIGN_OR_RETURN(Resolved r, Resolve(std::vector<PageRef>(keys.begin() + i, keys.begin() + i + n)));
+    std::vector<uint64_t> offsets;
     uint64_t off = 0;
-    size_t fit = 0;
-    for (const auto& loc : resp.locations()) {
-      if (off + loc.length() > staging_->size()) break;
-      ops.push_back(UcxPeer::Op{loc.remote_address(), staging_->data() + off, loc.length()});
-      off += loc.length();
-      ++fit;
+    for (uint64_t len : r.lengths) {
+      offsets.push_back(off);
+      off += len;
+      record = std::max(record, len);
     }
-    absl::Status s = fit == 0 ? absl::ResourceExhaustedError("page larger than the staging buffer")
-                              : peer_->Get(ops, *staging_, options_.deadline_ms);
-    ReleaseAsync(resp.lease_id());
-    FM_RETURN_IF_ERROR(s);
-    for (size_t j = 0; j < fit; ++j) {
+    if (off > staging_->size()) {
+      // Pages larger than expected: read what fits, the rest in the next batch.
+      while (!r.keys.empty() && offsets.back() + r.lengths.back() > staging_->size()) {
+        r.keys.pop_back();
+        r.lengths.pop_back();
+        r.addresses.pop_back();
+        offsets.pop_back();
+      }
+      if (r.keys.empty()) {
+        ReleaseAsync(r.lease_id);
+        return absl::ResourceExhaustedError("page larger than the staging buffer");
+      }
+    }
+    std::vector<PageHeaderData> headers;
+    FM_RETURN_IF_ERROR(ReadResolved(r, *staging_, offsets, &headers));
+    for (size_t j = 0; j < r.keys.size(); ++j) {
       PageRecord rec;
-      const uint8_t* p = ops[j].local;
-      FM_RETURN_IF_ERROR(VerifyPageRecord(p, ops[j].length, batch[j].session_id, batch[j].page, &rec.header));
-      rec.payload.assign(reinterpret_cast<const char*>(p + kPageHeaderBytes), rec.header.payload_bytes);
+      rec.header = std::move(headers[j]);
+      rec.payload.assign(reinterpret_cast<const char*>(staging_->data() + offsets[j] + kPageHeaderBytes),
+                         rec.header.payload_bytes);
       out.push_back(std::move(rec));
     }
-    guess = std::max<uint64_t>(guess, ops[0].length);
-    i += fit;
+    i += r.keys.size();
   }
   return out;
 }
 
 absl::StatusOr<v1::PrefetchResponse> KvClient::Prefetch(const std::vector<PageRef>& keys, uint32_t lease_ms) {
   v1::PrefetchRequest req;
-  for (const auto& k : keys) {
-    auto* p = req.add_keys();
-    p->set_session_id(k.session_id);
-    p->set_page(k.page);
-  }
+  AddKeys(keys, &req);
   req.set_lease_ms(lease_ms);
   v1::PrefetchResponse resp;
   auto ctx = Context();

@@ -9,22 +9,13 @@
 #include "common/checksum.h"
 #include "common/status_matchers.h"
 #include "services/kvstore/kv_client.h"
+#include "tests/process_util.h"
 
 namespace fm {
 namespace {
 using ::fm::testing::IsOk;
 using ::fm::testing::StatusIs;
 using Code = absl::StatusCode;
-
-std::string Payload(size_t n, uint64_t seed) {
-  std::string s(n, '\0');
-  std::mt19937_64 rng(seed);
-  for (size_t i = 0; i < n; i += 8) {
-    uint64_t v = rng();
-    std::memcpy(&s[i], &v, std::min<size_t>(8, n - i));
-  }
-  return s;
-}
 
 class KvStoreTest : public ::testing::Test {
  protected:
@@ -67,7 +58,7 @@ class KvStoreTest : public ::testing::Test {
 
 TEST_F(KvStoreTest, PutThenReadIsBitExact) {
   Open();
-  std::string p = Payload(kPayload, 1);
+  std::string p = RandomBytes(kPayload, 1);
   bool in_ram = false;
   ASSERT_THAT(PutPage("s", 0, p, &in_ram), IsOk());
   EXPECT_TRUE(in_ram);
@@ -82,14 +73,14 @@ TEST_F(KvStoreTest, PutThenReadIsBitExact) {
 
 TEST_F(KvStoreTest, RamBudgetSmallerThanDataSpillsAndReadsBack) {
   Open();
-  for (uint64_t i = 0; i < 12; ++i) ASSERT_THAT(PutPage("s", i, Payload(kPayload, i)), IsOk());
+  for (uint64_t i = 0; i < 12; ++i) ASSERT_THAT(PutPage("s", i, RandomBytes(kPayload, i)), IsOk());
   auto st = store_->Stats("").value();
   EXPECT_EQ(st.ram_pages, 4u);
   EXPECT_EQ(st.disk_pages, 12u);
   EXPECT_EQ(st.evictions, 8u);
   for (uint64_t i = 12; i-- > 0;) {  // newest first: the 4 cached pages are hits
     bool spill = false;
-    ASSERT_EQ(ReadPayload("s", i, &spill).value(), Payload(kPayload, i)) << i;
+    ASSERT_EQ(ReadPayload("s", i, &spill).value(), RandomBytes(kPayload, i)) << i;
     EXPECT_EQ(spill, i < 8) << i;  // the oldest 8 were evicted
   }
   st = store_->Stats("").value();
@@ -100,22 +91,22 @@ TEST_F(KvStoreTest, RamBudgetSmallerThanDataSpillsAndReadsBack) {
 
 TEST_F(KvStoreTest, ReopenServesEveryAcknowledgedPage) {
   Open();
-  for (uint64_t i = 0; i < 6; ++i) ASSERT_THAT(PutPage("a", i, Payload(1000 + i, i)), IsOk());
-  ASSERT_THAT(PutPage("b", 3, Payload(5000, 77)), IsOk());
+  for (uint64_t i = 0; i < 6; ++i) ASSERT_THAT(PutPage("a", i, RandomBytes(1000 + i, i)), IsOk());
+  ASSERT_THAT(PutPage("b", 3, RandomBytes(5000, 77)), IsOk());
   store_.reset();
   Open();
   auto st = store_->Stats("*").value();
   ASSERT_EQ(st.sessions.size(), 2u);
   EXPECT_EQ(st.disk_pages, 7u);
-  for (uint64_t i = 0; i < 6; ++i) EXPECT_EQ(ReadPayload("a", i).value(), Payload(1000 + i, i));
-  EXPECT_EQ(ReadPayload("b", 3).value(), Payload(5000, 77));
+  for (uint64_t i = 0; i < 6; ++i) EXPECT_EQ(ReadPayload("a", i).value(), RandomBytes(1000 + i, i));
+  EXPECT_EQ(ReadPayload("b", 3).value(), RandomBytes(5000, 77));
 }
 
 TEST_F(KvStoreTest, OverwriteReplacesAndKeepsAccounting) {
   Open();
-  ASSERT_THAT(PutPage("s", 1, Payload(1000, 1)), IsOk());
-  ASSERT_THAT(PutPage("s", 1, Payload(2000, 2)), IsOk());
-  EXPECT_EQ(ReadPayload("s", 1).value(), Payload(2000, 2));
+  ASSERT_THAT(PutPage("s", 1, RandomBytes(1000, 1)), IsOk());
+  ASSERT_THAT(PutPage("s", 1, RandomBytes(2000, 2)), IsOk());
+  EXPECT_EQ(ReadPayload("s", 1).value(), RandomBytes(2000, 2));
   auto st = store_->Stats("s").value();
   EXPECT_EQ(st.sessions[0].pages, 1u);
   EXPECT_EQ(st.sessions[0].bytes, kPageHeaderBytes + 2000);
@@ -127,10 +118,10 @@ TEST_F(KvStoreTest, BadInputGetsPreciseStatus) {
   options_.max_page_bytes = kPayload;
   options_.max_keys_per_call = 8;
   Open();
-  std::string p = Payload(kPayload, 5);
+  std::string p = RandomBytes(kPayload, 5);
   EXPECT_THAT(PutPage("", 0, p), StatusIs(Code::kInvalidArgument, "session_id"));
   EXPECT_THAT(PutPage(std::string(129, 'x'), 0, p), StatusIs(Code::kInvalidArgument, "128"));
-  EXPECT_THAT(PutPage("s", 0, Payload(kPayload + 1, 5)), StatusIs(Code::kResourceExhausted, "limit"));
+  EXPECT_THAT(PutPage("s", 0, RandomBytes(kPayload + 1, 5)), StatusIs(Code::kResourceExhausted, "limit"));
   // Length disagrees with the header.
   auto h = MakePageHeader("s", 0, 1, 64, DType::kBf16, p.data(), p.size());
   bool in_ram;
@@ -168,18 +159,18 @@ TEST_F(KvStoreTest, BadInputGetsPreciseStatus) {
 TEST_F(KvStoreTest, LeasesPinAndExpire) {
   options_.default_lease_ms = 60000;
   Open();
-  for (uint64_t i = 0; i < 4; ++i) ASSERT_THAT(PutPage("s", i, Payload(kPayload, i)), IsOk());
+  for (uint64_t i = 0; i < 4; ++i) ASSERT_THAT(PutPage("s", i, RandomBytes(kPayload, i)), IsOk());
   auto lease = store_->Acquire({{"s", 0}, {"s", 1}, {"s", 2}, {"s", 3}}, 0);
   ASSERT_THAT(lease, IsOk());
   EXPECT_EQ(store_->Stats("").value().pinned_pages, 4u);
   // RAM is full of pinned pages: a put is still durable but not cached, and a lease on a
   // page that is not in RAM cannot be granted.
   bool in_ram = true;
-  ASSERT_THAT(PutPage("s", 4, Payload(kPayload, 4), &in_ram), IsOk());
+  ASSERT_THAT(PutPage("s", 4, RandomBytes(kPayload, 4), &in_ram), IsOk());
   EXPECT_FALSE(in_ram);
   EXPECT_THAT(store_->Acquire({{"s", 4}}, 0), StatusIs(Code::kResourceExhausted, "pinned"));
   bool spill = false;
-  EXPECT_EQ(ReadPayload("s", 4, &spill).value(), Payload(kPayload, 4));  // served from RocksDB
+  EXPECT_EQ(ReadPayload("s", 4, &spill).value(), RandomBytes(kPayload, 4));  // served from RocksDB
   EXPECT_TRUE(spill);
   // The leased bytes are the page records.
   for (const auto& loc : lease->locations) {
@@ -198,7 +189,7 @@ TEST_F(KvStoreTest, LeasesPinAndExpire) {
 
 TEST_F(KvStoreTest, GrantPutCommitsWhatWasWrittenAndRejectsForgeries) {
   Open();
-  std::string p = Payload(3000, 9);
+  std::string p = RandomBytes(3000, 9);
   auto h = MakePageHeader("w", 7, 5, 64, DType::kFp16, p.data(), p.size());
   auto grant = store_->GrantPut(h, 0);
   ASSERT_THAT(grant, IsOk());
@@ -240,14 +231,14 @@ TEST_F(KvStoreTest, GrantPutCommitsWhatWasWrittenAndRejectsForgeries) {
 TEST_F(KvStoreTest, DeleteSessionLeavesOthersIntact) {
   Open();
   for (uint64_t i = 0; i < 3; ++i) {
-    ASSERT_THAT(PutPage("gone", i, Payload(100, i)), IsOk());
-    ASSERT_THAT(PutPage("kept", i, Payload(100, 10 + i)), IsOk());
+    ASSERT_THAT(PutPage("gone", i, RandomBytes(100, i)), IsOk());
+    ASSERT_THAT(PutPage("kept", i, RandomBytes(100, 10 + i)), IsOk());
   }
   auto lease = store_->Acquire({{"gone", 1}}, 0).value();
   EXPECT_EQ(store_->DeleteSession("gone").value(), 3u);
   EXPECT_THAT(ReadPayload("gone", 1), StatusIs(Code::kNotFound));
   EXPECT_THAT(store_->Release(lease.id), IsOk());
-  for (uint64_t i = 0; i < 3; ++i) EXPECT_EQ(ReadPayload("kept", i).value(), Payload(100, 10 + i));
+  for (uint64_t i = 0; i < 3; ++i) EXPECT_EQ(ReadPayload("kept", i).value(), RandomBytes(100, 10 + i));
   store_.reset();
   Open();  // the delete is durable too
   EXPECT_THAT(ReadPayload("gone", 0), StatusIs(Code::kNotFound));

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
 #include "common/status.h"
 
 namespace fm {
@@ -85,7 +86,8 @@ class GetPagesReactor final : public grpc::ServerWriteReactor<v1::PageData> {
       return;
     }
     if (keys_.size() > max_keys) {
-      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many pages in one call"));
+      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          absl::StrCat(keys_.size(), " pages in one call; the limit is ", max_keys)));
       return;
     }
     Next();
@@ -133,7 +135,7 @@ class GetPagesReactor final : public grpc::ServerWriteReactor<v1::PageData> {
 
 grpc::ServerWriteReactor<v1::PageData>* KvStoreService::GetPages(grpc::CallbackServerContext* ctx,
                                                                  const v1::GetPagesRequest* req) {
-  return new GetPagesReactor(store_, Refs(req->keys()), 4096);
+  return new GetPagesReactor(store_, Refs(req->keys()), max_keys_);
 }
 
 grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* ctx, const v1::ResolveRequest* req,

@@ -12,8 +12,9 @@ void HeaderToProto(const PageHeaderData& h, flashmemory::v1::PageHeader* p);
 
 class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
  public:
-  // `store` must outlive the service.
-  explicit KvStoreService(KvStore* store) : store_(store) {}
+  // `store` must outlive the service. GetPages takes at most max_keys_per_call pages.
+  explicit KvStoreService(KvStore* store, uint32_t max_keys_per_call = 4096)
+      : store_(store), max_keys_(max_keys_per_call) {}
 
   grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx, const flashmemory::v1::ConnectRequest* req,
                                     flashmemory::v1::ConnectResponse* resp) override;
@@ -39,6 +40,7 @@ class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
 
  private:
   KvStore* store_;
+  uint32_t max_keys_;
 };
 
 }  // namespace fm

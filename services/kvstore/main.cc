@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
     FM_LOG_ERROR("kvstore: %s", store.status().ToString().c_str());
     return 1;
   }
-  fm::KvStoreService service(store->get());
+  fm::KvStoreService service(store->get(), kv.max_keys_per_call);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.KvStore");
   if (absl::Status s = runner.Start(); !s.ok()) {

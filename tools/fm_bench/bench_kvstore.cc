@@ -38,16 +38,6 @@ double BestGbps(int rounds, uint64_t bytes, const std::function<bool()>& fn) {
   return best;
 }
 
-std::string MakePayload(uint64_t n, uint64_t seed) {
-  std::string s(n, '\0');
-  std::mt19937_64 rng(seed);
-  for (uint64_t i = 0; i + 8 <= n; i += 8) {
-    uint64_t v = rng();
-    std::memcpy(&s[i], &v, 8);
-  }
-  return s;
-}
-
 void Progress(const char* what) { std::fprintf(stderr, "fm-bench kvstore: %s\n", what); }
 
 }  // namespace
@@ -95,7 +85,7 @@ int RunKvStoreBench(const KvBenchOptions& o) {
 
   Progress(absl::StrCat("storing ", o.pages, " pages of ", o.page_bytes, " bytes in each store").c_str());
   std::vector<std::string> payloads;
-  for (int i = 0; i < o.pages; ++i) payloads.push_back(MakePayload(o.page_bytes, i));
+  for (int i = 0; i < o.pages; ++i) payloads.push_back(RandomBytes(o.page_bytes, i));
   std::vector<PageRef> keys;
   for (int i = 0; i < o.pages; ++i) {
     auto h = MakePageHeader("bench", i, 1, 64, DType::kBf16, payloads[i].data(), o.page_bytes);
