@@ -246,3 +246,31 @@ TEST(PagedDecode, BadInputIsAClearError) {
 
 }  // namespace
 }  // namespace fm::kernels
+
+#include <hwy/targets.h>
+
+namespace fm::kernels {
+namespace {
+
+// Every SIMD target compiled into the binary that this CPU can run gives the reference's
+// answer, not only the one dispatch picks.
+TEST(PagedDecode, EveryCompiledCpuTargetMatchesTheReference) {
+  AttentionShape s{2, 8, 2, 80, 32, ElemType::kBf16, 0};
+  Pool pool(s, 9, 77);
+  auto pages = Pages(9, 32, 17);
+  auto q = RandomQ(s, 3);
+  Result ref = RunRef(s, pool.pool, pages.list(), 1, q);
+  int tried = 0;
+  for (int64_t t : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(t);
+    EXPECT_STREQ(CpuTargetName(), hwy::TargetName(t));
+    std::printf("target %s\n", hwy::TargetName(t));
+    ExpectClose(RunOne(s, pool.pool, pages.list(), 1, q), ref, 2e-5, hwy::TargetName(t));
+    ++tried;
+  }
+  hwy::SetSupportedTargetsForTest(0);
+  EXPECT_GE(tried, 2);
+}
+
+}  // namespace
+}  // namespace fm::kernels

@@ -9,6 +9,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
 #include <hwy/highway.h>
+#include <hwy/aligned_allocator.h>
 #include <hwy/contrib/math/math-inl.h>
 
 #include <cmath>
@@ -33,8 +34,67 @@ HWY_INLINE hn::Vec<DF> LoadF32(DF df, const T* HWY_RESTRICT p) {
   }
 }
 
-constexpr uint32_t kHeadBlock = 4;  // query heads sharing one K/V row load
+// Sums each of a0..a3 across its lanes into out4[0..3]: one transposing reduction for four
+// vectors instead of four separate horizontal sums.
+#if HWY_TARGET == HWY_SCALAR
+template <class D>
+HWY_INLINE void StoreBlockSum(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
+  hn::StoreU(v, d, out4);
+}
 
+template <class D>
+HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3, float* HWY_RESTRICT out4) {
+  out4[0] = hn::GetLane(a0), out4[1] = hn::GetLane(a1), out4[2] = hn::GetLane(a2), out4[3] = hn::GetLane(a3);
+}
+#else
+template <class D>
+HWY_INLINE void StoreBlockSum(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
+  if constexpr (hn::MaxLanes(d) > 4) {
+    const hn::Half<D> dh;
+    StoreBlockSum(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out4);
+  } else {
+    hn::StoreU(v, d, out4);
+  }
+}
+
+template <class D>
+HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3, float* HWY_RESTRICT out4) {
+  {
+    const hn::RepartitionToWide<hn::RebindToUnsigned<D>> d64;
+    // Per 128-bit block: s01 = [a0 0+2, a1 0+2, a0 1+3, a1 1+3], likewise s23.
+    const auto s01 = hn::Add(hn::InterleaveLower(d, a0, a1), hn::InterleaveUpper(d, a0, a1));
+    const auto s23 = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
+    const auto lo = hn::BitCast(d, hn::InterleaveLower(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
+    const auto hi = hn::BitCast(d, hn::InterleaveUpper(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
+    StoreBlockSum(d, hn::Add(lo, hi), out4);  // lane k of every block: block sum of ak
+  }
+}
+#endif  // HWY_TARGET == HWY_SCALAR
+
+constexpr uint32_t kHeadBlock = 4;  // query heads sharing one K/V row load
+constexpr uint32_t kPrefetchPages = 3;  // prefetch distance in pages (measured: 2-3 beat 1 and 4)
+
+// Software prefetch of a byte range into L2, spread over a loop: each Step() issues the next
+// `per_step` cache lines. Pages are scattered cells and the hardware streamer stops at every
+// 4 KiB boundary, so the next page is fetched while this one computes; spreading the
+// prefetches keeps the fill buffers from stalling the FMA loops.
+struct PrefetchStream {
+  const uint8_t* p = nullptr;
+  const uint8_t* end = nullptr;
+  size_t per_step = 0;
+  void Start(const uint8_t* begin, size_t bytes, size_t steps) {
+    p = begin;
+    end = begin ? begin + bytes : nullptr;
+    per_step = steps ? (bytes / 64 + steps - 1) / steps : 0;
+  }
+  HWY_INLINE void Step() {
+    for (size_t k = 0; k < per_step && p < end; ++k, p += 64) __builtin_prefetch(p, 0, 2);
+  }
+};
+
+// One unit: the GQA group of `kv_head` (G query heads) over pages [page_begin, page_end).
+// Query heads are processed four at a time (the group is padded with zero queries), two
+// tokens or two d-chunks at a time so eight independent FMA chains hide FMA latency.
 template <typename T>
 void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t page_begin,
                  uint32_t page_end, uint32_t layer, uint32_t kv_head, const float* HWY_RESTRICT q, float* HWY_RESTRICT out,
@@ -42,18 +102,19 @@ void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& 
   const DF df;
   const size_t N = hn::Lanes(df);
   const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, P = s.page_tokens;
+  const uint32_t GB = (G + kHeadBlock - 1) / kHeadBlock;  // head blocks
   const float scale = s.Scale();
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  // Per head: running max m, running sum l, accumulator acc[d]; scores of one page.
-  HWY_ALIGN float m[64], l[64];
-  float* acc = out;  // accumulate in place, normalise at the end
-  std::vector<float> scores_buf(size_t{G} * P + N);
-  float* scores = scores_buf.data();
-  for (uint32_t h = 0; h < G; ++h) {
-    m[h] = kNegInf;
-    l[h] = 0;
-  }
-  std::memset(acc, 0, sizeof(float) * G * d);
+  // Scaled, zero-padded queries; accumulators; per-block scores laid out [token][4 heads].
+  hwy::AlignedFreeUniquePtr<float[]> work =
+      hwy::AllocateAligned<float>(size_t{GB} * kHeadBlock * d * 2 + size_t{GB} * P * kHeadBlock + 4 * N);
+  float* qs = work.get();
+  float* acc = qs + size_t{GB} * kHeadBlock * d;
+  float* sc = acc + size_t{GB} * kHeadBlock * d;
+  std::memset(qs, 0, sizeof(float) * GB * kHeadBlock * d * 2);
+  for (size_t i = 0; i < size_t{G} * d; ++i) qs[i] = q[i] * scale;
+  HWY_ALIGN float m[64 + kHeadBlock], l[64 + kHeadBlock], corr[64 + kHeadBlock];
+  for (uint32_t h = 0; h < GB * kHeadBlock; ++h) m[h] = kNegInf, l[h] = 0;
   const size_t kofs = s.BlockElemOffset(layer, 0, kv_head), vofs = s.BlockElemOffset(layer, 1, kv_head);
 
   for (uint32_t pi = page_begin; pi < page_end; ++pi) {
@@ -61,76 +122,124 @@ void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& 
     const T* HWY_RESTRICT kb = reinterpret_cast<const T*>(cell) + kofs;
     const T* HWY_RESTRICT vb = reinterpret_cast<const T*>(cell) + vofs;
     const uint32_t valid = pages.valid[pi];
-    // 1. Scores: scale * q_h . k_t, four heads per K row load.
-    for (uint32_t hb = 0; hb < G; hb += kHeadBlock) {
-      const uint32_t nh = std::min(kHeadBlock, G - hb);
-      for (uint32_t t = 0; t < valid; ++t) {
-        const T* krow = kb + size_t{t} * d;
+    // The next page's K block is prefetched during this page's scores, its V block during
+    // this page's V accumulation (first head block only).
+    const uint8_t* nk = nullptr;
+    const uint8_t* nv = nullptr;
+    size_t next_bytes = 0;
+    if (pi + kPrefetchPages < page_end) {
+      const uint32_t np = pi + kPrefetchPages;
+      const uint8_t* next = pool.base + size_t{pages.cells[np]} * pool.cell_stride + pool.cell_offset;
+      nk = next + kofs * sizeof(T);
+      nv = next + vofs * sizeof(T);
+      next_bytes = size_t{pages.valid[np]} * d * sizeof(T);
+    }
+    PrefetchStream pf;
+    for (uint32_t hb = 0; hb < GB; ++hb) {
+      pf.Start(hb == 0 ? nk : nullptr, next_bytes, (valid + 1) / 2);
+      const float* q0 = qs + size_t{hb} * kHeadBlock * d;
+      float* scb = sc + size_t{hb} * P * kHeadBlock;
+      // 1. Scores of two tokens at a time: 8 accumulators, 4 query loads shared.
+      uint32_t t = 0;
+      for (; t + 2 <= valid; t += 2) {
+        pf.Step();
+        const T* k0 = kb + size_t{t} * d;
+        const T* k1 = k0 + d;
+        auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+        auto b0 = hn::Zero(df), b1 = hn::Zero(df), b2 = hn::Zero(df), b3 = hn::Zero(df);
+        for (size_t j = 0; j < d; j += N) {
+          const auto x0 = LoadF32(df, k0 + j), x1 = LoadF32(df, k1 + j);
+          const auto w0 = hn::LoadU(df, q0 + j), w1 = hn::LoadU(df, q0 + d + j);
+          const auto w2 = hn::LoadU(df, q0 + 2 * d + j), w3 = hn::LoadU(df, q0 + 3 * d + j);
+          a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2), a3 = hn::MulAdd(w3, x0, a3);
+          b0 = hn::MulAdd(w0, x1, b0), b1 = hn::MulAdd(w1, x1, b1), b2 = hn::MulAdd(w2, x1, b2), b3 = hn::MulAdd(w3, x1, b3);
+        }
+        Sum4(df, a0, a1, a2, a3, scb + size_t{t} * kHeadBlock);
+        Sum4(df, b0, b1, b2, b3, scb + size_t{t + 1} * kHeadBlock);
+      }
+      if (t < valid) {
+        const T* k0 = kb + size_t{t} * d;
         auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
         for (size_t j = 0; j < d; j += N) {
-          const auto k = LoadF32(df, krow + j);
-          a0 = hn::MulAdd(hn::LoadU(df, q + size_t{hb} * d + j), k, a0);
-          if (nh > 1) a1 = hn::MulAdd(hn::LoadU(df, q + size_t{hb + 1} * d + j), k, a1);
-          if (nh > 2) a2 = hn::MulAdd(hn::LoadU(df, q + size_t{hb + 2} * d + j), k, a2);
-          if (nh > 3) a3 = hn::MulAdd(hn::LoadU(df, q + size_t{hb + 3} * d + j), k, a3);
+          const auto x0 = LoadF32(df, k0 + j);
+          a0 = hn::MulAdd(hn::LoadU(df, q0 + j), x0, a0);
+          a1 = hn::MulAdd(hn::LoadU(df, q0 + d + j), x0, a1);
+          a2 = hn::MulAdd(hn::LoadU(df, q0 + 2 * d + j), x0, a2);
+          a3 = hn::MulAdd(hn::LoadU(df, q0 + 3 * d + j), x0, a3);
         }
-        scores[size_t{hb} * P + t] = hn::GetLane(hn::SumOfLanes(df, a0)) * scale;
-        if (nh > 1) scores[size_t{hb + 1} * P + t] = hn::GetLane(hn::SumOfLanes(df, a1)) * scale;
-        if (nh > 2) scores[size_t{hb + 2} * P + t] = hn::GetLane(hn::SumOfLanes(df, a2)) * scale;
-        if (nh > 3) scores[size_t{hb + 3} * P + t] = hn::GetLane(hn::SumOfLanes(df, a3)) * scale;
+        Sum4(df, a0, a1, a2, a3, scb + size_t{t} * kHeadBlock);
       }
-    }
-    // 2. Online softmax: new max, rescale the running state, exponentiate this page's scores.
-    HWY_ALIGN float corr[64];
-    for (uint32_t h = 0; h < G; ++h) {
-      float* sh = scores + size_t{h} * P;
-      float pm = kNegInf;
-      for (uint32_t t = 0; t < valid; ++t) pm = std::max(pm, sh[t]);
-      const float mn = std::max(m[h], pm);
-      corr[h] = m[h] == kNegInf ? 0.0f : std::exp(m[h] - mn);
-      m[h] = mn;
-      const auto vm = hn::Set(df, mn);
-      auto vsum = hn::Zero(df);
-      uint32_t t = 0;
-      for (; t + N <= valid; t += N) {
-        const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, sh + t), vm));
-        hn::StoreU(e, df, sh + t);
-        vsum = hn::Add(vsum, e);
+      // 2. Online softmax over this page for the four heads of the block.
+      float* mb = m + hb * kHeadBlock;
+      float* cb = corr + hb * kHeadBlock;
+      float mx[kHeadBlock] = {kNegInf, kNegInf, kNegInf, kNegInf};
+      for (uint32_t i = 0; i < valid; ++i)
+        for (uint32_t k = 0; k < kHeadBlock; ++k) mx[k] = std::max(mx[k], scb[i * kHeadBlock + k]);
+      HWY_ALIGN float pat[hn::MaxLanes(df) < 4 ? 4 : hn::MaxLanes(df)];
+      for (uint32_t k = 0; k < kHeadBlock; ++k) {
+        const float mn = std::max(mb[k], mx[k]);
+        cb[k] = mb[k] == kNegInf ? 0.0f : std::exp(mb[k] - mn);
+        mb[k] = mn;
       }
-      float sum = hn::GetLane(hn::SumOfLanes(df, vsum));
-      for (; t < valid; ++t) sum += (sh[t] = std::exp(sh[t] - mn));
-      l[h] = l[h] * corr[h] + sum;
-    }
-    // 3. acc_h = corr_h * acc_h + sum_t p_h[t] v_t, four heads per V row load.
-    for (uint32_t hb = 0; hb < G; hb += kHeadBlock) {
-      const uint32_t nh = std::min(kHeadBlock, G - hb);
-      const float* p0 = scores + size_t{hb} * P;
-      const float* p1 = p0 + (nh > 1 ? P : 0);
-      const float* p2 = p0 + (nh > 2 ? 2 * P : 0);
-      const float* p3 = p0 + (nh > 3 ? 3 * P : 0);
-      for (size_t j = 0; j < d; j += N) {
-        float* o0 = acc + size_t{hb} * d + j;
-        auto a0 = hn::Mul(hn::LoadU(df, o0), hn::Set(df, corr[hb]));
-        auto a1 = nh > 1 ? hn::Mul(hn::LoadU(df, o0 + d), hn::Set(df, corr[hb + 1])) : hn::Zero(df);
-        auto a2 = nh > 2 ? hn::Mul(hn::LoadU(df, o0 + 2 * d), hn::Set(df, corr[hb + 2])) : hn::Zero(df);
-        auto a3 = nh > 3 ? hn::Mul(hn::LoadU(df, o0 + 3 * d), hn::Set(df, corr[hb + 3])) : hn::Zero(df);
-        for (uint32_t t = 0; t < valid; ++t) {
-          const auto v = LoadF32(df, vb + size_t{t} * d + j);
-          a0 = hn::MulAdd(hn::Set(df, p0[t]), v, a0);
-          a1 = hn::MulAdd(hn::Set(df, p1[t]), v, a1);
-          a2 = hn::MulAdd(hn::Set(df, p2[t]), v, a2);
-          a3 = hn::MulAdd(hn::Set(df, p3[t]), v, a3);
+      float sums[kHeadBlock] = {0, 0, 0, 0};
+      size_t i = 0;
+      const size_t n = size_t{valid} * kHeadBlock;
+      if (N >= kHeadBlock) {
+        for (size_t k = 0; k < N; ++k) pat[k] = mb[k % kHeadBlock];
+        const auto vm = hn::Load(df, pat);
+        auto vs = hn::Zero(df);
+        for (; i + N <= n; i += N) {
+          const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, scb + i), vm));
+          hn::StoreU(e, df, scb + i);
+          vs = hn::Add(vs, e);
         }
-        hn::StoreU(a0, df, o0);
-        if (nh > 1) hn::StoreU(a1, df, o0 + d);
-        if (nh > 2) hn::StoreU(a2, df, o0 + 2 * d);
-        if (nh > 3) hn::StoreU(a3, df, o0 + 3 * d);
+        HWY_ALIGN float vsum[4];
+        StoreBlockSum(df, vs, vsum);
+        for (uint32_t k = 0; k < kHeadBlock; ++k) sums[k] = vsum[k];
+      }
+      for (; i < n; ++i) sums[i % kHeadBlock] += (scb[i] = std::exp(scb[i] - mb[i % kHeadBlock]));
+      for (uint32_t k = 0; k < kHeadBlock; ++k) l[hb * kHeadBlock + k] = l[hb * kHeadBlock + k] * cb[k] + sums[k];
+      // 3. acc = corr * acc + sum_t p[t] v_t, two d-chunks at a time (8 accumulators).
+      float* ab = acc + size_t{hb} * kHeadBlock * d;
+      const auto c0 = hn::Set(df, cb[0]), c1 = hn::Set(df, cb[1]), c2 = hn::Set(df, cb[2]), c3 = hn::Set(df, cb[3]);
+      pf.Start(hb == 0 ? nv : nullptr, next_bytes, size_t{valid} * ((d + 2 * N - 1) / (2 * N)));
+      size_t j = 0;
+      for (; j + 2 * N <= d; j += 2 * N) {
+        auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
+        auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
+        auto e0 = hn::Mul(hn::LoadU(df, ab + j + N), c0), e1 = hn::Mul(hn::LoadU(df, ab + d + j + N), c1);
+        auto e2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j + N), c2), e3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j + N), c3);
+        for (uint32_t tt = 0; tt < valid; ++tt) {
+          pf.Step();
+          const T* vr = vb + size_t{tt} * d + j;
+          const auto x0 = LoadF32(df, vr), x1 = LoadF32(df, vr + N);
+          const float* p = scb + size_t{tt} * kHeadBlock;
+          const auto p0 = hn::Set(df, p[0]), p1 = hn::Set(df, p[1]), p2 = hn::Set(df, p[2]), p3 = hn::Set(df, p[3]);
+          a0 = hn::MulAdd(p0, x0, a0), a1 = hn::MulAdd(p1, x0, a1), a2 = hn::MulAdd(p2, x0, a2), a3 = hn::MulAdd(p3, x0, a3);
+          e0 = hn::MulAdd(p0, x1, e0), e1 = hn::MulAdd(p1, x1, e1), e2 = hn::MulAdd(p2, x1, e2), e3 = hn::MulAdd(p3, x1, e3);
+        }
+        hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
+        hn::StoreU(a3, df, ab + 3 * d + j);
+        hn::StoreU(e0, df, ab + j + N), hn::StoreU(e1, df, ab + d + j + N), hn::StoreU(e2, df, ab + 2 * d + j + N);
+        hn::StoreU(e3, df, ab + 3 * d + j + N);
+      }
+      for (; j < d; j += N) {
+        auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
+        auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
+        for (uint32_t tt = 0; tt < valid; ++tt) {
+          const auto x0 = LoadF32(df, vb + size_t{tt} * d + j);
+          const float* p = scb + size_t{tt} * kHeadBlock;
+          a0 = hn::MulAdd(hn::Set(df, p[0]), x0, a0), a1 = hn::MulAdd(hn::Set(df, p[1]), x0, a1);
+          a2 = hn::MulAdd(hn::Set(df, p[2]), x0, a2), a3 = hn::MulAdd(hn::Set(df, p[3]), x0, a3);
+        }
+        hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
+        hn::StoreU(a3, df, ab + 3 * d + j);
       }
     }
   }
   for (uint32_t h = 0; h < G; ++h) {
     const auto inv = hn::Set(df, 1.0f / l[h]);
-    for (size_t j = 0; j < d; j += N) hn::StoreU(hn::Mul(hn::LoadU(df, acc + size_t{h} * d + j), inv), df, acc + size_t{h} * d + j);
+    for (size_t j = 0; j < d; j += N) hn::StoreU(hn::Mul(hn::LoadU(df, acc + size_t{h} * d + j), inv), df, out + size_t{h} * d + j);
     lse[h] = m[h] + std::log(l[h]);
   }
 }

@@ -18,6 +18,15 @@ struct KvBenchOptions {
 
 int RunKvStoreBench(const KvBenchOptions& options);
 
+struct KernelBenchOptions {
+  uint64_t context = 131072;  // tokens in the session
+  double budget = 0.10;       // fraction of pages the sparse step attends to
+  int reps = 5;               // timed dense steps (sparse: 5x as many); the median is reported
+  std::string json;
+};
+
+int RunKernelsBench(const KernelBenchOptions& options);
+
 // Writes {"key": value, ...} to path; returns false on I/O error.
 bool WriteJsonObject(const std::string& path, const std::vector<std::pair<std::string, double>>& kv);
 

@@ -14,7 +14,14 @@ int main(int argc, char** argv) {
   kvc->add_option("--rounds", kv.rounds, "Timed passes (best reported)")->capture_default_str();
   kvc->add_option("--batch", kv.batch, "Pages per call")->capture_default_str();
   kvc->add_option("--json", kv.json, "Write figures as JSON");
+  fm::bench::KernelBenchOptions kb;
+  auto* kc = app.add_subcommand("kernels", "Sparse vs dense paged decode attention vs a streaming read");
+  kc->add_option("--context", kb.context, "Tokens in the session")->capture_default_str();
+  kc->add_option("--budget", kb.budget, "Fraction of pages the sparse step attends to")->capture_default_str();
+  kc->add_option("--reps", kb.reps, "Timed dense steps")->capture_default_str();
+  kc->add_option("--json", kb.json, "Write figures as JSON");
   CLI11_PARSE(app, argc, argv);
   if (kvc->parsed()) return fm::bench::RunKvStoreBench(kv);
+  if (kc->parsed()) return fm::bench::RunKernelsBench(kb);
   return 2;
 }
