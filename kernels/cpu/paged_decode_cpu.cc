@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "flashmemory/kernels/attention.h"
+#include "kernels/cpu/simd_util-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace fm::kernels::HWY_NAMESPACE {
@@ -34,57 +35,6 @@ HWY_INLINE hn::Vec<DF> LoadF32(DF df, const T* HWY_RESTRICT p) {
   }
 }
 
-// Sums each of a0..a3 across its lanes into out4[0..3]: one transposing reduction for four
-// vectors instead of four separate horizontal sums.
-#if HWY_TARGET == HWY_SCALAR
-template <class D>
-HWY_INLINE void StoreBlockSum(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  hn::StoreU(v, d, out4);
-}
-template <class D>
-HWY_INLINE void StoreBlockMax(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  hn::StoreU(v, d, out4);
-}
-
-template <class D>
-HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3, float* HWY_RESTRICT out4) {
-  out4[0] = hn::GetLane(a0), out4[1] = hn::GetLane(a1), out4[2] = hn::GetLane(a2), out4[3] = hn::GetLane(a3);
-}
-#else
-template <class D>
-HWY_INLINE void StoreBlockSum(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  if constexpr (hn::MaxLanes(d) > 4) {
-    const hn::Half<D> dh;
-    StoreBlockSum(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out4);
-  } else {
-    hn::StoreU(v, d, out4);
-  }
-}
-
-// Lane k of out4 = max over blocks of lane k (blocks of four lanes).
-template <class D>
-HWY_INLINE void StoreBlockMax(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  if constexpr (hn::MaxLanes(d) > 4) {
-    const hn::Half<D> dh;
-    StoreBlockMax(dh, hn::Max(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out4);
-  } else {
-    hn::StoreU(v, d, out4);
-  }
-}
-
-template <class D>
-HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3, float* HWY_RESTRICT out4) {
-  {
-    const hn::RepartitionToWide<hn::RebindToUnsigned<D>> d64;
-    // Per 128-bit block: s01 = [a0 0+2, a1 0+2, a0 1+3, a1 1+3], likewise s23.
-    const auto s01 = hn::Add(hn::InterleaveLower(d, a0, a1), hn::InterleaveUpper(d, a0, a1));
-    const auto s23 = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
-    const auto lo = hn::BitCast(d, hn::InterleaveLower(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
-    const auto hi = hn::BitCast(d, hn::InterleaveUpper(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
-    StoreBlockSum(d, hn::Add(lo, hi), out4);  // lane k of every block: block sum of ak
-  }
-}
-#endif  // HWY_TARGET == HWY_SCALAR
 
 // Loads 2N elements at p as two f32 vectors. bf16 comes out as (even, odd) elements: two
 // ALU ops per 2N elements instead of four for a widening promote, so the FMA ports stay busy

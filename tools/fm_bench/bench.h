@@ -22,6 +22,7 @@ struct KernelBenchOptions {
   uint64_t context = 131072;  // tokens in the session
   double budget = 0.10;       // fraction of pages the sparse step attends to
   int reps = 5;               // timed dense steps (sparse: 5x as many); the median is reported
+  uint64_t index_tokens = 1 << 20;  // history scored by the indexer benchmark
   std::string json;
 };
 

@@ -1,0 +1,96 @@
+// Neural Memory Indexer kernels (DESIGN §3): the query tower, chunk scoring over compressed
+// fp8-e4m3 keys, and page selection. The trainer (PyTorch) implements the same arithmetic;
+// parity is tested on shared traces.
+//
+// Per index layer l:
+//   a  = W_a . h                                  [rank]
+//   n  = a / sqrt(mean(a^2) + eps) * g            RMSNorm with weight g
+//   qv = W_b . n, reshaped [Hi][di]
+//   qv = RoPE_yarn(qv, position) on the last rope_dims dims of each head (NeoX half split)
+//   q  = H qv / sqrt(di)                          normalized Walsh-Hadamard per head
+//   w  = (W_w . h) * di^-1/2 * Hi^-1/2            [Hi]
+//   k_c = fp8_e4m3(bytes[0:di]) * fp32(bytes[di:di+4])
+//   logit_l(c) = sum_h w_h * relu(q_h . k_c)
+//   score(c) = max_l sigmoid(logit_l(c))          (or the mean over layers)
+// Selection: chunks with score > theta are kept; a page's score is its number of kept
+// chunks; the resident set is sink + tail + the top-kmax other pages by page score (ties by
+// the page's best chunk score, then by the higher page number).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "flashmemory/kernels/attention.h"
+
+namespace fm::kernels {
+
+struct IndexerShape {
+  uint32_t layers = 3;          // Li
+  uint32_t heads = 16;          // Hi
+  uint32_t dim = 128;           // di: a power of two in [64, 1024]
+  uint32_t hidden = 0;          // model hidden size fed to the tower; 0 = tower unused
+  uint32_t rank = 0;            // W_a output size
+  uint32_t rope_dims = 64;      // rotated dims at the end of each head (even, <= dim)
+  float rope_theta = 10000.0f;  // RoPE base
+  float yarn_factor = 1.0f;     // YaRN context extension factor s (1 = plain RoPE)
+  uint32_t yarn_original_context = 4096;  // L0
+  float yarn_beta_fast = 32.0f, yarn_beta_slow = 1.0f;
+  float rms_eps = 1e-6f;
+
+  size_t KeyBytes() const { return size_t{dim} + 4; }
+  KernelStatus Validate(std::string* why) const;
+};
+
+// Weights of one index layer, fp32 row-major.
+struct IndexerLayerWeights {
+  const float* w_a = nullptr;  // [rank][hidden]
+  const float* g = nullptr;    // [rank]
+  const float* w_b = nullptr;  // [heads * dim][rank]
+  const float* w_w = nullptr;  // [heads][hidden]
+};
+
+// q [heads][dim] and w [heads] of one layer for hidden state h at token position `pos`.
+KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h, uint64_t pos,
+                          float* q, float* w);
+
+// Compresses a raw key [dim] to the stored format: scale = max|k| / 448 (1 when k is all
+// zero), fp8 = e4m3(k / scale) with round-to-nearest-even.
+void CompressIndexKey(uint32_t dim, const float* k, uint8_t* out);
+
+// logits[l * chunks + c] for every layer l and chunk c. keys[l] holds `chunks` keys of
+// KeyBytes() each. Parallel on the kernel thread pool.
+KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w, const uint8_t* const* keys,
+                         uint64_t chunks, float* logits);
+
+enum class LayerCombine : uint8_t { kMax = 0, kMean = 1 };
+
+struct SelectParams {
+  uint32_t chunk_tokens = 4;
+  uint32_t page_tokens = 64;
+  uint64_t total_pages = 0;  // pages in the history (the last may be partial)
+  float theta = 0.5f;
+  uint32_t kmax = 0;         // pages beyond sink and tail
+  uint32_t sink = 1, tail = 2;
+  LayerCombine combine = LayerCombine::kMax;
+};
+
+struct ScoredPageOut {
+  uint64_t page;
+  float score;  // kept-chunk count; sink and tail pages carry +inf
+};
+
+// Combines layer logits, counts kept chunks per page and picks the resident set, ascending
+// by page number.
+KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks, const SelectParams& p,
+                         std::vector<ScoredPageOut>* out);
+
+namespace reference {
+KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h, uint64_t pos, float* q,
+                          float* w);
+KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w, const uint8_t* const* keys,
+                         uint64_t chunks, float* logits);
+}  // namespace reference
+
+}  // namespace fm::kernels

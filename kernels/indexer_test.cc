@@ -1,0 +1,169 @@
+#include <gtest/gtest.h>
+#include <hwy/targets.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "common/codecs.h"
+#include "flashmemory/kernels/indexer.h"
+
+namespace fm::kernels {
+namespace {
+
+struct Keys {
+  IndexerShape s;
+  std::vector<std::vector<uint8_t>> data;
+  std::vector<const uint8_t*> ptrs;
+  Keys(const IndexerShape& shape, uint64_t chunks, uint64_t seed) : s(shape) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> nd;
+    std::vector<float> raw(s.dim);
+    for (uint32_t l = 0; l < s.layers; ++l) {
+      data.emplace_back(chunks * s.KeyBytes());
+      for (uint64_t c = 0; c < chunks; ++c) {
+        for (float& x : raw) x = nd(rng) * (1 + c % 5);
+        CompressIndexKey(s.dim, raw.data(), data.back().data() + c * s.KeyBytes());
+      }
+    }
+    for (auto& d : data) ptrs.push_back(d.data());
+  }
+};
+
+std::vector<float> Random(size_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = nd(rng);
+  return v;
+}
+
+TEST(ScoreChunks, Fp8DecodeMatchesTheCodecForEveryCode) {
+  IndexerShape s{1, 1, 256};
+  // One key holding every code once, scale 0.5; q picks one element (with either sign).
+  std::vector<uint8_t> key(s.KeyBytes());
+  for (int c = 0; c < 256; ++c) key[c] = static_cast<uint8_t>(c);
+  const float scale = 0.5f;
+  std::memcpy(key.data() + 256, &scale, 4);
+  const uint8_t* keys[] = {key.data()};
+  std::vector<float> q(256), w = {1.0f};
+  for (int c = 0; c < 256; ++c) {
+    if ((c & 0x7f) == 0x7f) continue;  // NaN codes are never produced by the compressor
+    const float want = Fp8E4m3ToFloat(static_cast<uint8_t>(c)) * scale;
+    std::fill(q.begin(), q.end(), 0.0f);
+    q[c] = want >= 0 ? 1.0f : -1.0f;
+    float logit = -1;
+    ASSERT_EQ(ScoreChunks(s, q.data(), w.data(), keys, 1, &logit), KernelStatus::kOk);
+    ASSERT_EQ(logit, std::abs(want)) << "code " << c;
+  }
+}
+
+TEST(ScoreChunks, MatchesReferenceOnEveryTarget) {
+  const std::tuple<uint32_t, uint32_t, uint32_t, uint64_t> cases[] = {
+      {3, 16, 128, 5001}, {1, 1, 64, 1}, {2, 3, 256, 7}, {3, 8, 128, 2}, {1, 5, 512, 300}};
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    for (auto [layers, heads, dim, chunks] : cases) {
+      IndexerShape s{layers, heads, dim};
+      Keys keys(s, chunks, dim + heads);
+      auto q = Random(size_t{layers} * heads * dim, 1);
+      auto w = Random(size_t{layers} * heads, 2);
+      std::vector<float> got(layers * chunks), want(layers * chunks);
+      ASSERT_EQ(ScoreChunks(s, q.data(), w.data(), keys.ptrs.data(), chunks, got.data()), KernelStatus::kOk);
+      ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), keys.ptrs.data(), chunks, want.data()), KernelStatus::kOk);
+      for (size_t i = 0; i < got.size(); ++i)
+        ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i])))
+            << hwy::TargetName(target) << " Hi=" << heads << " di=" << dim << " i=" << i;
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
+TEST(IndexerQuery, TowerArithmetic) {
+  IndexerShape s{1, 2, 64};
+  s.hidden = 32;
+  s.rank = 16;
+  auto wa = Random(16 * 32, 1), g = Random(16, 2), wb = Random(2 * 64 * 16, 3), ww = Random(2 * 32, 4), h = Random(32, 5);
+  IndexerLayerWeights wts{wa.data(), g.data(), wb.data(), ww.data()};
+  std::vector<float> q0(128), w0(2), q7(128), w7(2);
+  ASSERT_EQ(IndexerQuery(s, wts, h.data(), 0, q0.data(), w0.data()), KernelStatus::kOk);
+  ASSERT_EQ(IndexerQuery(s, wts, h.data(), 7, q7.data(), w7.data()), KernelStatus::kOk);
+  // By hand: RMSNorm, W_b, then (position 0: no rotation) the normalized Hadamard.
+  std::vector<float> a(16), qv(128);
+  double ss = 0;
+  for (int r = 0; r < 16; ++r) {
+    for (int i = 0; i < 32; ++i) a[r] += wa[r * 32 + i] * h[i];
+    ss += a[r] * a[r];
+  }
+  for (int r = 0; r < 16; ++r) a[r] = a[r] / std::sqrt(ss / 16 + 1e-6) * g[r];
+  for (int o = 0; o < 128; ++o)
+    for (int r = 0; r < 16; ++r) qv[o] += wb[o * 16 + r] * a[r];
+  for (int hh = 0; hh < 2; ++hh)
+    for (int j = 0; j < 64; ++j) {
+      double acc = 0;
+      for (int i = 0; i < 64; ++i) acc += (__builtin_popcount(i & j) % 2 ? -1 : 1) * qv[hh * 64 + i];
+      EXPECT_NEAR(q0[hh * 64 + j], acc / 8, 1e-4) << hh << " " << j;
+    }
+  // A rotation and an orthonormal transform keep each head's norm; w ignores the position.
+  for (int hh = 0; hh < 2; ++hh) {
+    double n0 = 0, n7 = 0;
+    for (int j = 0; j < 64; ++j) n0 += q0[hh * 64 + j] * q0[hh * 64 + j], n7 += q7[hh * 64 + j] * q7[hh * 64 + j];
+    EXPECT_NEAR(n0, n7, 1e-3 * n0);
+    double wexp = 0;
+    for (int i = 0; i < 32; ++i) wexp += ww[hh * 32 + i] * h[i];
+    EXPECT_NEAR(w0[hh], wexp / std::sqrt(64.0 * 2), 1e-5);
+    EXPECT_EQ(w0[hh], w7[hh]);
+  }
+  EXPECT_NE(q0, q7);
+  s.hidden = 0;
+  EXPECT_EQ(IndexerQuery(s, wts, h.data(), 0, q0.data(), w0.data()), KernelStatus::kInvalidShape);
+}
+
+TEST(CompressIndexKey, RoundTripsWithinFp8Precision) {
+  auto k = Random(128, 9, 3.0f);
+  std::vector<uint8_t> out(132);
+  CompressIndexKey(128, k.data(), out.data());
+  float scale;
+  std::memcpy(&scale, out.data() + 128, 4);
+  float amax = 0;
+  for (float x : k) amax = std::max(amax, std::abs(x));
+  EXPECT_FLOAT_EQ(scale, amax / 448.0f);
+  for (int j = 0; j < 128; ++j) EXPECT_NEAR(Fp8E4m3ToFloat(out[j]) * scale, k[j], std::abs(k[j]) / 16 + scale * 0.002f);
+  std::vector<float> zero(64, 0.0f);
+  CompressIndexKey(64, zero.data(), out.data());
+  std::memcpy(&scale, out.data() + 64, 4);
+  EXPECT_EQ(scale, 1.0f);
+}
+
+TEST(SelectPages, SinkTailAndTopPagesByKeptChunks) {
+  // 8 pages of 4 chunks (page 16 tokens, chunk 4). Two layers; max combine.
+  const uint64_t chunks = 30;  // the last page is partial (2 of 4 chunks)
+  std::vector<float> logits(2 * chunks, -10.0f);
+  auto keep = [&](uint64_t c, uint32_t layer, float v) { logits[layer * chunks + c] = v; };
+  keep(4 * 3 + 0, 0, 5), keep(4 * 3 + 1, 1, 5), keep(4 * 3 + 2, 0, 5);  // page 3: 3 kept
+  keep(4 * 5 + 0, 1, 5), keep(4 * 5 + 3, 1, 5);                        // page 5: 2 kept
+  keep(4 * 2 + 1, 0, 5), keep(4 * 2 + 2, 0, -0.1f);                    // page 2: 1 kept, best 0.475
+  keep(4 * 4 + 0, 1, 3);                                                // page 4: 1 kept, best 0.95
+  SelectParams p;
+  p.chunk_tokens = 4;
+  p.page_tokens = 16;
+  p.total_pages = 8;
+  p.kmax = 3;
+  std::vector<ScoredPageOut> out;
+  ASSERT_EQ(SelectPages(2, logits.data(), chunks, p, &out), KernelStatus::kOk);
+  std::vector<uint64_t> pages;
+  for (auto& o : out) pages.push_back(o.page);
+  // Sink 0, tail 6 and 7, then pages 3 (3 kept), 5 (2 kept), and of the one-kept pages 2 and
+  // 4 the one with the better chunk: page 2's best is sigmoid(5) > page 4's sigmoid(3).
+  EXPECT_EQ(pages, (std::vector<uint64_t>{0, 2, 3, 5, 6, 7}));
+  EXPECT_TRUE(std::isinf(out[0].score));
+  EXPECT_EQ(out[2].score, 3.0f);
+  p.kmax = 100;  // more than there are candidates: every page
+  ASSERT_EQ(SelectPages(2, logits.data(), chunks, p, &out), KernelStatus::kOk);
+  EXPECT_EQ(out.size(), 8u);
+  p.page_tokens = 10;  // not a multiple of the chunk
+  EXPECT_EQ(SelectPages(2, logits.data(), chunks, p, &out), KernelStatus::kInvalidShape);
+}
+
+}  // namespace
+}  // namespace fm::kernels
