@@ -274,3 +274,49 @@ TEST(PagedDecode, EveryCompiledCpuTargetMatchesTheReference) {
 
 }  // namespace
 }  // namespace fm::kernels
+
+#include "flashmemory/kernels/level2.h"
+
+namespace fm::kernels {
+namespace {
+
+TEST(Level2TopK, MatchesReferenceAndEqualsDenseWhenKCoversTheResidentSet) {
+  for (ElemType dt : {ElemType::kF32, ElemType::kBf16}) {
+    AttentionShape s{2, 8, 2, 64, 32, dt, 0};
+    Pool pool(s, 12, 4);
+    auto pages = Pages(12, 32, 20);  // 372 tokens
+    auto q = RandomQ(s, 6, 2.0f);
+    for (uint32_t k : {1u, 16u, 100u}) {
+      Result got{std::vector<float>(q.size()), std::vector<float>(s.q_heads)};
+      Result want = got;
+      ASSERT_EQ(TopKDecode(s, pool.pool, pages.list(), 1, k, q.data(), got.out.data(), got.lse.data()), KernelStatus::kOk);
+      ASSERT_EQ(reference::TopKDecode(s, pool.pool, pages.list(), 1, k, q.data(), want.out.data(), want.lse.data()),
+                KernelStatus::kOk);
+      ExpectClose(got, want, 2e-5, "topk=" + std::to_string(k));
+    }
+    Result all{std::vector<float>(q.size()), std::vector<float>(s.q_heads)};
+    ASSERT_EQ(TopKDecode(s, pool.pool, pages.list(), 1, 2048, q.data(), all.out.data(), all.lse.data()), KernelStatus::kOk);
+    ExpectClose(all, RunRef(s, pool.pool, pages.list(), 1, q), 2e-5, "topk covers the set");
+  }
+}
+
+TEST(Level2TopK, KeepsTheStrongestTokenAndRejectsBadK) {
+  AttentionShape s{1, 2, 1, 32, 8, ElemType::kF32, 0};
+  Pool pool(s, 3, 2, 0, 0.01f);
+  // Make token 5 of page 2 point along q: top-1 must attend to it alone.
+  std::vector<float> q(2 * 32, 0.0f);
+  q[0] = q[32] = 10.0f;
+  float* k = reinterpret_cast<float*>(pool.bytes.data() + 2 * pool.pool.cell_stride) + 5 * 32;
+  k[0] = 3.0f;
+  float* v = reinterpret_cast<float*>(pool.bytes.data() + 2 * pool.pool.cell_stride) + s.BlockElemOffset(0, 1, 0) + 5 * 32;
+  auto pages = Pages(3, 8, 8);
+  std::vector<float> out(64), lse(2);
+  ASSERT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 1, q.data(), out.data(), lse.data()), KernelStatus::kOk);
+  for (int j = 0; j < 32; ++j) EXPECT_FLOAT_EQ(out[j], v[j]);
+  EXPECT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 0, q.data(), out.data(), lse.data()), KernelStatus::kInvalidShape);
+  EXPECT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 4096, q.data(), out.data(), lse.data()), KernelStatus::kInvalidShape);
+  EXPECT_EQ(TopKDecode(s, pool.pool, PageList{}, 0, 4, q.data(), out.data(), lse.data()), KernelStatus::kEmptyPageList);
+}
+
+}  // namespace
+}  // namespace fm::kernels
