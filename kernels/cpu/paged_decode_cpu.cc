@@ -85,44 +85,228 @@ struct PrefetchStream {
   }
 };
 
-// One unit: the GQA group of `kv_head` (G query heads) over pages [page_begin, page_end).
-// Query heads are processed four at a time (the group is padded with zero queries), two
+// Running state of one (item, KV head): the GQA group's scaled queries (in Load2 order),
+// accumulators [GB * 4][d], running max m and sum l per head.
+struct GroupState {
+  float* qs;
+  float* acc;
+  float* m;
+  float* l;
+};
+
+inline size_t GroupStateFloats(uint32_t GB, uint32_t d) { return size_t{GB} * kHeadBlock * (2 * d + 2); }
+
+inline GroupState StateAt(float* base, uint32_t GB, uint32_t d) {
+  GroupState st;
+  st.qs = base;
+  st.acc = st.qs + size_t{GB} * kHeadBlock * d;
+  st.m = st.acc + size_t{GB} * kHeadBlock * d;
+  st.l = st.m + size_t{GB} * kHeadBlock;
+  return st;
+}
+
+template <typename T>
+void InitGroupT(const AttentionShape& s, const float* HWY_RESTRICT q, GroupState st) {
+  const DF df;
+  const size_t N = hn::Lanes(df);
+  const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, GB = (G + kHeadBlock - 1) / kHeadBlock;
+  const float scale = s.Scale();
+  std::memset(st.qs, 0, sizeof(float) * GB * kHeadBlock * d * 2);
+  const size_t D2 = d / (2 * N) * (2 * N);  // whole 2N chunks (Load2 order), then a natural tail
+  for (uint32_t h = 0; h < G; ++h) {
+    for (size_t c = 0; c < D2; c += 2 * N)
+      for (size_t i = 0; i < 2 * N; ++i) st.qs[size_t{h} * d + c + i] = q[size_t{h} * d + c + ChunkSource<T>(i, N)] * scale;
+    for (size_t j = D2; j < d; ++j) st.qs[size_t{h} * d + j] = q[size_t{h} * d + j] * scale;
+  }
+  for (uint32_t h = 0; h < GB * kHeadBlock; ++h) st.m[h] = -std::numeric_limits<float>::infinity(), st.l[h] = 0;
+}
+
+template <typename T>
+void FinishGroupT(const AttentionShape& s, GroupState st, float* HWY_RESTRICT out, float* HWY_RESTRICT lse) {
+  const DF df;
+  const size_t N = hn::Lanes(df);
+  const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim;
+  const size_t D2 = d / (2 * N) * (2 * N);
+  for (uint32_t h = 0; h < G; ++h) {
+    const float inv = 1.0f / st.l[h];
+    const float* a = st.acc + size_t{h} * d;
+    float* o = out + size_t{h} * d;
+    for (size_t c = 0; c < D2; c += 2 * N)
+      for (size_t i = 0; i < 2 * N; ++i) o[c + ChunkSource<T>(i, N)] = a[c + i] * inv;
+    for (size_t j = D2; j < d; ++j) o[j] = a[j] * inv;
+    lse[h] = st.m[h] + std::log(st.l[h]);
+  }
+}
+
+// One page for one (layer, KV head): scores, online-softmax update and V accumulation for
+// the group's query heads, four at a time (the group is padded with zero queries), two
 // tokens or two d-chunks at a time so eight independent FMA chains hide FMA latency.
+// nk/nv (may be null): the K and V blocks of a page ahead, prefetched while this computes.
+template <typename T>
+void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY_RESTRICT vb, uint32_t valid,
+                 GroupState st, float* HWY_RESTRICT sc, const uint8_t* nk, const uint8_t* nv, size_t next_bytes) {
+  const DF df;
+  const size_t N = hn::Lanes(df);
+  const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, P = s.page_tokens;
+  const uint32_t GB = (G + kHeadBlock - 1) / kHeadBlock;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const size_t D2 = d / (2 * N) * (2 * N);
+  const float* qs = st.qs;
+  float* acc = st.acc;
+  float* m = st.m;
+  float* l = st.l;
+  HWY_ALIGN float corr[64 + kHeadBlock];
+  PrefetchStream pf;
+  for (uint32_t hb = 0; hb < GB; ++hb) {
+    pf.Start(hb == 0 ? nk : nullptr, next_bytes, (valid + 1) / 2);
+    const float* q0 = qs + size_t{hb} * kHeadBlock * d;
+    float* scb = sc + size_t{hb} * P * kHeadBlock;
+    // 1. Scores of two tokens at a time: 8 accumulators, 4 query loads shared.
+    uint32_t t = 0;
+    for (; t + 2 <= valid; t += 2) {
+      pf.Step();
+      const T* k0 = kb + size_t{t} * d;
+      const T* k1 = k0 + d;
+      auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+      auto b0 = hn::Zero(df), b1 = hn::Zero(df), b2 = hn::Zero(df), b3 = hn::Zero(df);
+      size_t j = 0;
+      for (; j < D2; j += 2 * N) {
+        hn::Vec<DF> x0, x1, y0, y1;
+        Load2(df, k0 + j, x0, x1);
+        Load2(df, k1 + j, y0, y1);
+        const float* w = q0 + j;
+        auto w0 = hn::LoadU(df, w), w1 = hn::LoadU(df, w + d), w2 = hn::LoadU(df, w + 2 * d), w3 = hn::LoadU(df, w + 3 * d);
+        a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2), a3 = hn::MulAdd(w3, x0, a3);
+        b0 = hn::MulAdd(w0, y0, b0), b1 = hn::MulAdd(w1, y0, b1), b2 = hn::MulAdd(w2, y0, b2), b3 = hn::MulAdd(w3, y0, b3);
+        w0 = hn::LoadU(df, w + N), w1 = hn::LoadU(df, w + d + N), w2 = hn::LoadU(df, w + 2 * d + N);
+        w3 = hn::LoadU(df, w + 3 * d + N);
+        a0 = hn::MulAdd(w0, x1, a0), a1 = hn::MulAdd(w1, x1, a1), a2 = hn::MulAdd(w2, x1, a2), a3 = hn::MulAdd(w3, x1, a3);
+        b0 = hn::MulAdd(w0, y1, b0), b1 = hn::MulAdd(w1, y1, b1), b2 = hn::MulAdd(w2, y1, b2), b3 = hn::MulAdd(w3, y1, b3);
+      }
+      for (; j < d; j += N) {
+        const auto x0 = LoadF32(df, k0 + j), x1 = LoadF32(df, k1 + j);
+        const auto w0 = hn::LoadU(df, q0 + j), w1 = hn::LoadU(df, q0 + d + j);
+        const auto w2 = hn::LoadU(df, q0 + 2 * d + j), w3 = hn::LoadU(df, q0 + 3 * d + j);
+        a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2), a3 = hn::MulAdd(w3, x0, a3);
+        b0 = hn::MulAdd(w0, x1, b0), b1 = hn::MulAdd(w1, x1, b1), b2 = hn::MulAdd(w2, x1, b2), b3 = hn::MulAdd(w3, x1, b3);
+      }
+      Sum4(df, a0, a1, a2, a3, scb + size_t{t} * kHeadBlock);
+      Sum4(df, b0, b1, b2, b3, scb + size_t{t + 1} * kHeadBlock);
+    }
+    if (t < valid) {
+      const T* k0 = kb + size_t{t} * d;
+      auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+      size_t j = 0;
+      for (; j < D2; j += 2 * N) {
+        hn::Vec<DF> x0, x1;
+        Load2(df, k0 + j, x0, x1);
+        const float* w = q0 + j;
+        a0 = hn::MulAdd(hn::LoadU(df, w), x0, a0), a1 = hn::MulAdd(hn::LoadU(df, w + d), x0, a1);
+        a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d), x0, a2), a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d), x0, a3);
+        a0 = hn::MulAdd(hn::LoadU(df, w + N), x1, a0), a1 = hn::MulAdd(hn::LoadU(df, w + d + N), x1, a1);
+        a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d + N), x1, a2), a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d + N), x1, a3);
+      }
+      for (; j < d; j += N) {
+        const auto x0 = LoadF32(df, k0 + j);
+        a0 = hn::MulAdd(hn::LoadU(df, q0 + j), x0, a0);
+        a1 = hn::MulAdd(hn::LoadU(df, q0 + d + j), x0, a1);
+        a2 = hn::MulAdd(hn::LoadU(df, q0 + 2 * d + j), x0, a2);
+        a3 = hn::MulAdd(hn::LoadU(df, q0 + 3 * d + j), x0, a3);
+      }
+      Sum4(df, a0, a1, a2, a3, scb + size_t{t} * kHeadBlock);
+    }
+    // 2. Online softmax over this page for the four heads of the block.
+    float* mb = m + hb * kHeadBlock;
+    float* cb = corr + hb * kHeadBlock;
+    HWY_ALIGN float mx[kHeadBlock] = {kNegInf, kNegInf, kNegInf, kNegInf};
+    {
+      const size_t n = size_t{valid} * kHeadBlock;
+      size_t i = 0;
+      if (N >= kHeadBlock && n >= N) {
+        auto vmax = hn::Set(df, kNegInf);
+        for (; i + N <= n; i += N) vmax = hn::Max(vmax, hn::LoadU(df, scb + i));
+        StoreBlockMax(df, vmax, mx);
+      }
+      for (; i < n; ++i) mx[i % kHeadBlock] = std::max(mx[i % kHeadBlock], scb[i]);
+    }
+    HWY_ALIGN float pat[hn::MaxLanes(df) < 4 ? 4 : hn::MaxLanes(df)];
+    for (uint32_t k = 0; k < kHeadBlock; ++k) {
+      const float mn = std::max(mb[k], mx[k]);
+      cb[k] = mb[k] == kNegInf ? 0.0f : std::exp(mb[k] - mn);
+      mb[k] = mn;
+    }
+    float sums[kHeadBlock] = {0, 0, 0, 0};
+    size_t i = 0;
+    const size_t n = size_t{valid} * kHeadBlock;
+    if (N >= kHeadBlock) {
+      for (size_t k = 0; k < N; ++k) pat[k] = mb[k % kHeadBlock];
+      const auto vm = hn::Load(df, pat);
+      auto vs = hn::Zero(df);
+      for (; i + N <= n; i += N) {
+        const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, scb + i), vm));
+        hn::StoreU(e, df, scb + i);
+        vs = hn::Add(vs, e);
+      }
+      HWY_ALIGN float vsum[4];
+      StoreBlockSum(df, vs, vsum);
+      for (uint32_t k = 0; k < kHeadBlock; ++k) sums[k] = vsum[k];
+    }
+    for (; i < n; ++i) sums[i % kHeadBlock] += (scb[i] = std::exp(scb[i] - mb[i % kHeadBlock]));
+    for (uint32_t k = 0; k < kHeadBlock; ++k) l[hb * kHeadBlock + k] = l[hb * kHeadBlock + k] * cb[k] + sums[k];
+    // 3. acc = corr * acc + sum_t p[t] v_t, two d-chunks at a time (8 accumulators).
+    float* ab = acc + size_t{hb} * kHeadBlock * d;
+    const auto c0 = hn::Set(df, cb[0]), c1 = hn::Set(df, cb[1]), c2 = hn::Set(df, cb[2]), c3 = hn::Set(df, cb[3]);
+    pf.Start(hb == 0 ? nv : nullptr, next_bytes, size_t{valid} * ((d + 2 * N - 1) / (2 * N)));
+    size_t j = 0;
+    for (; j < D2; j += 2 * N) {
+      auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
+      auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
+      auto e0 = hn::Mul(hn::LoadU(df, ab + j + N), c0), e1 = hn::Mul(hn::LoadU(df, ab + d + j + N), c1);
+      auto e2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j + N), c2), e3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j + N), c3);
+      for (uint32_t tt = 0; tt < valid; ++tt) {
+        pf.Step();  // measured: one line per token beats bursts every 8 tokens
+        hn::Vec<DF> x0, x1;
+        Load2(df, vb + size_t{tt} * d + j, x0, x1);
+        const float* p = scb + size_t{tt} * kHeadBlock;
+        const auto p0 = hn::Set(df, p[0]), p1 = hn::Set(df, p[1]), p2 = hn::Set(df, p[2]), p3 = hn::Set(df, p[3]);
+        a0 = hn::MulAdd(p0, x0, a0), a1 = hn::MulAdd(p1, x0, a1), a2 = hn::MulAdd(p2, x0, a2), a3 = hn::MulAdd(p3, x0, a3);
+        e0 = hn::MulAdd(p0, x1, e0), e1 = hn::MulAdd(p1, x1, e1), e2 = hn::MulAdd(p2, x1, e2), e3 = hn::MulAdd(p3, x1, e3);
+      }
+      hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
+      hn::StoreU(a3, df, ab + 3 * d + j);
+      hn::StoreU(e0, df, ab + j + N), hn::StoreU(e1, df, ab + d + j + N), hn::StoreU(e2, df, ab + 2 * d + j + N);
+      hn::StoreU(e3, df, ab + 3 * d + j + N);
+    }
+    for (; j < d; j += N) {
+      auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
+      auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
+      for (uint32_t tt = 0; tt < valid; ++tt) {
+        const auto x0 = LoadF32(df, vb + size_t{tt} * d + j);
+        const float* p = scb + size_t{tt} * kHeadBlock;
+        a0 = hn::MulAdd(hn::Set(df, p[0]), x0, a0), a1 = hn::MulAdd(hn::Set(df, p[1]), x0, a1);
+        a2 = hn::MulAdd(hn::Set(df, p[2]), x0, a2), a3 = hn::MulAdd(hn::Set(df, p[3]), x0, a3);
+      }
+      hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
+      hn::StoreU(a3, df, ab + 3 * d + j);
+    }
+  }
+
+}
+
+// One unit: the GQA group of `kv_head` over pages [page_begin, page_end).
 template <typename T>
 void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t page_begin,
                  uint32_t page_end, uint32_t layer, uint32_t kv_head, const float* HWY_RESTRICT q, float* HWY_RESTRICT out,
                  float* HWY_RESTRICT lse) {
-  const DF df;
-  const size_t N = hn::Lanes(df);
-  const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, P = s.page_tokens;
-  const uint32_t GB = (G + kHeadBlock - 1) / kHeadBlock;  // head blocks
-  const float scale = s.Scale();
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  // Scaled, zero-padded queries; accumulators; per-block scores laid out [token][4 heads].
+  const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, GB = (G + kHeadBlock - 1) / kHeadBlock;
   hwy::AlignedFreeUniquePtr<float[]> work =
-      hwy::AllocateAligned<float>(size_t{GB} * kHeadBlock * d * 2 + size_t{GB} * P * kHeadBlock + 4 * N);
-  float* qs = work.get();
-  float* acc = qs + size_t{GB} * kHeadBlock * d;
-  float* sc = acc + size_t{GB} * kHeadBlock * d;
-  std::memset(qs, 0, sizeof(float) * GB * kHeadBlock * d * 2);
-  // d = D2 (whole 2N chunks, in Load2 order) + a natural-order tail of at most N.
-  const size_t D2 = d / (2 * N) * (2 * N);
-  for (uint32_t h = 0; h < G; ++h) {
-    for (size_t c = 0; c < D2; c += 2 * N)
-      for (size_t i = 0; i < 2 * N; ++i) qs[size_t{h} * d + c + i] = q[size_t{h} * d + c + ChunkSource<T>(i, N)] * scale;
-    for (size_t j = D2; j < d; ++j) qs[size_t{h} * d + j] = q[size_t{h} * d + j] * scale;
-  }
-  HWY_ALIGN float m[64 + kHeadBlock], l[64 + kHeadBlock], corr[64 + kHeadBlock];
-  for (uint32_t h = 0; h < GB * kHeadBlock; ++h) m[h] = kNegInf, l[h] = 0;
+      hwy::AllocateAligned<float>(GroupStateFloats(GB, d) + size_t{GB} * s.page_tokens * kHeadBlock + 64);
+  GroupState st = StateAt(work.get(), GB, d);
+  float* sc = work.get() + GroupStateFloats(GB, d);
+  InitGroupT<T>(s, q, st);
   const size_t kofs = s.BlockElemOffset(layer, 0, kv_head), vofs = s.BlockElemOffset(layer, 1, kv_head);
-
   for (uint32_t pi = page_begin; pi < page_end; ++pi) {
     const uint8_t* cell = pool.base + size_t{pages.cells[pi]} * pool.cell_stride + pool.cell_offset;
-    const T* HWY_RESTRICT kb = reinterpret_cast<const T*>(cell) + kofs;
-    const T* HWY_RESTRICT vb = reinterpret_cast<const T*>(cell) + vofs;
-    const uint32_t valid = pages.valid[pi];
-    // The next page's K block is prefetched during this page's scores, its V block during
-    // this page's V accumulation (first head block only).
     const uint8_t* nk = nullptr;
     const uint8_t* nv = nullptr;
     size_t next_bytes = 0;
@@ -133,150 +317,10 @@ void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& 
       nv = next + vofs * sizeof(T);
       next_bytes = size_t{pages.valid[np]} * d * sizeof(T);
     }
-    PrefetchStream pf;
-    for (uint32_t hb = 0; hb < GB; ++hb) {
-      pf.Start(hb == 0 ? nk : nullptr, next_bytes, (valid + 1) / 2);
-      const float* q0 = qs + size_t{hb} * kHeadBlock * d;
-      float* scb = sc + size_t{hb} * P * kHeadBlock;
-      // 1. Scores of two tokens at a time: 8 accumulators, 4 query loads shared.
-      uint32_t t = 0;
-      for (; t + 2 <= valid; t += 2) {
-        pf.Step();
-        const T* k0 = kb + size_t{t} * d;
-        const T* k1 = k0 + d;
-        auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
-        auto b0 = hn::Zero(df), b1 = hn::Zero(df), b2 = hn::Zero(df), b3 = hn::Zero(df);
-        size_t j = 0;
-        for (; j < D2; j += 2 * N) {
-          hn::Vec<DF> x0, x1, y0, y1;
-          Load2(df, k0 + j, x0, x1);
-          Load2(df, k1 + j, y0, y1);
-          const float* w = q0 + j;
-          auto w0 = hn::LoadU(df, w), w1 = hn::LoadU(df, w + d), w2 = hn::LoadU(df, w + 2 * d), w3 = hn::LoadU(df, w + 3 * d);
-          a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2), a3 = hn::MulAdd(w3, x0, a3);
-          b0 = hn::MulAdd(w0, y0, b0), b1 = hn::MulAdd(w1, y0, b1), b2 = hn::MulAdd(w2, y0, b2), b3 = hn::MulAdd(w3, y0, b3);
-          w0 = hn::LoadU(df, w + N), w1 = hn::LoadU(df, w + d + N), w2 = hn::LoadU(df, w + 2 * d + N);
-          w3 = hn::LoadU(df, w + 3 * d + N);
-          a0 = hn::MulAdd(w0, x1, a0), a1 = hn::MulAdd(w1, x1, a1), a2 = hn::MulAdd(w2, x1, a2), a3 = hn::MulAdd(w3, x1, a3);
-          b0 = hn::MulAdd(w0, y1, b0), b1 = hn::MulAdd(w1, y1, b1), b2 = hn::MulAdd(w2, y1, b2), b3 = hn::MulAdd(w3, y1, b3);
-        }
-        for (; j < d; j += N) {
-          const auto x0 = LoadF32(df, k0 + j), x1 = LoadF32(df, k1 + j);
-          const auto w0 = hn::LoadU(df, q0 + j), w1 = hn::LoadU(df, q0 + d + j);
-          const auto w2 = hn::LoadU(df, q0 + 2 * d + j), w3 = hn::LoadU(df, q0 + 3 * d + j);
-          a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2), a3 = hn::MulAdd(w3, x0, a3);
-          b0 = hn::MulAdd(w0, x1, b0), b1 = hn::MulAdd(w1, x1, b1), b2 = hn::MulAdd(w2, x1, b2), b3 = hn::MulAdd(w3, x1, b3);
-        }
-        Sum4(df, a0, a1, a2, a3, scb + size_t{t} * kHeadBlock);
-        Sum4(df, b0, b1, b2, b3, scb + size_t{t + 1} * kHeadBlock);
-      }
-      if (t < valid) {
-        const T* k0 = kb + size_t{t} * d;
-        auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
-        size_t j = 0;
-        for (; j < D2; j += 2 * N) {
-          hn::Vec<DF> x0, x1;
-          Load2(df, k0 + j, x0, x1);
-          const float* w = q0 + j;
-          a0 = hn::MulAdd(hn::LoadU(df, w), x0, a0), a1 = hn::MulAdd(hn::LoadU(df, w + d), x0, a1);
-          a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d), x0, a2), a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d), x0, a3);
-          a0 = hn::MulAdd(hn::LoadU(df, w + N), x1, a0), a1 = hn::MulAdd(hn::LoadU(df, w + d + N), x1, a1);
-          a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d + N), x1, a2), a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d + N), x1, a3);
-        }
-        for (; j < d; j += N) {
-          const auto x0 = LoadF32(df, k0 + j);
-          a0 = hn::MulAdd(hn::LoadU(df, q0 + j), x0, a0);
-          a1 = hn::MulAdd(hn::LoadU(df, q0 + d + j), x0, a1);
-          a2 = hn::MulAdd(hn::LoadU(df, q0 + 2 * d + j), x0, a2);
-          a3 = hn::MulAdd(hn::LoadU(df, q0 + 3 * d + j), x0, a3);
-        }
-        Sum4(df, a0, a1, a2, a3, scb + size_t{t} * kHeadBlock);
-      }
-      // 2. Online softmax over this page for the four heads of the block.
-      float* mb = m + hb * kHeadBlock;
-      float* cb = corr + hb * kHeadBlock;
-      HWY_ALIGN float mx[kHeadBlock] = {kNegInf, kNegInf, kNegInf, kNegInf};
-      {
-        const size_t n = size_t{valid} * kHeadBlock;
-        size_t i = 0;
-        if (N >= kHeadBlock && n >= N) {
-          auto vmax = hn::Set(df, kNegInf);
-          for (; i + N <= n; i += N) vmax = hn::Max(vmax, hn::LoadU(df, scb + i));
-          StoreBlockMax(df, vmax, mx);
-        }
-        for (; i < n; ++i) mx[i % kHeadBlock] = std::max(mx[i % kHeadBlock], scb[i]);
-      }
-      HWY_ALIGN float pat[hn::MaxLanes(df) < 4 ? 4 : hn::MaxLanes(df)];
-      for (uint32_t k = 0; k < kHeadBlock; ++k) {
-        const float mn = std::max(mb[k], mx[k]);
-        cb[k] = mb[k] == kNegInf ? 0.0f : std::exp(mb[k] - mn);
-        mb[k] = mn;
-      }
-      float sums[kHeadBlock] = {0, 0, 0, 0};
-      size_t i = 0;
-      const size_t n = size_t{valid} * kHeadBlock;
-      if (N >= kHeadBlock) {
-        for (size_t k = 0; k < N; ++k) pat[k] = mb[k % kHeadBlock];
-        const auto vm = hn::Load(df, pat);
-        auto vs = hn::Zero(df);
-        for (; i + N <= n; i += N) {
-          const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, scb + i), vm));
-          hn::StoreU(e, df, scb + i);
-          vs = hn::Add(vs, e);
-        }
-        HWY_ALIGN float vsum[4];
-        StoreBlockSum(df, vs, vsum);
-        for (uint32_t k = 0; k < kHeadBlock; ++k) sums[k] = vsum[k];
-      }
-      for (; i < n; ++i) sums[i % kHeadBlock] += (scb[i] = std::exp(scb[i] - mb[i % kHeadBlock]));
-      for (uint32_t k = 0; k < kHeadBlock; ++k) l[hb * kHeadBlock + k] = l[hb * kHeadBlock + k] * cb[k] + sums[k];
-      // 3. acc = corr * acc + sum_t p[t] v_t, two d-chunks at a time (8 accumulators).
-      float* ab = acc + size_t{hb} * kHeadBlock * d;
-      const auto c0 = hn::Set(df, cb[0]), c1 = hn::Set(df, cb[1]), c2 = hn::Set(df, cb[2]), c3 = hn::Set(df, cb[3]);
-      pf.Start(hb == 0 ? nv : nullptr, next_bytes, size_t{valid} * ((d + 2 * N - 1) / (2 * N)));
-      size_t j = 0;
-      for (; j < D2; j += 2 * N) {
-        auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
-        auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
-        auto e0 = hn::Mul(hn::LoadU(df, ab + j + N), c0), e1 = hn::Mul(hn::LoadU(df, ab + d + j + N), c1);
-        auto e2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j + N), c2), e3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j + N), c3);
-        for (uint32_t tt = 0; tt < valid; ++tt) {
-          pf.Step();  // measured: one line per token beats bursts every 8 tokens
-          hn::Vec<DF> x0, x1;
-          Load2(df, vb + size_t{tt} * d + j, x0, x1);
-          const float* p = scb + size_t{tt} * kHeadBlock;
-          const auto p0 = hn::Set(df, p[0]), p1 = hn::Set(df, p[1]), p2 = hn::Set(df, p[2]), p3 = hn::Set(df, p[3]);
-          a0 = hn::MulAdd(p0, x0, a0), a1 = hn::MulAdd(p1, x0, a1), a2 = hn::MulAdd(p2, x0, a2), a3 = hn::MulAdd(p3, x0, a3);
-          e0 = hn::MulAdd(p0, x1, e0), e1 = hn::MulAdd(p1, x1, e1), e2 = hn::MulAdd(p2, x1, e2), e3 = hn::MulAdd(p3, x1, e3);
-        }
-        hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
-        hn::StoreU(a3, df, ab + 3 * d + j);
-        hn::StoreU(e0, df, ab + j + N), hn::StoreU(e1, df, ab + d + j + N), hn::StoreU(e2, df, ab + 2 * d + j + N);
-        hn::StoreU(e3, df, ab + 3 * d + j + N);
-      }
-      for (; j < d; j += N) {
-        auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
-        auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
-        for (uint32_t tt = 0; tt < valid; ++tt) {
-          const auto x0 = LoadF32(df, vb + size_t{tt} * d + j);
-          const float* p = scb + size_t{tt} * kHeadBlock;
-          a0 = hn::MulAdd(hn::Set(df, p[0]), x0, a0), a1 = hn::MulAdd(hn::Set(df, p[1]), x0, a1);
-          a2 = hn::MulAdd(hn::Set(df, p[2]), x0, a2), a3 = hn::MulAdd(hn::Set(df, p[3]), x0, a3);
-        }
-        hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
-        hn::StoreU(a3, df, ab + 3 * d + j);
-      }
-    }
+    AttendPageT<T>(s, reinterpret_cast<const T*>(cell) + kofs, reinterpret_cast<const T*>(cell) + vofs, pages.valid[pi],
+                   st, sc, nk, nv, next_bytes);
   }
-  for (uint32_t h = 0; h < G; ++h) {
-    const float inv = 1.0f / l[h];
-    const float* a = acc + size_t{h} * d;
-    float* o = out + size_t{h} * d;
-    for (size_t c = 0; c < D2; c += 2 * N)
-      for (size_t i = 0; i < 2 * N; ++i) o[c + ChunkSource<T>(i, N)] = a[c + i] * inv;
-    for (size_t j = D2; j < d; ++j) o[j] = a[j] * inv;
-    lse[h] = m[h] + std::log(l[h]);
-  }
+  FinishGroupT<T>(s, st, out, lse);
 }
 
 void AttendUnit(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t page_begin,
