@@ -1,0 +1,83 @@
+// CUDA indexer scoring and Quest page scores vs the scalar references. Skips without a GPU.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "flashmemory/kernels/cuda_attention.h"
+#include "flashmemory/kernels/cuda_indexer.h"
+
+namespace fm::kernels {
+namespace {
+
+template <typename T>
+T* Upload(const std::vector<T>& v) {
+  T* d = nullptr;
+  cudaMalloc(&d, sizeof(T) * v.size());
+  cudaMemcpy(d, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice);
+  return d;
+}
+
+TEST(CudaIndexer, ScoreChunksMatchesReference) {
+  std::string why;
+  if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
+  IndexerShape s{3, 16, 128};
+  const uint64_t chunks = 10007;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  std::vector<std::vector<uint8_t>> keys(s.layers, std::vector<uint8_t>(chunks * s.KeyBytes()));
+  std::vector<float> raw(s.dim);
+  for (auto& k : keys)
+    for (uint64_t c = 0; c < chunks; ++c) {
+      for (float& x : raw) x = nd(rng);
+      CompressIndexKey(s.dim, raw.data(), k.data() + c * s.KeyBytes());
+    }
+  std::vector<float> q(s.layers * s.heads * s.dim), w(s.layers * s.heads);
+  for (float& x : q) x = nd(rng);
+  for (float& x : w) x = nd(rng);
+  std::vector<const uint8_t*> host_ptrs, dev_ptrs;
+  for (auto& k : keys) host_ptrs.push_back(k.data()), dev_ptrs.push_back(Upload(k));
+  const uint8_t** dkeys = Upload(dev_ptrs);
+  float* dq = Upload(q);
+  float* dw = Upload(w);
+  float* dl = nullptr;
+  cudaMalloc(&dl, sizeof(float) * s.layers * chunks);
+  ASSERT_EQ(CudaScoreChunks(s, dq, dw, dkeys, chunks, dl, nullptr), KernelStatus::kOk);
+  std::vector<float> got(s.layers * chunks), want(s.layers * chunks);
+  cudaMemcpy(got.data(), dl, sizeof(float) * got.size(), cudaMemcpyDeviceToHost);
+  ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), host_ptrs.data(), chunks, want.data()), KernelStatus::kOk);
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i]))) << i;
+  for (auto* p : dev_ptrs) cudaFree(const_cast<uint8_t*>(p));
+  cudaFree(dkeys);
+  cudaFree(dq);
+  cudaFree(dw);
+  cudaFree(dl);
+}
+
+TEST(CudaQuest, PageScoresMatchReference) {
+  std::string why;
+  if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
+  AttentionShape s{2, 8, 2, 128, 64, ElemType::kBf16, 0};
+  const uint64_t pages = 3001;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd;
+  std::vector<float> bounds(pages * QuestBoundsFloats(s)), q(s.q_heads * s.head_dim);
+  for (float& x : bounds) x = nd(rng);
+  for (float& x : q) x = nd(rng);
+  float* db = Upload(bounds);
+  float* dq = Upload(q);
+  float* ds = nullptr;
+  cudaMalloc(&ds, sizeof(float) * pages);
+  ASSERT_EQ(CudaQuestPageScores(s, 1, dq, db, pages, ds, nullptr), KernelStatus::kOk);
+  std::vector<float> got(pages), want(pages);
+  cudaMemcpy(got.data(), ds, sizeof(float) * pages, cudaMemcpyDeviceToHost);
+  ASSERT_EQ(reference::QuestPageScores(s, 1, q.data(), bounds.data(), pages, want.data()), KernelStatus::kOk);
+  for (uint64_t p = 0; p < pages; ++p) ASSERT_NEAR(got[p], want[p], 1e-3f * (1 + std::abs(want[p]))) << p;
+  cudaFree(db);
+  cudaFree(dq);
+  cudaFree(ds);
+}
+
+}  // namespace
+}  // namespace fm::kernels
