@@ -36,15 +36,15 @@ uint8_t FloatToFp8E4m3(float f) {
   uint32_t u = FloatBits(f);
   uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7f;        // NaN
-  if (a >= 0x43e00000u) return sign | 0x7e;       // >= 448 (incl. inf): saturate to 448
+  if (a > 0x7f800000u) return sign | 0x7f;   // NaN
+  if (a >= 0x43e00000u) return sign | 0x7e;  // >= 448 (incl. inf): saturate to 448
   // Work in units of the smallest subnormal (2^-9) for values below 2^-6, else per-binade.
-  int e = static_cast<int>(a >> 23) - 127;        // unbiased exponent of |f|
+  int e = static_cast<int>(a >> 23) - 127;  // unbiased exponent of |f|
   if (e < -6) {
     // Subnormal range (and below): value / 2^-9 rounded to nearest even, 0..8.
-    float scaled = BitsFloat(a) * 512.0f;         // exact (power of two)
-    float r = std::nearbyint(scaled);             // default rounding mode: nearest even
-    return sign | static_cast<uint8_t>(r);        // r == 8 encodes 2^-6 (exp=1, man=0)
+    float scaled = BitsFloat(a) * 512.0f;   // exact (power of two)
+    float r = std::nearbyint(scaled);       // default rounding mode: nearest even
+    return sign | static_cast<uint8_t>(r);  // r == 8 encodes 2^-6 (exp=1, man=0)
   }
   // Normal: keep 3 mantissa bits, round to nearest even on the 20 dropped bits.
   uint32_t man = a & 0x7fffffu;
@@ -52,9 +52,12 @@ uint8_t FloatToFp8E4m3(float f) {
   uint32_t half = 0x80000u;
   if (rest > half || (rest == half && (keep & 1))) ++keep;
   uint32_t exp = static_cast<uint32_t>(e + 7);
-  if (keep == 8) { keep = 0; ++exp; }
+  if (keep == 8) {
+    keep = 0;
+    ++exp;
+  }
   uint32_t code = (exp << 3) | keep;
-  if (code > 0x7e) code = 0x7e;                   // 464..448 boundary: saturate
+  if (code > 0x7e) code = 0x7e;  // 464..448 boundary: saturate
   return sign | static_cast<uint8_t>(code);
 }
 
@@ -84,7 +87,10 @@ uint16_t FloatToFp16(float f) {
   uint32_t keep = man >> 13, rest = man & 0x1fffu;
   if (rest > 0x1000u || (rest == 0x1000u && (keep & 1))) ++keep;
   uint32_t exp = static_cast<uint32_t>(e + 15);
-  if (keep == 0x400) { keep = 0; ++exp; }
+  if (keep == 0x400) {
+    keep = 0;
+    ++exp;
+  }
   return sign | static_cast<uint16_t>((exp << 10) | keep);
 }
 

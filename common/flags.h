@@ -12,7 +12,8 @@ inline void AddServerFlags(CLI::App& app, ServerOptions* o) {
   app.add_option("--host", o->host, "Listen address")->capture_default_str();
   app.add_option("--port", o->port, "gRPC port (0 = any free port)")->capture_default_str();
   app.add_option("--max_message_bytes", o->max_message_bytes, "Largest gRPC message, bytes")
-      ->transform(CLI::AsSizeValue(false))->capture_default_str();
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
   app.add_option("--metrics_port", o->metrics_port, "Prometheus /metrics port (-1 = off, 0 = any)")
       ->capture_default_str();
   app.add_option("--ready_file", o->ready_file, "Written with the bound ports once serving");

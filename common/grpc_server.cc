@@ -1,11 +1,11 @@
 #include "common/grpc_server.h"
 
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
 #include <csignal>
 #include <cstdio>
 #include <fstream>
-
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
@@ -32,7 +32,8 @@ absl::Status GrpcServerRunner::Start() {
   for (auto& [svc, name] : services_) builder.RegisterService(svc);
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0)
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
   auto* health = server_->GetHealthCheckService();
   for (auto& [svc, name] : services_) health->SetServingStatus(name, true);
   health->SetServingStatus(true);
@@ -50,7 +51,8 @@ absl::Status GrpcServerRunner::Start() {
     if (std::rename(tmp.c_str(), options_.ready_file.c_str()) != 0)
       return absl::InternalError(absl::StrCat("cannot write ready file ", options_.ready_file));
   }
-  FM_LOG_INFO("serving gRPC on %s:%d (metrics port %d)", options_.host.c_str(), port_, metrics_port());
+  FM_LOG_INFO("serving gRPC on %s:%d (metrics port %d)", options_.host.c_str(), port_,
+              metrics_port());
   return absl::OkStatus();
 }
 

@@ -3,11 +3,11 @@
 // Prometheus metrics port, and graceful shutdown on SIGTERM that drains in-flight calls.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/status.h"
 #include "common/metrics.h"
@@ -15,12 +15,12 @@
 namespace fm {
 
 struct ServerOptions {
-  std::string host = "0.0.0.0";     // listen address; "127.0.0.1" for loopback only
-  int port = 50051;                 // gRPC port; 0 = any free port (see ready_file)
-  int max_message_bytes = 64 << 20; // max gRPC message size, both directions
-  int metrics_port = -1;            // Prometheus /metrics HTTP port; -1 = off, 0 = any free
-  std::string ready_file;           // written once serving: "<grpc port>\n<metrics port>\n"; empty = none
-  int shutdown_grace_ms = 10000;    // drain deadline for in-flight calls on shutdown
+  std::string host = "0.0.0.0";      // listen address; "127.0.0.1" for loopback only
+  int port = 50051;                  // gRPC port; 0 = any free port (see ready_file)
+  int max_message_bytes = 64 << 20;  // max gRPC message size, both directions
+  int metrics_port = -1;             // Prometheus /metrics HTTP port; -1 = off, 0 = any free
+  std::string ready_file;  // written once serving: "<grpc port>\n<metrics port>\n"; empty = none
+  int shutdown_grace_ms = 10000;  // drain deadline for in-flight calls on shutdown
 };
 
 class GrpcServerRunner {

@@ -74,7 +74,8 @@ absl::Status MetricsHttpServer::Start(const std::string& host, int port) {
   } else {
     port_ = impl_->server.bind_to_port(host, port) ? port : -1;
   }
-  if (port_ <= 0) return absl::UnavailableError(absl::StrCat("metrics: cannot bind ", host, ":", port));
+  if (port_ <= 0)
+    return absl::UnavailableError(absl::StrCat("metrics: cannot bind ", host, ":", port));
   thread_ = std::thread([this] { impl_->server.listen_after_bind(); });
   return absl::OkStatus();
 }

@@ -30,7 +30,8 @@ class Gauge {
   void Set(double v) { v_.store(v, std::memory_order_relaxed); }
   void Add(double d) {
     double cur = v_.load(std::memory_order_relaxed);
-    while (!v_.compare_exchange_weak(cur, cur + d, std::memory_order_relaxed)) {}
+    while (!v_.compare_exchange_weak(cur, cur + d, std::memory_order_relaxed)) {
+    }
   }
   double Value() const { return v_.load(std::memory_order_relaxed); }
 
@@ -42,7 +43,8 @@ class Gauge {
 class MetricsRegistry {
  public:
   // `labels` is the inside of the braces, e.g. `tier="ram"`; empty = no labels.
-  Counter* GetCounter(const std::string& name, const std::string& help, const std::string& labels = "");
+  Counter* GetCounter(const std::string& name, const std::string& help,
+                      const std::string& labels = "");
   Gauge* GetGauge(const std::string& name, const std::string& help, const std::string& labels = "");
   // A collector appends whole exposition lines (for values computed on scrape, such as
   // per-session totals). Called under the registry lock; must not call back into it.

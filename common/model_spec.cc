@@ -9,18 +9,24 @@ namespace fm {
 
 size_t DTypeSize(DType t) {
   switch (t) {
-    case DType::kFp32: return 4;
-    case DType::kFp16: return 2;
-    case DType::kBf16: return 2;
+    case DType::kFp32:
+      return 4;
+    case DType::kFp16:
+      return 2;
+    case DType::kBf16:
+      return 2;
   }
   return 0;
 }
 
 const char* DTypeName(DType t) {
   switch (t) {
-    case DType::kFp32: return "fp32";
-    case DType::kFp16: return "fp16";
-    case DType::kBf16: return "bf16";
+    case DType::kFp32:
+      return "fp32";
+    case DType::kFp16:
+      return "fp16";
+    case DType::kBf16:
+      return "bf16";
   }
   return "unknown";
 }
@@ -29,11 +35,14 @@ absl::StatusOr<DType> ParseDType(const std::string& name) {
   if (name == "fp32" || name == "float32") return DType::kFp32;
   if (name == "fp16" || name == "float16") return DType::kFp16;
   if (name == "bf16" || name == "bfloat16") return DType::kBf16;
-  return absl::InvalidArgumentError(absl::StrCat("unknown dtype \"", name, "\"; want fp32, fp16 or bf16"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown dtype \"", name, "\"; want fp32, fp16 or bf16"));
 }
 
 absl::Status ModelSpec::Validate() const {
-  auto bad = [](auto&&... parts) { return absl::InvalidArgumentError(absl::StrCat("model spec: ", parts...)); };
+  auto bad = [](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat("model spec: ", parts...));
+  };
   if (layers == 0 || layers > 1024) return bad("layers must be in [1, 1024], got ", layers);
   if (kv_heads == 0 || kv_heads > 1024) return bad("kv_heads must be in [1, 1024], got ", kv_heads);
   if (q_heads == 0 || q_heads % kv_heads != 0 || q_heads > 4096)
@@ -43,7 +52,8 @@ absl::Status ModelSpec::Validate() const {
   if (DTypeSize(dtype) == 0) return bad("dtype must be fp32, fp16 or bf16");
   if (!(softmax_scale >= 0) || !std::isfinite(softmax_scale))
     return bad("softmax_scale must be finite and >= 0 (0 = d^-1/2), got ", softmax_scale);
-  if (page_tokens == 0 || page_tokens > 4096) return bad("page_tokens must be in [1, 4096], got ", page_tokens);
+  if (page_tokens == 0 || page_tokens > 4096)
+    return bad("page_tokens must be in [1, 4096], got ", page_tokens);
   if (chunk_tokens == 0 || page_tokens % chunk_tokens != 0)
     return bad("chunk_tokens must divide page_tokens (", page_tokens, "), got ", chunk_tokens);
   if (index_layers > 0) {
@@ -63,10 +73,10 @@ uint64_t ModelSpecHash(const ModelSpec& s) {
   float scale = s.Scale();
   static_assert(sizeof(scale_bits) == sizeof(scale));
   __builtin_memcpy(&scale_bits, &scale, 4);
-  const uint32_t fields[] = {s.layers,      s.q_heads,      s.kv_heads,   s.head_dim,
-                             scale_bits,    static_cast<uint32_t>(s.dtype), s.page_tokens,
-                             s.index_layers, s.index_heads, s.index_dim,  s.chunk_tokens,
-                             s.hidden_dim};
+  const uint32_t fields[] = {s.layers,      s.q_heads,      s.kv_heads,
+                             s.head_dim,    scale_bits,     static_cast<uint32_t>(s.dtype),
+                             s.page_tokens, s.index_layers, s.index_heads,
+                             s.index_dim,   s.chunk_tokens, s.hidden_dim};
   return Checksum64(fields, sizeof(fields));
 }
 
@@ -74,16 +84,38 @@ absl::StatusOr<ModelSpec> PresetSpec(const std::string& name) {
   ModelSpec s;
   s.name = name;
   if (name == "tiny") {
-    s.layers = 2; s.q_heads = 4; s.kv_heads = 2; s.head_dim = 64; s.dtype = DType::kFp32;
-    s.index_layers = 1; s.index_heads = 4; s.index_dim = 64; s.hidden_dim = 256;
+    s.layers = 2;
+    s.q_heads = 4;
+    s.kv_heads = 2;
+    s.head_dim = 64;
+    s.dtype = DType::kFp32;
+    s.index_layers = 1;
+    s.index_heads = 4;
+    s.index_dim = 64;
+    s.hidden_dim = 256;
   } else if (name == "bench") {
-    s.layers = 4; s.q_heads = 32; s.kv_heads = 8; s.head_dim = 128; s.dtype = DType::kBf16;
-    s.index_layers = 3; s.index_heads = 16; s.index_dim = 128; s.hidden_dim = 1024;
+    s.layers = 4;
+    s.q_heads = 32;
+    s.kv_heads = 8;
+    s.head_dim = 128;
+    s.dtype = DType::kBf16;
+    s.index_layers = 3;
+    s.index_heads = 16;
+    s.index_dim = 128;
+    s.hidden_dim = 1024;
   } else if (name == "long") {
-    s.layers = 2; s.q_heads = 8; s.kv_heads = 2; s.head_dim = 128; s.dtype = DType::kBf16;
-    s.index_layers = 3; s.index_heads = 8; s.index_dim = 128; s.hidden_dim = 512;
+    s.layers = 2;
+    s.q_heads = 8;
+    s.kv_heads = 2;
+    s.head_dim = 128;
+    s.dtype = DType::kBf16;
+    s.index_layers = 3;
+    s.index_heads = 8;
+    s.index_dim = 128;
+    s.hidden_dim = 512;
   } else {
-    return absl::NotFoundError(absl::StrCat("unknown model spec preset \"", name, "\"; want tiny, bench or long"));
+    return absl::NotFoundError(
+        absl::StrCat("unknown model spec preset \"", name, "\"; want tiny, bench or long"));
   }
   return s;
 }

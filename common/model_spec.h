@@ -21,26 +21,28 @@ const char* DTypeName(DType t);
 absl::StatusOr<DType> ParseDType(const std::string& name);
 
 struct ModelSpec {
-  std::string name;          // label only; not hashed
-  uint32_t layers = 0;       // L
-  uint32_t q_heads = 0;      // Hq, multiple of kv_heads
-  uint32_t kv_heads = 0;     // Hkv
-  uint32_t head_dim = 0;     // d, multiple of 16 in [32, 256]
-  float softmax_scale = 0;   // 0 = d^-1/2
+  std::string name;         // label only; not hashed
+  uint32_t layers = 0;      // L
+  uint32_t q_heads = 0;     // Hq, multiple of kv_heads
+  uint32_t kv_heads = 0;    // Hkv
+  uint32_t head_dim = 0;    // d, multiple of 16 in [32, 256]
+  float softmax_scale = 0;  // 0 = d^-1/2
   DType dtype = DType::kBf16;
-  uint32_t page_tokens = 64;    // P
-  uint32_t index_layers = 0;    // Li
-  uint32_t index_heads = 0;     // Hi
-  uint32_t index_dim = 0;       // di
-  uint32_t chunk_tokens = 4;    // c
-  uint32_t hidden_dim = 0;      // 0 = no hidden state input
+  uint32_t page_tokens = 64;  // P
+  uint32_t index_layers = 0;  // Li
+  uint32_t index_heads = 0;   // Hi
+  uint32_t index_dim = 0;     // di
+  uint32_t chunk_tokens = 4;  // c
+  uint32_t hidden_dim = 0;    // 0 = no hidden state input
 
   // OK, or INVALID_ARGUMENT naming the first offending field.
   absl::Status Validate() const;
 
   float Scale() const;
   // K and V of every layer for one token, in bytes.
-  size_t KvBytesPerToken() const { return size_t{2} * layers * kv_heads * head_dim * DTypeSize(dtype); }
+  size_t KvBytesPerToken() const {
+    return size_t{2} * layers * kv_heads * head_dim * DTypeSize(dtype);
+  }
   // Payload bytes of one (full-width) page.
   size_t PageBytes() const { return KvBytesPerToken() * page_tokens; }
   // Elements of one [token][head_dim] block for one (layer, K|V, kv_head).
@@ -53,7 +55,9 @@ struct ModelSpec {
   // Bytes of one compressed index key (di fp8 + fp32 scale).
   size_t IndexKeyBytes() const { return size_t{index_dim} + 4; }
   uint32_t ChunksPerPage() const { return page_tokens / chunk_tokens; }
-  uint64_t PagesForTokens(uint64_t tokens) const { return (tokens + page_tokens - 1) / page_tokens; }
+  uint64_t PagesForTokens(uint64_t tokens) const {
+    return (tokens + page_tokens - 1) / page_tokens;
+  }
 };
 
 // Stable 64-bit hash of every shape field (not the name). Two specs with equal hashes

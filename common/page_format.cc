@@ -23,9 +23,15 @@ constexpr size_t kOffHeaderSum = 248;    // u64 over [0, 248)
 constexpr uint16_t kVersion = 1;
 
 template <typename T>
-void Put(uint8_t* p, size_t off, T v) { std::memcpy(p + off, &v, sizeof(T)); }
+void Put(uint8_t* p, size_t off, T v) {
+  std::memcpy(p + off, &v, sizeof(T));
+}
 template <typename T>
-T Get(const uint8_t* p, size_t off) { T v; std::memcpy(&v, p + off, sizeof(T)); return v; }
+T Get(const uint8_t* p, size_t off) {
+  T v;
+  std::memcpy(&v, p + off, sizeof(T));
+  return v;
+}
 
 }  // namespace
 
@@ -57,7 +63,8 @@ absl::Status DecodePageHeader(const uint8_t* in, PageHeaderData* h) {
   if (Get<uint32_t>(in, kOffMagic) != kPageMagic)
     return absl::DataLossError("page header: bad magic (not a page record)");
   if (Get<uint16_t>(in, kOffVersion) != kVersion)
-    return absl::DataLossError(absl::StrCat("page header: unsupported version ", Get<uint16_t>(in, kOffVersion)));
+    return absl::DataLossError(
+        absl::StrCat("page header: unsupported version ", Get<uint16_t>(in, kOffVersion)));
   if (Get<uint64_t>(in, kOffHeaderSum) != Checksum64(in, kOffHeaderSum))
     return absl::DataLossError("page header: header checksum mismatch");
   size_t n = Get<uint8_t>(in, kOffIdLen);
@@ -72,21 +79,25 @@ absl::Status DecodePageHeader(const uint8_t* in, PageHeaderData* h) {
   return absl::OkStatus();
 }
 
-absl::Status VerifyPageRecord(const uint8_t* record, size_t record_len, absl::string_view session_id,
-                              uint64_t page, PageHeaderData* out) {
+absl::Status VerifyPageRecord(const uint8_t* record, size_t record_len,
+                              absl::string_view session_id, uint64_t page, PageHeaderData* out) {
   if (record_len < kPageHeaderBytes)
-    return absl::DataLossError(absl::StrCat("page record is ", record_len, " bytes, shorter than its header"));
+    return absl::DataLossError(
+        absl::StrCat("page record is ", record_len, " bytes, shorter than its header"));
   PageHeaderData h;
   absl::Status s = DecodePageHeader(record, &h);
   if (!s.ok()) return s;
   if (h.session_id != session_id || h.page != page)
-    return absl::DataLossError(absl::StrCat("page record names session \"", h.session_id, "\" page ", h.page,
-                                            ", expected \"", session_id, "\" page ", page));
+    return absl::DataLossError(absl::StrCat("page record names session \"", h.session_id,
+                                            "\" page ", h.page, ", expected \"", session_id,
+                                            "\" page ", page));
   if (h.payload_bytes != record_len - kPageHeaderBytes)
-    return absl::DataLossError(absl::StrCat("page record payload is ", record_len - kPageHeaderBytes,
-                                            " bytes, header says ", h.payload_bytes));
+    return absl::DataLossError(absl::StrCat("page record payload is ",
+                                            record_len - kPageHeaderBytes, " bytes, header says ",
+                                            h.payload_bytes));
   if (Checksum64(record + kPageHeaderBytes, h.payload_bytes) != h.checksum)
-    return absl::DataLossError(absl::StrCat("page ", page, " of session \"", session_id, "\": payload checksum mismatch"));
+    return absl::DataLossError(
+        absl::StrCat("page ", page, " of session \"", session_id, "\": payload checksum mismatch"));
   if (out) *out = std::move(h);
   return absl::OkStatus();
 }

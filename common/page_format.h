@@ -6,9 +6,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "common/model_spec.h"
 
 namespace fm {
@@ -39,7 +39,8 @@ absl::Status DecodePageHeader(const uint8_t* in, PageHeaderData* h);
 // Verifies a full record (header + payload) read from anywhere: the header decodes, names
 // `session_id` and `page`, its payload length equals `payload_len`, and the payload checksum
 // matches. DATA_LOSS otherwise, with a message naming what differed.
-absl::Status VerifyPageRecord(const uint8_t* record, size_t record_len, absl::string_view session_id,
-                              uint64_t page, PageHeaderData* out = nullptr);
+absl::Status VerifyPageRecord(const uint8_t* record, size_t record_len,
+                              absl::string_view session_id, uint64_t page,
+                              PageHeaderData* out = nullptr);
 
 }  // namespace fm

@@ -36,24 +36,31 @@ TEST(PageFormat, RoundTrip) {
 
 TEST(PageFormat, DetectsEveryMismatch) {
   auto rec = MakeRecord("alice", 3, 500);
-  EXPECT_THAT(VerifyPageRecord(rec.data(), rec.size(), "bob", 3), StatusIs(absl::StatusCode::kDataLoss, "bob"));
-  EXPECT_THAT(VerifyPageRecord(rec.data(), rec.size(), "alice", 4), StatusIs(absl::StatusCode::kDataLoss));
-  EXPECT_THAT(VerifyPageRecord(rec.data(), rec.size() - 1, "alice", 3), StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_THAT(VerifyPageRecord(rec.data(), rec.size(), "bob", 3),
+              StatusIs(absl::StatusCode::kDataLoss, "bob"));
+  EXPECT_THAT(VerifyPageRecord(rec.data(), rec.size(), "alice", 4),
+              StatusIs(absl::StatusCode::kDataLoss));
+  EXPECT_THAT(VerifyPageRecord(rec.data(), rec.size() - 1, "alice", 3),
+              StatusIs(absl::StatusCode::kDataLoss));
   EXPECT_THAT(VerifyPageRecord(rec.data(), 10, "alice", 3), StatusIs(absl::StatusCode::kDataLoss));
   auto bad = rec;
   bad[kPageHeaderBytes + 100] ^= 1;
-  EXPECT_THAT(VerifyPageRecord(bad.data(), bad.size(), "alice", 3), StatusIs(absl::StatusCode::kDataLoss, "checksum"));
+  EXPECT_THAT(VerifyPageRecord(bad.data(), bad.size(), "alice", 3),
+              StatusIs(absl::StatusCode::kDataLoss, "checksum"));
   bad = rec;
   bad[20] ^= 1;  // a header field
-  EXPECT_THAT(VerifyPageRecord(bad.data(), bad.size(), "alice", 3), StatusIs(absl::StatusCode::kDataLoss, "header"));
+  EXPECT_THAT(VerifyPageRecord(bad.data(), bad.size(), "alice", 3),
+              StatusIs(absl::StatusCode::kDataLoss, "header"));
   std::vector<uint8_t> zeros(rec.size());
-  EXPECT_THAT(VerifyPageRecord(zeros.data(), zeros.size(), "alice", 3), StatusIs(absl::StatusCode::kDataLoss, "magic"));
+  EXPECT_THAT(VerifyPageRecord(zeros.data(), zeros.size(), "alice", 3),
+              StatusIs(absl::StatusCode::kDataLoss, "magic"));
 }
 
 TEST(PageFormat, SessionIdLimits) {
   EXPECT_THAT(ValidateSessionId(""), StatusIs(absl::StatusCode::kInvalidArgument));
   EXPECT_TRUE(ValidateSessionId(std::string(128, 'a')).ok());
-  EXPECT_THAT(ValidateSessionId(std::string(129, 'a')), StatusIs(absl::StatusCode::kInvalidArgument, "128"));
+  EXPECT_THAT(ValidateSessionId(std::string(129, 'a')),
+              StatusIs(absl::StatusCode::kInvalidArgument, "128"));
 }
 
 }  // namespace

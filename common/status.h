@@ -11,10 +11,10 @@
 #define FM_STATUS_CONCAT_(a, b) FM_STATUS_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` (an absl::Status) is not OK.
-#define FM_RETURN_IF_ERROR(expr)                       \
-  do {                                                 \
-    ::absl::Status fm_status_ = (expr);                \
-    if (!fm_status_.ok()) return fm_status_;           \
+#define FM_RETURN_IF_ERROR(expr)             \
+  do {                                       \
+    ::absl::Status fm_status_ = (expr);      \
+    if (!fm_status_.ok()) return fm_status_; \
   } while (0)
 
 // `lhs = value of expr`, or returns its error. expr is an absl::StatusOr<T>.

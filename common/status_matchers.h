@@ -2,7 +2,6 @@
 #pragma once
 
 #include <gmock/gmock.h>
-
 #include <grpcpp/support/status.h>
 
 #include "absl/status/status.h"
@@ -20,8 +19,7 @@ inline absl::Status GetStatus(const grpc::Status& s) {
                 : absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
 }
 
-MATCHER_P(StatusIs, code,
-          std::string("has status code ") + absl::StatusCodeToString(code)) {
+MATCHER_P(StatusIs, code, std::string("has status code ") + absl::StatusCodeToString(code)) {
   absl::Status s = GetStatus(arg);
   *result_listener << "status is " << s.ToString();
   return s.code() == code;

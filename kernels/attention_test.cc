@@ -1,3 +1,5 @@
+#include "flashmemory/kernels/attention.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -7,7 +9,6 @@
 #include <random>
 
 #include "common/codecs.h"
-#include "flashmemory/kernels/attention.h"
 
 namespace fm::kernels {
 namespace {
@@ -17,7 +18,9 @@ struct Pool {
   AttentionShape shape;
   std::vector<uint8_t> bytes;
   PagePool pool;
-  Pool(const AttentionShape& s, uint32_t cells, uint64_t seed, size_t offset = 0, float spread = 1.0f) : shape(s) {
+  Pool(const AttentionShape& s, uint32_t cells, uint64_t seed, size_t offset = 0,
+       float spread = 1.0f)
+      : shape(s) {
     size_t stride = offset + s.PageBytes() + 64;
     bytes.assign(stride * cells, 0);
     std::mt19937 rng(seed);
@@ -27,7 +30,8 @@ struct Pool {
       uint8_t* p = bytes.data() + c * stride + offset;
       for (size_t i = 0; i < n; ++i) {
         float v = nd(rng);
-        if (s.dtype == ElemType::kF32) std::memcpy(p + 4 * i, &v, 4);
+        if (s.dtype == ElemType::kF32)
+          std::memcpy(p + 4 * i, &v, 4);
         else {
           uint16_t h = s.dtype == ElemType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
           std::memcpy(p + 2 * i, &h, 2);
@@ -50,20 +54,23 @@ struct Result {
   std::vector<float> out, lse;
 };
 
-Result RunOne(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer, const std::vector<float>& q,
-              uint32_t threads = 2, uint32_t min_pages = 1) {
+Result RunOne(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer,
+              const std::vector<float>& q, uint32_t threads = 2, uint32_t min_pages = 1) {
   DecodePlan plan;
   std::string why;
-  EXPECT_EQ(BuildDecodePlan(s, {pages}, pool, threads, min_pages, &plan, &why), KernelStatus::kOk) << why;
+  EXPECT_EQ(BuildDecodePlan(s, {pages}, pool, threads, min_pages, &plan, &why), KernelStatus::kOk)
+      << why;
   Result r{std::vector<float>(q.size()), std::vector<float>(s.q_heads)};
   DecodeItem item{0, layer, q.data(), r.out.data(), r.lse.data()};
   EXPECT_EQ(RunPagedDecode(plan, pool, &item, 1), KernelStatus::kOk);
   return r;
 }
 
-Result RunRef(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer, const std::vector<float>& q) {
+Result RunRef(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer,
+              const std::vector<float>& q) {
   Result r{std::vector<float>(q.size()), std::vector<float>(s.q_heads)};
-  EXPECT_EQ(reference::PagedDecode(s, pool, pages, layer, q.data(), r.out.data(), r.lse.data()), KernelStatus::kOk);
+  EXPECT_EQ(reference::PagedDecode(s, pool, pages, layer, q.data(), r.out.data(), r.lse.data()),
+            KernelStatus::kOk);
   return r;
 }
 
@@ -75,13 +82,16 @@ void ExpectClose(const Result& a, const Result& b, float tol, const std::string&
     worst = std::max(worst, std::abs(a.out[i] - b.out[i]));
   }
   EXPECT_LE(worst, tol) << what;
-  for (size_t h = 0; h < a.lse.size(); ++h) EXPECT_NEAR(a.lse[h], b.lse[h], tol * 10) << what << " head " << h;
+  for (size_t h = 0; h < a.lse.size(); ++h)
+    EXPECT_NEAR(a.lse[h], b.lse[h], tol * 10) << what << " head " << h;
 }
 
 struct PageSet {
   std::vector<uint32_t> cells;
   std::vector<uint16_t> valid;
-  PageList list() const { return PageList{cells.data(), valid.data(), static_cast<uint32_t>(cells.size())}; }
+  PageList list() const {
+    return PageList{cells.data(), valid.data(), static_cast<uint32_t>(cells.size())};
+  }
 };
 
 PageSet Pages(uint32_t n, uint32_t page_tokens, uint32_t last_valid, uint32_t stride = 1) {
@@ -107,9 +117,10 @@ TEST(PagedDecode, MatchesReferenceAcrossHeadDimsHeadsAndDtypes) {
         auto pages = Pages(5, 16, 9, 1);  // four full pages and a partial one
         auto q = RandomQ(s, d + hi);
         for (uint32_t layer = 0; layer < 2; ++layer)
-          ExpectClose(RunOne(s, pool.pool, pages.list(), layer, q), RunRef(s, pool.pool, pages.list(), layer, q), 2e-5,
-                      "d=" + std::to_string(d) + " Hq=" + std::to_string(s.q_heads) + " dtype=" +
-                          std::to_string(static_cast<int>(dt)));
+          ExpectClose(RunOne(s, pool.pool, pages.list(), layer, q),
+                      RunRef(s, pool.pool, pages.list(), layer, q), 2e-5,
+                      "d=" + std::to_string(d) + " Hq=" + std::to_string(s.q_heads) +
+                          " dtype=" + std::to_string(static_cast<int>(dt)));
         ++cases;
       }
     }
@@ -123,8 +134,8 @@ TEST(PagedDecode, PageCountsFromOneToThousands) {
     Pool pool(s, n, n);
     auto pages = Pages(n, 64, n == 1 ? 1 : 64);
     auto q = RandomQ(s, n);
-    ExpectClose(RunOne(s, pool.pool, pages.list(), 0, q), RunRef(s, pool.pool, pages.list(), 0, q), 2e-5,
-                "pages=" + std::to_string(n));
+    ExpectClose(RunOne(s, pool.pool, pages.list(), 0, q), RunRef(s, pool.pool, pages.list(), 0, q),
+                2e-5, "pages=" + std::to_string(n));
   }
 }
 
@@ -146,7 +157,10 @@ TEST(PagedDecode, LargeLogitsStayFiniteAndAllEqualScoresAverageV) {
       for (uint32_t c = 0; c < 6; ++c)
         for (uint32_t t = 0; t < 32; ++t) {
           float v;
-          std::memcpy(&v, pool.bytes.data() + c * pool.pool.cell_stride + (s.BlockElemOffset(0, 1, kvh) + t * s.head_dim + j) * 4, 4);
+          std::memcpy(&v,
+                      pool.bytes.data() + c * pool.pool.cell_stride +
+                          (s.BlockElemOffset(0, 1, kvh) + t * s.head_dim + j) * 4,
+                      4);
           mean += v;
         }
       ASSERT_NEAR(z.out[h * s.head_dim + j], mean / (6 * 32), 1e-5);
@@ -181,17 +195,19 @@ TEST(PagedDecode, MergeOfDisjointSubsetsEqualsTheUnion) {
   Pool pool(s, 10, 21);
   auto all = Pages(10, 16, 16);
   PageSet a, b;
-  for (uint32_t i = 0; i < 10; ++i) (i % 3 ? a : b).cells.push_back(i), (i % 3 ? a : b).valid.push_back(16);
+  for (uint32_t i = 0; i < 10; ++i)
+    (i % 3 ? a : b).cells.push_back(i), (i % 3 ? a : b).valid.push_back(16);
   auto q = RandomQ(s, 8);
   Result ra = RunRef(s, pool.pool, a.list(), 0, q), rb = RunRef(s, pool.pool, b.list(), 0, q);
   Result merged{std::vector<float>(q.size()), std::vector<float>(s.q_heads)};
-  MergeAttentionStates(s.q_heads, s.head_dim, ra.out.data(), ra.lse.data(), rb.out.data(), rb.lse.data(),
-                       merged.out.data(), merged.lse.data());
+  MergeAttentionStates(s.q_heads, s.head_dim, ra.out.data(), ra.lse.data(), rb.out.data(),
+                       rb.lse.data(), merged.out.data(), merged.lse.data());
   ExpectClose(merged, RunRef(s, pool.pool, all.list(), 0, q), 1e-5, "merge");
   // An empty side (lse = -inf) leaves the other unchanged.
-  std::vector<float> none_o(q.size(), 0.0f), none_l(s.q_heads, -std::numeric_limits<float>::infinity());
-  MergeAttentionStates(s.q_heads, s.head_dim, ra.out.data(), ra.lse.data(), none_o.data(), none_l.data(),
-                       merged.out.data(), merged.lse.data());
+  std::vector<float> none_o(q.size(), 0.0f),
+      none_l(s.q_heads, -std::numeric_limits<float>::infinity());
+  MergeAttentionStates(s.q_heads, s.head_dim, ra.out.data(), ra.lse.data(), none_o.data(),
+                       none_l.data(), merged.out.data(), merged.lse.data());
   ExpectClose(merged, ra, 0, "merge with empty");
 }
 
@@ -202,7 +218,9 @@ TEST(PagedDecode, BatchOfSessionsAndLayersInOneCall) {
   for (uint32_t i = 29; i >= 12; i -= 3) p1.cells.push_back(i), p1.valid.push_back(32);
   DecodePlan plan;
   std::string why;
-  ASSERT_EQ(BuildDecodePlan(s, {p0.list(), p1.list(), p2.list()}, pool.pool, 2, 1, &plan, &why), KernelStatus::kOk) << why;
+  ASSERT_EQ(BuildDecodePlan(s, {p0.list(), p1.list(), p2.list()}, pool.pool, 2, 1, &plan, &why),
+            KernelStatus::kOk)
+      << why;
   std::vector<std::vector<float>> qs, outs, lses;
   std::vector<DecodeItem> items;
   const PageSet* sets[] = {&p0, &p1, &p2};
@@ -212,11 +230,12 @@ TEST(PagedDecode, BatchOfSessionsAndLayersInOneCall) {
       outs.emplace_back(qs.back().size());
       lses.emplace_back(s.q_heads);
     }
-  for (uint32_t i = 0; i < 9; ++i) items.push_back({i / 3, i % 3, qs[i].data(), outs[i].data(), lses[i].data()});
+  for (uint32_t i = 0; i < 9; ++i)
+    items.push_back({i / 3, i % 3, qs[i].data(), outs[i].data(), lses[i].data()});
   ASSERT_EQ(RunPagedDecode(plan, pool.pool, items.data(), items.size()), KernelStatus::kOk);
   for (uint32_t i = 0; i < 9; ++i)
-    ExpectClose(Result{outs[i], lses[i]}, RunRef(s, pool.pool, sets[i / 3]->list(), i % 3, qs[i]), 2e-5,
-                "item " + std::to_string(i));
+    ExpectClose(Result{outs[i], lses[i]}, RunRef(s, pool.pool, sets[i / 3]->list(), i % 3, qs[i]),
+                2e-5, "item " + std::to_string(i));
 }
 
 TEST(PagedDecode, BadInputIsAClearError) {
@@ -225,23 +244,28 @@ TEST(PagedDecode, BadInputIsAClearError) {
   DecodePlan plan;
   std::string why;
   PageList empty{nullptr, nullptr, 0};
-  EXPECT_EQ(BuildDecodePlan(s, {empty}, pool.pool, 2, 1, &plan, &why), KernelStatus::kEmptyPageList);
+  EXPECT_EQ(BuildDecodePlan(s, {empty}, pool.pool, 2, 1, &plan, &why),
+            KernelStatus::kEmptyPageList);
   EXPECT_NE(why.find("no page"), std::string::npos);
   PageSet out_of_range = Pages(2, 16, 16, 3);  // cell 3 of 4 is fine, then 6 is not... use 5 pages
   out_of_range.cells.push_back(4);
   out_of_range.valid.push_back(16);
-  EXPECT_EQ(BuildDecodePlan(s, {out_of_range.list()}, pool.pool, 2, 1, &plan, &why), KernelStatus::kBadPageIndex);
+  EXPECT_EQ(BuildDecodePlan(s, {out_of_range.list()}, pool.pool, 2, 1, &plan, &why),
+            KernelStatus::kBadPageIndex);
   PageSet zero_valid = Pages(1, 16, 0);
-  EXPECT_EQ(BuildDecodePlan(s, {zero_valid.list()}, pool.pool, 2, 1, &plan, &why), KernelStatus::kBadPageIndex);
+  EXPECT_EQ(BuildDecodePlan(s, {zero_valid.list()}, pool.pool, 2, 1, &plan, &why),
+            KernelStatus::kBadPageIndex);
   AttentionShape bad = s;
   bad.head_dim = 72;
-  EXPECT_EQ(BuildDecodePlan(bad, {Pages(1, 16, 1).list()}, pool.pool, 2, 1, &plan, &why), KernelStatus::kInvalidShape);
+  EXPECT_EQ(BuildDecodePlan(bad, {Pages(1, 16, 1).list()}, pool.pool, 2, 1, &plan, &why),
+            KernelStatus::kInvalidShape);
   EXPECT_NE(why.find("head_dim"), std::string::npos);
   bad = s;
   bad.q_heads = 5;
   EXPECT_EQ(bad.Validate(&why), KernelStatus::kInvalidShape);
   std::vector<float> q(256), o(256), l(4);
-  EXPECT_EQ(reference::PagedDecode(s, pool.pool, empty, 0, q.data(), o.data(), l.data()), KernelStatus::kEmptyPageList);
+  EXPECT_EQ(reference::PagedDecode(s, pool.pool, empty, 0, q.data(), o.data(), l.data()),
+            KernelStatus::kEmptyPageList);
 }
 
 }  // namespace
@@ -289,13 +313,18 @@ TEST(Level2TopK, MatchesReferenceAndEqualsDenseWhenKCoversTheResidentSet) {
     for (uint32_t k : {1u, 16u, 100u}) {
       Result got{std::vector<float>(q.size()), std::vector<float>(s.q_heads)};
       Result want = got;
-      ASSERT_EQ(TopKDecode(s, pool.pool, pages.list(), 1, k, q.data(), got.out.data(), got.lse.data()), KernelStatus::kOk);
-      ASSERT_EQ(reference::TopKDecode(s, pool.pool, pages.list(), 1, k, q.data(), want.out.data(), want.lse.data()),
+      ASSERT_EQ(
+          TopKDecode(s, pool.pool, pages.list(), 1, k, q.data(), got.out.data(), got.lse.data()),
+          KernelStatus::kOk);
+      ASSERT_EQ(reference::TopKDecode(s, pool.pool, pages.list(), 1, k, q.data(), want.out.data(),
+                                      want.lse.data()),
                 KernelStatus::kOk);
       ExpectClose(got, want, 2e-5, "topk=" + std::to_string(k));
     }
     Result all{std::vector<float>(q.size()), std::vector<float>(s.q_heads)};
-    ASSERT_EQ(TopKDecode(s, pool.pool, pages.list(), 1, 2048, q.data(), all.out.data(), all.lse.data()), KernelStatus::kOk);
+    ASSERT_EQ(
+        TopKDecode(s, pool.pool, pages.list(), 1, 2048, q.data(), all.out.data(), all.lse.data()),
+        KernelStatus::kOk);
     ExpectClose(all, RunRef(s, pool.pool, pages.list(), 1, q), 2e-5, "topk covers the set");
   }
 }
@@ -308,14 +337,19 @@ TEST(Level2TopK, KeepsTheStrongestTokenAndRejectsBadK) {
   q[0] = q[32] = 10.0f;
   float* k = reinterpret_cast<float*>(pool.bytes.data() + 2 * pool.pool.cell_stride) + 5 * 32;
   k[0] = 3.0f;
-  float* v = reinterpret_cast<float*>(pool.bytes.data() + 2 * pool.pool.cell_stride) + s.BlockElemOffset(0, 1, 0) + 5 * 32;
+  float* v = reinterpret_cast<float*>(pool.bytes.data() + 2 * pool.pool.cell_stride) +
+             s.BlockElemOffset(0, 1, 0) + 5 * 32;
   auto pages = Pages(3, 8, 8);
   std::vector<float> out(64), lse(2);
-  ASSERT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 1, q.data(), out.data(), lse.data()), KernelStatus::kOk);
+  ASSERT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 1, q.data(), out.data(), lse.data()),
+            KernelStatus::kOk);
   for (int j = 0; j < 32; ++j) EXPECT_FLOAT_EQ(out[j], v[j]);
-  EXPECT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 0, q.data(), out.data(), lse.data()), KernelStatus::kInvalidShape);
-  EXPECT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 4096, q.data(), out.data(), lse.data()), KernelStatus::kInvalidShape);
-  EXPECT_EQ(TopKDecode(s, pool.pool, PageList{}, 0, 4, q.data(), out.data(), lse.data()), KernelStatus::kEmptyPageList);
+  EXPECT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 0, q.data(), out.data(), lse.data()),
+            KernelStatus::kInvalidShape);
+  EXPECT_EQ(TopKDecode(s, pool.pool, pages.list(), 0, 4096, q.data(), out.data(), lse.data()),
+            KernelStatus::kInvalidShape);
+  EXPECT_EQ(TopKDecode(s, pool.pool, PageList{}, 0, 4, q.data(), out.data(), lse.data()),
+            KernelStatus::kEmptyPageList);
 }
 
 }  // namespace

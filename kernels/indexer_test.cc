@@ -1,3 +1,5 @@
+#include "flashmemory/kernels/indexer.h"
+
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
 
@@ -6,7 +8,6 @@
 #include <random>
 
 #include "common/codecs.h"
-#include "flashmemory/kernels/indexer.h"
 
 namespace fm::kernels {
 namespace {
@@ -69,8 +70,11 @@ TEST(ScoreChunks, MatchesReferenceOnEveryTarget) {
       auto q = Random(size_t{layers} * heads * dim, 1);
       auto w = Random(size_t{layers} * heads, 2);
       std::vector<float> got(layers * chunks), want(layers * chunks);
-      ASSERT_EQ(ScoreChunks(s, q.data(), w.data(), keys.ptrs.data(), chunks, got.data()), KernelStatus::kOk);
-      ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), keys.ptrs.data(), chunks, want.data()), KernelStatus::kOk);
+      ASSERT_EQ(ScoreChunks(s, q.data(), w.data(), keys.ptrs.data(), chunks, got.data()),
+                KernelStatus::kOk);
+      ASSERT_EQ(
+          reference::ScoreChunks(s, q.data(), w.data(), keys.ptrs.data(), chunks, want.data()),
+          KernelStatus::kOk);
       for (size_t i = 0; i < got.size(); ++i)
         ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i])))
             << hwy::TargetName(target) << " Hi=" << heads << " di=" << dim << " i=" << i;
@@ -83,7 +87,8 @@ TEST(IndexerQuery, TowerArithmetic) {
   IndexerShape s{1, 2, 64};
   s.hidden = 32;
   s.rank = 16;
-  auto wa = Random(16 * 32, 1), g = Random(16, 2), wb = Random(2 * 64 * 16, 3), ww = Random(2 * 32, 4), h = Random(32, 5);
+  auto wa = Random(16 * 32, 1), g = Random(16, 2), wb = Random(2 * 64 * 16, 3),
+       ww = Random(2 * 32, 4), h = Random(32, 5);
   IndexerLayerWeights wts{wa.data(), g.data(), wb.data(), ww.data()};
   std::vector<float> q0(128), w0(2), q7(128), w7(2);
   ASSERT_EQ(IndexerQuery(s, wts, h.data(), 0, q0.data(), w0.data()), KernelStatus::kOk);
@@ -101,13 +106,15 @@ TEST(IndexerQuery, TowerArithmetic) {
   for (int hh = 0; hh < 2; ++hh)
     for (int j = 0; j < 64; ++j) {
       double acc = 0;
-      for (int i = 0; i < 64; ++i) acc += (__builtin_popcount(i & j) % 2 ? -1 : 1) * qv[hh * 64 + i];
+      for (int i = 0; i < 64; ++i)
+        acc += (__builtin_popcount(i & j) % 2 ? -1 : 1) * qv[hh * 64 + i];
       EXPECT_NEAR(q0[hh * 64 + j], acc / 8, 1e-4) << hh << " " << j;
     }
   // A rotation and an orthonormal transform keep each head's norm; w ignores the position.
   for (int hh = 0; hh < 2; ++hh) {
     double n0 = 0, n7 = 0;
-    for (int j = 0; j < 64; ++j) n0 += q0[hh * 64 + j] * q0[hh * 64 + j], n7 += q7[hh * 64 + j] * q7[hh * 64 + j];
+    for (int j = 0; j < 64; ++j)
+      n0 += q0[hh * 64 + j] * q0[hh * 64 + j], n7 += q7[hh * 64 + j] * q7[hh * 64 + j];
     EXPECT_NEAR(n0, n7, 1e-3 * n0);
     double wexp = 0;
     for (int i = 0; i < 32; ++i) wexp += ww[hh * 32 + i] * h[i];
@@ -128,7 +135,8 @@ TEST(CompressIndexKey, RoundTripsWithinFp8Precision) {
   float amax = 0;
   for (float x : k) amax = std::max(amax, std::abs(x));
   EXPECT_FLOAT_EQ(scale, amax / 448.0f);
-  for (int j = 0; j < 128; ++j) EXPECT_NEAR(Fp8E4m3ToFloat(out[j]) * scale, k[j], std::abs(k[j]) / 16 + scale * 0.002f);
+  for (int j = 0; j < 128; ++j)
+    EXPECT_NEAR(Fp8E4m3ToFloat(out[j]) * scale, k[j], std::abs(k[j]) / 16 + scale * 0.002f);
   std::vector<float> zero(64, 0.0f);
   CompressIndexKey(64, zero.data(), out.data());
   std::memcpy(&scale, out.data() + 64, 4);
@@ -141,9 +149,9 @@ TEST(SelectPages, SinkTailAndTopPagesByKeptChunks) {
   std::vector<float> logits(2 * chunks, -10.0f);
   auto keep = [&](uint64_t c, uint32_t layer, float v) { logits[layer * chunks + c] = v; };
   keep(4 * 3 + 0, 0, 5), keep(4 * 3 + 1, 1, 5), keep(4 * 3 + 2, 0, 5);  // page 3: 3 kept
-  keep(4 * 5 + 0, 1, 5), keep(4 * 5 + 3, 1, 5);                        // page 5: 2 kept
-  keep(4 * 2 + 1, 0, 5), keep(4 * 2 + 2, 0, -0.1f);                    // page 2: 1 kept, best 0.475
-  keep(4 * 4 + 0, 1, 3);                                                // page 4: 1 kept, best 0.95
+  keep(4 * 5 + 0, 1, 5), keep(4 * 5 + 3, 1, 5);                         // page 5: 2 kept
+  keep(4 * 2 + 1, 0, 5), keep(4 * 2 + 2, 0, -0.1f);  // page 2: 1 kept, best 0.475
+  keep(4 * 4 + 0, 1, 3);                             // page 4: 1 kept, best 0.95
   SelectParams p;
   p.chunk_tokens = 4;
   p.page_tokens = 16;

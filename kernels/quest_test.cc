@@ -1,3 +1,5 @@
+#include "flashmemory/kernels/quest.h"
+
 #include <gtest/gtest.h>
 #include <hwy/targets.h>
 
@@ -5,7 +7,6 @@
 #include <random>
 
 #include "common/codecs.h"
-#include "flashmemory/kernels/quest.h"
 
 namespace fm::kernels {
 namespace {
@@ -17,7 +18,8 @@ std::vector<uint8_t> RandomPages(const AttentionShape& s, uint32_t pages, uint64
   const size_t n = b.size() / ElemSize(s.dtype);
   for (size_t i = 0; i < n; ++i) {
     float v = nd(rng);
-    if (s.dtype == ElemType::kF32) std::memcpy(&b[4 * i], &v, 4);
+    if (s.dtype == ElemType::kF32)
+      std::memcpy(&b[4 * i], &v, 4);
     else {
       uint16_t h = s.dtype == ElemType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
       std::memcpy(&b[2 * i], &h, 2);
@@ -37,8 +39,11 @@ TEST(Quest, BoundsAndScoresMatchReferenceOnEveryTarget) {
       std::vector<float> b(pages * nb), rb(pages * nb);
       for (uint32_t p = 0; p < pages; ++p) {
         uint32_t valid = p == pages - 1 ? 5 : 16;
-        ASSERT_EQ(QuestBounds(s, data.data() + p * s.PageBytes(), valid, b.data() + p * nb), KernelStatus::kOk);
-        ASSERT_EQ(reference::QuestBounds(s, data.data() + p * s.PageBytes(), valid, rb.data() + p * nb), KernelStatus::kOk);
+        ASSERT_EQ(QuestBounds(s, data.data() + p * s.PageBytes(), valid, b.data() + p * nb),
+                  KernelStatus::kOk);
+        ASSERT_EQ(
+            reference::QuestBounds(s, data.data() + p * s.PageBytes(), valid, rb.data() + p * nb),
+            KernelStatus::kOk);
       }
       ASSERT_EQ(b, rb) << hwy::TargetName(target);  // min and max are exact
       std::vector<float> q(s.q_heads * s.head_dim);
@@ -47,8 +52,10 @@ TEST(Quest, BoundsAndScoresMatchReferenceOnEveryTarget) {
       for (float& x : q) x = nd(rng);
       std::vector<float> sc(pages), rsc(pages);
       ASSERT_EQ(QuestPageScores(s, 1, q.data(), b.data(), pages, sc.data()), KernelStatus::kOk);
-      ASSERT_EQ(reference::QuestPageScores(s, 1, q.data(), rb.data(), pages, rsc.data()), KernelStatus::kOk);
-      for (uint32_t p = 0; p < pages; ++p) ASSERT_NEAR(sc[p], rsc[p], 1e-4f * (1 + std::abs(rsc[p]))) << p;
+      ASSERT_EQ(reference::QuestPageScores(s, 1, q.data(), rb.data(), pages, rsc.data()),
+                KernelStatus::kOk);
+      for (uint32_t p = 0; p < pages; ++p)
+        ASSERT_NEAR(sc[p], rsc[p], 1e-4f * (1 + std::abs(rsc[p]))) << p;
     }
   }
   hwy::SetSupportedTargetsForTest(0);
@@ -59,7 +66,10 @@ TEST(Quest, UpperBoundHoldsForEveryToken) {
   AttentionShape s{1, 4, 1, 64, 32, ElemType::kF32, 0};
   auto data = RandomPages(s, 20, 3);
   std::vector<float> b(20 * QuestBoundsFloats(s)), sc(20), q(4 * 64);
-  for (uint32_t p = 0; p < 20; ++p) ASSERT_EQ(QuestBounds(s, data.data() + p * s.PageBytes(), 32, b.data() + p * QuestBoundsFloats(s)), KernelStatus::kOk);
+  for (uint32_t p = 0; p < 20; ++p)
+    ASSERT_EQ(
+        QuestBounds(s, data.data() + p * s.PageBytes(), 32, b.data() + p * QuestBoundsFloats(s)),
+        KernelStatus::kOk);
   std::mt19937 rng(8);
   std::normal_distribution<float> nd;
   for (float& x : q) x = nd(rng);

@@ -33,7 +33,8 @@ class KvStoreProcessTest : public ::testing::Test {
   void SetUp() override { dir_ = MakeTempDir("fm_kvit"); }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
-  std::unique_ptr<ServerProcess> StartKv(std::vector<std::string> extra, const std::string& db = "db") {
+  std::unique_ptr<ServerProcess> StartKv(std::vector<std::string> extra,
+                                         const std::string& db = "db") {
     std::vector<std::string> args = {"--db", dir_ + "/" + db, "--metrics_port", "0"};
     args.insert(args.end(), extra.begin(), extra.end());
     auto p = ServerProcess::Start("fm-kvstore", args);
@@ -53,7 +54,9 @@ TEST_F(KvStoreProcessTest, PutGetOverGrpcAndUcxWithHealthAndMetrics) {
   for (uint64_t i = 0; i < 16; ++i) {
     payloads.push_back(RandomBytes(256 << 10, i));
     auto h = Header("sess", i, payloads[i]);
-    ASSERT_THAT(i % 2 ? (*client)->PutUcx(h, payloads[i].data()) : (*client)->Put(h, payloads[i].data()), IsOk());
+    ASSERT_THAT(
+        i % 2 ? (*client)->PutUcx(h, payloads[i].data()) : (*client)->Put(h, payloads[i].data()),
+        IsOk());
   }
   std::vector<PageRef> keys;
   for (uint64_t i = 0; i < 16; ++i) keys.push_back({"sess", i});
@@ -67,24 +70,24 @@ TEST_F(KvStoreProcessTest, PutGetOverGrpcAndUcxWithHealthAndMetrics) {
     EXPECT_EQ((*u)[i].header.spec_hash, 1234u);
   }
   {  // Standard health service.
-  auto channel = grpc::CreateChannel(kv->target(), grpc::InsecureChannelCredentials());
-  auto health = grpc::health::v1::Health::NewStub(channel);
-  for (const char* svc : {"", "flashmemory.v1.KvStore"}) {
-    grpc::ClientContext ctx;
-    grpc::health::v1::HealthCheckRequest req;
-    req.set_service(svc);
-    grpc::health::v1::HealthCheckResponse resp;
-    ASSERT_TRUE(health->Check(&ctx, req, &resp).ok());
-    EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
-  }
+    auto channel = grpc::CreateChannel(kv->target(), grpc::InsecureChannelCredentials());
+    auto health = grpc::health::v1::Health::NewStub(channel);
+    for (const char* svc : {"", "flashmemory.v1.KvStore"}) {
+      grpc::ClientContext ctx;
+      grpc::health::v1::HealthCheckRequest req;
+      req.set_service(svc);
+      grpc::health::v1::HealthCheckResponse resp;
+      ASSERT_TRUE(health->Check(&ctx, req, &resp).ok());
+      EXPECT_EQ(resp.status(), grpc::health::v1::HealthCheckResponse::SERVING);
+    }
   }
   {  // Prometheus metrics.
-  httplib::Client http("127.0.0.1", kv->metrics_port());
-  auto res = http.Get("/metrics");
-  ASSERT_TRUE(res);
-  EXPECT_EQ(res->status, 200);
-  EXPECT_NE(res->body.find("fm_kvstore_puts_total 16"), std::string::npos) << res->body;
-  EXPECT_NE(res->body.find("fm_kvstore_session_pages{session=\"sess\"} 16"), std::string::npos);
+    httplib::Client http("127.0.0.1", kv->metrics_port());
+    auto res = http.Get("/metrics");
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, 200);
+    EXPECT_NE(res->body.find("fm_kvstore_puts_total 16"), std::string::npos) << res->body;
+    EXPECT_NE(res->body.find("fm_kvstore_session_pages{session=\"sess\"} 16"), std::string::npos);
   }
   // SIGTERM drains and exits cleanly.
   client->reset();
@@ -205,7 +208,8 @@ TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
   };
   EXPECT_THAT(put(v1::PutPageRequest()), StatusIs(Code::kInvalidArgument, "header"));
   EXPECT_THAT(put(request("", 0, good)), StatusIs(Code::kInvalidArgument, "session_id"));
-  EXPECT_THAT(put(request(std::string(200, 's'), 0, good)), StatusIs(Code::kInvalidArgument, "128"));
+  EXPECT_THAT(put(request(std::string(200, 's'), 0, good)),
+              StatusIs(Code::kInvalidArgument, "128"));
   auto short_payload = request("x", 0, good);
   short_payload.mutable_payload()->pop_back();
   EXPECT_THAT(put(short_payload), StatusIs(Code::kInvalidArgument, "header says"));
@@ -215,10 +219,12 @@ TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
   std::string big = RandomBytes(300 << 10, 2);
   EXPECT_THAT(put(request("x", 0, big)), StatusIs(Code::kResourceExhausted, "limit"));
   std::string huge = RandomBytes(2 << 20, 3);
-  EXPECT_THAT(put(request("x", 0, huge)), StatusIs(Code::kResourceExhausted));  // over the message limit
+  EXPECT_THAT(put(request("x", 0, huge)),
+              StatusIs(Code::kResourceExhausted));  // over the message limit
   ASSERT_THAT(client->Put(Header("x", 0, good), good.data()), IsOk());
   ASSERT_THAT(client->Put(Header("x", 1, good), good.data()), IsOk());
-  EXPECT_THAT(client->Put(Header("x", 2, good), good.data()), StatusIs(Code::kResourceExhausted, "session"));
+  EXPECT_THAT(client->Put(Header("x", 2, good), good.data()),
+              StatusIs(Code::kResourceExhausted, "session"));
   // Unknown session, page and lease.
   EXPECT_THAT(client->Get({{"nobody", 0}}), StatusIs(Code::kNotFound, "unknown session"));
   EXPECT_THAT(client->Get({{"x", 9}}), StatusIs(Code::kNotFound, "page 9"));
@@ -238,7 +244,8 @@ TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
     commit.set_lease_id(resp.lease_id());
     v1::CommitPutResponse cresp;
     grpc::ClientContext ctx2;
-    EXPECT_THAT(FromGrpcStatus(stub->CommitPut(&ctx2, commit, &cresp)), StatusIs(Code::kNotFound, "expired"));
+    EXPECT_THAT(FromGrpcStatus(stub->CommitPut(&ctx2, commit, &cresp)),
+                StatusIs(Code::kNotFound, "expired"));
   }
   // A stale location of a deleted page, reused by another session's page, is caught by the
   // reader's verification: another session's bytes are never accepted as this page.
@@ -266,7 +273,8 @@ TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
     ASSERT_THAT(peer, IsOk());
     auto buf = client->engine()->MapRegion(1 << 20).value();
     const auto& loc = resp.locations(0);
-    ASSERT_THAT((*peer)->Get({UcxPeer::Op{loc.remote_address(), buf->data(), loc.length()}}, *buf), IsOk());
+    ASSERT_THAT((*peer)->Get({UcxPeer::Op{loc.remote_address(), buf->data(), loc.length()}}, *buf),
+                IsOk());
     EXPECT_THAT(VerifyPageRecord(buf->data(), loc.length(), "x", 0), StatusIs(Code::kDataLoss));
   }
   // The server is alive and the other session is intact.

@@ -20,7 +20,8 @@ namespace fm {
 std::string BinDir() {
   if (const char* d = std::getenv("FM_BIN_DIR"); d && *d) return d;
   std::filesystem::path exe = std::filesystem::read_symlink("/proc/self/exe").parent_path();
-  if (std::filesystem::exists(exe.parent_path() / "bin")) return (exe.parent_path() / "bin").string();
+  if (std::filesystem::exists(exe.parent_path() / "bin"))
+    return (exe.parent_path() / "bin").string();
   return exe.string();
 }
 
@@ -51,7 +52,8 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::s
   std::unique_ptr<ServerProcess> p(new ServerProcess());
   std::string path = binary.find('/') == std::string::npos ? BinDir() + "/" + binary : binary;
   p->ready_file_ = MakeTempDir("fm_ready") + "/ready";
-  args.insert(args.begin(), {path, "--host", "127.0.0.1", "--port", "0", "--ready_file", p->ready_file_});
+  args.insert(args.begin(),
+              {path, "--host", "127.0.0.1", "--port", "0", "--ready_file", p->ready_file_});
   pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
@@ -74,11 +76,13 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::s
     int status;
     if (waitpid(pid, &status, WNOHANG) == pid) {
       p->pid_ = -1;
-      return absl::InternalError(absl::StrCat(path, " exited during start-up with status ", status));
+      return absl::InternalError(
+          absl::StrCat(path, " exited during start-up with status ", status));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  return absl::DeadlineExceededError(absl::StrCat(path, " did not become ready in ", timeout_ms, " ms"));
+  return absl::DeadlineExceededError(
+      absl::StrCat(path, " did not become ready in ", timeout_ms, " ms"));
 }
 
 bool ServerProcess::Alive() {

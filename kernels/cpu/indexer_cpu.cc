@@ -4,6 +4,8 @@
 // fp8-e4m3 decodes exactly through fp16: s.eeee.mmm placed as fp16 bits s.0eeee.mmm0000000
 // is the same value times 2^-8 (for subnormals too), and fp16 -> fp32 is one instruction
 // (F16C). The 2^8 is folded into the key's scale.
+// Highway's per-target include sequence must stay in this order.
+// clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/cpu/indexer_cpu.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -17,13 +19,15 @@
 #include "flashmemory/kernels/indexer.h"
 #include "kernels/cpu/simd_util-inl.h"
 
+// clang-format on
 HWY_BEFORE_NAMESPACE();
 namespace fm::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
 
 // Decodes di fp8 values at p into kf, times `mult`.
-HWY_INLINE void DecodeKey(DF df, const uint8_t* HWY_RESTRICT p, uint32_t dim, float mult, float* HWY_RESTRICT kf) {
+HWY_INLINE void DecodeKey(DF df, const uint8_t* HWY_RESTRICT p, uint32_t dim, float mult,
+                          float* HWY_RESTRICT kf) {
   const hn::Rebind<uint8_t, DF> d8;
   const hn::Rebind<uint16_t, DF> d16;
   const hn::Rebind<hwy::float16_t, DF> dh;
@@ -39,7 +43,8 @@ HWY_INLINE void DecodeKey(DF df, const uint8_t* HWY_RESTRICT p, uint32_t dim, fl
 
 // logits for chunks [c0, c1) of one layer.
 void ScoreRange(const IndexerShape& s, const float* HWY_RESTRICT q, const float* HWY_RESTRICT w,
-                const uint8_t* HWY_RESTRICT keys, uint64_t c0, uint64_t c1, float* HWY_RESTRICT logits) {
+                const uint8_t* HWY_RESTRICT keys, uint64_t c0, uint64_t c1,
+                float* HWY_RESTRICT logits) {
   const DF df;
   const size_t N = hn::Lanes(df);
   const uint32_t di = s.dim, H = s.heads;
@@ -55,7 +60,8 @@ void ScoreRange(const IndexerShape& s, const float* HWY_RESTRICT q, const float*
       std::memcpy(&sc1, keys + (c + 1) * kb + di, 4);
       DecodeKey(df, keys + (c + 1) * kb, di, sc1 * 256.0f, k1);
       if (c + 10 <= c1) {  // keys a few chunks ahead
-        for (size_t off = 0; off < 2 * kb; off += 64) __builtin_prefetch(keys + (c + 8) * kb + off, 0, 0);
+        for (size_t off = 0; off < 2 * kb; off += 64)
+          __builtin_prefetch(keys + (c + 8) * kb + off, 0, 0);
       }
     }
     // Four heads x two chunks: eight FMA chains, then one transposing reduction per chunk.
@@ -73,8 +79,10 @@ void ScoreRange(const IndexerShape& s, const float* HWY_RESTRICT q, const float*
         const auto x = hn::Load(df, k0 + j), y = hn::Load(df, k1 + j);
         const auto u0 = hn::LoadU(df, q0 + j), u1 = hn::LoadU(df, q1 + j);
         const auto u2 = hn::LoadU(df, q2 + j), u3 = hn::LoadU(df, q3 + j);
-        a0 = hn::MulAdd(u0, x, a0), a1 = hn::MulAdd(u1, x, a1), a2 = hn::MulAdd(u2, x, a2), a3 = hn::MulAdd(u3, x, a3);
-        b0 = hn::MulAdd(u0, y, b0), b1 = hn::MulAdd(u1, y, b1), b2 = hn::MulAdd(u2, y, b2), b3 = hn::MulAdd(u3, y, b3);
+        a0 = hn::MulAdd(u0, x, a0), a1 = hn::MulAdd(u1, x, a1), a2 = hn::MulAdd(u2, x, a2),
+        a3 = hn::MulAdd(u3, x, a3);
+        b0 = hn::MulAdd(u0, y, b0), b1 = hn::MulAdd(u1, y, b1), b2 = hn::MulAdd(u2, y, b2),
+        b3 = hn::MulAdd(u3, y, b3);
       }
       Sum4(df, a0, a1, a2, a3, d0);
       Sum4(df, b0, b1, b2, b3, d1);
@@ -100,14 +108,14 @@ namespace fm::kernels {
 
 HWY_EXPORT(ScoreRange);
 
-KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h, uint64_t pos,
-                          float* q, float* w) {
+KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h,
+                          uint64_t pos, float* q, float* w) {
   // Once per prediction and small next to the chunk scan: the plain loops suffice.
   return reference::IndexerQuery(s, wts, h, pos, q, w);
 }
 
-KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w, const uint8_t* const* keys,
-                         uint64_t chunks, float* logits) {
+KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
+                         const uint8_t* const* keys, uint64_t chunks, float* logits) {
   KernelStatus st = s.Validate(nullptr);
   if (st != KernelStatus::kOk) return st;
   constexpr uint64_t kBlock = 4096;  // chunks per task
@@ -122,10 +130,11 @@ KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w, 
   return KernelStatus::kOk;
 }
 
-KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks, const SelectParams& p,
-                         std::vector<ScoredPageOut>* out) {
+KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks,
+                         const SelectParams& p, std::vector<ScoredPageOut>* out) {
   out->clear();
-  if (layers == 0 || p.chunk_tokens == 0 || p.page_tokens == 0 || p.page_tokens % p.chunk_tokens != 0)
+  if (layers == 0 || p.chunk_tokens == 0 || p.page_tokens == 0 ||
+      p.page_tokens % p.chunk_tokens != 0)
     return KernelStatus::kInvalidShape;
   const uint64_t per_page = p.page_tokens / p.chunk_tokens;
   if (p.total_pages == 0 || chunks > p.total_pages * per_page) return KernelStatus::kInvalidShape;
@@ -157,7 +166,8 @@ KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks, 
   for (uint64_t pg = 0; pg < sink; ++pg) out->push_back({pg, inf});
   for (uint64_t pg : cand) out->push_back({pg, static_cast<float>(kept[pg])});
   for (uint64_t pg = tail_begin; pg < p.total_pages; ++pg) out->push_back({pg, inf});
-  std::sort(out->begin(), out->end(), [](const ScoredPageOut& a, const ScoredPageOut& b) { return a.page < b.page; });
+  std::sort(out->begin(), out->end(),
+            [](const ScoredPageOut& a, const ScoredPageOut& b) { return a.page < b.page; });
   return KernelStatus::kOk;
 }
 

@@ -4,6 +4,8 @@
 // Per unit (sequence, KV head, page range) the GQA group's query heads share every K and
 // V row load: scores for the page's tokens, an online-softmax update, then the V
 // accumulation, all on a 16-32 KiB page block that stays in L1/L2.
+// Highway's per-target include sequence must stay in this order.
+// clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/cpu/paged_decode_cpu.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -19,6 +21,7 @@
 #include "flashmemory/kernels/attention.h"
 #include "kernels/cpu/simd_util-inl.h"
 
+// clang-format on
 HWY_BEFORE_NAMESPACE();
 namespace fm::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
@@ -34,7 +37,6 @@ HWY_INLINE hn::Vec<DF> LoadF32(DF df, const T* HWY_RESTRICT p) {
     return hn::PromoteTo(df, hn::LoadU(dh, p));
   }
 }
-
 
 // Loads 2N elements at p as two f32 vectors. bf16 comes out as (even, odd) elements: two
 // ALU ops per 2N elements instead of four for a widening promote, so the FMA ports stay busy
@@ -64,7 +66,7 @@ HWY_INLINE size_t ChunkSource(size_t i, size_t N) {
   }
 }
 
-constexpr uint32_t kHeadBlock = 4;  // query heads sharing one K/V row load
+constexpr uint32_t kHeadBlock = 4;      // query heads sharing one K/V row load
 constexpr uint32_t kPrefetchPages = 3;  // prefetch distance in pages (measured: 2-3 beat 1 and 4)
 
 // Software prefetch of a byte range into L2, spread over a loop: each Step() issues the next
@@ -94,7 +96,9 @@ struct GroupState {
   float* l;
 };
 
-inline size_t GroupStateFloats(uint32_t GB, uint32_t d) { return size_t{GB} * kHeadBlock * (2 * d + 2); }
+inline size_t GroupStateFloats(uint32_t GB, uint32_t d) {
+  return size_t{GB} * kHeadBlock * (2 * d + 2);
+}
 
 inline GroupState StateAt(float* base, uint32_t GB, uint32_t d) {
   GroupState st;
@@ -115,14 +119,17 @@ void InitGroupT(const AttentionShape& s, const float* HWY_RESTRICT q, GroupState
   const size_t D2 = d / (2 * N) * (2 * N);  // whole 2N chunks (Load2 order), then a natural tail
   for (uint32_t h = 0; h < G; ++h) {
     for (size_t c = 0; c < D2; c += 2 * N)
-      for (size_t i = 0; i < 2 * N; ++i) st.qs[size_t{h} * d + c + i] = q[size_t{h} * d + c + ChunkSource<T>(i, N)] * scale;
+      for (size_t i = 0; i < 2 * N; ++i)
+        st.qs[size_t{h} * d + c + i] = q[size_t{h} * d + c + ChunkSource<T>(i, N)] * scale;
     for (size_t j = D2; j < d; ++j) st.qs[size_t{h} * d + j] = q[size_t{h} * d + j] * scale;
   }
-  for (uint32_t h = 0; h < GB * kHeadBlock; ++h) st.m[h] = -std::numeric_limits<float>::infinity(), st.l[h] = 0;
+  for (uint32_t h = 0; h < GB * kHeadBlock; ++h)
+    st.m[h] = -std::numeric_limits<float>::infinity(), st.l[h] = 0;
 }
 
 template <typename T>
-void FinishGroupT(const AttentionShape& s, GroupState st, float* HWY_RESTRICT out, float* HWY_RESTRICT lse) {
+void FinishGroupT(const AttentionShape& s, GroupState st, float* HWY_RESTRICT out,
+                  float* HWY_RESTRICT lse) {
   const DF df;
   const size_t N = hn::Lanes(df);
   const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim;
@@ -143,8 +150,9 @@ void FinishGroupT(const AttentionShape& s, GroupState st, float* HWY_RESTRICT ou
 // tokens or two d-chunks at a time so eight independent FMA chains hide FMA latency.
 // nk/nv (may be null): the K and V blocks of a page ahead, prefetched while this computes.
 template <typename T>
-void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY_RESTRICT vb, uint32_t valid,
-                 GroupState st, float* HWY_RESTRICT sc, const uint8_t* nk, const uint8_t* nv, size_t next_bytes) {
+void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY_RESTRICT vb,
+                 uint32_t valid, GroupState st, float* HWY_RESTRICT sc, const uint8_t* nk,
+                 const uint8_t* nv, size_t next_bytes) {
   const DF df;
   const size_t N = hn::Lanes(df);
   const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, P = s.page_tokens;
@@ -175,20 +183,27 @@ void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY
         Load2(df, k0 + j, x0, x1);
         Load2(df, k1 + j, y0, y1);
         const float* w = q0 + j;
-        auto w0 = hn::LoadU(df, w), w1 = hn::LoadU(df, w + d), w2 = hn::LoadU(df, w + 2 * d), w3 = hn::LoadU(df, w + 3 * d);
-        a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2), a3 = hn::MulAdd(w3, x0, a3);
-        b0 = hn::MulAdd(w0, y0, b0), b1 = hn::MulAdd(w1, y0, b1), b2 = hn::MulAdd(w2, y0, b2), b3 = hn::MulAdd(w3, y0, b3);
+        auto w0 = hn::LoadU(df, w), w1 = hn::LoadU(df, w + d), w2 = hn::LoadU(df, w + 2 * d),
+             w3 = hn::LoadU(df, w + 3 * d);
+        a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2),
+        a3 = hn::MulAdd(w3, x0, a3);
+        b0 = hn::MulAdd(w0, y0, b0), b1 = hn::MulAdd(w1, y0, b1), b2 = hn::MulAdd(w2, y0, b2),
+        b3 = hn::MulAdd(w3, y0, b3);
         w0 = hn::LoadU(df, w + N), w1 = hn::LoadU(df, w + d + N), w2 = hn::LoadU(df, w + 2 * d + N);
         w3 = hn::LoadU(df, w + 3 * d + N);
-        a0 = hn::MulAdd(w0, x1, a0), a1 = hn::MulAdd(w1, x1, a1), a2 = hn::MulAdd(w2, x1, a2), a3 = hn::MulAdd(w3, x1, a3);
-        b0 = hn::MulAdd(w0, y1, b0), b1 = hn::MulAdd(w1, y1, b1), b2 = hn::MulAdd(w2, y1, b2), b3 = hn::MulAdd(w3, y1, b3);
+        a0 = hn::MulAdd(w0, x1, a0), a1 = hn::MulAdd(w1, x1, a1), a2 = hn::MulAdd(w2, x1, a2),
+        a3 = hn::MulAdd(w3, x1, a3);
+        b0 = hn::MulAdd(w0, y1, b0), b1 = hn::MulAdd(w1, y1, b1), b2 = hn::MulAdd(w2, y1, b2),
+        b3 = hn::MulAdd(w3, y1, b3);
       }
       for (; j < d; j += N) {
         const auto x0 = LoadF32(df, k0 + j), x1 = LoadF32(df, k1 + j);
         const auto w0 = hn::LoadU(df, q0 + j), w1 = hn::LoadU(df, q0 + d + j);
         const auto w2 = hn::LoadU(df, q0 + 2 * d + j), w3 = hn::LoadU(df, q0 + 3 * d + j);
-        a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2), a3 = hn::MulAdd(w3, x0, a3);
-        b0 = hn::MulAdd(w0, x1, b0), b1 = hn::MulAdd(w1, x1, b1), b2 = hn::MulAdd(w2, x1, b2), b3 = hn::MulAdd(w3, x1, b3);
+        a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2),
+        a3 = hn::MulAdd(w3, x0, a3);
+        b0 = hn::MulAdd(w0, x1, b0), b1 = hn::MulAdd(w1, x1, b1), b2 = hn::MulAdd(w2, x1, b2),
+        b3 = hn::MulAdd(w3, x1, b3);
       }
       Sum4(df, a0, a1, a2, a3, scb + size_t{t} * kHeadBlock);
       Sum4(df, b0, b1, b2, b3, scb + size_t{t + 1} * kHeadBlock);
@@ -202,9 +217,12 @@ void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY
         Load2(df, k0 + j, x0, x1);
         const float* w = q0 + j;
         a0 = hn::MulAdd(hn::LoadU(df, w), x0, a0), a1 = hn::MulAdd(hn::LoadU(df, w + d), x0, a1);
-        a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d), x0, a2), a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d), x0, a3);
-        a0 = hn::MulAdd(hn::LoadU(df, w + N), x1, a0), a1 = hn::MulAdd(hn::LoadU(df, w + d + N), x1, a1);
-        a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d + N), x1, a2), a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d + N), x1, a3);
+        a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d), x0, a2),
+        a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d), x0, a3);
+        a0 = hn::MulAdd(hn::LoadU(df, w + N), x1, a0),
+        a1 = hn::MulAdd(hn::LoadU(df, w + d + N), x1, a1);
+        a2 = hn::MulAdd(hn::LoadU(df, w + 2 * d + N), x1, a2),
+        a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d + N), x1, a3);
       }
       for (; j < d; j += N) {
         const auto x0 = LoadF32(df, k0 + j);
@@ -252,59 +270,71 @@ void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY
       for (uint32_t k = 0; k < kHeadBlock; ++k) sums[k] = vsum[k];
     }
     for (; i < n; ++i) sums[i % kHeadBlock] += (scb[i] = std::exp(scb[i] - mb[i % kHeadBlock]));
-    for (uint32_t k = 0; k < kHeadBlock; ++k) l[hb * kHeadBlock + k] = l[hb * kHeadBlock + k] * cb[k] + sums[k];
+    for (uint32_t k = 0; k < kHeadBlock; ++k)
+      l[hb * kHeadBlock + k] = l[hb * kHeadBlock + k] * cb[k] + sums[k];
     // 3. acc = corr * acc + sum_t p[t] v_t, two d-chunks at a time (8 accumulators).
     float* ab = acc + size_t{hb} * kHeadBlock * d;
-    const auto c0 = hn::Set(df, cb[0]), c1 = hn::Set(df, cb[1]), c2 = hn::Set(df, cb[2]), c3 = hn::Set(df, cb[3]);
+    const auto c0 = hn::Set(df, cb[0]), c1 = hn::Set(df, cb[1]), c2 = hn::Set(df, cb[2]),
+               c3 = hn::Set(df, cb[3]);
     pf.Start(hb == 0 ? nv : nullptr, next_bytes, size_t{valid} * ((d + 2 * N - 1) / (2 * N)));
     size_t j = 0;
     for (; j < D2; j += 2 * N) {
       auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
-      auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
-      auto e0 = hn::Mul(hn::LoadU(df, ab + j + N), c0), e1 = hn::Mul(hn::LoadU(df, ab + d + j + N), c1);
-      auto e2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j + N), c2), e3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j + N), c3);
+      auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2),
+           a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
+      auto e0 = hn::Mul(hn::LoadU(df, ab + j + N), c0),
+           e1 = hn::Mul(hn::LoadU(df, ab + d + j + N), c1);
+      auto e2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j + N), c2),
+           e3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j + N), c3);
       for (uint32_t tt = 0; tt < valid; ++tt) {
         pf.Step();  // measured: one line per token beats bursts every 8 tokens
         hn::Vec<DF> x0, x1;
         Load2(df, vb + size_t{tt} * d + j, x0, x1);
         const float* p = scb + size_t{tt} * kHeadBlock;
-        const auto p0 = hn::Set(df, p[0]), p1 = hn::Set(df, p[1]), p2 = hn::Set(df, p[2]), p3 = hn::Set(df, p[3]);
-        a0 = hn::MulAdd(p0, x0, a0), a1 = hn::MulAdd(p1, x0, a1), a2 = hn::MulAdd(p2, x0, a2), a3 = hn::MulAdd(p3, x0, a3);
-        e0 = hn::MulAdd(p0, x1, e0), e1 = hn::MulAdd(p1, x1, e1), e2 = hn::MulAdd(p2, x1, e2), e3 = hn::MulAdd(p3, x1, e3);
+        const auto p0 = hn::Set(df, p[0]), p1 = hn::Set(df, p[1]), p2 = hn::Set(df, p[2]),
+                   p3 = hn::Set(df, p[3]);
+        a0 = hn::MulAdd(p0, x0, a0), a1 = hn::MulAdd(p1, x0, a1), a2 = hn::MulAdd(p2, x0, a2),
+        a3 = hn::MulAdd(p3, x0, a3);
+        e0 = hn::MulAdd(p0, x1, e0), e1 = hn::MulAdd(p1, x1, e1), e2 = hn::MulAdd(p2, x1, e2),
+        e3 = hn::MulAdd(p3, x1, e3);
       }
-      hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
+      hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j),
+          hn::StoreU(a2, df, ab + 2 * d + j);
       hn::StoreU(a3, df, ab + 3 * d + j);
-      hn::StoreU(e0, df, ab + j + N), hn::StoreU(e1, df, ab + d + j + N), hn::StoreU(e2, df, ab + 2 * d + j + N);
+      hn::StoreU(e0, df, ab + j + N), hn::StoreU(e1, df, ab + d + j + N),
+          hn::StoreU(e2, df, ab + 2 * d + j + N);
       hn::StoreU(e3, df, ab + 3 * d + j + N);
     }
     for (; j < d; j += N) {
       auto a0 = hn::Mul(hn::LoadU(df, ab + j), c0), a1 = hn::Mul(hn::LoadU(df, ab + d + j), c1);
-      auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2), a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
+      auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2),
+           a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
       for (uint32_t tt = 0; tt < valid; ++tt) {
         const auto x0 = LoadF32(df, vb + size_t{tt} * d + j);
         const float* p = scb + size_t{tt} * kHeadBlock;
         a0 = hn::MulAdd(hn::Set(df, p[0]), x0, a0), a1 = hn::MulAdd(hn::Set(df, p[1]), x0, a1);
         a2 = hn::MulAdd(hn::Set(df, p[2]), x0, a2), a3 = hn::MulAdd(hn::Set(df, p[3]), x0, a3);
       }
-      hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j), hn::StoreU(a2, df, ab + 2 * d + j);
+      hn::StoreU(a0, df, ab + j), hn::StoreU(a1, df, ab + d + j),
+          hn::StoreU(a2, df, ab + 2 * d + j);
       hn::StoreU(a3, df, ab + 3 * d + j);
     }
   }
-
 }
 
 // One unit: the GQA group of `kv_head` over pages [page_begin, page_end).
 template <typename T>
-void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t page_begin,
-                 uint32_t page_end, uint32_t layer, uint32_t kv_head, const float* HWY_RESTRICT q, float* HWY_RESTRICT out,
-                 float* HWY_RESTRICT lse) {
+void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& pages,
+                 uint32_t page_begin, uint32_t page_end, uint32_t layer, uint32_t kv_head,
+                 const float* HWY_RESTRICT q, float* HWY_RESTRICT out, float* HWY_RESTRICT lse) {
   const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, GB = (G + kHeadBlock - 1) / kHeadBlock;
-  hwy::AlignedFreeUniquePtr<float[]> work =
-      hwy::AllocateAligned<float>(GroupStateFloats(GB, d) + size_t{GB} * s.page_tokens * kHeadBlock + 64);
+  hwy::AlignedFreeUniquePtr<float[]> work = hwy::AllocateAligned<float>(
+      GroupStateFloats(GB, d) + size_t{GB} * s.page_tokens * kHeadBlock + 64);
   GroupState st = StateAt(work.get(), GB, d);
   float* sc = work.get() + GroupStateFloats(GB, d);
   InitGroupT<T>(s, q, st);
-  const size_t kofs = s.BlockElemOffset(layer, 0, kv_head), vofs = s.BlockElemOffset(layer, 1, kv_head);
+  const size_t kofs = s.BlockElemOffset(layer, 0, kv_head),
+               vofs = s.BlockElemOffset(layer, 1, kv_head);
   for (uint32_t pi = page_begin; pi < page_end; ++pi) {
     const uint8_t* cell = pool.base + size_t{pages.cells[pi]} * pool.cell_stride + pool.cell_offset;
     const uint8_t* nk = nullptr;
@@ -312,25 +342,31 @@ void AttendUnitT(const AttentionShape& s, const PagePool& pool, const PageList& 
     size_t next_bytes = 0;
     if (pi + kPrefetchPages < page_end) {
       const uint32_t np = pi + kPrefetchPages;
-      const uint8_t* next = pool.base + size_t{pages.cells[np]} * pool.cell_stride + pool.cell_offset;
+      const uint8_t* next =
+          pool.base + size_t{pages.cells[np]} * pool.cell_stride + pool.cell_offset;
       nk = next + kofs * sizeof(T);
       nv = next + vofs * sizeof(T);
       next_bytes = size_t{pages.valid[np]} * d * sizeof(T);
     }
-    AttendPageT<T>(s, reinterpret_cast<const T*>(cell) + kofs, reinterpret_cast<const T*>(cell) + vofs, pages.valid[pi],
-                   st, sc, nk, nv, next_bytes);
+    AttendPageT<T>(s, reinterpret_cast<const T*>(cell) + kofs,
+                   reinterpret_cast<const T*>(cell) + vofs, pages.valid[pi], st, sc, nk, nv,
+                   next_bytes);
   }
   FinishGroupT<T>(s, st, out, lse);
 }
 
-void AttendUnit(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t page_begin,
-                uint32_t page_end, uint32_t layer, uint32_t kv_head, const float* q, float* out, float* lse) {
+void AttendUnit(const AttentionShape& s, const PagePool& pool, const PageList& pages,
+                uint32_t page_begin, uint32_t page_end, uint32_t layer, uint32_t kv_head,
+                const float* q, float* out, float* lse) {
   switch (s.dtype) {
-    case ElemType::kF32: return AttendUnitT<float>(s, pool, pages, page_begin, page_end, layer, kv_head, q, out, lse);
+    case ElemType::kF32:
+      return AttendUnitT<float>(s, pool, pages, page_begin, page_end, layer, kv_head, q, out, lse);
     case ElemType::kF16:
-      return AttendUnitT<hwy::float16_t>(s, pool, pages, page_begin, page_end, layer, kv_head, q, out, lse);
+      return AttendUnitT<hwy::float16_t>(s, pool, pages, page_begin, page_end, layer, kv_head, q,
+                                         out, lse);
     case ElemType::kBf16:
-      return AttendUnitT<hwy::bfloat16_t>(s, pool, pages, page_begin, page_end, layer, kv_head, q, out, lse);
+      return AttendUnitT<hwy::bfloat16_t>(s, pool, pages, page_begin, page_end, layer, kv_head, q,
+                                          out, lse);
   }
 }
 
@@ -371,13 +407,17 @@ const char* CpuTargetName() {
   return hwy::TargetName(t & -t);  // the best (lowest-bit) compiled target this CPU runs
 }
 
-uint64_t StreamReadSum(const uint8_t* p, size_t bytes) { return HWY_DYNAMIC_DISPATCH(StreamSum)(p, bytes); }
+uint64_t StreamReadSum(const uint8_t* p, size_t bytes) {
+  return HWY_DYNAMIC_DISPATCH(StreamSum)(p, bytes);
+}
 
-KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const DecodeItem* items, size_t n_items) {
+KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const DecodeItem* items,
+                            size_t n_items) {
   const AttentionShape& s = plan.shape;
   const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim;
   for (size_t i = 0; i < n_items; ++i) {
-    if (items[i].seq >= plan.seqs.size() || items[i].layer >= s.layers) return KernelStatus::kInvalidShape;
+    if (items[i].seq >= plan.seqs.size() || items[i].layer >= s.layers)
+      return KernelStatus::kInvalidShape;
   }
   // Units of every item; split units write partial states, merged afterwards.
   std::vector<uint32_t> first(plan.seqs.size() + 1, 0);
@@ -385,7 +425,8 @@ KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const 
   for (size_t i = 1; i < first.size(); ++i) first[i] += first[i - 1];
   std::vector<std::pair<uint32_t, uint32_t>> tasks;  // (item, unit)
   for (uint32_t i = 0; i < n_items; ++i)
-    for (uint32_t u = first[items[i].seq]; u < first[items[i].seq + 1]; ++u) tasks.push_back({i, u});
+    for (uint32_t u = first[items[i].seq]; u < first[items[i].seq + 1]; ++u)
+      tasks.push_back({i, u});
   const size_t slot = size_t{G} * d;
   std::vector<float> partial_out(plan.num_partials ? n_items * plan.num_partials * slot : 0);
   std::vector<float> partial_lse(plan.num_partials ? n_items * plan.num_partials * G : 0);
@@ -398,7 +439,8 @@ KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const 
     const float* q = it.q + size_t{u.kv_head} * slot;
     if (u.partial < 0) {
       attend(s, pool, plan.seqs[u.seq], u.page_begin, u.page_end, it.layer, u.kv_head, q,
-             it.out + size_t{u.kv_head} * slot, final_lse.data() + size_t{tasks[k].first} * s.q_heads + size_t{u.kv_head} * G);
+             it.out + size_t{u.kv_head} * slot,
+             final_lse.data() + size_t{tasks[k].first} * s.q_heads + size_t{u.kv_head} * G);
     } else {
       size_t p = size_t{tasks[k].first} * plan.num_partials + u.partial;
       attend(s, pool, plan.seqs[u.seq], u.page_begin, u.page_end, it.layer, u.kv_head, q,
@@ -426,12 +468,14 @@ KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const 
         const auto& un = plan.units[u];
         if (un.seq != u0.seq || un.kv_head != u0.kv_head || un.partial < 0) break;
         size_t p = size_t{i} * plan.num_partials + un.partial;
-        MergeAttentionStates(G, d, out, lse, partial_out.data() + p * slot, partial_lse.data() + p * G, out, lse);
+        MergeAttentionStates(G, d, out, lse, partial_out.data() + p * slot,
+                             partial_lse.data() + p * G, out, lse);
       }
     });
   }
   for (size_t i = 0; i < n_items; ++i)
-    if (items[i].lse) std::memcpy(items[i].lse, final_lse.data() + i * s.q_heads, sizeof(float) * s.q_heads);
+    if (items[i].lse)
+      std::memcpy(items[i].lse, final_lse.data() + i * s.q_heads, sizeof(float) * s.q_heads);
   return KernelStatus::kOk;
 }
 

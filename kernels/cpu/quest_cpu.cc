@@ -1,5 +1,7 @@
 // CPU Quest kernels: bounds with SIMD min/max per page, page scores with SIMD upper bounds,
 // both with Highway runtime dispatch.
+// Highway's per-target include sequence must stay in this order.
+// clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/cpu/quest_cpu.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -11,6 +13,7 @@
 
 #include "flashmemory/kernels/quest.h"
 
+// clang-format on
 HWY_BEFORE_NAMESPACE();
 namespace fm::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
@@ -52,14 +55,17 @@ void BoundsT(const AttentionShape& s, const uint8_t* page, uint32_t valid, float
 
 void Bounds(const AttentionShape& s, const uint8_t* page, uint32_t valid, float* out) {
   switch (s.dtype) {
-    case ElemType::kF32: return BoundsT<float>(s, page, valid, out);
-    case ElemType::kF16: return BoundsT<hwy::float16_t>(s, page, valid, out);
-    case ElemType::kBf16: return BoundsT<hwy::bfloat16_t>(s, page, valid, out);
+    case ElemType::kF32:
+      return BoundsT<float>(s, page, valid, out);
+    case ElemType::kF16:
+      return BoundsT<hwy::float16_t>(s, page, valid, out);
+    case ElemType::kBf16:
+      return BoundsT<hwy::bfloat16_t>(s, page, valid, out);
   }
 }
 
-void PageScores(const AttentionShape& s, uint32_t layer, const float* q, const float* bounds, uint64_t pages,
-                float* score) {
+void PageScores(const AttentionShape& s, uint32_t layer, const float* q, const float* bounds,
+                uint64_t pages, float* score) {
   const DF df;
   const size_t N = hn::Lanes(df);
   const uint32_t d = s.head_dim, g = s.q_heads / s.kv_heads;
@@ -72,7 +78,8 @@ void PageScores(const AttentionShape& s, uint32_t layer, const float* q, const f
       auto acc = hn::Zero(df);
       for (size_t j = 0; j < d; j += N) {
         const auto qv = hn::LoadU(df, q + size_t{h} * d + j);
-        acc = hn::Add(acc, hn::Max(hn::Mul(qv, hn::LoadU(df, mn + j)), hn::Mul(qv, hn::LoadU(df, mn + d + j))));
+        acc = hn::Add(acc, hn::Max(hn::Mul(qv, hn::LoadU(df, mn + j)),
+                                   hn::Mul(qv, hn::LoadU(df, mn + d + j))));
       }
       best = std::max(best, hn::GetLane(hn::SumOfLanes(df, acc)) * scale);
     }
@@ -98,9 +105,10 @@ KernelStatus QuestBounds(const AttentionShape& s, const uint8_t* page, uint32_t 
   return KernelStatus::kOk;
 }
 
-KernelStatus QuestPageScores(const AttentionShape& s, uint32_t layer, const float* q, const float* bounds,
-                             uint64_t pages, float* score) {
-  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers) return KernelStatus::kInvalidShape;
+KernelStatus QuestPageScores(const AttentionShape& s, uint32_t layer, const float* q,
+                             const float* bounds, uint64_t pages, float* score) {
+  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers)
+    return KernelStatus::kInvalidShape;
   constexpr uint64_t kBlock = 1024;
   const uint64_t blocks = (pages + kBlock - 1) / kBlock;
   auto fn = HWY_DYNAMIC_DISPATCH(PageScores);

@@ -27,8 +27,10 @@ HWY_INLINE void StoreBlockMax(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
 }
 
 template <class D>
-HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3, float* HWY_RESTRICT out4) {
-  out4[0] = hn::GetLane(a0), out4[1] = hn::GetLane(a1), out4[2] = hn::GetLane(a2), out4[3] = hn::GetLane(a3);
+HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3,
+                     float* HWY_RESTRICT out4) {
+  out4[0] = hn::GetLane(a0), out4[1] = hn::GetLane(a1), out4[2] = hn::GetLane(a2),
+  out4[3] = hn::GetLane(a3);
 }
 #else
 template <class D>
@@ -53,14 +55,17 @@ HWY_INLINE void StoreBlockMax(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
 }
 
 template <class D>
-HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3, float* HWY_RESTRICT out4) {
+HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3,
+                     float* HWY_RESTRICT out4) {
   {
-    const hn::RepartitionToWide<hn::RebindToUnsigned<D>> d64;
+    const hn::RepartitionToWide<hn::RebindToUnsigned<D> > d64;
     // Per 128-bit block: s01 = [a0 0+2, a1 0+2, a0 1+3, a1 1+3], likewise s23.
     const auto s01 = hn::Add(hn::InterleaveLower(d, a0, a1), hn::InterleaveUpper(d, a0, a1));
     const auto s23 = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
-    const auto lo = hn::BitCast(d, hn::InterleaveLower(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
-    const auto hi = hn::BitCast(d, hn::InterleaveUpper(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
+    const auto lo =
+        hn::BitCast(d, hn::InterleaveLower(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
+    const auto hi =
+        hn::BitCast(d, hn::InterleaveUpper(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
     StoreBlockSum(d, hn::Add(lo, hi), out4);  // lane k of every block: block sum of ak
   }
 }

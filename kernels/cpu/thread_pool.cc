@@ -5,7 +5,8 @@
 namespace fm::kernels {
 
 ThreadPool::ThreadPool(uint32_t threads) {
-  for (uint32_t i = 1; i < std::max<uint32_t>(threads, 1); ++i) workers_.emplace_back([this] { Work(); });
+  for (uint32_t i = 1; i < std::max<uint32_t>(threads, 1); ++i)
+    workers_.emplace_back([this] { Work(); });
 }
 
 ThreadPool::~ThreadPool() {

@@ -1,4 +1,6 @@
 // CUDA paged decode vs the scalar reference. Skips cleanly without a GPU (label "gpu").
+#include "flashmemory/kernels/cuda_attention.h"
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -7,7 +9,6 @@
 #include <random>
 
 #include "common/codecs.h"
-#include "flashmemory/kernels/cuda_attention.h"
 
 namespace fm::kernels {
 namespace {
@@ -24,7 +25,8 @@ TEST(CudaPagedDecode, MatchesReference) {
       std::normal_distribution<float> nd;
       for (size_t i = 0; i < host.size() / ElemSize(dt); ++i) {
         float v = nd(rng);
-        if (dt == ElemType::kF32) std::memcpy(&host[4 * i], &v, 4);
+        if (dt == ElemType::kF32)
+          std::memcpy(&host[4 * i], &v, 4);
         else {
           uint16_t h = dt == ElemType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
           std::memcpy(&host[2 * i], &h, 2);
@@ -32,7 +34,8 @@ TEST(CudaPagedDecode, MatchesReference) {
       }
       std::vector<uint32_t> pcells;
       std::vector<uint16_t> valid;
-      for (uint32_t i = 0; i < 33; ++i) pcells.push_back((i * 7) % cells), valid.push_back(i == 32 ? 9 : 64);
+      for (uint32_t i = 0; i < 33; ++i)
+        pcells.push_back((i * 7) % cells), valid.push_back(i == 32 ? 9 : 64);
       PageList list{pcells.data(), valid.data(), 33};
       PagePool hpool{host.data(), s.PageBytes(), 0, cells};
       uint8_t* dpool = nullptr;
@@ -41,7 +44,8 @@ TEST(CudaPagedDecode, MatchesReference) {
       PagePool gpool{dpool, s.PageBytes(), 0, cells};
       for (uint32_t min_pages : {1000u, 4u}) {  // whole units, then split units merged by LSE
         DecodePlan plan;
-        ASSERT_EQ(BuildDecodePlan(s, {list}, gpool, 8, min_pages, &plan, &why), KernelStatus::kOk) << why;
+        ASSERT_EQ(BuildDecodePlan(s, {list}, gpool, 8, min_pages, &plan, &why), KernelStatus::kOk)
+            << why;
         std::unique_ptr<CudaDecodePlan> gplan;
         ASSERT_EQ(CudaDecodePlan::Upload(plan, &gplan, &why), KernelStatus::kOk) << why;
         std::vector<float> q(8 * d);
@@ -57,8 +61,10 @@ TEST(CudaPagedDecode, MatchesReference) {
         std::vector<float> out(q.size()), lse(8), rout(q.size()), rlse(8);
         cudaMemcpy(out.data(), dout, out.size() * 4, cudaMemcpyDeviceToHost);
         cudaMemcpy(lse.data(), dlse, 8 * 4, cudaMemcpyDeviceToHost);
-        ASSERT_EQ(reference::PagedDecode(s, hpool, list, 1, q.data(), rout.data(), rlse.data()), KernelStatus::kOk);
-        for (size_t i = 0; i < out.size(); ++i) ASSERT_NEAR(out[i], rout[i], 1e-4) << "d=" << d << " i=" << i;
+        ASSERT_EQ(reference::PagedDecode(s, hpool, list, 1, q.data(), rout.data(), rlse.data()),
+                  KernelStatus::kOk);
+        for (size_t i = 0; i < out.size(); ++i)
+          ASSERT_NEAR(out[i], rout[i], 1e-4) << "d=" << d << " i=" << i;
         for (int h = 0; h < 8; ++h) ASSERT_NEAR(lse[h], rlse[h], 1e-3);
         cudaFree(dq);
         cudaFree(dout);

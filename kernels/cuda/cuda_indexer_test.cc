@@ -1,4 +1,6 @@
 // CUDA indexer scoring and Quest page scores vs the scalar references. Skips without a GPU.
+#include "flashmemory/kernels/cuda_indexer.h"
+
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -6,7 +8,6 @@
 #include <random>
 
 #include "flashmemory/kernels/cuda_attention.h"
-#include "flashmemory/kernels/cuda_indexer.h"
 
 namespace fm::kernels {
 namespace {
@@ -46,8 +47,10 @@ TEST(CudaIndexer, ScoreChunksMatchesReference) {
   ASSERT_EQ(CudaScoreChunks(s, dq, dw, dkeys, chunks, dl, nullptr), KernelStatus::kOk);
   std::vector<float> got(s.layers * chunks), want(s.layers * chunks);
   cudaMemcpy(got.data(), dl, sizeof(float) * got.size(), cudaMemcpyDeviceToHost);
-  ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), host_ptrs.data(), chunks, want.data()), KernelStatus::kOk);
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i]))) << i;
+  ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), host_ptrs.data(), chunks, want.data()),
+            KernelStatus::kOk);
+  for (size_t i = 0; i < got.size(); ++i)
+    ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i]))) << i;
   for (auto* p : dev_ptrs) cudaFree(const_cast<uint8_t*>(p));
   cudaFree(dkeys);
   cudaFree(dq);
@@ -72,8 +75,10 @@ TEST(CudaQuest, PageScoresMatchReference) {
   ASSERT_EQ(CudaQuestPageScores(s, 1, dq, db, pages, ds, nullptr), KernelStatus::kOk);
   std::vector<float> got(pages), want(pages);
   cudaMemcpy(got.data(), ds, sizeof(float) * pages, cudaMemcpyDeviceToHost);
-  ASSERT_EQ(reference::QuestPageScores(s, 1, q.data(), bounds.data(), pages, want.data()), KernelStatus::kOk);
-  for (uint64_t p = 0; p < pages; ++p) ASSERT_NEAR(got[p], want[p], 1e-3f * (1 + std::abs(want[p]))) << p;
+  ASSERT_EQ(reference::QuestPageScores(s, 1, q.data(), bounds.data(), pages, want.data()),
+            KernelStatus::kOk);
+  for (uint64_t p = 0; p < pages; ++p)
+    ASSERT_NEAR(got[p], want[p], 1e-3f * (1 + std::abs(want[p]))) << p;
   cudaFree(db);
   cudaFree(dq);
   cudaFree(ds);

@@ -15,13 +15,16 @@ namespace {
 constexpr int kThreads = 256;
 constexpr uint32_t kMaxHeads = 64;
 
-__global__ void ScoreChunksKernel(uint32_t heads, uint32_t dim, const float* __restrict__ q, const float* __restrict__ w,
-                                  const uint8_t* const* __restrict__ keys, uint64_t chunks, float* __restrict__ logits) {
+__global__ void ScoreChunksKernel(uint32_t heads, uint32_t dim, const float* __restrict__ q,
+                                  const float* __restrict__ w,
+                                  const uint8_t* const* __restrict__ keys, uint64_t chunks,
+                                  float* __restrict__ logits) {
   extern __shared__ float smem[];
   const uint32_t layer = blockIdx.y;
   float* qs = smem;
   float* ws = qs + heads * dim;
-  for (uint32_t i = threadIdx.x; i < heads * dim; i += blockDim.x) qs[i] = q[size_t(layer) * heads * dim + i];
+  for (uint32_t i = threadIdx.x; i < heads * dim; i += blockDim.x)
+    qs[i] = q[size_t(layer) * heads * dim + i];
   for (uint32_t i = threadIdx.x; i < heads; i += blockDim.x) ws[i] = w[size_t(layer) * heads + i];
   __syncthreads();
   const uint64_t c = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x;
@@ -51,9 +54,10 @@ __global__ void ScoreChunksKernel(uint32_t heads, uint32_t dim, const float* __r
   logits[size_t(layer) * chunks + c] = logit;
 }
 
-__global__ void QuestScoresKernel(uint32_t layers, uint32_t q_heads, uint32_t kv_heads, uint32_t d, uint32_t layer,
-                                  float scale, const float* __restrict__ q, const float* __restrict__ bounds,
-                                  uint64_t pages, float* __restrict__ score) {
+__global__ void QuestScoresKernel(uint32_t layers, uint32_t q_heads, uint32_t kv_heads, uint32_t d,
+                                  uint32_t layer, float scale, const float* __restrict__ q,
+                                  const float* __restrict__ bounds, uint64_t pages,
+                                  float* __restrict__ score) {
   const uint64_t p = blockIdx.x * uint64_t(blockDim.x) + threadIdx.x;
   if (p >= pages) return;
   const uint32_t g = q_heads / kv_heads;
@@ -74,26 +78,29 @@ __global__ void QuestScoresKernel(uint32_t layers, uint32_t q_heads, uint32_t kv
 
 }  // namespace
 
-KernelStatus CudaScoreChunks(const IndexerShape& s, const float* q, const float* w, const uint8_t* const* keys,
-                             uint64_t chunks, float* logits, void* stream) {
+KernelStatus CudaScoreChunks(const IndexerShape& s, const float* q, const float* w,
+                             const uint8_t* const* keys, uint64_t chunks, float* logits,
+                             void* stream) {
   std::string why;
-  if (s.Validate(&why) != KernelStatus::kOk || s.heads > kMaxHeads) return KernelStatus::kInvalidShape;
+  if (s.Validate(&why) != KernelStatus::kOk || s.heads > kMaxHeads)
+    return KernelStatus::kInvalidShape;
   const size_t shmem = (size_t(s.heads) * s.dim + s.heads) * sizeof(float);
   if (shmem > 48 * 1024) return KernelStatus::kInvalidShape;
   if (chunks == 0) return KernelStatus::kOk;
   dim3 grid(static_cast<unsigned>((chunks + kThreads - 1) / kThreads), s.layers);
-  ScoreChunksKernel<<<grid, kThreads, shmem, static_cast<cudaStream_t>(stream)>>>(s.heads, s.dim, q, w, keys, chunks,
-                                                                                   logits);
+  ScoreChunksKernel<<<grid, kThreads, shmem, static_cast<cudaStream_t>(stream)>>>(
+      s.heads, s.dim, q, w, keys, chunks, logits);
   return cudaGetLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kInvalidShape;
 }
 
-KernelStatus CudaQuestPageScores(const AttentionShape& s, uint32_t layer, const float* q, const float* bounds,
-                                 uint64_t pages, float* score, void* stream) {
-  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers) return KernelStatus::kInvalidShape;
+KernelStatus CudaQuestPageScores(const AttentionShape& s, uint32_t layer, const float* q,
+                                 const float* bounds, uint64_t pages, float* score, void* stream) {
+  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers)
+    return KernelStatus::kInvalidShape;
   if (pages == 0) return KernelStatus::kOk;
   QuestScoresKernel<<<static_cast<unsigned>((pages + kThreads - 1) / kThreads), kThreads, 0,
-                      static_cast<cudaStream_t>(stream)>>>(s.layers, s.q_heads, s.kv_heads, s.head_dim, layer, s.Scale(), q,
-                                                           bounds, pages, score);
+                      static_cast<cudaStream_t>(stream)>>>(
+      s.layers, s.q_heads, s.kv_heads, s.head_dim, layer, s.Scale(), q, bounds, pages, score);
   return cudaGetLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kInvalidShape;
 }
 

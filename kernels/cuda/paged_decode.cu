@@ -34,19 +34,24 @@ __device__ __forceinline__ float ToF(float x) { return x; }
 __device__ __forceinline__ float ToF(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-__device__ __forceinline__ size_t BlockOffset(const KShape& s, uint32_t layer, uint32_t kv, uint32_t h) {
+__device__ __forceinline__ size_t BlockOffset(const KShape& s, uint32_t layer, uint32_t kv,
+                                              uint32_t h) {
   return ((size_t(layer) * 2 + kv) * s.kv_heads + h) * s.page_tokens * s.head_dim;
 }
 
-size_t SharedFloats(uint32_t g, uint32_t d, uint32_t p) { return size_t(2) * g * d + size_t(g) * p + 3 * g; }
+size_t SharedFloats(uint32_t g, uint32_t d, uint32_t p) {
+  return size_t(2) * g * d + size_t(g) * p + 3 * g;
+}
 
 template <typename T>
-__global__ void PagedDecodeKernel(KShape s, const uint8_t* __restrict__ base, size_t stride, size_t offset,
-                                  const uint32_t* __restrict__ cells, const uint16_t* __restrict__ valid,
-                                  const uint32_t* __restrict__ seq_first, const DecodePlan::Unit* __restrict__ units,
-                                  const DevItem* __restrict__ items, const uint2* __restrict__ tasks,
-                                  float* __restrict__ partial_out, float* __restrict__ partial_lse,
-                                  uint32_t num_partials) {
+__global__ void PagedDecodeKernel(KShape s, const uint8_t* __restrict__ base, size_t stride,
+                                  size_t offset, const uint32_t* __restrict__ cells,
+                                  const uint16_t* __restrict__ valid,
+                                  const uint32_t* __restrict__ seq_first,
+                                  const DecodePlan::Unit* __restrict__ units,
+                                  const DevItem* __restrict__ items,
+                                  const uint2* __restrict__ tasks, float* __restrict__ partial_out,
+                                  float* __restrict__ partial_lse, uint32_t num_partials) {
   extern __shared__ float smem[];
   const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim, P = s.page_tokens;
   float* qs = smem;
@@ -66,7 +71,8 @@ __global__ void PagedDecodeKernel(KShape s, const uint8_t* __restrict__ base, si
   }
   for (uint32_t h = tid; h < G; h += blockDim.x) m[h] = -INFINITY, l[h] = 0.0f;
   __syncthreads();
-  const size_t kofs = BlockOffset(s, it.layer, 0, u.kv_head), vofs = BlockOffset(s, it.layer, 1, u.kv_head);
+  const size_t kofs = BlockOffset(s, it.layer, 0, u.kv_head),
+               vofs = BlockOffset(s, it.layer, 1, u.kv_head);
   const uint32_t first = seq_first[u.seq];
   for (uint32_t pi = u.page_begin; pi < u.page_end; ++pi) {
     const uint8_t* cell = base + size_t(cells[first + pi]) * stride + offset;
@@ -136,15 +142,16 @@ __global__ void PagedDecodeKernel(KShape s, const uint8_t* __restrict__ base, si
 }
 
 // One block per (item, split group): merges the group's partial states in order.
-__global__ void MergeKernel(uint32_t G, uint32_t d, const DevItem* __restrict__ items, const uint4* __restrict__ merges,
-                            const float* __restrict__ partial_out, const float* __restrict__ partial_lse,
-                            uint32_t num_partials) {
+__global__ void MergeKernel(uint32_t G, uint32_t d, const DevItem* __restrict__ items,
+                            const uint4* __restrict__ merges, const float* __restrict__ partial_out,
+                            const float* __restrict__ partial_lse, uint32_t num_partials) {
   const uint4 mg = merges[blockIdx.x];  // item, kv_head, first partial, count
   const DevItem it = items[mg.x];
   for (uint32_t e = threadIdx.x; e < G * d; e += blockDim.x) {
     const uint32_t h = e / d;
     float mx = -INFINITY;
-    for (uint32_t k = 0; k < mg.w; ++k) mx = fmaxf(mx, partial_lse[(size_t(mg.x) * num_partials + mg.z + k) * G + h]);
+    for (uint32_t k = 0; k < mg.w; ++k)
+      mx = fmaxf(mx, partial_lse[(size_t(mg.x) * num_partials + mg.z + k) * G + h]);
     float sum = 0.0f, o = 0.0f;
     for (uint32_t k = 0; k < mg.w; ++k) {
       const size_t p = size_t(mg.x) * num_partials + mg.z + k;
@@ -172,7 +179,8 @@ template <typename V>
 V* Stage(void*& ptr, size_t& cap, const std::vector<V>& host, cudaStream_t stream) {
   if (host.empty()) return nullptr;
   V* dev = static_cast<V*>(Reserve(ptr, cap, sizeof(V) * host.size()));
-  if (dev) cudaMemcpyAsync(dev, host.data(), sizeof(V) * host.size(), cudaMemcpyHostToDevice, stream);
+  if (dev)
+    cudaMemcpyAsync(dev, host.data(), sizeof(V) * host.size(), cudaMemcpyHostToDevice, stream);
   return dev;
 }
 
@@ -196,11 +204,13 @@ bool CudaAvailable(std::string* why) {
   return true;
 }
 
-KernelStatus CudaDecodePlan::Upload(const DecodePlan& plan, std::unique_ptr<CudaDecodePlan>* out, std::string* why) {
+KernelStatus CudaDecodePlan::Upload(const DecodePlan& plan, std::unique_ptr<CudaDecodePlan>* out,
+                                    std::string* why) {
   const AttentionShape& s = plan.shape;
   const uint32_t G = s.q_heads / s.kv_heads;
   if (SharedFloats(G, s.head_dim, s.page_tokens) * sizeof(float) > kMaxSharedBytes) {
-    if (why) *why = "CUDA kernel: query group x head_dim x page_tokens exceeds 48 KiB of shared memory";
+    if (why)
+      *why = "CUDA kernel: query group x head_dim x page_tokens exceeds 48 KiB of shared memory";
     return KernelStatus::kInvalidShape;
   }
   std::unique_ptr<CudaDecodePlan> p(new CudaDecodePlan());
@@ -232,8 +242,8 @@ CudaDecodePlan::~CudaDecodePlan() {
   for (Scratch* sc : {&items_, &tasks_, &merges_, &partial_out_, &partial_lse_}) cudaFree(sc->ptr);
 }
 
-KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool, const DecodeItem* items,
-                                size_t n_items, void* stream_ptr) {
+KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool,
+                                const DecodeItem* items, size_t n_items, void* stream_ptr) {
   const DecodePlan& hp = plan.host_;
   const AttentionShape& s = hp.shape;
   const uint32_t G = s.q_heads / s.kv_heads, d = s.head_dim;
@@ -242,7 +252,8 @@ KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool
   std::vector<uint2> tasks;
   std::vector<uint4> merges;
   for (size_t i = 0; i < n_items; ++i) {
-    if (items[i].seq >= hp.seqs.size() || items[i].layer >= s.layers) return KernelStatus::kInvalidShape;
+    if (items[i].seq >= hp.seqs.size() || items[i].layer >= s.layers)
+      return KernelStatus::kInvalidShape;
     dev_items.push_back({items[i].seq, items[i].layer, items[i].q, items[i].out, items[i].lse});
     for (uint32_t u = 0; u < hp.units.size(); ++u) {
       const auto& unit = hp.units[u];
@@ -250,11 +261,12 @@ KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool
       tasks.push_back(make_uint2(static_cast<uint32_t>(i), u));
       if (unit.partial >= 0 && unit.page_begin == 0) {
         uint32_t count = 0;
-        for (uint32_t v = u; v < hp.units.size() && hp.units[v].seq == unit.seq && hp.units[v].kv_head == unit.kv_head &&
-                             hp.units[v].partial >= 0;
+        for (uint32_t v = u; v < hp.units.size() && hp.units[v].seq == unit.seq &&
+                             hp.units[v].kv_head == unit.kv_head && hp.units[v].partial >= 0;
              ++v)
           ++count;
-        merges.push_back(make_uint4(static_cast<uint32_t>(i), unit.kv_head, static_cast<uint32_t>(unit.partial), count));
+        merges.push_back(make_uint4(static_cast<uint32_t>(i), unit.kv_head,
+                                    static_cast<uint32_t>(unit.partial), count));
       }
     }
   }
@@ -276,22 +288,26 @@ KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool
   switch (s.dtype) {
     case ElemType::kF32:
       PagedDecodeKernel<float><<<tasks.size(), kThreads, shmem, stream>>>(
-          ks, pool.base, pool.cell_stride, pool.cell_offset, plan.cells_, plan.valid_, plan.seq_first_,
-          static_cast<const DecodePlan::Unit*>(plan.units_), d_items, d_tasks, p_out, p_lse, hp.num_partials);
+          ks, pool.base, pool.cell_stride, pool.cell_offset, plan.cells_, plan.valid_,
+          plan.seq_first_, static_cast<const DecodePlan::Unit*>(plan.units_), d_items, d_tasks,
+          p_out, p_lse, hp.num_partials);
       break;
     case ElemType::kF16:
       PagedDecodeKernel<__half><<<tasks.size(), kThreads, shmem, stream>>>(
-          ks, pool.base, pool.cell_stride, pool.cell_offset, plan.cells_, plan.valid_, plan.seq_first_,
-          static_cast<const DecodePlan::Unit*>(plan.units_), d_items, d_tasks, p_out, p_lse, hp.num_partials);
+          ks, pool.base, pool.cell_stride, pool.cell_offset, plan.cells_, plan.valid_,
+          plan.seq_first_, static_cast<const DecodePlan::Unit*>(plan.units_), d_items, d_tasks,
+          p_out, p_lse, hp.num_partials);
       break;
     case ElemType::kBf16:
       PagedDecodeKernel<__nv_bfloat16><<<tasks.size(), kThreads, shmem, stream>>>(
-          ks, pool.base, pool.cell_stride, pool.cell_offset, plan.cells_, plan.valid_, plan.seq_first_,
-          static_cast<const DecodePlan::Unit*>(plan.units_), d_items, d_tasks, p_out, p_lse, hp.num_partials);
+          ks, pool.base, pool.cell_stride, pool.cell_offset, plan.cells_, plan.valid_,
+          plan.seq_first_, static_cast<const DecodePlan::Unit*>(plan.units_), d_items, d_tasks,
+          p_out, p_lse, hp.num_partials);
       break;
   }
   if (!merges.empty())
-    MergeKernel<<<merges.size(), kThreads, 0, stream>>>(G, d, d_items, d_merges, p_out, p_lse, hp.num_partials);
+    MergeKernel<<<merges.size(), kThreads, 0, stream>>>(G, d, d_items, d_merges, p_out, p_lse,
+                                                        hp.num_partials);
   return cudaGetLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kInvalidShape;
 }
 
@@ -302,7 +318,8 @@ namespace {
 
 __global__ void StreamReadKernel(const uint4* __restrict__ p, size_t n, unsigned long long* sink) {
   uint32_t acc = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
     const uint4 v = __ldcs(p + i);  // streaming: do not keep in L2
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }

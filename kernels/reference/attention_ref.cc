@@ -13,17 +13,29 @@ namespace {
 
 float Load(ElemType t, const uint8_t* p, size_t i) {
   switch (t) {
-    case ElemType::kF32: { float f; std::memcpy(&f, p + 4 * i, 4); return f; }
-    case ElemType::kF16: { uint16_t h; std::memcpy(&h, p + 2 * i, 2); return Fp16ToFloat(h); }
-    case ElemType::kBf16: { uint16_t h; std::memcpy(&h, p + 2 * i, 2); return Bf16ToFloat(h); }
+    case ElemType::kF32: {
+      float f;
+      std::memcpy(&f, p + 4 * i, 4);
+      return f;
+    }
+    case ElemType::kF16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return Fp16ToFloat(h);
+    }
+    case ElemType::kBf16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return Bf16ToFloat(h);
+    }
   }
   return 0;
 }
 
 }  // namespace
 
-KernelStatus PagedDecode(const AttentionShape& shape, const PagePool& pool, const PageList& pages, uint32_t layer,
-                         const float* q, float* out, float* lse) {
+KernelStatus PagedDecode(const AttentionShape& shape, const PagePool& pool, const PageList& pages,
+                         uint32_t layer, const float* q, float* out, float* lse) {
   std::string why;
   KernelStatus st = shape.Validate(&why);
   if (st != KernelStatus::kOk) return st;
@@ -36,14 +48,16 @@ KernelStatus PagedDecode(const AttentionShape& shape, const PagePool& pool, cons
     std::vector<float> scores;
     std::vector<std::pair<const uint8_t*, uint32_t>> vrows;  // (V block, token)
     for (uint32_t i = 0; i < pages.count; ++i) {
-      if (pages.cells[i] >= pool.num_cells || pages.valid[i] == 0 || pages.valid[i] > shape.page_tokens)
+      if (pages.cells[i] >= pool.num_cells || pages.valid[i] == 0 ||
+          pages.valid[i] > shape.page_tokens)
         return KernelStatus::kBadPageIndex;
       const uint8_t* cell = pool.base + pages.cells[i] * pool.cell_stride + pool.cell_offset;
       const uint8_t* kb = cell + shape.BlockElemOffset(layer, 0, kvh) * ElemSize(shape.dtype);
       const uint8_t* vb = cell + shape.BlockElemOffset(layer, 1, kvh) * ElemSize(shape.dtype);
       for (uint32_t t = 0; t < pages.valid[i]; ++t) {
         float dot = 0;
-        for (uint32_t j = 0; j < d; ++j) dot += q[h * d + j] * Load(shape.dtype, kb, size_t{t} * d + j);
+        for (uint32_t j = 0; j < d; ++j)
+          dot += q[h * d + j] * Load(shape.dtype, kb, size_t{t} * d + j);
         scores.push_back(dot * scale);
         vrows.push_back({vb, t});
       }

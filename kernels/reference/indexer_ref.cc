@@ -14,7 +14,8 @@ KernelStatus IndexerShape::Validate(std::string* why) const {
   };
   if (layers == 0 || layers > 16) return bad("index layers must be in [1, 16]");
   if (heads == 0 || heads > 256) return bad("index heads must be in [1, 256]");
-  if (dim < 64 || dim > 1024 || (dim & (dim - 1))) return bad("index dim must be a power of two in [64, 1024]");
+  if (dim < 64 || dim > 1024 || (dim & (dim - 1)))
+    return bad("index dim must be a power of two in [64, 1024]");
   if (rope_dims % 2 || rope_dims > dim) return bad("rope_dims must be even and <= dim");
   return KernelStatus::kOk;
 }
@@ -33,7 +34,9 @@ double YarnInvFreq(const IndexerShape& s, uint32_t i) {
   return base * (ramp + (1 - ramp) / s.yarn_factor);
 }
 
-double YarnMscale(const IndexerShape& s) { return s.yarn_factor <= 1.0f ? 1.0 : 0.1 * std::log(s.yarn_factor) + 1.0; }
+double YarnMscale(const IndexerShape& s) {
+  return s.yarn_factor <= 1.0f ? 1.0 : 0.1 * std::log(s.yarn_factor) + 1.0;
+}
 
 void RopeAndHadamard(const IndexerShape& s, uint64_t pos, float* qh) {
   const uint32_t r0 = s.dim - s.rope_dims, half = s.rope_dims / 2;
@@ -68,8 +71,8 @@ void CompressIndexKey(uint32_t dim, const float* k, uint8_t* out) {
 
 namespace reference {
 
-KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h, uint64_t pos, float* q,
-                          float* w) {
+KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h,
+                          uint64_t pos, float* q, float* w) {
   KernelStatus st = s.Validate(nullptr);
   if (st != KernelStatus::kOk) return st;
   if (s.hidden == 0 || s.rank == 0) return KernelStatus::kInvalidShape;
@@ -88,7 +91,8 @@ KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts,
     for (uint32_t r = 0; r < s.rank; ++r) acc += wts.w_b[size_t{o} * s.rank + r] * a[r];
     q[o] = acc;
   }
-  for (uint32_t hh = 0; hh < s.heads; ++hh) internal::RopeAndHadamard(s, pos, q + size_t{hh} * s.dim);
+  for (uint32_t hh = 0; hh < s.heads; ++hh)
+    internal::RopeAndHadamard(s, pos, q + size_t{hh} * s.dim);
   const float wscale = 1.0f / std::sqrt(static_cast<float>(s.dim) * s.heads);
   for (uint32_t hh = 0; hh < s.heads; ++hh) {
     float acc = 0;
@@ -98,8 +102,8 @@ KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts,
   return KernelStatus::kOk;
 }
 
-KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w, const uint8_t* const* keys,
-                         uint64_t chunks, float* logits) {
+KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
+                         const uint8_t* const* keys, uint64_t chunks, float* logits) {
   KernelStatus st = s.Validate(nullptr);
   if (st != KernelStatus::kOk) return st;
   std::vector<float> k(s.dim);

@@ -15,28 +15,40 @@ float Elem(ElemType t, const uint8_t* p, size_t i) {
   uint16_t h;
   float f;
   switch (t) {
-    case ElemType::kF32: std::memcpy(&f, p + 4 * i, 4); return f;
-    case ElemType::kF16: std::memcpy(&h, p + 2 * i, 2); return Fp16ToFloat(h);
-    case ElemType::kBf16: std::memcpy(&h, p + 2 * i, 2); return Bf16ToFloat(h);
+    case ElemType::kF32:
+      std::memcpy(&f, p + 4 * i, 4);
+      return f;
+    case ElemType::kF16:
+      std::memcpy(&h, p + 2 * i, 2);
+      return Fp16ToFloat(h);
+    case ElemType::kBf16:
+      std::memcpy(&h, p + 2 * i, 2);
+      return Bf16ToFloat(h);
   }
   return 0;
 }
 }  // namespace
 
-KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer,
-                        uint32_t topk, const float* q, float* out, float* lse) {
-  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers) return KernelStatus::kInvalidShape;
+KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const PageList& pages,
+                        uint32_t layer, uint32_t topk, const float* q, float* out, float* lse) {
+  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers)
+    return KernelStatus::kInvalidShape;
   if (topk == 0 || topk > kMaxLevel2TopK) return KernelStatus::kInvalidShape;
   if (pages.count == 0) return KernelStatus::kEmptyPageList;
   const uint32_t d = s.head_dim, g = s.q_heads / s.kv_heads;
   const float scale = s.Scale();
-  struct Tok { const uint8_t* k; const uint8_t* v; uint32_t t; };
+  struct Tok {
+    const uint8_t* k;
+    const uint8_t* v;
+    uint32_t t;
+  };
   for (uint32_t kvh = 0; kvh < s.kv_heads; ++kvh) {
     std::vector<Tok> toks;
     for (uint32_t i = 0; i < pages.count; ++i) {
       if (pages.cells[i] >= pool.num_cells || pages.valid[i] == 0 || pages.valid[i] > s.page_tokens)
         return KernelStatus::kBadPageIndex;
-      const uint8_t* cell = pool.base + size_t{pages.cells[i]} * pool.cell_stride + pool.cell_offset;
+      const uint8_t* cell =
+          pool.base + size_t{pages.cells[i]} * pool.cell_stride + pool.cell_offset;
       for (uint32_t t = 0; t < pages.valid[i]; ++t)
         toks.push_back({cell + s.BlockElemOffset(layer, 0, kvh) * ElemSize(s.dtype),
                         cell + s.BlockElemOffset(layer, 1, kvh) * ElemSize(s.dtype), t});
@@ -47,7 +59,9 @@ KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const Pag
     for (uint32_t hh = 0; hh < g; ++hh)
       for (size_t i = 0; i < toks.size(); ++i) {
         float dot = 0;
-        for (uint32_t j = 0; j < d; ++j) dot += q[size_t{kvh * g + hh} * d + j] * Elem(s.dtype, toks[i].k, size_t{toks[i].t} * d + j);
+        for (uint32_t j = 0; j < d; ++j)
+          dot +=
+              q[size_t{kvh * g + hh} * d + j] * Elem(s.dtype, toks[i].k, size_t{toks[i].t} * d + j);
         sc[hh][i] = dot * scale;
         best[i] = std::max(best[i], sc[hh][i]);
       }
@@ -67,7 +81,8 @@ KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const Pag
       for (size_t r = 0; r < k; ++r) sum += (p[r] = std::exp(sc[hh][order[r]] - m));
       for (uint32_t j = 0; j < d; ++j) {
         float acc = 0;
-        for (size_t r = 0; r < k; ++r) acc += p[r] * Elem(s.dtype, toks[order[r]].v, size_t{toks[order[r]].t} * d + j);
+        for (size_t r = 0; r < k; ++r)
+          acc += p[r] * Elem(s.dtype, toks[order[r]].v, size_t{toks[order[r]].t} * d + j);
         out[size_t{h} * d + j] = acc / sum;
       }
       if (lse) lse[h] = m + std::log(sum);

@@ -12,9 +12,15 @@ float Elem(ElemType t, const uint8_t* p, size_t i) {
   uint16_t h;
   float f;
   switch (t) {
-    case ElemType::kF32: std::memcpy(&f, p + 4 * i, 4); return f;
-    case ElemType::kF16: std::memcpy(&h, p + 2 * i, 2); return Fp16ToFloat(h);
-    case ElemType::kBf16: std::memcpy(&h, p + 2 * i, 2); return Bf16ToFloat(h);
+    case ElemType::kF32:
+      std::memcpy(&f, p + 4 * i, 4);
+      return f;
+    case ElemType::kF16:
+      std::memcpy(&h, p + 2 * i, 2);
+      return Fp16ToFloat(h);
+    case ElemType::kBf16:
+      std::memcpy(&h, p + 2 * i, 2);
+      return Bf16ToFloat(h);
   }
   return 0;
 }
@@ -41,9 +47,10 @@ KernelStatus QuestBounds(const AttentionShape& s, const uint8_t* page, uint32_t 
   return KernelStatus::kOk;
 }
 
-KernelStatus QuestPageScores(const AttentionShape& s, uint32_t layer, const float* q, const float* bounds,
-                             uint64_t pages, float* score) {
-  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers) return KernelStatus::kInvalidShape;
+KernelStatus QuestPageScores(const AttentionShape& s, uint32_t layer, const float* q,
+                             const float* bounds, uint64_t pages, float* score) {
+  if (s.Validate(nullptr) != KernelStatus::kOk || layer >= s.layers)
+    return KernelStatus::kInvalidShape;
   const uint32_t d = s.head_dim, g = s.q_heads / s.kv_heads;
   const size_t stride = QuestBoundsFloats(s);
   for (uint64_t i = 0; i < pages; ++i) {

@@ -17,7 +17,8 @@ int main(int argc, char** argv) {
   bool verbose = false;
   fm::AddServerFlags(app, &server);
   fm::AddKvStoreFlags(app, &kv);
-  app.add_option("--data_dir", data_dir, "State directory (RocksDB under <data_dir>/kvstore unless --db is given)")
+  app.add_option("--data_dir", data_dir,
+                 "State directory (RocksDB under <data_dir>/kvstore unless --db is given)")
       ->capture_default_str();
   fm::AddLogFlags(app, &verbose);
   CLI11_PARSE(app, argc, argv);

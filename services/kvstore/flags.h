@@ -10,18 +10,28 @@ namespace fm {
 inline void AddKvStoreFlags(CLI::App& app, KvStoreOptions* o) {
   app.add_option("--db", o->db_path, "RocksDB directory")->capture_default_str();
   app.add_option("--ram_bytes", o->ram_bytes, "RAM tier budget (e.g. 8GiB)")
-      ->transform(CLI::AsSizeValue(false))->capture_default_str();
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
   app.add_option("--max_page_bytes", o->max_page_bytes, "Largest page payload")
-      ->transform(CLI::AsSizeValue(false))->capture_default_str();
-  app.add_option("--max_session_bytes", o->max_session_bytes, "Durable bytes per session (0 = unlimited)")
-      ->transform(CLI::AsSizeValue(false))->capture_default_str();
-  app.add_option("--max_keys_per_call", o->max_keys_per_call, "Pages per Get/Resolve/Prefetch")->capture_default_str();
-  app.add_option("--default_lease_ms", o->default_lease_ms, "Lease when a request asks for 0")->capture_default_str();
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  app.add_option("--max_session_bytes", o->max_session_bytes,
+                 "Durable bytes per session (0 = unlimited)")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  app.add_option("--max_keys_per_call", o->max_keys_per_call, "Pages per Get/Resolve/Prefetch")
+      ->capture_default_str();
+  app.add_option("--default_lease_ms", o->default_lease_ms, "Lease when a request asks for 0")
+      ->capture_default_str();
   app.add_option("--max_lease_ms", o->max_lease_ms, "Longest lease granted")->capture_default_str();
-  app.add_option("--slab_bytes", o->slab_bytes, "RAM arena carving unit; larger pages are not cached")
-      ->transform(CLI::AsSizeValue(false))->capture_default_str();
-  app.add_flag("--sync_writes", o->sync_writes, "fsync the WAL on every put (power-loss durability)");
-  app.add_flag_callback("--no_ucx", [o] { o->enable_ucx = false; }, "Serve the gRPC byte path only");
+  app.add_option("--slab_bytes", o->slab_bytes,
+                 "RAM arena carving unit; larger pages are not cached")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  app.add_flag("--sync_writes", o->sync_writes,
+               "fsync the WAL on every put (power-loss durability)");
+  app.add_flag_callback(
+      "--no_ucx", [o] { o->enable_ucx = false; }, "Serve the gRPC byte path only");
 }
 
 }  // namespace fm

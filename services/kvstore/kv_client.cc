@@ -1,7 +1,7 @@
 #include "services/kvstore/kv_client.h"
 
-#include <netdb.h>
 #include <arpa/inet.h>
+#include <netdb.h>
 
 #include <algorithm>
 #include <cstring>
@@ -44,7 +44,8 @@ PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint
 }
 
 absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(const std::string& target,
-                                                            const KvClientOptions& options, UcxEngine* engine) {
+                                                            const KvClientOptions& options,
+                                                            UcxEngine* engine) {
   std::unique_ptr<KvClient> c(new KvClient());
   c->target_ = target;
   c->options_ = options;
@@ -80,7 +81,8 @@ KvClient::~KvClient() {
 
 std::unique_ptr<grpc::ClientContext> KvClient::Context() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
-  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(options_.deadline_ms));
+  ctx->set_deadline(std::chrono::system_clock::now() +
+                    std::chrono::milliseconds(options_.deadline_ms));
   return ctx;
 }
 
@@ -104,16 +106,19 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Get(const std::vector<PageRef>
   out.reserve(keys.size());
   v1::PageData msg;
   while (reader->Read(&msg)) {
-    if (out.size() >= keys.size()) return absl::DataLossError("server sent more pages than requested");
+    if (out.size() >= keys.size())
+      return absl::DataLossError("server sent more pages than requested");
     const PageRef& want = keys[out.size()];
     PageRecord rec;
     rec.header = HeaderFromProto(msg.header());
     if (rec.header.session_id != want.session_id || rec.header.page != want.page)
-      return absl::DataLossError(absl::StrCat("got page ", rec.header.page, " of \"", rec.header.session_id,
-                                              "\", asked for page ", want.page, " of \"", want.session_id, "\""));
+      return absl::DataLossError(absl::StrCat("got page ", rec.header.page, " of \"",
+                                              rec.header.session_id, "\", asked for page ",
+                                              want.page, " of \"", want.session_id, "\""));
     if (msg.payload().size() != rec.header.payload_bytes ||
         Checksum64(msg.payload().data(), msg.payload().size()) != rec.header.checksum)
-      return absl::DataLossError(absl::StrCat("page ", want.page, " of \"", want.session_id, "\": checksum mismatch"));
+      return absl::DataLossError(
+          absl::StrCat("page ", want.page, " of \"", want.session_id, "\": checksum mismatch"));
     rec.payload = std::move(*msg.mutable_payload());
     out.push_back(std::move(rec));
   }
@@ -145,16 +150,20 @@ absl::StatusOr<KvClient::Resolved> KvClient::Resolve(const std::vector<PageRef>&
 }
 
 absl::Status KvClient::ReadUcx(const std::vector<PageRef>& keys, const UcxRegion& dst,
-                               const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers) {
-  if (dst_offsets.size() != keys.size()) return absl::InvalidArgumentError("one destination offset per key");
+                               const std::vector<uint64_t>& dst_offsets,
+                               std::vector<PageHeaderData>* headers) {
+  if (dst_offsets.size() != keys.size())
+    return absl::InvalidArgumentError("one destination offset per key");
   FM_ASSIGN_OR_RETURN(Resolved r, Resolve(keys));
   return ReadResolved(r, dst, dst_offsets, headers);
 }
 
-absl::Status KvClient::ReadResolved(const Resolved& r, const UcxRegion& dst, const std::vector<uint64_t>& dst_offsets,
+absl::Status KvClient::ReadResolved(const Resolved& r, const UcxRegion& dst,
+                                    const std::vector<uint64_t>& dst_offsets,
                                     std::vector<PageHeaderData>* headers) {
   absl::Status s;
-  if (dst_offsets.size() != r.keys.size()) s = absl::InvalidArgumentError("one destination offset per key");
+  if (dst_offsets.size() != r.keys.size())
+    s = absl::InvalidArgumentError("one destination offset per key");
   std::vector<UcxPeer::Op> ops;
   ops.reserve(r.keys.size());
   for (size_t i = 0; i < r.keys.size() && s.ok(); ++i) {
@@ -169,8 +178,10 @@ absl::Status KvClient::ReadResolved(const Resolved& r, const UcxRegion& dst, con
   for (size_t i = 0; i < ops.size() && s.ok();) {
     size_t j = i;
     uint64_t bytes = 0;
-    while (j < ops.size() && (j == i || bytes + ops[j].length <= kVerifyGroupBytes)) bytes += ops[j++].length;
-    s = peer_->Get(std::vector<UcxPeer::Op>(ops.begin() + i, ops.begin() + j), dst, options_.deadline_ms);
+    while (j < ops.size() && (j == i || bytes + ops[j].length <= kVerifyGroupBytes))
+      bytes += ops[j++].length;
+    s = peer_->Get(std::vector<UcxPeer::Op>(ops.begin() + i, ops.begin() + j), dst,
+                   options_.deadline_ms);
     for (; i < j && s.ok(); ++i)
       s = VerifyPageRecord(ops[i].local, ops[i].length, r.keys[i].session_id, r.keys[i].page,
                            headers ? &(*headers)[i] : nullptr);
@@ -187,17 +198,20 @@ void KvClient::ReleaseAsync(uint64_t lease_id) {
     v1::ReleaseResponse resp;
   };
   auto* call = new Call();
-  call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(options_.deadline_ms));
+  call->ctx.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(options_.deadline_ms));
   call->req.set_lease_id(lease_id);
   // A failed release is harmless: the lease expires on its own.
-  stub_->async()->Release(&call->ctx, &call->req, &call->resp, [call](grpc::Status) { delete call; });
+  stub_->async()->Release(&call->ctx, &call->req, &call->resp,
+                          [call](grpc::Status) { delete call; });
 }
 
 absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload) {
   if (!peer_) return absl::FailedPreconditionError("no UCX connection to " + target_);
   uint64_t len = kPageHeaderBytes + header.payload_bytes;
   std::lock_guard<std::mutex> lock(staging_mu_);
-  if (len > staging_->size()) return absl::ResourceExhaustedError("page larger than the staging buffer");
+  if (len > staging_->size())
+    return absl::ResourceExhaustedError("page larger than the staging buffer");
   v1::GrantPutRequest req;
   HeaderToProto(header, req.mutable_header());
   req.set_lease_ms(options_.lease_ms);
@@ -208,8 +222,9 @@ absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload)
   }
   EncodePageHeader(header, staging_->data());
   std::memcpy(staging_->data() + kPageHeaderBytes, payload, header.payload_bytes);
-  FM_RETURN_IF_ERROR(peer_->Put({UcxPeer::Op{resp.location().remote_address(), staging_->data(), len}}, *staging_,
-                                options_.deadline_ms));
+  FM_RETURN_IF_ERROR(
+      peer_->Put({UcxPeer::Op{resp.location().remote_address(), staging_->data(), len}}, *staging_,
+                 options_.deadline_ms));
   v1::CommitPutRequest commit;
   commit.set_lease_id(resp.lease_id());
   v1::CommitPutResponse commit_resp;
@@ -228,7 +243,8 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef
   while (i < keys.size()) {
     size_t n = record == 0 ? 1 : std::max<uint64_t>(1, staging_->size() / record);
     n = std::min(n, keys.size() - i);
-    FM_ASSIGN_OR_RETURN(Resolved r, Resolve(std::vector<PageRef>(keys.begin() + i, keys.begin() + i + n)));
+    FM_ASSIGN_OR_RETURN(Resolved r,
+                        Resolve(std::vector<PageRef>(keys.begin() + i, keys.begin() + i + n)));
     std::vector<uint64_t> offsets;
     uint64_t off = 0;
     for (uint64_t len : r.lengths) {
@@ -254,8 +270,9 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef
     for (size_t j = 0; j < r.keys.size(); ++j) {
       PageRecord rec;
       rec.header = std::move(headers[j]);
-      rec.payload.assign(reinterpret_cast<const char*>(staging_->data() + offsets[j] + kPageHeaderBytes),
-                         rec.header.payload_bytes);
+      rec.payload.assign(
+          reinterpret_cast<const char*>(staging_->data() + offsets[j] + kPageHeaderBytes),
+          rec.header.payload_bytes);
       out.push_back(std::move(rec));
     }
     i += r.keys.size();
@@ -263,7 +280,8 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef
   return out;
 }
 
-absl::StatusOr<v1::PrefetchResponse> KvClient::Prefetch(const std::vector<PageRef>& keys, uint32_t lease_ms) {
+absl::StatusOr<v1::PrefetchResponse> KvClient::Prefetch(const std::vector<PageRef>& keys,
+                                                        uint32_t lease_ms) {
   v1::PrefetchRequest req;
   AddKeys(keys, &req);
   req.set_lease_ms(lease_ms);
@@ -299,13 +317,15 @@ absl::StatusOr<v1::GetStatsResponse> KvClient::Stats(const std::string& session)
   return resp;
 }
 
-size_t RendezvousPick(const std::vector<std::string>& replicas, const std::string& session_id, uint64_t page) {
+size_t RendezvousPick(const std::vector<std::string>& replicas, const std::string& session_id,
+                      uint64_t page) {
   std::string key = session_id;
   key.append(reinterpret_cast<const char*>(&page), sizeof(page));
   size_t best = 0;
   uint64_t best_w = 0;
   for (size_t i = 0; i < replicas.size(); ++i) {
-    uint64_t w = Checksum64(key.data(), key.size(), Checksum64(replicas[i].data(), replicas[i].size()));
+    uint64_t w =
+        Checksum64(key.data(), key.size(), Checksum64(replicas[i].data(), replicas[i].size()));
     if (i == 0 || w > best_w) {
       best_w = w;
       best = i;
@@ -319,26 +339,31 @@ absl::StatusOr<std::vector<std::string>> ResolveReplicas(const std::string& spec
   if (spec.rfind("dns:", 0) == 0) {
     std::string rest = spec.substr(4);
     size_t colon = rest.rfind(':');
-    if (colon == std::string::npos) return absl::InvalidArgumentError("dns replica list needs dns:NAME:PORT");
+    if (colon == std::string::npos)
+      return absl::InvalidArgumentError("dns replica list needs dns:NAME:PORT");
     std::string name = rest.substr(0, colon), port = rest.substr(colon + 1);
     addrinfo hints{};
     hints.ai_socktype = SOCK_STREAM;
     addrinfo* res = nullptr;
     int rc = getaddrinfo(name.c_str(), port.c_str(), &hints, &res);
-    if (rc != 0) return absl::UnavailableError(absl::StrCat("cannot resolve ", name, ": ", gai_strerror(rc)));
+    if (rc != 0)
+      return absl::UnavailableError(absl::StrCat("cannot resolve ", name, ": ", gai_strerror(rc)));
     for (addrinfo* a = res; a; a = a->ai_next) {
       char host[INET6_ADDRSTRLEN];
       if (a->ai_family == AF_INET) {
-        inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, host, sizeof(host));
+        inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(a->ai_addr)->sin_addr, host,
+                  sizeof(host));
         out.push_back(absl::StrCat(host, ":", port));
       } else if (a->ai_family == AF_INET6) {
-        inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr, host, sizeof(host));
+        inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(a->ai_addr)->sin6_addr, host,
+                  sizeof(host));
         out.push_back(absl::StrCat("[", host, "]:", port));
       }
     }
     freeaddrinfo(res);
   } else {
-    for (absl::string_view part : absl::StrSplit(spec, ',', absl::SkipEmpty())) out.emplace_back(part);
+    for (absl::string_view part : absl::StrSplit(spec, ',', absl::SkipEmpty()))
+      out.emplace_back(part);
   }
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
@@ -346,8 +371,8 @@ absl::StatusOr<std::vector<std::string>> ResolveReplicas(const std::string& spec
   return out;
 }
 
-absl::StatusOr<std::unique_ptr<ShardedKvClient>> ShardedKvClient::Connect(const std::vector<std::string>& replicas,
-                                                                          const KvClientOptions& options) {
+absl::StatusOr<std::unique_ptr<ShardedKvClient>> ShardedKvClient::Connect(
+    const std::vector<std::string>& replicas, const KvClientOptions& options) {
   if (replicas.empty()) return absl::InvalidArgumentError("empty replica list");
   auto c = std::make_unique<ShardedKvClient>();
   c->names_ = replicas;
@@ -371,7 +396,8 @@ absl::Status ShardedKvClient::Put(const PageHeaderData& header, const void* payl
 
 absl::StatusOr<std::vector<PageRecord>> ShardedKvClient::Read(const std::vector<PageRef>& keys) {
   std::map<size_t, std::vector<size_t>> by_replica;
-  for (size_t i = 0; i < keys.size(); ++i) by_replica[ReplicaFor(keys[i].session_id, keys[i].page)].push_back(i);
+  for (size_t i = 0; i < keys.size(); ++i)
+    by_replica[ReplicaFor(keys[i].session_id, keys[i].page)].push_back(i);
   std::vector<PageRecord> out(keys.size());
   for (auto& [r, idx] : by_replica) {
     std::vector<PageRef> sub;

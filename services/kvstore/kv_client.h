@@ -6,11 +6,11 @@
 // Thread-safe.
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "common/page_format.h"
@@ -21,11 +21,11 @@
 namespace fm {
 
 struct KvClientOptions {
-  int deadline_ms = 10000;             // per RPC
-  int max_message_bytes = 64 << 20;    // gRPC message limit
-  bool use_ucx = true;                 // connect the UCX data path when the server offers it
-  uint32_t lease_ms = 0;               // lease for Resolve/GrantPut; 0 = server default
-  uint64_t staging_bytes = 64ull << 20;// registered buffer for ReadPayloads / PutUcx
+  int deadline_ms = 10000;               // per RPC
+  int max_message_bytes = 64 << 20;      // gRPC message limit
+  bool use_ucx = true;                   // connect the UCX data path when the server offers it
+  uint32_t lease_ms = 0;                 // lease for Resolve/GrantPut; 0 = server default
+  uint64_t staging_bytes = 64ull << 20;  // registered buffer for ReadPayloads / PutUcx
 };
 
 // A page read back: its header and payload.
@@ -65,12 +65,14 @@ class KvClient {
   absl::StatusOr<Resolved> Resolve(const std::vector<PageRef>& keys);
   // Reads and verifies each record into dst at dst_offsets[i], then ends the lease.
   absl::Status ReadResolved(const Resolved& resolved, const UcxRegion& dst,
-                            const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers);
+                            const std::vector<uint64_t>& dst_offsets,
+                            std::vector<PageHeaderData>* headers);
 
   // UCX path. Reads each page's record (header + payload) into dst at dst_offsets[i]
   // (each must leave room for the record), verifies it, releases the lease.
   absl::Status ReadUcx(const std::vector<PageRef>& keys, const UcxRegion& dst,
-                       const std::vector<uint64_t>& dst_offsets, std::vector<PageHeaderData>* headers);
+                       const std::vector<uint64_t>& dst_offsets,
+                       std::vector<PageHeaderData>* headers);
   // UCX put: GrantPut, one-sided write of header + payload, CommitPut.
   absl::Status PutUcx(const PageHeaderData& header, const void* payload);
   // Reads via UCX when connected, else via gRPC; returns payloads.
@@ -101,7 +103,8 @@ class KvClient {
 
 // Rendezvous (highest random weight) choice of a replica for a page key: stable, and moving
 // a replica in or out moves only the pages it gains or loses.
-size_t RendezvousPick(const std::vector<std::string>& replicas, const std::string& session_id, uint64_t page);
+size_t RendezvousPick(const std::vector<std::string>& replicas, const std::string& session_id,
+                      uint64_t page);
 
 // Parses a replica list: "host:port,host:port" (static) or "dns:NAME:PORT" (every address
 // NAME resolves to, e.g. a Kubernetes headless Service), sorted.
@@ -109,8 +112,8 @@ absl::StatusOr<std::vector<std::string>> ResolveReplicas(const std::string& spec
 
 class ShardedKvClient {
  public:
-  static absl::StatusOr<std::unique_ptr<ShardedKvClient>> Connect(const std::vector<std::string>& replicas,
-                                                                  const KvClientOptions& options);
+  static absl::StatusOr<std::unique_ptr<ShardedKvClient>> Connect(
+      const std::vector<std::string>& replicas, const KvClientOptions& options);
   size_t ReplicaFor(const std::string& session_id, uint64_t page) const;
   KvClient* replica(size_t i) const { return clients_[i].get(); }
   size_t size() const { return clients_.size(); }

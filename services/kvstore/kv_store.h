@@ -25,13 +25,13 @@ struct KvStoreOptions {
   std::string db_path = "fm-data/kvstore";  // RocksDB directory
   uint64_t ram_bytes = 1ull << 30;          // RAM tier budget in bytes (the UCX arena size)
   uint64_t max_page_bytes = 64ull << 20;    // largest payload accepted, bytes
-  uint64_t max_session_bytes = 0;           // durable bytes per session (headers included); 0 = unlimited
-  uint32_t max_keys_per_call = 4096;        // pages per Get/Resolve/Prefetch call
-  uint32_t default_lease_ms = 30000;        // lease length when a request says 0
-  uint32_t max_lease_ms = 600000;           // longest lease granted
-  bool sync_writes = false;                 // fsync WAL per put (power-loss durability)
-  bool enable_ucx = true;                   // register the arena with UCX; false = gRPC byte path only
-  uint64_t slab_bytes = 64ull << 20;        // RAM arena carving unit; larger records are not cached
+  uint64_t max_session_bytes = 0;     // durable bytes per session (headers included); 0 = unlimited
+  uint32_t max_keys_per_call = 4096;  // pages per Get/Resolve/Prefetch call
+  uint32_t default_lease_ms = 30000;  // lease length when a request says 0
+  uint32_t max_lease_ms = 600000;     // longest lease granted
+  bool sync_writes = false;           // fsync WAL per put (power-loss durability)
+  bool enable_ucx = true;             // register the arena with UCX; false = gRPC byte path only
+  uint64_t slab_bytes = 64ull << 20;  // RAM arena carving unit; larger records are not cached
 };
 
 struct PageRef {
@@ -101,7 +101,8 @@ class KvStore {
   virtual absl::Status CommitPut(uint64_t lease_id) = 0;
   virtual absl::Status Release(uint64_t lease_id) = 0;
   virtual absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id) = 0;
-  // session = "" : no per-session rows; "*" : all sessions; else that session (NOT_FOUND if unknown).
+  // session = "" : no per-session rows; "*" : all sessions; else that session (NOT_FOUND if
+  // unknown).
   virtual absl::StatusOr<KvStats> Stats(const std::string& session) = 0;
 
   // Ends expired leases now (also done periodically by a background thread).

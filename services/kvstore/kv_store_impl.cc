@@ -15,9 +15,13 @@ namespace {
 std::string PrintableLabel(const std::string& s) {
   std::string out;
   for (unsigned char c : s) {
-    if (c == '"' || c == '\\') { out.push_back('\\'); out.push_back(static_cast<char>(c)); }
-    else if (c >= 0x20 && c < 0x7f) out.push_back(static_cast<char>(c));
-    else absl::StrAppend(&out, "%", absl::Hex(c, absl::kZeroPad2));
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(static_cast<char>(c));
+    } else if (c >= 0x20 && c < 0x7f)
+      out.push_back(static_cast<char>(c));
+    else
+      absl::StrAppend(&out, "%", absl::Hex(c, absl::kZeroPad2));
   }
   return out;
 }
@@ -51,13 +55,15 @@ KvStoreImpl::~KvStoreImpl() {
 }
 
 absl::Status KvStoreImpl::Init() {
-  if (options_.ram_bytes < 4096) return absl::InvalidArgumentError("ram_bytes must be at least 4096");
+  if (options_.ram_bytes < 4096)
+    return absl::InvalidArgumentError("ram_bytes must be at least 4096");
   if (options_.enable_ucx) {
     FM_ASSIGN_OR_RETURN(ucx_, UcxEngine::Create(/*progress_thread=*/true));
     FM_ASSIGN_OR_RETURN(region_, ucx_->MapRegion(options_.ram_bytes));
     arena_ = region_->data();
   } else {
-    heap_ = mmap(nullptr, options_.ram_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    heap_ = mmap(nullptr, options_.ram_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                 -1, 0);
     if (heap_ == MAP_FAILED) {
       heap_ = nullptr;
       return absl::ResourceExhaustedError("cannot map the RAM arena");
@@ -89,13 +95,14 @@ absl::Status KvStoreImpl::Init() {
     ++pages;
   });
   FM_RETURN_IF_ERROR(scan);
-  FM_LOG_INFO("kvstore: recovered %llu pages of %zu sessions from %s", static_cast<unsigned long long>(pages),
-              sessions_.size(), options_.db_path.c_str());
+  FM_LOG_INFO("kvstore: recovered %llu pages of %zu sessions from %s",
+              static_cast<unsigned long long>(pages), sessions_.size(), options_.db_path.c_str());
 
   if (metrics_) {
     puts_metric_ = metrics_->GetCounter("fm_kvstore_puts_total", "Pages stored.");
     put_bytes_metric_ = metrics_->GetCounter("fm_kvstore_put_bytes_total", "Record bytes stored.");
-    read_bytes_metric_ = metrics_->GetCounter("fm_kvstore_read_bytes_total", "Record bytes read over gRPC.");
+    read_bytes_metric_ =
+        metrics_->GetCounter("fm_kvstore_read_bytes_total", "Record bytes read over gRPC.");
     metrics_->AddCollector([this](std::string* out) { RenderMetrics(out); });
   }
   reaper_ = std::thread([this] { ReaperLoop(); });
@@ -114,11 +121,13 @@ UcxEndpointInfo KvStoreImpl::ucx() const {
 
 absl::Status KvStoreImpl::ValidateHeader(const PageHeaderData& h) const {
   FM_RETURN_IF_ERROR(ValidateSessionId(h.session_id));
-  if (h.payload_bytes == 0) return absl::InvalidArgumentError("payload_bytes is 0; a page has a payload");
+  if (h.payload_bytes == 0)
+    return absl::InvalidArgumentError("payload_bytes is 0; a page has a payload");
   if (h.payload_bytes > options_.max_page_bytes)
-    return absl::ResourceExhaustedError(absl::StrCat("page payload is ", h.payload_bytes,
-                                                     " bytes; the limit is ", options_.max_page_bytes));
-  if (DTypeSize(h.dtype) == 0) return absl::InvalidArgumentError("page dtype is unspecified or unknown");
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "page payload is ", h.payload_bytes, " bytes; the limit is ", options_.max_page_bytes));
+  if (DTypeSize(h.dtype) == 0)
+    return absl::InvalidArgumentError("page dtype is unspecified or unknown");
   if (h.token_count == 0) return absl::InvalidArgumentError("token_count is 0");
   if (kPageHeaderBytes + h.payload_bytes > options_.ram_bytes && options_.ram_bytes > 0) {
     // Still durable; it just never caches. Allowed.
@@ -135,8 +144,9 @@ absl::Status KvStoreImpl::ReserveLocked(const PageHeaderData& h, bool* had_old, 
   uint64_t new_bytes = ss.bytes - (*had_old ? old->record_len : 0) + len;
   if (options_.max_session_bytes > 0 && new_bytes > options_.max_session_bytes) {
     if (ss.pages.empty()) sessions_.erase(h.session_id);
-    return absl::ResourceExhaustedError(absl::StrCat("session \"", h.session_id, "\" would hold ", new_bytes,
-                                                     " bytes; the limit is ", options_.max_session_bytes));
+    return absl::ResourceExhaustedError(absl::StrCat("session \"", h.session_id, "\" would hold ",
+                                                     new_bytes, " bytes; the limit is ",
+                                                     options_.max_session_bytes));
   }
   ss.bytes = new_bytes;
   ss.pages[h.page] = PageInfo{len, next_version_++};
@@ -186,9 +196,11 @@ absl::Status KvStoreImpl::Put(const PageHeaderData& header, const uint8_t* paylo
   *in_ram = false;
   FM_RETURN_IF_ERROR(ValidateHeader(header));
   if (len != header.payload_bytes)
-    return absl::InvalidArgumentError(absl::StrCat("payload is ", len, " bytes; header says ", header.payload_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("payload is ", len, " bytes; header says ", header.payload_bytes));
   if (Checksum64(payload, len) != header.checksum)
-    return absl::DataLossError(absl::StrCat("page ", header.page, " of session \"", header.session_id,
+    return absl::DataLossError(absl::StrCat("page ", header.page, " of session \"",
+                                            header.session_id,
                                             "\": payload checksum does not match the header"));
   const std::string key = EncodePageKey(header.session_id, header.page);
   const uint64_t record_len = kPageHeaderBytes + len;
@@ -232,8 +244,9 @@ absl::Status KvStoreImpl::Put(const PageHeaderData& header, const uint8_t* paylo
   return absl::OkStatus();
 }
 
-absl::StatusOr<RamCell*> KvStoreImpl::PinInRam(const PageRef& ref, const std::string& key, bool* promoted,
-                                               const std::function<void(const uint8_t*, size_t)>* fallback) {
+absl::StatusOr<RamCell*> KvStoreImpl::PinInRam(
+    const PageRef& ref, const std::string& key, bool* promoted,
+    const std::function<void(const uint8_t*, size_t)>* fallback) {
   *promoted = false;
   uint64_t version;
   {
@@ -243,7 +256,8 @@ absl::StatusOr<RamCell*> KvStoreImpl::PinInRam(const PageRef& ref, const std::st
       return absl::NotFoundError(absl::StrCat("unknown session \"", ref.session_id, "\""));
     auto pit = sit->second.pages.find(ref.page);
     if (pit == sit->second.pages.end())
-      return absl::NotFoundError(absl::StrCat("page ", ref.page, " of session \"", ref.session_id, "\" not found"));
+      return absl::NotFoundError(
+          absl::StrCat("page ", ref.page, " of session \"", ref.session_id, "\" not found"));
     version = pit->second.version;
     if (RamCell* c = ram_->Find(key)) {
       ram_->Pin(c);
@@ -287,12 +301,14 @@ absl::StatusOr<RamCell*> KvStoreImpl::PinInRam(const PageRef& ref, const std::st
     return absl::OkStatus();
   });
   if (s.code() == absl::StatusCode::kNotFound)
-    return absl::NotFoundError(absl::StrCat("page ", ref.page, " of session \"", ref.session_id, "\" not found"));
+    return absl::NotFoundError(
+        absl::StrCat("page ", ref.page, " of session \"", ref.session_id, "\" not found"));
   FM_RETURN_IF_ERROR(s);
   return result;
 }
 
-absl::Status KvStoreImpl::Read(const PageRef& ref, const std::function<void(const uint8_t*, size_t)>& sink,
+absl::Status KvStoreImpl::Read(const PageRef& ref,
+                               const std::function<void(const uint8_t*, size_t)>& sink,
                                bool* from_spill) {
   FM_RETURN_IF_ERROR(ValidateSessionId(ref.session_id));
   const std::string key = EncodePageKey(ref.session_id, ref.page);
@@ -327,8 +343,8 @@ uint32_t KvStoreImpl::LeaseMs(uint32_t requested) const {
 absl::StatusOr<Lease> KvStoreImpl::Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms) {
   if (keys.empty()) return absl::InvalidArgumentError("no pages requested");
   if (keys.size() > options_.max_keys_per_call)
-    return absl::ResourceExhaustedError(absl::StrCat(keys.size(), " pages in one call; the limit is ",
-                                                     options_.max_keys_per_call));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(keys.size(), " pages in one call; the limit is ", options_.max_keys_per_call));
   for (const PageRef& k : keys) FM_RETURN_IF_ERROR(ValidateSessionId(k.session_id));
   LeaseState state;
   Lease lease;
@@ -341,15 +357,19 @@ absl::StatusOr<Lease> KvStoreImpl::Acquire(const std::vector<PageRef>& keys, uin
       cell = PinInRam(k, key, &promoted, nullptr);
       if (cell.status().code() != absl::StatusCode::kAborted) break;
     }
-    if (!cell.ok()) { failure = cell.status(); break; }
+    if (!cell.ok()) {
+      failure = cell.status();
+      break;
+    }
     if (*cell == nullptr) {
-      failure = absl::ResourceExhaustedError("RAM tier is full of pinned pages; release leases or raise ram_bytes");
+      failure = absl::ResourceExhaustedError(
+          "RAM tier is full of pinned pages; release leases or raise ram_bytes");
       break;
     }
     lease.promoted += promoted ? 1 : 0;
     state.cells.push_back(*cell);
-    lease.locations.push_back(LeasedLocation{k, reinterpret_cast<uint64_t>(arena_ + (*cell)->offset),
-                                             (*cell)->record_len});
+    lease.locations.push_back(LeasedLocation{
+        k, reinterpret_cast<uint64_t>(arena_ + (*cell)->offset), (*cell)->record_len});
   }
   absl::MutexLock lock(&mu_);
   if (!failure.ok()) {
@@ -373,7 +393,8 @@ absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32
   // Reserve the RAM cell first: without one there is nothing to write into.
   RamCell* c = AllocateLocked(record_len);
   if (c == nullptr)
-    return absl::ResourceExhaustedError("RAM tier is full of pinned pages; use PutPage or release leases");
+    return absl::ResourceExhaustedError(
+        "RAM tier is full of pinned pages; use PutPage or release leases");
   absl::Status s = ReserveLocked(header, &state.had_old, &state.old_info);
   if (!s.ok()) {
     ram_->Unpin(c);
@@ -384,7 +405,8 @@ absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32
   Lease lease;
   lease.id = next_lease_++;
   lease.locations.push_back(LeasedLocation{PageRef{header.session_id, header.page},
-                                           reinterpret_cast<uint64_t>(arena_ + c->offset), record_len});
+                                           reinterpret_cast<uint64_t>(arena_ + c->offset),
+                                           record_len});
   leases_.emplace(lease.id, std::move(state));
   return lease;
 }
@@ -409,7 +431,8 @@ absl::Status KvStoreImpl::CommitPut(uint64_t lease_id) {
   if (s.ok() && (got.spec_hash != want.spec_hash || got.token_count != want.token_count ||
                  got.dtype != want.dtype || got.checksum != want.checksum))
     s = absl::DataLossError("written page header differs from the granted header");
-  if (s.ok()) s = disk_->Put(state.put_key, rec, kPageHeaderBytes, rec + kPageHeaderBytes, got.payload_bytes);
+  if (s.ok())
+    s = disk_->Put(state.put_key, rec, kPageHeaderBytes, rec + kPageHeaderBytes, got.payload_bytes);
   absl::MutexLock lock(&mu_);
   if (!s.ok()) {
     RollbackLocked(want, state.had_old, state.old_info);
@@ -433,7 +456,8 @@ void KvStoreImpl::EndLeaseLocked(LeaseState& lease) {
 absl::Status KvStoreImpl::Release(uint64_t lease_id) {
   absl::MutexLock lock(&mu_);
   auto it = leases_.find(lease_id);
-  if (it == leases_.end()) return absl::NotFoundError(absl::StrCat("lease ", lease_id, " is unknown or expired"));
+  if (it == leases_.end())
+    return absl::NotFoundError(absl::StrCat("lease ", lease_id, " is unknown or expired"));
   EndLeaseLocked(it->second);
   leases_.erase(it);
   return absl::OkStatus();
@@ -469,7 +493,8 @@ absl::StatusOr<uint64_t> KvStoreImpl::DeleteSession(const std::string& sid) {
   {
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(sid);
-    if (it == sessions_.end()) return absl::NotFoundError(absl::StrCat("unknown session \"", sid, "\""));
+    if (it == sessions_.end())
+      return absl::NotFoundError(absl::StrCat("unknown session \"", sid, "\""));
     n = it->second.pages.size();
     for (const auto& [page, info] : it->second.pages) ram_->Erase(EncodePageKey(sid, page));
     sessions_.erase(it);
@@ -494,7 +519,8 @@ absl::StatusOr<KvStats> KvStoreImpl::Stats(const std::string& session) {
     st.disk_pages += ss.pages.size();
     st.disk_bytes += ss.bytes;
     if (session == "*" || session == sid)
-      st.sessions.push_back(KvSessionStats{sid, ss.pages.size(), ss.bytes, ss.ram_pages, ss.hits, ss.misses});
+      st.sessions.push_back(
+          KvSessionStats{sid, ss.pages.size(), ss.bytes, ss.ram_pages, ss.hits, ss.misses});
   }
   if (!session.empty() && session != "*" && st.sessions.empty())
     return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
@@ -505,7 +531,8 @@ void KvStoreImpl::RenderMetrics(std::string* out) {
   absl::StatusOr<KvStats> st = Stats("*");
   if (!st.ok()) return;
   auto gauge = [&](const char* name, const char* help, uint64_t v) {
-    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v, "\n");
+    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v,
+                    "\n");
   };
   gauge("fm_kvstore_ram_bytes", "Record bytes in the RAM tier.", st->ram_bytes);
   gauge("fm_kvstore_ram_pages", "Pages in the RAM tier.", st->ram_pages);
@@ -515,7 +542,8 @@ void KvStoreImpl::RenderMetrics(std::string* out) {
   gauge("fm_kvstore_pinned_pages", "RAM pages under a lease.", st->pinned_pages);
   gauge("fm_kvstore_active_leases", "Leases not yet released or expired.", st->active_leases);
   auto counter = [&](const char* name, const char* help, uint64_t v) {
-    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ", v, "\n");
+    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ", v,
+                    "\n");
   };
   counter("fm_kvstore_hits_total", "Reads served from RAM.", st->hits);
   counter("fm_kvstore_misses_total", "Reads not in RAM.", st->misses);
@@ -524,11 +552,13 @@ void KvStoreImpl::RenderMetrics(std::string* out) {
   absl::StrAppend(out, "# HELP fm_kvstore_session_bytes Durable bytes per session.\n",
                   "# TYPE fm_kvstore_session_bytes gauge\n");
   for (const auto& s : st->sessions)
-    absl::StrAppend(out, "fm_kvstore_session_bytes{session=\"", PrintableLabel(s.session_id), "\"} ", s.bytes, "\n");
+    absl::StrAppend(out, "fm_kvstore_session_bytes{session=\"", PrintableLabel(s.session_id),
+                    "\"} ", s.bytes, "\n");
   absl::StrAppend(out, "# HELP fm_kvstore_session_pages Durable pages per session.\n",
                   "# TYPE fm_kvstore_session_pages gauge\n");
   for (const auto& s : st->sessions)
-    absl::StrAppend(out, "fm_kvstore_session_pages{session=\"", PrintableLabel(s.session_id), "\"} ", s.pages, "\n");
+    absl::StrAppend(out, "fm_kvstore_session_pages{session=\"", PrintableLabel(s.session_id),
+                    "\"} ", s.pages, "\n");
 }
 
 }  // namespace fm

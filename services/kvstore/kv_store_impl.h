@@ -49,7 +49,7 @@ class KvStoreImpl final : public KvStore {
     bool is_put = false;
     PageHeaderData put_header;  // put grants: what the client promised to write
     std::string put_key;
-    bool had_old = false;       // put grants: the reservation to roll back
+    bool had_old = false;  // put grants: the reservation to roll back
     PageInfo old_info;
   };
 

@@ -21,7 +21,8 @@ class KvStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = std::filesystem::temp_directory_path() /
-           ("fm_kv_" + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+           ("fm_kv_" + std::to_string(::getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
     std::filesystem::remove_all(dir_);
     options_.db_path = dir_.string();
     options_.enable_ucx = false;
@@ -34,17 +35,23 @@ class KvStoreTest : public ::testing::Test {
   }
   void Open() { store_ = KvStore::Open(options_, nullptr).value(); }
 
-  absl::Status PutPage(const std::string& sid, uint64_t page, const std::string& payload, bool* in_ram = nullptr) {
+  absl::Status PutPage(const std::string& sid, uint64_t page, const std::string& payload,
+                       bool* in_ram = nullptr) {
     bool r;
     auto h = MakePageHeader(sid, page, 99, 64, DType::kBf16, payload.data(), payload.size());
-    return store_->Put(h, reinterpret_cast<const uint8_t*>(payload.data()), payload.size(), in_ram ? in_ram : &r);
+    return store_->Put(h, reinterpret_cast<const uint8_t*>(payload.data()), payload.size(),
+                       in_ram ? in_ram : &r);
   }
-  absl::StatusOr<std::string> ReadPayload(const std::string& sid, uint64_t page, bool* spill = nullptr) {
+  absl::StatusOr<std::string> ReadPayload(const std::string& sid, uint64_t page,
+                                          bool* spill = nullptr) {
     std::string out;
     bool s;
-    absl::Status st = store_->Read(PageRef{sid, page}, [&](const uint8_t* rec, size_t len) {
-      out.assign(reinterpret_cast<const char*>(rec) + kPageHeaderBytes, len - kPageHeaderBytes);
-    }, spill ? spill : &s);
+    absl::Status st = store_->Read(
+        PageRef{sid, page},
+        [&](const uint8_t* rec, size_t len) {
+          out.assign(reinterpret_cast<const char*>(rec) + kPageHeaderBytes, len - kPageHeaderBytes);
+        },
+        spill ? spill : &s);
     if (!st.ok()) return st;
     return out;
   }
@@ -121,7 +128,8 @@ TEST_F(KvStoreTest, BadInputGetsPreciseStatus) {
   std::string p = RandomBytes(kPayload, 5);
   EXPECT_THAT(PutPage("", 0, p), StatusIs(Code::kInvalidArgument, "session_id"));
   EXPECT_THAT(PutPage(std::string(129, 'x'), 0, p), StatusIs(Code::kInvalidArgument, "128"));
-  EXPECT_THAT(PutPage("s", 0, RandomBytes(kPayload + 1, 5)), StatusIs(Code::kResourceExhausted, "limit"));
+  EXPECT_THAT(PutPage("s", 0, RandomBytes(kPayload + 1, 5)),
+              StatusIs(Code::kResourceExhausted, "limit"));
   // Length disagrees with the header.
   auto h = MakePageHeader("s", 0, 1, 64, DType::kBf16, p.data(), p.size());
   bool in_ram;
@@ -150,7 +158,8 @@ TEST_F(KvStoreTest, BadInputGetsPreciseStatus) {
   EXPECT_THAT(store_->DeleteSession("nobody"), StatusIs(Code::kNotFound));
   EXPECT_THAT(store_->Stats("nobody"), StatusIs(Code::kNotFound));
   EXPECT_THAT(store_->Acquire({}, 0), StatusIs(Code::kInvalidArgument));
-  EXPECT_THAT(store_->Acquire(std::vector<PageRef>(9, PageRef{"s", 0}), 0), StatusIs(Code::kResourceExhausted));
+  EXPECT_THAT(store_->Acquire(std::vector<PageRef>(9, PageRef{"s", 0}), 0),
+              StatusIs(Code::kResourceExhausted));
   // Nothing above disturbed the stored pages.
   EXPECT_EQ(ReadPayload("s", 0).value(), p);
   EXPECT_EQ(store_->Stats("s").value().sessions[0].pages, 3u);
@@ -174,7 +183,9 @@ TEST_F(KvStoreTest, LeasesPinAndExpire) {
   EXPECT_TRUE(spill);
   // The leased bytes are the page records.
   for (const auto& loc : lease->locations) {
-    EXPECT_THAT(VerifyPageRecord(reinterpret_cast<const uint8_t*>(loc.address), loc.length, "s", loc.key.page), IsOk());
+    EXPECT_THAT(VerifyPageRecord(reinterpret_cast<const uint8_t*>(loc.address), loc.length, "s",
+                                 loc.key.page),
+                IsOk());
   }
   ASSERT_THAT(store_->Release(lease->id), IsOk());
   EXPECT_THAT(store_->Release(lease->id), StatusIs(Code::kNotFound));
@@ -238,7 +249,8 @@ TEST_F(KvStoreTest, DeleteSessionLeavesOthersIntact) {
   EXPECT_EQ(store_->DeleteSession("gone").value(), 3u);
   EXPECT_THAT(ReadPayload("gone", 1), StatusIs(Code::kNotFound));
   EXPECT_THAT(store_->Release(lease.id), IsOk());
-  for (uint64_t i = 0; i < 3; ++i) EXPECT_EQ(ReadPayload("kept", i).value(), RandomBytes(100, 10 + i));
+  for (uint64_t i = 0; i < 3; ++i)
+    EXPECT_EQ(ReadPayload("kept", i).value(), RandomBytes(100, 10 + i));
   store_.reset();
   Open();  // the delete is durable too
   EXPECT_THAT(ReadPayload("gone", 0), StatusIs(Code::kNotFound));

@@ -53,7 +53,8 @@ void HeaderToProto(const PageHeaderData& h, v1::PageHeader* p) {
   p->set_dtype(static_cast<v1::DType>(h.dtype));
 }
 
-grpc::ServerUnaryReactor* KvStoreService::Connect(grpc::CallbackServerContext* ctx, const v1::ConnectRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::Connect(grpc::CallbackServerContext* ctx,
+                                                  const v1::ConnectRequest* req,
                                                   v1::ConnectResponse* resp) {
   UcxEndpointInfo info = store_->ucx();
   resp->set_worker_address(info.worker_address);
@@ -63,12 +64,14 @@ grpc::ServerUnaryReactor* KvStoreService::Connect(grpc::CallbackServerContext* c
   return Done(ctx, absl::OkStatus());
 }
 
-grpc::ServerUnaryReactor* KvStoreService::PutPage(grpc::CallbackServerContext* ctx, const v1::PutPageRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::PutPage(grpc::CallbackServerContext* ctx,
+                                                  const v1::PutPageRequest* req,
                                                   v1::PutPageResponse* resp) {
   if (!req->has_header()) return Done(ctx, absl::InvalidArgumentError("header is missing"));
   bool in_ram = false;
   absl::Status s = store_->Put(HeaderFromProto(req->header()),
-                               reinterpret_cast<const uint8_t*>(req->payload().data()), req->payload().size(), &in_ram);
+                               reinterpret_cast<const uint8_t*>(req->payload().data()),
+                               req->payload().size(), &in_ram);
   resp->set_in_ram(in_ram);
   return Done(ctx, s);
 }
@@ -86,8 +89,9 @@ class GetPagesReactor final : public grpc::ServerWriteReactor<v1::PageData> {
       return;
     }
     if (keys_.size() > max_keys) {
-      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          absl::StrCat(keys_.size(), " pages in one call; the limit is ", max_keys)));
+      Finish(
+          grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                       absl::StrCat(keys_.size(), " pages in one call; the limit is ", max_keys)));
       return;
     }
     Next();
@@ -110,12 +114,15 @@ class GetPagesReactor final : public grpc::ServerWriteReactor<v1::PageData> {
     const PageRef& ref = keys_[next_++];
     msg_.Clear();
     bool from_spill = false;
-    absl::Status s = store_->Read(ref, [&](const uint8_t* rec, size_t len) {
-      PageHeaderData h;
-      if (!DecodePageHeader(rec, &h).ok()) return;
-      HeaderToProto(h, msg_.mutable_header());
-      msg_.set_payload(rec + kPageHeaderBytes, len - kPageHeaderBytes);
-    }, &from_spill);
+    absl::Status s = store_->Read(
+        ref,
+        [&](const uint8_t* rec, size_t len) {
+          PageHeaderData h;
+          if (!DecodePageHeader(rec, &h).ok()) return;
+          HeaderToProto(h, msg_.mutable_header());
+          msg_.set_payload(rec + kPageHeaderBytes, len - kPageHeaderBytes);
+        },
+        &from_spill);
     if (s.ok() && !msg_.has_header()) s = absl::DataLossError("stored page header does not decode");
     if (!s.ok()) {
       Finish(ToGrpcStatus(s));
@@ -138,7 +145,8 @@ grpc::ServerWriteReactor<v1::PageData>* KvStoreService::GetPages(grpc::CallbackS
   return new GetPagesReactor(store_, Refs(req->keys()), max_keys_);
 }
 
-grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* ctx, const v1::ResolveRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* ctx,
+                                                  const v1::ResolveRequest* req,
                                                   v1::ResolveResponse* resp) {
   absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
   if (!lease.ok()) return Done(ctx, lease.status());
@@ -147,7 +155,8 @@ grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* c
   return Done(ctx, absl::OkStatus());
 }
 
-grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* ctx, const v1::GrantPutRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* ctx,
+                                                   const v1::GrantPutRequest* req,
                                                    v1::GrantPutResponse* resp) {
   if (!req->has_header()) return Done(ctx, absl::InvalidArgumentError("header is missing"));
   absl::StatusOr<Lease> lease = store_->GrantPut(HeaderFromProto(req->header()), req->lease_ms());
@@ -157,12 +166,14 @@ grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* 
   return Done(ctx, absl::OkStatus());
 }
 
-grpc::ServerUnaryReactor* KvStoreService::CommitPut(grpc::CallbackServerContext* ctx, const v1::CommitPutRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::CommitPut(grpc::CallbackServerContext* ctx,
+                                                    const v1::CommitPutRequest* req,
                                                     v1::CommitPutResponse*) {
   return Done(ctx, store_->CommitPut(req->lease_id()));
 }
 
-grpc::ServerUnaryReactor* KvStoreService::Prefetch(grpc::CallbackServerContext* ctx, const v1::PrefetchRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::Prefetch(grpc::CallbackServerContext* ctx,
+                                                   const v1::PrefetchRequest* req,
                                                    v1::PrefetchResponse* resp) {
   absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
   if (!lease.ok()) return Done(ctx, lease.status());
@@ -172,7 +183,8 @@ grpc::ServerUnaryReactor* KvStoreService::Prefetch(grpc::CallbackServerContext* 
   return Done(ctx, absl::OkStatus());
 }
 
-grpc::ServerUnaryReactor* KvStoreService::Release(grpc::CallbackServerContext* ctx, const v1::ReleaseRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::Release(grpc::CallbackServerContext* ctx,
+                                                  const v1::ReleaseRequest* req,
                                                   v1::ReleaseResponse*) {
   return Done(ctx, store_->Release(req->lease_id()));
 }
@@ -185,7 +197,8 @@ grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerCont
   return Done(ctx, n.status());
 }
 
-grpc::ServerUnaryReactor* KvStoreService::GetStats(grpc::CallbackServerContext* ctx, const v1::GetStatsRequest* req,
+grpc::ServerUnaryReactor* KvStoreService::GetStats(grpc::CallbackServerContext* ctx,
+                                                   const v1::GetStatsRequest* req,
                                                    v1::GetStatsResponse* resp) {
   absl::StatusOr<KvStats> st = store_->Stats(req->session_id());
   if (!st.ok()) return Done(ctx, st.status());

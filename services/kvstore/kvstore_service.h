@@ -16,26 +16,34 @@ class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
   explicit KvStoreService(KvStore* store, uint32_t max_keys_per_call = 4096)
       : store_(store), max_keys_(max_keys_per_call) {}
 
-  grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx, const flashmemory::v1::ConnectRequest* req,
+  grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx,
+                                    const flashmemory::v1::ConnectRequest* req,
                                     flashmemory::v1::ConnectResponse* resp) override;
-  grpc::ServerUnaryReactor* PutPage(grpc::CallbackServerContext* ctx, const flashmemory::v1::PutPageRequest* req,
+  grpc::ServerUnaryReactor* PutPage(grpc::CallbackServerContext* ctx,
+                                    const flashmemory::v1::PutPageRequest* req,
                                     flashmemory::v1::PutPageResponse* resp) override;
   grpc::ServerWriteReactor<flashmemory::v1::PageData>* GetPages(
       grpc::CallbackServerContext* ctx, const flashmemory::v1::GetPagesRequest* req) override;
-  grpc::ServerUnaryReactor* Resolve(grpc::CallbackServerContext* ctx, const flashmemory::v1::ResolveRequest* req,
+  grpc::ServerUnaryReactor* Resolve(grpc::CallbackServerContext* ctx,
+                                    const flashmemory::v1::ResolveRequest* req,
                                     flashmemory::v1::ResolveResponse* resp) override;
-  grpc::ServerUnaryReactor* GrantPut(grpc::CallbackServerContext* ctx, const flashmemory::v1::GrantPutRequest* req,
+  grpc::ServerUnaryReactor* GrantPut(grpc::CallbackServerContext* ctx,
+                                     const flashmemory::v1::GrantPutRequest* req,
                                      flashmemory::v1::GrantPutResponse* resp) override;
-  grpc::ServerUnaryReactor* CommitPut(grpc::CallbackServerContext* ctx, const flashmemory::v1::CommitPutRequest* req,
+  grpc::ServerUnaryReactor* CommitPut(grpc::CallbackServerContext* ctx,
+                                      const flashmemory::v1::CommitPutRequest* req,
                                       flashmemory::v1::CommitPutResponse* resp) override;
-  grpc::ServerUnaryReactor* Prefetch(grpc::CallbackServerContext* ctx, const flashmemory::v1::PrefetchRequest* req,
+  grpc::ServerUnaryReactor* Prefetch(grpc::CallbackServerContext* ctx,
+                                     const flashmemory::v1::PrefetchRequest* req,
                                      flashmemory::v1::PrefetchResponse* resp) override;
-  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx, const flashmemory::v1::ReleaseRequest* req,
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* ctx,
+                                    const flashmemory::v1::ReleaseRequest* req,
                                     flashmemory::v1::ReleaseResponse* resp) override;
   grpc::ServerUnaryReactor* DeleteSession(grpc::CallbackServerContext* ctx,
                                           const flashmemory::v1::DeleteSessionRequest* req,
                                           flashmemory::v1::DeleteSessionResponse* resp) override;
-  grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* ctx, const flashmemory::v1::GetStatsRequest* req,
+  grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* ctx,
+                                     const flashmemory::v1::GetStatsRequest* req,
                                      flashmemory::v1::GetStatsResponse* resp) override;
 
  private:

@@ -8,7 +8,9 @@ constexpr uint64_t kCellAlign = 4096;
 }
 
 RamTier::RamTier(uint8_t* base, uint64_t bytes, uint64_t slab_bytes)
-    : base_(base), bytes_(bytes), slab_bytes_(std::max<uint64_t>(slab_bytes / kCellAlign * kCellAlign, kCellAlign)) {
+    : base_(base),
+      bytes_(bytes),
+      slab_bytes_(std::max<uint64_t>(slab_bytes / kCellAlign * kCellAlign, kCellAlign)) {
   for (uint64_t off = 0; off + kCellAlign <= bytes_; off += slab_bytes_) {
     Slab s;
     s.offset = off;
@@ -68,8 +70,9 @@ int RamTier::StealSlab(uint64_t cell_bytes, std::vector<std::string>* evicted) {
         Unpublish(c);  // unpinned: back on the old class's free list
       }
     }
-    old.free.erase(std::remove_if(old.free.begin(), old.free.end(), [i](RamCell* c) { return c->slab == i; }),
-                   old.free.end());
+    old.free.erase(
+        std::remove_if(old.free.begin(), old.free.end(), [i](RamCell* c) { return c->slab == i; }),
+        old.free.end());
     return static_cast<int>(i);
   }
   return -1;

@@ -4,9 +4,9 @@
 // (record length rounded up to 4 KiB) when a class first needs it. To make room a class
 // evicts its own least recently used unpinned cell, and when it has none it takes over a
 // slab of another class that holds no pinned cell (evicting that slab's pages). Records
-// larger than a slab are never cached in RAM. A cell is pinned while a lease, a reader or a writer holds it; a pinned
-// cell is never evicted or reused. Replacing or erasing a pinned cell detaches it: readers
-// holding it keep a consistent (old) record until they unpin, then it is freed.
+// larger than a slab are never cached in RAM. A cell is pinned while a lease, a reader or a writer
+// holds it; a pinned cell is never evicted or reused. Replacing or erasing a pinned cell detaches
+// it: readers holding it keep a consistent (old) record until they unpin, then it is freed.
 //
 // Not thread-safe: the owner serialises every call.
 #pragma once
@@ -57,7 +57,7 @@ class RamTier {
   bool Erase(const std::string& key);
 
   uint64_t capacity_bytes() const { return bytes_; }
-  uint64_t used_bytes() const { return used_bytes_; }     // record bytes of published cells
+  uint64_t used_bytes() const { return used_bytes_; }  // record bytes of published cells
   uint64_t pages() const { return index_.size(); }
   uint64_t pinned_pages() const { return pinned_published_; }
   uint64_t evictions() const { return evictions_; }

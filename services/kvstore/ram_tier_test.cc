@@ -113,8 +113,8 @@ TEST(RamTierSlabs, AClassWithoutRoomTakesAnUnpinnedSlabOfAnother) {
   tier.Unpin(tier.Find("s0"));
   c = tier.Allocate(24 << 10, &evicted);
   ASSERT_NE(c, nullptr);
-  EXPECT_EQ(evicted.size(), 4u);  // every 8 KiB page of slab 0
-  EXPECT_EQ(tier.pages(), 1u);    // big0 is all that is left
+  EXPECT_EQ(evicted.size(), 4u);                         // every 8 KiB page of slab 0
+  EXPECT_EQ(tier.pages(), 1u);                           // big0 is all that is left
   EXPECT_EQ(tier.Allocate(40 << 10, nullptr), nullptr);  // larger than a slab
 }
 

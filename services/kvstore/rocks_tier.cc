@@ -1,8 +1,8 @@
 #include "services/kvstore/rocks_tier.h"
 
+#include <rocksdb/cache.h>
 #include <rocksdb/db.h>
 #include <rocksdb/table.h>
-#include <rocksdb/cache.h>
 #include <rocksdb/write_batch.h>
 
 #include "absl/status/statusor.h"
@@ -62,8 +62,8 @@ absl::StatusOr<std::unique_ptr<RocksTier>> RocksTier::Open(const RocksTierOption
   pages.enable_blob_files = false;  // measured: inline values read back faster (fm-bench kvstore)
   pages.min_blob_size = 4096;
   rocksdb::ColumnFamilyOptions meta;
-  std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {
-      {rocksdb::kDefaultColumnFamilyName, pages}, {"meta", meta}};
+  std::vector<rocksdb::ColumnFamilyDescriptor> cfs = {{rocksdb::kDefaultColumnFamilyName, pages},
+                                                      {"meta", meta}};
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* db = nullptr;
   rocksdb::DBOptions dbo(opts);
@@ -90,7 +90,8 @@ absl::Status RocksTier::Put(const std::string& key, const uint8_t* header, size_
   rocksdb::Slice key_slice(key);
   rocksdb::Slice parts[2] = {rocksdb::Slice(reinterpret_cast<const char*>(header), header_len),
                              rocksdb::Slice(reinterpret_cast<const char*>(payload), payload_len)};
-  rocksdb::Status s = batch.Put(pages_cf_, rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(parts, 2));
+  rocksdb::Status s =
+      batch.Put(pages_cf_, rocksdb::SliceParts(&key_slice, 1), rocksdb::SliceParts(parts, 2));
   if (s.ok()) s = batch.Put(meta_cf_, key_slice, parts[0]);
   if (!s.ok()) return FromRocks(s, "batch");
   rocksdb::WriteOptions wo;
@@ -118,7 +119,8 @@ absl::Status RocksTier::DeleteSession(absl::string_view sid) {
   return FromRocks(db_->Write(wo, &batch), "RocksDB delete range");
 }
 
-absl::Status RocksTier::ScanHeaders(const std::function<void(absl::string_view, absl::string_view)>& fn) {
+absl::Status RocksTier::ScanHeaders(
+    const std::function<void(absl::string_view, absl::string_view)>& fn) {
   std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions(), meta_cf_));
   for (it->SeekToFirst(); it->Valid(); it->Next()) {
     fn(absl::string_view(it->key().data(), it->key().size()),

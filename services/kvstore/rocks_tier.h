@@ -27,9 +27,9 @@ std::string EncodePageKey(absl::string_view session_id, uint64_t page);
 bool DecodePageKey(absl::string_view key, std::string* session_id, uint64_t* page);
 
 struct RocksTierOptions {
-  std::string path;            // database directory; created when missing
-  bool sync_writes = false;    // fsync the WAL on every put. false survives a process kill
-                               // (kill -9), true also survives power loss
+  std::string path;          // database directory; created when missing
+  bool sync_writes = false;  // fsync the WAL on every put. false survives a process kill
+                             // (kill -9), true also survives power loss
   uint64_t block_cache_bytes = 64u << 20;  // RocksDB block cache
 };
 

@@ -15,7 +15,6 @@ absl::Status UcxError(const char* what, ucs_status_t s) {
   return absl::UnavailableError(absl::StrCat("ucx: ", what, ": ", ucs_status_string(s)));
 }
 
-
 }  // namespace
 
 UcxRegion::~UcxRegion() {
@@ -75,7 +74,8 @@ void UcxEngine::ProgressLoop() {
     ucs_status_t armed;
     {
       std::lock_guard<std::mutex> lock(worker_mu_);
-      while (ucp_worker_progress(worker_) != 0) {}
+      while (ucp_worker_progress(worker_) != 0) {
+      }
       armed = ucp_worker_arm(worker_);
     }
     if (armed == UCS_ERR_BUSY) continue;
@@ -141,7 +141,8 @@ UcxPeer::~UcxPeer() {
     rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
     ucs_status_ptr_t req = ucp_ep_close_nbx(ep_, &rp);
     if (UCS_PTR_IS_PTR(req)) {
-      while (ucp_request_check_status(req) == UCS_INPROGRESS) ucp_worker_progress(engine_->worker());
+      while (ucp_request_check_status(req) == UCS_INPROGRESS)
+        ucp_worker_progress(engine_->worker());
       ucp_request_free(req);
     }
   }
@@ -165,8 +166,9 @@ absl::Status UcxPeer::Run(bool is_get, const std::vector<Op>& ops, const UcxRegi
   reqs.reserve(ops.size() + 1);
   absl::Status result;
   for (const Op& op : ops) {
-    ucs_status_ptr_t r = is_get ? ucp_get_nbx(ep_, op.local, op.length, op.remote_address, rkey_, &rp)
-                                : ucp_put_nbx(ep_, op.local, op.length, op.remote_address, rkey_, &rp);
+    ucs_status_ptr_t r = is_get
+                             ? ucp_get_nbx(ep_, op.local, op.length, op.remote_address, rkey_, &rp)
+                             : ucp_put_nbx(ep_, op.local, op.length, op.remote_address, rkey_, &rp);
     if (UCS_PTR_IS_ERR(r)) {
       result = UcxError(is_get ? "get" : "put", UCS_PTR_STATUS(r));
       break;
@@ -176,8 +178,10 @@ absl::Status UcxPeer::Run(bool is_get, const std::vector<Op>& ops, const UcxRegi
   if (!is_get && result.ok()) {  // a put is complete at the target only after a flush
     ucp_request_param_t fp{};
     ucs_status_ptr_t r = ucp_ep_flush_nbx(ep_, &fp);
-    if (UCS_PTR_IS_ERR(r)) result = UcxError("flush", UCS_PTR_STATUS(r));
-    else if (r != nullptr) reqs.push_back(r);
+    if (UCS_PTR_IS_ERR(r))
+      result = UcxError("flush", UCS_PTR_STATUS(r));
+    else if (r != nullptr)
+      reqs.push_back(r);
   }
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
   for (size_t i = 0; i < reqs.size(); ++i) {

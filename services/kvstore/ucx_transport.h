@@ -7,6 +7,8 @@
 // to slow emulation.
 #pragma once
 
+#include <ucp/api/ucp.h>
+
 #include <atomic>
 #include <cstdint>
 #include <memory>
@@ -14,8 +16,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <ucp/api/ucp.h>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -81,14 +81,16 @@ class UcxPeer {
     size_t length;
   };
   static absl::StatusOr<std::unique_ptr<UcxPeer>> Connect(UcxEngine* engine,
-                                                           const std::string& remote_worker_address,
-                                                           const std::string& packed_rkey);
+                                                          const std::string& remote_worker_address,
+                                                          const std::string& packed_rkey);
   ~UcxPeer();
 
   // Posts every get (or put) and waits for all of them, up to timeout_ms. UNAVAILABLE when
   // the peer fails or the deadline passes (the peer is then unusable).
-  absl::Status Get(const std::vector<Op>& ops, const UcxRegion& local_region, int timeout_ms = 10000);
-  absl::Status Put(const std::vector<Op>& ops, const UcxRegion& local_region, int timeout_ms = 10000);
+  absl::Status Get(const std::vector<Op>& ops, const UcxRegion& local_region,
+                   int timeout_ms = 10000);
+  absl::Status Put(const std::vector<Op>& ops, const UcxRegion& local_region,
+                   int timeout_ms = 10000);
   bool broken() const { return broken_; }
 
  private:

@@ -9,11 +9,11 @@
 namespace fm::bench {
 
 struct KvBenchOptions {
-  int pages = 256;                  // pages stored and read per path
-  uint64_t page_bytes = 1ull << 20; // payload bytes per page
-  int rounds = 3;                   // timed passes over the pages (best is reported)
-  int batch = 32;                   // pages per UCX Resolve / gRPC GetPages call
-  std::string json;                 // write figures here when set
+  int pages = 256;                   // pages stored and read per path
+  uint64_t page_bytes = 1ull << 20;  // payload bytes per page
+  int rounds = 3;                    // timed passes over the pages (best is reported)
+  int batch = 32;                    // pages per UCX Resolve / gRPC GetPages call
+  std::string json;                  // write figures here when set
 };
 
 int RunKvStoreBench(const KvBenchOptions& options);
@@ -29,6 +29,7 @@ struct KernelBenchOptions {
 int RunKernelsBench(const KernelBenchOptions& options);
 
 // Writes {"key": value, ...} to path; returns false on I/O error.
-bool WriteJsonObject(const std::string& path, const std::vector<std::pair<std::string, double>>& kv);
+bool WriteJsonObject(const std::string& path,
+                     const std::vector<std::pair<std::string, double>>& kv);
 
 }  // namespace fm::bench

@@ -46,12 +46,14 @@ double MedianSeconds(int reps, F&& fn) {
 }
 
 // Streams every byte of the listed cells on the kernel thread pool; returns seconds.
-double StreamCells(const PagePool& pool, const std::vector<uint32_t>& cells, size_t page_bytes, int reps) {
+double StreamCells(const PagePool& pool, const std::vector<uint32_t>& cells, size_t page_bytes,
+                   int reps) {
   std::vector<uint64_t> sums(cells.size());
   auto& threads = kernels::ThreadPool::Default();
   return MedianSeconds(reps, [&] {
     threads.ParallelFor(static_cast<uint32_t>(cells.size()), [&](uint32_t i) {
-      sums[i] = kernels::StreamReadSum(pool.base + size_t{cells[i]} * pool.cell_stride + pool.cell_offset, page_bytes);
+      sums[i] = kernels::StreamReadSum(
+          pool.base + size_t{cells[i]} * pool.cell_stride + pool.cell_offset, page_bytes);
     });
   });
 }
@@ -72,7 +74,9 @@ int RunKernelsBench(const KernelBenchOptions& o) {
     uint16_t* p = reinterpret_cast<uint16_t*>(bytes.data() + size_t{c} * page_bytes);
     for (size_t i = 0; i < page_bytes / 2; ++i) {
       x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-      float v = ((x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48)) / 32768.0f - 4.0f;
+      float v =
+          ((x & 0xffff) + ((x >> 16) & 0xffff) + ((x >> 32) & 0xffff) + (x >> 48)) / 32768.0f -
+          4.0f;
       p[i] = FloatToBf16(v * 0.87f);
     }
   });
@@ -93,7 +97,8 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   for (uint32_t c : sparse_cells) sparse_valid.push_back(dense_valid[c]);
 
   const uint32_t threads = kernels::ThreadPool::Default().size();
-  auto plan_for = [&](const std::vector<uint32_t>& cells, const std::vector<uint16_t>& valid, DecodePlan* plan) {
+  auto plan_for = [&](const std::vector<uint32_t>& cells, const std::vector<uint16_t>& valid,
+                      DecodePlan* plan) {
     std::string why;
     PageList list{cells.data(), valid.data(), static_cast<uint32_t>(cells.size())};
     return kernels::BuildDecodePlan(s, {list}, pool, threads, 8, plan, &why);
@@ -105,41 +110,56 @@ int RunKernelsBench(const KernelBenchOptions& o) {
     return 1;
   }
   // One decode step = every layer of the session, batched in one call.
-  std::vector<float> q(size_t{s.layers} * s.q_heads * s.head_dim), out(q.size()), lse(size_t{s.layers} * s.q_heads);
+  std::vector<float> q(size_t{s.layers} * s.q_heads * s.head_dim), out(q.size()),
+      lse(size_t{s.layers} * s.q_heads);
   std::mt19937 rng(7);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (float& x : q) x = nd(rng);
   std::vector<DecodeItem> items;
   for (uint32_t l = 0; l < s.layers; ++l)
-    items.push_back({0, l, q.data() + size_t{l} * s.q_heads * s.head_dim, out.data() + size_t{l} * s.q_heads * s.head_dim,
+    items.push_back({0, l, q.data() + size_t{l} * s.q_heads * s.head_dim,
+                     out.data() + size_t{l} * s.q_heads * s.head_dim,
                      lse.data() + size_t{l} * s.q_heads});
   auto step = [&](const DecodePlan& plan) {
-    if (kernels::RunPagedDecode(plan, pool, items.data(), items.size()) != KernelStatus::kOk) std::abort();
+    if (kernels::RunPagedDecode(plan, pool, items.data(), items.size()) != KernelStatus::kOk)
+      std::abort();
   };
-  std::fprintf(stderr, "fm-bench kernels: timing dense and sparse steps on %u threads (%s)\n", threads,
-               kernels::CpuTargetName());
+  std::fprintf(stderr, "fm-bench kernels: timing dense and sparse steps on %u threads (%s)\n",
+               threads, kernels::CpuTargetName());
   double dense_s = MedianSeconds(o.reps, [&] { step(dense_plan); });
   double sparse_s = MedianSeconds(o.reps * 5, [&] { step(sparse_plan); });
   double dense_stream_s = StreamCells(pool, dense_cells, page_bytes, o.reps);
   double sparse_stream_s = StreamCells(pool, sparse_cells, page_bytes, o.reps * 5);
-  const double dense_bytes = double(dense_cells.size()) * page_bytes, sparse_bytes = double(sparse_cells.size()) * page_bytes;
+  const double dense_bytes = double(dense_cells.size()) * page_bytes,
+               sparse_bytes = double(sparse_cells.size()) * page_bytes;
   const double stream_gbps = dense_bytes / dense_stream_s / 1e9;
-  const double dense_gbps = dense_bytes / dense_s / 1e9, sparse_gbps = sparse_bytes / sparse_s / 1e9;
+  const double dense_gbps = dense_bytes / dense_s / 1e9,
+               sparse_gbps = sparse_bytes / sparse_s / 1e9;
   const double sparse_stream_gbps = sparse_bytes / sparse_stream_s / 1e9;
 
-  std::printf("\nfm-bench kernels: bench spec (L=%u Hq=%u Hkv=%u d=%u bf16), %llu-token context, %u threads, %s\n",
-              s.layers, s.q_heads, s.kv_heads, s.head_dim, static_cast<unsigned long long>(o.context), threads,
-              kernels::CpuTargetName());
-  std::printf("%-40s %10s %10s %s\n", "decode attention (one step, all layers)", "ms/step", "GB/s", "of stream read");
-  std::printf("%-40s %10.2f %10.2f %.0f%%\n", "dense: every page", dense_s * 1e3, dense_gbps, 100 * dense_gbps / stream_gbps);
+  std::printf(
+      "\nfm-bench kernels: bench spec (L=%u Hq=%u Hkv=%u d=%u bf16), %llu-token context, %u "
+      "threads, %s\n",
+      s.layers, s.q_heads, s.kv_heads, s.head_dim, static_cast<unsigned long long>(o.context),
+      threads, kernels::CpuTargetName());
+  std::printf("%-40s %10s %10s %s\n", "decode attention (one step, all layers)", "ms/step", "GB/s",
+              "of stream read");
+  std::printf("%-40s %10.2f %10.2f %.0f%%\n", "dense: every page", dense_s * 1e3, dense_gbps,
+              100 * dense_gbps / stream_gbps);
   std::printf("%-40s %10.2f %10.2f %.0f%% (of its own cells: %.0f%%)\n",
-              ("sparse: " + std::to_string(sparse_cells.size()) + " pages (" + std::to_string(int(o.budget * 100)) + " %)").c_str(),
-              sparse_s * 1e3, sparse_gbps, 100 * sparse_gbps / stream_gbps, 100 * sparse_gbps / sparse_stream_gbps);
-  std::printf("%-40s %10.2f %10.2f\n", "anchor: streaming read of the dense bytes", dense_stream_s * 1e3, stream_gbps);
-  std::printf("sparse speedup %.1fx (target >= 8x) [%s]; sparse %.0f%% and dense %.0f%% of stream read (target >= 70%%) [%s]\n",
-              dense_s / sparse_s, dense_s / sparse_s >= 8 ? "met" : "MISSED", 100 * sparse_gbps / stream_gbps,
-              100 * dense_gbps / stream_gbps,
-              (sparse_gbps >= 0.7 * stream_gbps && dense_gbps >= 0.7 * stream_gbps) ? "met" : "MISSED");
+              ("sparse: " + std::to_string(sparse_cells.size()) + " pages (" +
+               std::to_string(int(o.budget * 100)) + " %)")
+                  .c_str(),
+              sparse_s * 1e3, sparse_gbps, 100 * sparse_gbps / stream_gbps,
+              100 * sparse_gbps / sparse_stream_gbps);
+  std::printf("%-40s %10.2f %10.2f\n", "anchor: streaming read of the dense bytes",
+              dense_stream_s * 1e3, stream_gbps);
+  std::printf(
+      "sparse speedup %.1fx (target >= 8x) [%s]; sparse %.0f%% and dense %.0f%% of stream read "
+      "(target >= 70%%) [%s]\n",
+      dense_s / sparse_s, dense_s / sparse_s >= 8 ? "met" : "MISSED",
+      100 * sparse_gbps / stream_gbps, 100 * dense_gbps / stream_gbps,
+      (sparse_gbps >= 0.7 * stream_gbps && dense_gbps >= 0.7 * stream_gbps) ? "met" : "MISSED");
   // Indexer scoring of a 1M-token history (bench spec: 3 index layers x 16 heads x 128).
   bytes.clear();
   bytes.shrink_to_fit();
@@ -166,7 +186,8 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   for (float& x : iw) x = nd(rng) * 0.1f;
   std::vector<float> logits(size_t{is.layers} * chunks);
   double score_s = MedianSeconds(o.reps, [&] {
-    if (kernels::ScoreChunks(is, iq.data(), iw.data(), key_ptrs.data(), chunks, logits.data()) != KernelStatus::kOk)
+    if (kernels::ScoreChunks(is, iq.data(), iw.data(), key_ptrs.data(), chunks, logits.data()) !=
+        KernelStatus::kOk)
       std::abort();
   });
   kernels::SelectParams sp;
@@ -174,7 +195,8 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   sp.kmax = static_cast<uint32_t>(sp.total_pages / 10);
   std::vector<kernels::ScoredPageOut> picked;
   double select_s = MedianSeconds(o.reps, [&] {
-    if (kernels::SelectPages(is.layers, logits.data(), chunks, sp, &picked) != KernelStatus::kOk) std::abort();
+    if (kernels::SelectPages(is.layers, logits.data(), chunks, sp, &picked) != KernelStatus::kOk)
+      std::abort();
   });
   const double key_bytes = double(is.layers) * chunks * is.KeyBytes();
   std::vector<uint64_t> sums(is.layers * 16);
@@ -188,11 +210,12 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   const double index_gbps = key_bytes / score_s / 1e9;
   const double chunks_per_s = double(chunks) * is.layers / score_s;
   std::printf("%-40s %10.2f %10.2f %.0f%% of stream read (%.0f MB of keys at %.1f GB/s)\n",
-              ("indexer: " + std::to_string(chunks) + " chunks x 3 layers").c_str(), score_s * 1e3, index_gbps,
-              100 * index_gbps / key_stream_gbps, key_bytes / 1e6, key_stream_gbps);
+              ("indexer: " + std::to_string(chunks) + " chunks x 3 layers").c_str(), score_s * 1e3,
+              index_gbps, 100 * index_gbps / key_stream_gbps, key_bytes / 1e6, key_stream_gbps);
   std::printf("%-40s %10.2f\n", "indexer: page selection (top 10 %)", select_s * 1e3);
-  std::printf("indexer: %.3g chunk-layers/s; %.0f%% of stream read (target >= 60%%) [%s]\n", chunks_per_s,
-              100 * index_gbps / key_stream_gbps, index_gbps >= 0.6 * key_stream_gbps ? "met" : "MISSED");
+  std::printf("indexer: %.3g chunk-layers/s; %.0f%% of stream read (target >= 60%%) [%s]\n",
+              chunks_per_s, 100 * index_gbps / key_stream_gbps,
+              index_gbps >= 0.6 * key_stream_gbps ? "met" : "MISSED");
   if (!o.json.empty())
     WriteJsonObject(o.json, {{"index_chunks_per_s", chunks_per_s},
                              {"index_bw_fraction", index_gbps / key_stream_gbps},

@@ -2,7 +2,6 @@
 // the gRPC byte path and from RocksDB spill, against a plain memcpy and a plain RocksDB Get
 // loop of the same bytes measured in the same run.
 #include <rocksdb/db.h>
-
 #include <signal.h>
 
 #include <chrono>
@@ -24,7 +23,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
 
 // Best throughput (GB/s, 1e9 bytes) of `rounds` runs of fn, each moving `bytes`.
 double BestGbps(int rounds, uint64_t bytes, const std::function<bool()>& fn) {
@@ -42,7 +43,8 @@ void Progress(const char* what) { std::fprintf(stderr, "fm-bench kvstore: %s\n",
 
 }  // namespace
 
-bool WriteJsonObject(const std::string& path, const std::vector<std::pair<std::string, double>>& kv) {
+bool WriteJsonObject(const std::string& path,
+                     const std::vector<std::pair<std::string, double>>& kv) {
   std::ofstream f(path);
   f << "{\n";
   for (size_t i = 0; i < kv.size(); ++i)
@@ -58,14 +60,16 @@ int RunKvStoreBench(const KvBenchOptions& o) {
   // RAM tier sized to hold the hot set; a second, small one forces every read to spill.
   uint64_t slab = std::max<uint64_t>(64ull << 20, record + 4096);
   uint64_t ram = (static_cast<uint64_t>(o.pages) + 8) * ((record + 4095) / 4096 * 4096) + 2 * slab;
-  auto hot = ServerProcess::Start("fm-kvstore", {"--db", dir + "/hot", "--ram_bytes", std::to_string(ram),
-                                                 "--slab_bytes", std::to_string(slab), "--max_message_bytes",
-                                                 std::to_string(2 * record + (1 << 20))});
+  auto hot = ServerProcess::Start(
+      "fm-kvstore",
+      {"--db", dir + "/hot", "--ram_bytes", std::to_string(ram), "--slab_bytes",
+       std::to_string(slab), "--max_message_bytes", std::to_string(2 * record + (1 << 20))});
   // The cold store's RAM holds a handful of pages, so a pass over all pages misses on each.
   uint64_t cold_ram = 3 * static_cast<uint64_t>(o.batch) * ((record + 4095) / 4096 * 4096);
-  auto cold = ServerProcess::Start("fm-kvstore", {"--db", dir + "/cold", "--ram_bytes", std::to_string(cold_ram),
-                                                  "--slab_bytes", std::to_string(cold_ram), "--max_message_bytes",
-                                                  std::to_string(2 * record + (1 << 20))});
+  auto cold = ServerProcess::Start(
+      "fm-kvstore",
+      {"--db", dir + "/cold", "--ram_bytes", std::to_string(cold_ram), "--slab_bytes",
+       std::to_string(cold_ram), "--max_message_bytes", std::to_string(2 * record + (1 << 20))});
   if (!hot.ok() || !cold.ok()) {
     std::fprintf(stderr, "cannot start fm-kvstore: %s %s\n", hot.status().ToString().c_str(),
                  cold.status().ToString().c_str());
@@ -83,7 +87,8 @@ int RunKvStoreBench(const KvBenchOptions& o) {
   KvClient* hc = hot_client->get();
   KvClient* cc = cold_client->get();
 
-  Progress(absl::StrCat("storing ", o.pages, " pages of ", o.page_bytes, " bytes in each store").c_str());
+  Progress(absl::StrCat("storing ", o.pages, " pages of ", o.page_bytes, " bytes in each store")
+               .c_str());
   std::vector<std::string> payloads;
   for (int i = 0; i < o.pages; ++i) payloads.push_back(RandomBytes(o.page_bytes, i));
   std::vector<PageRef> keys;
@@ -115,7 +120,8 @@ int RunKvStoreBench(const KvBenchOptions& o) {
     for (int i = 0; i < o.pages; i += o.batch) {
       absl::StatusOr<KvClient::Resolved> cur = next.get();
       if (i + o.batch < o.pages)
-        next = std::async(std::launch::async, [&, k = batch_keys(i + o.batch)] { return c->Resolve(k); });
+        next = std::async(std::launch::async,
+                          [&, k = batch_keys(i + o.batch)] { return c->Resolve(k); });
       absl::Status s = cur.status();
       if (s.ok()) {
         std::vector<uint64_t> off(offsets.begin(), offsets.begin() + cur->keys.size());
@@ -176,8 +182,10 @@ int RunKvStoreBench(const KvBenchOptions& o) {
     rocks = BestGbps(o.rounds, total, [&] {
       for (int i = 0; i < o.pages; ++i) {
         v.Reset();
-        if (!db->Get(rocksdb::ReadOptions(), db->DefaultColumnFamily(), std::to_string(i), &v).ok()) return false;
-        std::memcpy(sink.data() + (i % o.batch) * o.page_bytes, v.data(), v.size());  // land it, as the store does
+        if (!db->Get(rocksdb::ReadOptions(), db->DefaultColumnFamily(), std::to_string(i), &v).ok())
+          return false;
+        std::memcpy(sink.data() + (i % o.batch) * o.page_bytes, v.data(),
+                    v.size());  // land it, as the store does
       }
       return true;
     });
@@ -190,9 +198,9 @@ int RunKvStoreBench(const KvBenchOptions& o) {
   std::printf("%-34s %10.2f %.2fx gRPC, %.0f%% of memcpy\n", "UCX get (RAM tier)", ucx, ucx / grpc,
               100 * ucx / memcpy_gbps);
   std::printf("%-34s %10.2f\n", "gRPC byte path get (RAM tier)", grpc);
-  std::printf("%-34s %10.2f %.0f%% of plain RocksDB (%llu of %llu reads spilled)\n", "UCX get from RocksDB spill",
-              spill, 100 * spill / rocks, static_cast<unsigned long long>(spill_reads),
-              static_cast<unsigned long long>(reads));
+  std::printf("%-34s %10.2f %.0f%% of plain RocksDB (%llu of %llu reads spilled)\n",
+              "UCX get from RocksDB spill", spill, 100 * spill / rocks,
+              static_cast<unsigned long long>(spill_reads), static_cast<unsigned long long>(reads));
   std::printf("%-34s %10.2f\n", "anchor: memcpy", memcpy_gbps);
   std::printf("%-34s %10.2f\n", "anchor: plain RocksDB Get loop", rocks);
   std::printf("targets: UCX >= 3x gRPC [%s], UCX >= 50%% memcpy [%s], spill >= 50%% RocksDB [%s]\n",

@@ -26,11 +26,16 @@ int main(int argc, char** argv) {
   std::string json;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
-    if (a == "--context") context = std::stoull(argv[i + 1]);
-    else if (a == "--budget") budget = std::stod(argv[i + 1]);
-    else if (a == "--reps") reps = std::stoi(argv[i + 1]);
-    else if (a == "--hbm_gbps") hbm_gbps = std::stod(argv[i + 1]);
-    else if (a == "--json") json = argv[i + 1];
+    if (a == "--context")
+      context = std::stoull(argv[i + 1]);
+    else if (a == "--budget")
+      budget = std::stod(argv[i + 1]);
+    else if (a == "--reps")
+      reps = std::stoi(argv[i + 1]);
+    else if (a == "--hbm_gbps")
+      hbm_gbps = std::stod(argv[i + 1]);
+    else if (a == "--json")
+      json = argv[i + 1];
   }
   std::string why;
   if (!CudaAvailable(&why)) {
@@ -61,14 +66,16 @@ int main(int argc, char** argv) {
   cudaMemset(q, 0, sizeof(float) * s.layers * s.q_heads * s.head_dim);
   std::vector<DecodeItem> items;
   for (uint32_t l = 0; l < s.layers; ++l)
-    items.push_back({0, l, q + size_t{l} * s.q_heads * s.head_dim, out + size_t{l} * s.q_heads * s.head_dim,
-                     lse + size_t{l} * s.q_heads});
+    items.push_back({0, l, q + size_t{l} * s.q_heads * s.head_dim,
+                     out + size_t{l} * s.q_heads * s.head_dim, lse + size_t{l} * s.q_heads});
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   auto time_plan = [&](const std::vector<uint32_t>& cells, const std::vector<uint16_t>& valid) {
     DecodePlan plan;
     PageList list{cells.data(), valid.data(), static_cast<uint32_t>(cells.size())};
-    if (BuildDecodePlan(s, {list}, dpool, static_cast<uint32_t>(sms) * 2, 4, &plan, &why) != KernelStatus::kOk) std::exit(1);
+    if (BuildDecodePlan(s, {list}, dpool, static_cast<uint32_t>(sms) * 2, 4, &plan, &why) !=
+        KernelStatus::kOk)
+      std::exit(1);
     std::unique_ptr<CudaDecodePlan> gp;
     if (CudaDecodePlan::Upload(plan, &gp, &why) != KernelStatus::kOk) std::exit(1);
     cudaEvent_t a, b;
@@ -91,20 +98,26 @@ int main(int argc, char** argv) {
   const double dense_s = time_plan(dense, dvalid), sparse_s = time_plan(sparse, svalid);
   const double stream_s = CudaStreamReadSeconds(pool, bytes, 10);
   const double stream_gbps = bytes / stream_s / 1e9;
-  const double dense_gbps = bytes / dense_s / 1e9, sparse_gbps = double(sparse.size()) * page_bytes / sparse_s / 1e9;
-  std::printf("fm-gpu-bench: bench spec, %llu tokens, %u SMs\n", static_cast<unsigned long long>(context), sms);
-  std::printf("%-34s %10s %10s %12s %12s\n", "decode attention", "ms/step", "GB/s", "of stream", "of HBM");
-  std::printf("%-34s %10.3f %10.0f %11.0f%% %11.0f%%\n", "dense", dense_s * 1e3, dense_gbps, 100 * dense_gbps / stream_gbps,
-              100 * dense_gbps / hbm_gbps);
-  std::printf("%-34s %10.3f %10.0f %11.0f%% %11.0f%%\n", "sparse (10 %)", sparse_s * 1e3, sparse_gbps,
-              100 * sparse_gbps / stream_gbps, 100 * sparse_gbps / hbm_gbps);
+  const double dense_gbps = bytes / dense_s / 1e9,
+               sparse_gbps = double(sparse.size()) * page_bytes / sparse_s / 1e9;
+  std::printf("fm-gpu-bench: bench spec, %llu tokens, %u SMs\n",
+              static_cast<unsigned long long>(context), sms);
+  std::printf("%-34s %10s %10s %12s %12s\n", "decode attention", "ms/step", "GB/s", "of stream",
+              "of HBM");
+  std::printf("%-34s %10.3f %10.0f %11.0f%% %11.0f%%\n", "dense", dense_s * 1e3, dense_gbps,
+              100 * dense_gbps / stream_gbps, 100 * dense_gbps / hbm_gbps);
+  std::printf("%-34s %10.3f %10.0f %11.0f%% %11.0f%%\n", "sparse (10 %)", sparse_s * 1e3,
+              sparse_gbps, 100 * sparse_gbps / stream_gbps, 100 * sparse_gbps / hbm_gbps);
   std::printf("%-34s %10.3f %10.0f\n", "anchor: streaming read", stream_s * 1e3, stream_gbps);
-  std::printf("sparse speedup %.1fx; dense %.0f%% of HBM (target >= 80%%)\n", dense_s / sparse_s, 100 * dense_gbps / hbm_gbps);
+  std::printf("sparse speedup %.1fx; dense %.0f%% of HBM (target >= 80%%)\n", dense_s / sparse_s,
+              100 * dense_gbps / hbm_gbps);
   if (!json.empty()) {
     std::ofstream f(json);
-    f << "{\n  \"gpu_dense_step_ms\": " << dense_s * 1e3 << ",\n  \"gpu_sparse_step_ms\": " << sparse_s * 1e3
-      << ",\n  \"gpu_sparse_speedup\": " << dense_s / sparse_s << ",\n  \"gpu_dense_gbps\": " << dense_gbps
-      << ",\n  \"gpu_sparse_gbps\": " << sparse_gbps << ",\n  \"gpu_stream_read_gbps\": " << stream_gbps
+    f << "{\n  \"gpu_dense_step_ms\": " << dense_s * 1e3
+      << ",\n  \"gpu_sparse_step_ms\": " << sparse_s * 1e3
+      << ",\n  \"gpu_sparse_speedup\": " << dense_s / sparse_s
+      << ",\n  \"gpu_dense_gbps\": " << dense_gbps << ",\n  \"gpu_sparse_gbps\": " << sparse_gbps
+      << ",\n  \"gpu_stream_read_gbps\": " << stream_gbps
       << ",\n  \"gpu_dense_hbm_fraction\": " << dense_gbps / hbm_gbps << "\n}\n";
   }
   cudaFree(pool);

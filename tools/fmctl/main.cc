@@ -3,14 +3,13 @@
 //                                    UCX and gRPC, show tiers, spill and throughput
 //   fmctl stats --target HOST:PORT [--session ID]
 //   fmctl delete --target HOST:PORT --session ID
-#include <CLI/CLI.hpp>
+#include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
-
-#include <unistd.h>
 
 #include "absl/strings/str_format.h"
 #include "common/codecs.h"
@@ -67,7 +66,8 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
-int Demo(const std::string& target, const std::string& spec_name, uint64_t tokens, const std::string& session) {
+int Demo(const std::string& target, const std::string& spec_name, uint64_t tokens,
+         const std::string& session) {
   auto spec = fm::PresetSpec(spec_name);
   if (!spec.ok()) return Fail(spec.status());
   fm::KvClientOptions co;
@@ -78,12 +78,13 @@ int Demo(const std::string& target, const std::string& spec_name, uint64_t token
   uint64_t pages = spec->PagesForTokens(tokens);
   uint64_t spec_hash = fm::ModelSpecHash(*spec);
   std::printf("FlashMemory demo against %s\n", target.c_str());
-  std::printf("  model spec \"%s\": L=%u Hq=%u Hkv=%u d=%u %s, page %u tokens = %.2f MiB\n", spec->name.c_str(),
-              spec->layers, spec->q_heads, spec->kv_heads, spec->head_dim, fm::DTypeName(spec->dtype),
-              spec->page_tokens, spec->PageBytes() / 1048576.0);
-  std::printf("  session \"%s\": %llu tokens in %llu pages, %.1f MiB of KV; data path: %s\n", session.c_str(),
-              static_cast<unsigned long long>(tokens), static_cast<unsigned long long>(pages),
-              pages * spec->PageBytes() / 1048576.0, c.has_ucx() ? "UCX + gRPC" : "gRPC only");
+  std::printf("  model spec \"%s\": L=%u Hq=%u Hkv=%u d=%u %s, page %u tokens = %.2f MiB\n",
+              spec->name.c_str(), spec->layers, spec->q_heads, spec->kv_heads, spec->head_dim,
+              fm::DTypeName(spec->dtype), spec->page_tokens, spec->PageBytes() / 1048576.0);
+  std::printf("  session \"%s\": %llu tokens in %llu pages, %.1f MiB of KV; data path: %s\n",
+              session.c_str(), static_cast<unsigned long long>(tokens),
+              static_cast<unsigned long long>(pages), pages * spec->PageBytes() / 1048576.0,
+              c.has_ucx() ? "UCX + gRPC" : "gRPC only");
   auto del = c.DeleteSession(session);  // a previous run's leftovers
   (void)del;
 
@@ -92,12 +93,15 @@ int Demo(const std::string& target, const std::string& spec_name, uint64_t token
   double put_s = 0;
   std::vector<uint64_t> checksums(pages);
   for (uint64_t p = 0; p < pages; ++p) {
-    uint32_t valid = static_cast<uint32_t>(std::min<uint64_t>(spec->page_tokens, tokens - p * spec->page_tokens));
+    uint32_t valid = static_cast<uint32_t>(
+        std::min<uint64_t>(spec->page_tokens, tokens - p * spec->page_tokens));
     std::string payload = MakePage(*spec, p, valid, 7);
-    auto h = fm::MakePageHeader(session, p, spec_hash, valid, spec->dtype, payload.data(), payload.size());
+    auto h = fm::MakePageHeader(session, p, spec_hash, valid, spec->dtype, payload.data(),
+                                payload.size());
     checksums[p] = h.checksum;
     auto tp = Clock::now();
-    absl::Status s = (c.has_ucx() && p % 2) ? c.PutUcx(h, payload.data()) : c.Put(h, payload.data());
+    absl::Status s =
+        (c.has_ucx() && p % 2) ? c.PutUcx(h, payload.data()) : c.Put(h, payload.data());
     put_s += std::chrono::duration<double>(Clock::now() - tp).count();
     if (!s.ok()) return Fail(s);
     if (p % 8 == 0 || p + 1 == pages) Bar("prefill (put pages)", p + 1, pages, t0);
@@ -115,7 +119,8 @@ int Demo(const std::string& target, const std::string& spec_name, uint64_t token
       if (!recs.ok()) return recs.status();
       for (size_t i = 0; i < b.size(); ++i)
         if ((*recs)[i].header.checksum != checksums[b[i].page])
-          return absl::DataLossError(absl::StrFormat("page %d differs from what was written", b[i].page));
+          return absl::DataLossError(
+              absl::StrFormat("page %d differs from what was written", b[i].page));
       Bar(label, std::min(pages, p + 16) - first, pages - first, t);
     }
     *secs = std::chrono::duration<double>(Clock::now() - t).count();
@@ -130,10 +135,12 @@ int Demo(const std::string& target, const std::string& spec_name, uint64_t token
   uint64_t hot = std::min<uint64_t>(pages, 64);
   for (int pass = 0; pass < 2; ++pass) {  // the first pass warms, the second is timed
     if (c.has_ucx()) {
-      if (absl::Status s = read_all(true, "re-read newest pages, UCX", pages - hot, &hot_ucx_s); !s.ok())
+      if (absl::Status s = read_all(true, "re-read newest pages, UCX", pages - hot, &hot_ucx_s);
+          !s.ok())
         return Fail(s);
     }
-    if (absl::Status s = read_all(false, "re-read newest pages, gRPC", pages - hot, &hot_grpc_s); !s.ok())
+    if (absl::Status s = read_all(false, "re-read newest pages, gRPC", pages - hot, &hot_grpc_s);
+        !s.ok())
       return Fail(s);
   }
 
@@ -145,17 +152,21 @@ int Demo(const std::string& target, const std::string& spec_name, uint64_t token
   if (c.has_ucx()) std::printf("  %-32s %10.0f\n", "all pages over UCX (spilled)", mib / ucx_s);
   std::printf("  %-32s %10.0f\n", "all pages over gRPC (spilled)", mib / grpc_s);
   double hot_mib = hot * spec->PageBytes() / 1048576.0;
-  if (c.has_ucx()) std::printf("  %-32s %10.0f\n", "newest pages from RAM, UCX", hot_mib / hot_ucx_s);
+  if (c.has_ucx())
+    std::printf("  %-32s %10.0f\n", "newest pages from RAM, UCX", hot_mib / hot_ucx_s);
   std::printf("  %-32s %10.0f\n", "newest pages from RAM, gRPC", hot_mib / hot_grpc_s);
   std::printf("\n  tiers: RAM %.1f / %.1f MiB (%llu pages), RocksDB %.1f MiB (%llu pages)\n",
               st->ram().bytes() / 1048576.0, st->ram().capacity_bytes() / 1048576.0,
               static_cast<unsigned long long>(st->ram().pages()), st->rocksdb().bytes() / 1048576.0,
               static_cast<unsigned long long>(st->rocksdb().pages()));
   const auto& ss = st->sessions(0);
-  std::printf("  session: %llu pages, RAM hits %llu, misses %llu; store-wide evictions %llu, spill reads %llu\n",
-              static_cast<unsigned long long>(ss.pages()), static_cast<unsigned long long>(ss.hits()),
-              static_cast<unsigned long long>(ss.misses()), static_cast<unsigned long long>(st->evictions()),
-              static_cast<unsigned long long>(st->spill_reads()));
+  std::printf(
+      "  session: %llu pages, RAM hits %llu, misses %llu; store-wide evictions %llu, spill reads "
+      "%llu\n",
+      static_cast<unsigned long long>(ss.pages()), static_cast<unsigned long long>(ss.hits()),
+      static_cast<unsigned long long>(ss.misses()),
+      static_cast<unsigned long long>(st->evictions()),
+      static_cast<unsigned long long>(st->spill_reads()));
   std::printf("  every page read back bit-exact over %s\n", c.has_ucx() ? "both paths" : "gRPC");
   auto n = c.DeleteSession(session);
   if (!n.ok()) return Fail(n.status());
@@ -181,7 +192,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::string target = "127.0.0.1:50051", spec = "bench", session = "demo";
   uint64_t tokens = 32768;
-  auto* demo = app.add_subcommand("demo", "Store a generated long session and read it back over UCX and gRPC");
+  auto* demo = app.add_subcommand(
+      "demo", "Store a generated long session and read it back over UCX and gRPC");
   demo->add_option("--target", target, "Server address")->capture_default_str();
   demo->add_option("--spec", spec, "Model spec preset: tiny, bench, long")->capture_default_str();
   demo->add_option("--tokens", tokens, "Session length in tokens")->capture_default_str();

@@ -20,18 +20,20 @@ class CudaDecodePlan {
  public:
   // Copies the plan's page lists and work units to the device. kInvalidShape when the
   // shape exceeds the CUDA kernel's shared-memory limits (see why).
-  static KernelStatus Upload(const DecodePlan& plan, std::unique_ptr<CudaDecodePlan>* out, std::string* why);
+  static KernelStatus Upload(const DecodePlan& plan, std::unique_ptr<CudaDecodePlan>* out,
+                             std::string* why);
   ~CudaDecodePlan();
   const DecodePlan& host() const { return host_; }
 
  private:
-  friend KernelStatus CudaRunPagedDecode(const CudaDecodePlan&, const PagePool&, const DecodeItem*, size_t, void*);
+  friend KernelStatus CudaRunPagedDecode(const CudaDecodePlan&, const PagePool&, const DecodeItem*,
+                                         size_t, void*);
   CudaDecodePlan() = default;
   DecodePlan host_;
-  uint32_t* cells_ = nullptr;       // all sequences' cells, concatenated
+  uint32_t* cells_ = nullptr;  // all sequences' cells, concatenated
   uint16_t* valid_ = nullptr;
-  uint32_t* seq_first_ = nullptr;   // per sequence: index of its first page in cells_
-  void* units_ = nullptr;           // device copy of host_.units
+  uint32_t* seq_first_ = nullptr;  // per sequence: index of its first page in cells_
+  void* units_ = nullptr;          // device copy of host_.units
   // Per-run scratch (task lists, partial states), grown on demand and reused; runs on one
   // plan are serialised by the caller's stream.
   struct Scratch {
@@ -44,8 +46,8 @@ class CudaDecodePlan {
 // items[i].q/out/lse are device pointers; pool.base is device memory. `stream` is a
 // cudaStream_t (null = default stream). Returns once the work is queued on the stream; calls
 // on the same plan must share that stream.
-KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool, const DecodeItem* items,
-                                size_t n_items, void* stream);
+KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool,
+                                const DecodeItem* items, size_t n_items, void* stream);
 
 // Best time of `reps` passes of a read-only streaming kernel over [p, p + bytes) on the
 // device: the bandwidth anchor for the CUDA benchmark.

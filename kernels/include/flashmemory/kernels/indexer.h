@@ -27,14 +27,14 @@
 namespace fm::kernels {
 
 struct IndexerShape {
-  uint32_t layers = 3;          // Li
-  uint32_t heads = 16;          // Hi
-  uint32_t dim = 128;           // di: a power of two in [64, 1024]
-  uint32_t hidden = 0;          // model hidden size fed to the tower; 0 = tower unused
-  uint32_t rank = 0;            // W_a output size
-  uint32_t rope_dims = 64;      // rotated dims at the end of each head (even, <= dim)
-  float rope_theta = 10000.0f;  // RoPE base
-  float yarn_factor = 1.0f;     // YaRN context extension factor s (1 = plain RoPE)
+  uint32_t layers = 3;                    // Li
+  uint32_t heads = 16;                    // Hi
+  uint32_t dim = 128;                     // di: a power of two in [64, 1024]
+  uint32_t hidden = 0;                    // model hidden size fed to the tower; 0 = tower unused
+  uint32_t rank = 0;                      // W_a output size
+  uint32_t rope_dims = 64;                // rotated dims at the end of each head (even, <= dim)
+  float rope_theta = 10000.0f;            // RoPE base
+  float yarn_factor = 1.0f;               // YaRN context extension factor s (1 = plain RoPE)
   uint32_t yarn_original_context = 4096;  // L0
   float yarn_beta_fast = 32.0f, yarn_beta_slow = 1.0f;
   float rms_eps = 1e-6f;
@@ -52,8 +52,8 @@ struct IndexerLayerWeights {
 };
 
 // q [heads][dim] and w [heads] of one layer for hidden state h at token position `pos`.
-KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h, uint64_t pos,
-                          float* q, float* w);
+KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h,
+                          uint64_t pos, float* q, float* w);
 
 // Compresses a raw key [dim] to the stored format: scale = max|k| / 448 (1 when k is all
 // zero), fp8 = e4m3(k / scale) with round-to-nearest-even.
@@ -61,8 +61,8 @@ void CompressIndexKey(uint32_t dim, const float* k, uint8_t* out);
 
 // logits[l * chunks + c] for every layer l and chunk c. keys[l] holds `chunks` keys of
 // KeyBytes() each. Parallel on the kernel thread pool.
-KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w, const uint8_t* const* keys,
-                         uint64_t chunks, float* logits);
+KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
+                         const uint8_t* const* keys, uint64_t chunks, float* logits);
 
 enum class LayerCombine : uint8_t { kMax = 0, kMean = 1 };
 
@@ -71,7 +71,7 @@ struct SelectParams {
   uint32_t page_tokens = 64;
   uint64_t total_pages = 0;  // pages in the history (the last may be partial)
   float theta = 0.5f;
-  uint32_t kmax = 0;         // pages beyond sink and tail
+  uint32_t kmax = 0;  // pages beyond sink and tail
   uint32_t sink = 1, tail = 2;
   LayerCombine combine = LayerCombine::kMax;
 };
@@ -83,14 +83,14 @@ struct ScoredPageOut {
 
 // Combines layer logits, counts kept chunks per page and picks the resident set, ascending
 // by page number.
-KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks, const SelectParams& p,
-                         std::vector<ScoredPageOut>* out);
+KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks,
+                         const SelectParams& p, std::vector<ScoredPageOut>* out);
 
 namespace reference {
-KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h, uint64_t pos, float* q,
-                          float* w);
-KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w, const uint8_t* const* keys,
-                         uint64_t chunks, float* logits);
+KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h,
+                          uint64_t pos, float* q, float* w);
+KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
+                         const uint8_t* const* keys, uint64_t chunks, float* logits);
 }  // namespace reference
 
 }  // namespace fm::kernels

@@ -13,12 +13,12 @@ namespace fm::kernels {
 inline constexpr uint32_t kMaxLevel2TopK = 2048;
 
 // out [q_heads][head_dim], lse [q_heads] (may be null). topk in [1, kMaxLevel2TopK].
-KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer,
-                        uint32_t topk, const float* q, float* out, float* lse);
+KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const PageList& pages,
+                        uint32_t layer, uint32_t topk, const float* q, float* out, float* lse);
 
 namespace reference {
-KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer,
-                        uint32_t topk, const float* q, float* out, float* lse);
+KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const PageList& pages,
+                        uint32_t layer, uint32_t topk, const float* q, float* out, float* lse);
 }  // namespace reference
 
 }  // namespace fm::kernels
