@@ -16,21 +16,13 @@
 
 #include "flashmemory/kernels/level2.h"
 
+#include "kernels/cpu/simd_util-inl.h"
+
 // clang-format on
 HWY_BEFORE_NAMESPACE();
 namespace fm::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
-
-template <typename T>
-HWY_INLINE hn::Vec<DF> RowLoad(DF df, const T* HWY_RESTRICT p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return hn::LoadU(df, p);
-  } else {
-    const hn::Rebind<T, DF> dh;
-    return hn::PromoteTo(df, hn::LoadU(dh, p));
-  }
-}
 
 template <typename T>
 void KvHeadT(const AttentionShape& s, const PagePool& pool, const PageList& pages, uint32_t layer,
@@ -55,7 +47,7 @@ void KvHeadT(const AttentionShape& s, const PagePool& pool, const PageList& page
     for (uint32_t h = 0; h < g; ++h) {
       auto acc = hn::Zero(df);
       for (size_t j = 0; j < d; j += N)
-        acc = hn::MulAdd(hn::LoadU(df, qg + size_t{h} * d + j), RowLoad(df, krow[i] + j), acc);
+        acc = hn::MulAdd(hn::LoadU(df, qg + size_t{h} * d + j), LoadAsF32(df, krow[i] + j), acc);
       const float v = hn::GetLane(hn::SumOfLanes(df, acc)) * scale;
       sc[size_t{h} * n + i] = v;
       best[i] = std::max(best[i], v);
@@ -77,7 +69,7 @@ void KvHeadT(const AttentionShape& s, const PagePool& pool, const PageList& page
   for (size_t r = 0; r < k; ++r) {
     const T* v = vrow[order[r]];
     for (size_t j = 0; j < d; j += N) {
-      const auto x = RowLoad(df, v + j);
+      const auto x = LoadAsF32(df, v + j);
       for (uint32_t h = 0; h < g; ++h) {
         float* o = og + size_t{h} * d + j;
         hn::StoreU(hn::MulAdd(hn::Set(df, p[size_t{h} * k + r]), x, hn::LoadU(df, o)), df, o);

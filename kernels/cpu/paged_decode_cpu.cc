@@ -28,16 +28,6 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 using DF = hn::ScalableTag<float>;
 
-template <typename T>
-HWY_INLINE hn::Vec<DF> LoadF32(DF df, const T* HWY_RESTRICT p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return hn::LoadU(df, p);
-  } else {
-    const hn::Rebind<T, DF> dh;
-    return hn::PromoteTo(df, hn::LoadU(dh, p));
-  }
-}
-
 // Loads 2N elements at p as two f32 vectors. bf16 comes out as (even, odd) elements: two
 // ALU ops per 2N elements instead of four for a widening promote, so the FMA ports stay busy
 // with FMAs. Callers keep q and the accumulators in the same per-2N-chunk even/odd order.
@@ -50,8 +40,8 @@ HWY_INLINE void Load2(DF df, const T* HWY_RESTRICT p, hn::Vec<DF>& x0, hn::Vec<D
     x0 = hn::BitCast(df, hn::ShiftLeft<16>(raw));
     x1 = hn::BitCast(df, hn::And(raw, hn::Set(du, 0xFFFF0000u)));
   } else {
-    x0 = LoadF32(df, p);
-    x1 = LoadF32(df, p + hn::Lanes(df));
+    x0 = LoadAsF32(df, p);
+    x1 = LoadAsF32(df, p + hn::Lanes(df));
   }
 }
 
@@ -197,7 +187,7 @@ void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY
         b3 = hn::MulAdd(w3, y1, b3);
       }
       for (; j < d; j += N) {
-        const auto x0 = LoadF32(df, k0 + j), x1 = LoadF32(df, k1 + j);
+        const auto x0 = LoadAsF32(df, k0 + j), x1 = LoadAsF32(df, k1 + j);
         const auto w0 = hn::LoadU(df, q0 + j), w1 = hn::LoadU(df, q0 + d + j);
         const auto w2 = hn::LoadU(df, q0 + 2 * d + j), w3 = hn::LoadU(df, q0 + 3 * d + j);
         a0 = hn::MulAdd(w0, x0, a0), a1 = hn::MulAdd(w1, x0, a1), a2 = hn::MulAdd(w2, x0, a2),
@@ -225,7 +215,7 @@ void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY
         a3 = hn::MulAdd(hn::LoadU(df, w + 3 * d + N), x1, a3);
       }
       for (; j < d; j += N) {
-        const auto x0 = LoadF32(df, k0 + j);
+        const auto x0 = LoadAsF32(df, k0 + j);
         a0 = hn::MulAdd(hn::LoadU(df, q0 + j), x0, a0);
         a1 = hn::MulAdd(hn::LoadU(df, q0 + d + j), x0, a1);
         a2 = hn::MulAdd(hn::LoadU(df, q0 + 2 * d + j), x0, a2);
@@ -310,7 +300,7 @@ void AttendPageT(const AttentionShape& s, const T* HWY_RESTRICT kb, const T* HWY
       auto a2 = hn::Mul(hn::LoadU(df, ab + 2 * d + j), c2),
            a3 = hn::Mul(hn::LoadU(df, ab + 3 * d + j), c3);
       for (uint32_t tt = 0; tt < valid; ++tt) {
-        const auto x0 = LoadF32(df, vb + size_t{tt} * d + j);
+        const auto x0 = LoadAsF32(df, vb + size_t{tt} * d + j);
         const float* p = scb + size_t{tt} * kHeadBlock;
         a0 = hn::MulAdd(hn::Set(df, p[0]), x0, a0), a1 = hn::MulAdd(hn::Set(df, p[1]), x0, a1);
         a2 = hn::MulAdd(hn::Set(df, p[2]), x0, a2), a3 = hn::MulAdd(hn::Set(df, p[3]), x0, a3);

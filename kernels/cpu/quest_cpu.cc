@@ -13,21 +13,13 @@
 
 #include "flashmemory/kernels/quest.h"
 
+#include "kernels/cpu/simd_util-inl.h"
+
 // clang-format on
 HWY_BEFORE_NAMESPACE();
 namespace fm::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
-
-template <typename T>
-HWY_INLINE hn::Vec<DF> LoadAsF32(DF df, const T* HWY_RESTRICT p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return hn::LoadU(df, p);
-  } else {
-    const hn::Rebind<T, DF> dh;
-    return hn::PromoteTo(df, hn::LoadU(dh, p));
-  }
-}
 
 template <typename T>
 void BoundsT(const AttentionShape& s, const uint8_t* page, uint32_t valid, float* out) {

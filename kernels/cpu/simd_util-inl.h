@@ -9,9 +9,22 @@
 
 #include <hwy/highway.h>
 
+#include <type_traits>
+
 HWY_BEFORE_NAMESPACE();
 namespace fm::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
+
+// Loads Lanes(df) elements of T (float, float16_t or bfloat16_t) as floats.
+template <class DF, typename T>
+HWY_INLINE hn::Vec<DF> LoadAsF32(DF df, const T* HWY_RESTRICT p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return hn::LoadU(df, p);
+  } else {
+    const hn::Rebind<T, DF> dh;
+    return hn::PromoteTo(df, hn::LoadU(dh, p));
+  }
+}
 
 // StoreBlockSum / StoreBlockMax: lane k of out4 = sum / max over the vector's 4-lane blocks
 // of lane k. Sum4: out4[k] = sum of all lanes of ak, as one transposing reduction for four

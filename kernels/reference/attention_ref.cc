@@ -5,34 +5,10 @@
 #include <limits>
 #include <vector>
 
-#include "common/codecs.h"
+#include "kernels/reference/elem.h"
 #include "flashmemory/kernels/attention.h"
 
 namespace fm::kernels::reference {
-namespace {
-
-float Load(ElemType t, const uint8_t* p, size_t i) {
-  switch (t) {
-    case ElemType::kF32: {
-      float f;
-      std::memcpy(&f, p + 4 * i, 4);
-      return f;
-    }
-    case ElemType::kF16: {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      return Fp16ToFloat(h);
-    }
-    case ElemType::kBf16: {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      return Bf16ToFloat(h);
-    }
-  }
-  return 0;
-}
-
-}  // namespace
 
 KernelStatus PagedDecode(const AttentionShape& shape, const PagePool& pool, const PageList& pages,
                          uint32_t layer, const float* q, float* out, float* lse) {
@@ -57,7 +33,7 @@ KernelStatus PagedDecode(const AttentionShape& shape, const PagePool& pool, cons
       for (uint32_t t = 0; t < pages.valid[i]; ++t) {
         float dot = 0;
         for (uint32_t j = 0; j < d; ++j)
-          dot += q[h * d + j] * Load(shape.dtype, kb, size_t{t} * d + j);
+          dot += q[h * d + j] * LoadElem(shape.dtype, kb, size_t{t} * d + j);
         scores.push_back(dot * scale);
         vrows.push_back({vb, t});
       }
@@ -69,7 +45,7 @@ KernelStatus PagedDecode(const AttentionShape& shape, const PagePool& pool, cons
     for (uint32_t j = 0; j < d; ++j) {
       float acc = 0;
       for (size_t r = 0; r < scores.size(); ++r)
-        acc += scores[r] * Load(shape.dtype, vrows[r].first, size_t{vrows[r].second} * d + j);
+        acc += scores[r] * LoadElem(shape.dtype, vrows[r].first, size_t{vrows[r].second} * d + j);
       out[h * d + j] = acc / sum;
     }
     if (lse) lse[h] = m + std::log(sum);

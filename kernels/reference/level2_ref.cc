@@ -6,28 +6,10 @@
 #include <numeric>
 #include <vector>
 
-#include "common/codecs.h"
+#include "kernels/reference/elem.h"
 #include "flashmemory/kernels/level2.h"
 
 namespace fm::kernels::reference {
-namespace {
-float Elem(ElemType t, const uint8_t* p, size_t i) {
-  uint16_t h;
-  float f;
-  switch (t) {
-    case ElemType::kF32:
-      std::memcpy(&f, p + 4 * i, 4);
-      return f;
-    case ElemType::kF16:
-      std::memcpy(&h, p + 2 * i, 2);
-      return Fp16ToFloat(h);
-    case ElemType::kBf16:
-      std::memcpy(&h, p + 2 * i, 2);
-      return Bf16ToFloat(h);
-  }
-  return 0;
-}
-}  // namespace
 
 KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const PageList& pages,
                         uint32_t layer, uint32_t topk, const float* q, float* out, float* lse) {
@@ -61,7 +43,7 @@ KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const Pag
         float dot = 0;
         for (uint32_t j = 0; j < d; ++j)
           dot +=
-              q[size_t{kvh * g + hh} * d + j] * Elem(s.dtype, toks[i].k, size_t{toks[i].t} * d + j);
+              q[size_t{kvh * g + hh} * d + j] * LoadElem(s.dtype, toks[i].k, size_t{toks[i].t} * d + j);
         sc[hh][i] = dot * scale;
         best[i] = std::max(best[i], sc[hh][i]);
       }
@@ -82,7 +64,7 @@ KernelStatus TopKDecode(const AttentionShape& s, const PagePool& pool, const Pag
       for (uint32_t j = 0; j < d; ++j) {
         float acc = 0;
         for (size_t r = 0; r < k; ++r)
-          acc += p[r] * Elem(s.dtype, toks[order[r]].v, size_t{toks[order[r]].t} * d + j);
+          acc += p[r] * LoadElem(s.dtype, toks[order[r]].v, size_t{toks[order[r]].t} * d + j);
         out[size_t{h} * d + j] = acc / sum;
       }
       if (lse) lse[h] = m + std::log(sum);

@@ -3,28 +3,10 @@
 #include <cstring>
 #include <limits>
 
-#include "common/codecs.h"
+#include "kernels/reference/elem.h"
 #include "flashmemory/kernels/quest.h"
 
 namespace fm::kernels::reference {
-namespace {
-float Elem(ElemType t, const uint8_t* p, size_t i) {
-  uint16_t h;
-  float f;
-  switch (t) {
-    case ElemType::kF32:
-      std::memcpy(&f, p + 4 * i, 4);
-      return f;
-    case ElemType::kF16:
-      std::memcpy(&h, p + 2 * i, 2);
-      return Fp16ToFloat(h);
-    case ElemType::kBf16:
-      std::memcpy(&h, p + 2 * i, 2);
-      return Bf16ToFloat(h);
-  }
-  return 0;
-}
-}  // namespace
 
 KernelStatus QuestBounds(const AttentionShape& s, const uint8_t* page, uint32_t valid, float* out) {
   if (s.Validate(nullptr) != KernelStatus::kOk) return KernelStatus::kInvalidShape;
@@ -39,7 +21,7 @@ KernelStatus QuestBounds(const AttentionShape& s, const uint8_t* page, uint32_t 
       const size_t base = s.BlockElemOffset(l, 0, h);
       for (uint32_t t = 0; t < valid; ++t)
         for (uint32_t j = 0; j < d; ++j) {
-          const float v = Elem(s.dtype, page, base + size_t{t} * d + j);
+          const float v = LoadElem(s.dtype, page, base + size_t{t} * d + j);
           mn[j] = std::min(mn[j], v);
           mx[j] = std::max(mx[j], v);
         }
