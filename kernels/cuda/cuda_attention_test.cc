@@ -77,3 +77,64 @@ TEST(CudaPagedDecode, MatchesReference) {
 
 }  // namespace
 }  // namespace fm::kernels
+
+namespace fm::kernels {
+namespace {
+
+// Several sessions and layers in one call, one item without an lse output.
+TEST(CudaPagedDecode, BatchOfSessionsAndLayers) {
+  std::string why;
+  if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
+  AttentionShape s{3, 8, 2, 128, 32, ElemType::kBf16, 0};
+  const uint32_t cells = 30;
+  std::vector<uint8_t> host(size_t{cells} * s.PageBytes());
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  for (size_t i = 0; i < host.size() / 2; ++i) {
+    uint16_t h = FloatToBf16(nd(rng));
+    std::memcpy(&host[2 * i], &h, 2);
+  }
+  uint8_t* dpool = nullptr;
+  ASSERT_EQ(cudaMalloc(&dpool, host.size()), cudaSuccess);
+  cudaMemcpy(dpool, host.data(), host.size(), cudaMemcpyHostToDevice);
+  PagePool hpool{host.data(), s.PageBytes(), 0, cells}, gpool{dpool, s.PageBytes(), 0, cells};
+  std::vector<uint32_t> c0 = {0, 3, 5, 7, 9, 11}, c1 = {29};
+  std::vector<uint16_t> v0 = {32, 32, 32, 32, 32, 17}, v1 = {3};
+  std::vector<PageList> lists = {{c0.data(), v0.data(), 6}, {c1.data(), v1.data(), 1}};
+  DecodePlan plan;
+  ASSERT_EQ(BuildDecodePlan(s, lists, gpool, 16, 1, &plan, &why), KernelStatus::kOk) << why;
+  std::unique_ptr<CudaDecodePlan> gplan;
+  ASSERT_EQ(CudaDecodePlan::Upload(plan, &gplan, &why), KernelStatus::kOk) << why;
+  const size_t per = size_t{s.q_heads} * s.head_dim;
+  std::vector<float> q(4 * per);
+  for (float& x : q) x = nd(rng);
+  float *dq, *dout, *dlse;
+  cudaMalloc(&dq, q.size() * 4);
+  cudaMalloc(&dout, q.size() * 4);
+  cudaMalloc(&dlse, 4 * s.q_heads * 4);
+  cudaMemcpy(dq, q.data(), q.size() * 4, cudaMemcpyHostToDevice);
+  const uint32_t seqs[4] = {0, 0, 1, 1}, layers[4] = {0, 2, 1, 2};
+  std::vector<DecodeItem> items;
+  for (int i = 0; i < 4; ++i)
+    items.push_back({seqs[i], layers[i], dq + i * per, dout + i * per,
+                     i == 3 ? nullptr : dlse + i * s.q_heads});
+  ASSERT_EQ(CudaRunPagedDecode(*gplan, gpool, items.data(), items.size(), nullptr),
+            KernelStatus::kOk);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> out(q.size());
+  cudaMemcpy(out.data(), dout, out.size() * 4, cudaMemcpyDeviceToHost);
+  for (int i = 0; i < 4; ++i) {
+    std::vector<float> want(per), lse(s.q_heads);
+    ASSERT_EQ(reference::PagedDecode(s, hpool, lists[seqs[i]], layers[i], q.data() + i * per,
+                                     want.data(), lse.data()),
+              KernelStatus::kOk);
+    for (size_t j = 0; j < per; ++j) ASSERT_NEAR(out[i * per + j], want[j], 1e-4) << "item " << i;
+  }
+  cudaFree(dq);
+  cudaFree(dout);
+  cudaFree(dlse);
+  cudaFree(dpool);
+}
+
+}  // namespace
+}  // namespace fm::kernels
