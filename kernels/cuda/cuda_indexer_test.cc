@@ -84,5 +84,24 @@ TEST(CudaQuest, PageScoresMatchReference) {
   cudaFree(ds);
 }
 
+TEST(CudaQuest, BoundsMatchReference) {
+  std::string why;
+  if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
+  AttentionShape s{3, 8, 4, 96, 32, ElemType::kBf16, 0};
+  std::vector<uint8_t> page(s.PageBytes());
+  std::mt19937 rng(9);
+  for (auto& b : page) b = static_cast<uint8_t>(rng() & 0x3f);  // finite bf16 values
+  uint8_t* dp = Upload(page);
+  float* db = nullptr;
+  cudaMalloc(&db, sizeof(float) * QuestBoundsFloats(s));
+  ASSERT_EQ(CudaQuestBounds(s, dp, 21, db, nullptr), KernelStatus::kOk);
+  std::vector<float> got(QuestBoundsFloats(s)), want(QuestBoundsFloats(s));
+  cudaMemcpy(got.data(), db, sizeof(float) * got.size(), cudaMemcpyDeviceToHost);
+  ASSERT_EQ(reference::QuestBounds(s, page.data(), 21, want.data()), KernelStatus::kOk);
+  EXPECT_EQ(got, want);
+  cudaFree(dp);
+  cudaFree(db);
+}
+
 }  // namespace
 }  // namespace fm::kernels

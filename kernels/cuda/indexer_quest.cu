@@ -4,6 +4,8 @@
 // shared memory and are read as broadcasts; each thread decodes its 132-byte key with the
 // hardware fp8-e4m3 conversion and accumulates every head's dot product, so no cross-thread
 // reduction is needed.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
@@ -11,6 +13,10 @@
 
 namespace fm::kernels {
 namespace {
+
+__device__ __forceinline__ float ToF(float x) { return x; }
+__device__ __forceinline__ float ToF(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 constexpr int kThreads = 256;
 constexpr uint32_t kMaxHeads = 64;
@@ -76,7 +82,51 @@ __global__ void QuestScoresKernel(uint32_t layers, uint32_t q_heads, uint32_t kv
   score[p] = best;
 }
 
+// One block per (layer, KV head) of one page; threads own head_dim elements.
+template <typename T>
+__global__ void QuestBoundsKernel(uint32_t kv_heads, uint32_t page_tokens, uint32_t d,
+                                  const uint8_t* __restrict__ page, uint32_t valid,
+                                  float* __restrict__ out) {
+  const uint32_t layer = blockIdx.x / kv_heads, h = blockIdx.x % kv_heads;
+  const T* K =
+      reinterpret_cast<const T*>(page) + ((size_t(layer) * 2) * kv_heads + h) * page_tokens * d;
+  float* mn = out + (size_t(layer) * kv_heads + h) * 2 * d;
+  for (uint32_t j = threadIdx.x; j < d; j += blockDim.x) {
+    float lo = INFINITY, hi = -INFINITY;
+    for (uint32_t t = 0; t < valid; ++t) {
+      const float v = ToF(K[size_t(t) * d + j]);
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
+    }
+    mn[j] = lo;
+    mn[d + j] = hi;
+  }
+}
+
 }  // namespace
+
+KernelStatus CudaQuestBounds(const AttentionShape& s, const uint8_t* page, uint32_t valid,
+                             float* out, void* stream) {
+  if (s.Validate(nullptr) != KernelStatus::kOk) return KernelStatus::kInvalidShape;
+  if (valid == 0 || valid > s.page_tokens) return KernelStatus::kBadPageIndex;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const unsigned blocks = s.layers * s.kv_heads;
+  switch (s.dtype) {
+    case ElemType::kF32:
+      QuestBoundsKernel<float>
+          <<<blocks, 128, 0, st>>>(s.kv_heads, s.page_tokens, s.head_dim, page, valid, out);
+      break;
+    case ElemType::kF16:
+      QuestBoundsKernel<__half>
+          <<<blocks, 128, 0, st>>>(s.kv_heads, s.page_tokens, s.head_dim, page, valid, out);
+      break;
+    case ElemType::kBf16:
+      QuestBoundsKernel<__nv_bfloat16>
+          <<<blocks, 128, 0, st>>>(s.kv_heads, s.page_tokens, s.head_dim, page, valid, out);
+      break;
+  }
+  return cudaGetLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kInvalidShape;
+}
 
 KernelStatus CudaScoreChunks(const IndexerShape& s, const float* q, const float* w,
                              const uint8_t* const* keys, uint64_t chunks, float* logits,

@@ -12,6 +12,8 @@ namespace fm::kernels {
 KernelStatus CudaScoreChunks(const IndexerShape& s, const float* q, const float* w,
                              const uint8_t* const* keys, uint64_t chunks, float* logits,
                              void* stream);
+KernelStatus CudaQuestBounds(const AttentionShape& s, const uint8_t* page, uint32_t valid,
+                             float* out, void* stream);
 KernelStatus CudaQuestPageScores(const AttentionShape& s, uint32_t layer, const float* q,
                                  const float* bounds, uint64_t pages, float* score, void* stream);
 
