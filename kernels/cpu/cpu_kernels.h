@@ -10,4 +10,10 @@ namespace fm::kernels {
 // their 64-bit word sum: the streaming-read anchor for bandwidth fractions.
 uint64_t StreamReadSum(const uint8_t* p, size_t bytes);
 
+// Memory for a pool of page cells: anonymous, 2 MiB aligned and advised to use transparent
+// huge pages, so the attention kernels' scattered page reads do not miss the TLB on every
+// 4 KiB. Zero-filled. Free with FreePagePoolMemory.
+uint8_t* AllocatePagePoolMemory(size_t bytes);
+void FreePagePoolMemory(uint8_t* p, size_t bytes);
+
 }  // namespace fm::kernels

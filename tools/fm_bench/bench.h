@@ -23,6 +23,7 @@ struct KernelBenchOptions {
   double budget = 0.10;       // fraction of pages the sparse step attends to
   int reps = 5;               // timed dense steps (sparse: 5x as many); the median is reported
   uint64_t index_tokens = 1 << 20;  // history scored by the indexer benchmark
+  bool huge_pages = true;           // back the page pool with transparent huge pages
   std::string json;
 };
 

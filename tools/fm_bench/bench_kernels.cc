@@ -68,8 +68,8 @@ void StreamCells(const PagePool& pool, const std::vector<uint32_t>& cells, size_
   static std::vector<uint64_t> sums;
   sums.resize(cells.size());
   kernels::ThreadPool::Default().ParallelFor(static_cast<uint32_t>(cells.size()), [&](uint32_t i) {
-    sums[i] = kernels::StreamReadSum(pool.base + size_t{cells[i]} * pool.cell_stride + pool.cell_offset,
-                                     page_bytes);
+    sums[i] = kernels::StreamReadSum(
+        pool.base + size_t{cells[i]} * pool.cell_stride + pool.cell_offset, page_bytes);
   });
 }
 
@@ -82,11 +82,15 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   std::fprintf(stderr, "fm-bench kernels: filling %u pages (%.2f GiB) of bench-spec KV\n", pages,
                pages * double(page_bytes) / (1 << 30));
   // The pool: one cell per page of the context, random bf16 K/V (2 threads fill it).
-  std::vector<uint8_t> bytes(size_t{pages} * page_bytes);
+  const size_t pool_bytes = size_t{pages} * page_bytes;
+  uint8_t* pool_mem = o.huge_pages ? kernels::AllocatePagePoolMemory(pool_bytes) : nullptr;
+  std::vector<uint8_t> plain(o.huge_pages ? 0 : pool_bytes);
+  uint8_t* const pool_base = o.huge_pages ? pool_mem : plain.data();
+  if (pool_base == nullptr) return 1;
   kernels::ThreadPool::Default().ParallelFor(pages, [&](uint32_t c) {
     // Sum of four uniforms: roughly normal, and cheap enough to fill gigabytes quickly.
     uint64_t x = 0x9E3779B97F4A7C15ull * (c + 1);
-    uint16_t* p = reinterpret_cast<uint16_t*>(bytes.data() + size_t{c} * page_bytes);
+    uint16_t* p = reinterpret_cast<uint16_t*>(pool_base + size_t{c} * page_bytes);
     for (size_t i = 0; i < page_bytes / 2; ++i) {
       x ^= x << 13, x ^= x >> 7, x ^= x << 17;
       float v =
@@ -95,7 +99,7 @@ int RunKernelsBench(const KernelBenchOptions& o) {
       p[i] = FloatToBf16(v * 0.87f);
     }
   });
-  PagePool pool{bytes.data(), page_bytes, 0, pages};
+  PagePool pool{pool_base, page_bytes, 0, pages};
 
   // Dense: every page; the last one partial. Sparse: sink + 2 tail pages + a random 10 %.
   std::vector<uint32_t> dense_cells(pages);
@@ -159,7 +163,8 @@ int RunKernelsBench(const KernelBenchOptions& o) {
       threads, kernels::CpuTargetName());
   // Each step's bandwidth is compared with a streaming read of the same cells, timed
   // alternately with it.
-  const double sparse_frac = sparse_gbps / sparse_stream_gbps, dense_frac = dense_gbps / stream_gbps;
+  const double sparse_frac = sparse_gbps / sparse_stream_gbps,
+               dense_frac = dense_gbps / stream_gbps;
   std::printf("%-40s %10s %10s %s\n", "decode attention (one step, all layers)", "ms/step", "GB/s",
               "of a streaming read of the same bytes");
   std::printf("%-40s %10.2f %10.2f %.0f%% (stream %.1f GB/s)\n", "dense: every page", dense_s * 1e3,
@@ -175,8 +180,9 @@ int RunKernelsBench(const KernelBenchOptions& o) {
       dense_s / sparse_s, dense_s / sparse_s >= 8 ? "met" : "MISSED", 100 * sparse_frac,
       100 * dense_frac, (sparse_frac >= 0.7 && dense_frac >= 0.7) ? "met" : "MISSED");
   // Indexer scoring of a 1M-token history (bench spec: 3 index layers x 16 heads x 128).
-  bytes.clear();
-  bytes.shrink_to_fit();
+  kernels::FreePagePoolMemory(pool_mem, pool_bytes);
+  plain.clear();
+  plain.shrink_to_fit();
   kernels::IndexerShape is{3, 16, 128};
   const uint64_t chunks = o.index_tokens / 4;
   std::fprintf(stderr, "fm-bench kernels: indexer scoring over %llu chunks x %u layers\n",
@@ -212,8 +218,8 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   auto [score_s, key_stream_s] = PairedMedianSeconds(
       o.reps,
       [&] {
-        if (kernels::ScoreChunks(is, iq.data(), iw.data(), key_ptrs.data(), chunks, logits.data()) !=
-            KernelStatus::kOk)
+        if (kernels::ScoreChunks(is, iq.data(), iw.data(), key_ptrs.data(), chunks,
+                                 logits.data()) != KernelStatus::kOk)
           std::abort();
       },
       [&] {

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   kc->add_option("--reps", kb.reps, "Timed dense steps")->capture_default_str();
   kc->add_option("--json", kb.json, "Write figures as JSON");
+  kc->add_flag("!--no_huge_pages", kb.huge_pages, "Back the page pool with 4 KiB pages only");
   CLI11_PARSE(app, argc, argv);
   if (kvc->parsed()) return fm::bench::RunKvStoreBench(kv);
   if (kc->parsed()) return fm::bench::RunKernelsBench(kb);
