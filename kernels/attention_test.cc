@@ -354,3 +354,23 @@ TEST(Level2TopK, KeepsTheStrongestTokenAndRejectsBadK) {
 
 }  // namespace
 }  // namespace fm::kernels
+
+#include "kernels/cpu/cpu_kernels.h"
+
+namespace fm::kernels {
+namespace {
+
+TEST(PagePoolMemory, AlignedZeroedWritable) {
+  const size_t bytes = (5u << 20) + 123;
+  uint8_t* p = AllocatePagePoolMemory(bytes);
+  ASSERT_NE(p, nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(p) % (2u << 20), 0u);
+  EXPECT_EQ(p[0], 0);
+  EXPECT_EQ(p[bytes - 1], 0);
+  std::memset(p, 0xab, bytes);
+  EXPECT_EQ(StreamReadSum(p, 64), 8 * 0xababababababababull);
+  FreePagePoolMemory(p, bytes);
+}
+
+}  // namespace
+}  // namespace fm::kernels
