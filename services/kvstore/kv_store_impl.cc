@@ -135,7 +135,24 @@ absl::Status KvStoreImpl::ValidateHeader(const PageHeaderData& h) const {
   return absl::OkStatus();
 }
 
+absl::Status KvStoreImpl::CheckLimitLocked(const PageHeaderData& h) const {
+  if (options_.max_session_bytes == 0) return absl::OkStatus();
+  uint64_t bytes = 0, old_len = 0;
+  if (auto sit = sessions_.find(h.session_id); sit != sessions_.end()) {
+    bytes = sit->second.bytes;
+    if (auto pit = sit->second.pages.find(h.page); pit != sit->second.pages.end())
+      old_len = pit->second.record_len;
+  }
+  const uint64_t new_bytes = bytes - old_len + kPageHeaderBytes + h.payload_bytes;
+  if (new_bytes > options_.max_session_bytes)
+    return absl::ResourceExhaustedError(absl::StrCat("session \"", h.session_id, "\" would hold ",
+                                                     new_bytes, " bytes; the limit is ",
+                                                     options_.max_session_bytes));
+  return absl::OkStatus();
+}
+
 absl::Status KvStoreImpl::ReserveLocked(const PageHeaderData& h, bool* had_old, PageInfo* old) {
+  FM_RETURN_IF_ERROR(CheckLimitLocked(h));
   SessionState& ss = sessions_[h.session_id];
   uint64_t len = kPageHeaderBytes + h.payload_bytes;
   auto it = ss.pages.find(h.page);
@@ -204,6 +221,7 @@ absl::Status KvStoreImpl::Put(const PageHeaderData& header, const uint8_t* paylo
                                             "\": payload checksum does not match the header"));
   const std::string key = EncodePageKey(header.session_id, header.page);
   const uint64_t record_len = kPageHeaderBytes + len;
+  absl::MutexLock stripe(&StripeFor(key));
   bool had_old;
   PageInfo old, mine;
   RamCell* cell;
@@ -395,7 +413,8 @@ absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32
   if (c == nullptr)
     return absl::ResourceExhaustedError(
         "RAM tier is full of pinned pages; use PutPage or release leases");
-  absl::Status s = ReserveLocked(header, &state.had_old, &state.old_info);
+  // The session's accounting changes only at CommitPut; here the limit is checked early.
+  absl::Status s = CheckLimitLocked(header);
   if (!s.ok()) {
     ram_->Unpin(c);
     return s;
@@ -431,11 +450,27 @@ absl::Status KvStoreImpl::CommitPut(uint64_t lease_id) {
   if (s.ok() && (got.spec_hash != want.spec_hash || got.token_count != want.token_count ||
                  got.dtype != want.dtype || got.checksum != want.checksum))
     s = absl::DataLossError("written page header differs from the granted header");
-  if (s.ok())
-    s = disk_->Put(state.put_key, rec, kPageHeaderBytes, rec + kPageHeaderBytes, got.payload_bytes);
+  if (!s.ok()) {
+    absl::MutexLock lock(&mu_);
+    ram_->Unpin(c);  // unpublished: freed
+    return s;
+  }
+  // From here on, as Put: reserve, write to RocksDB, publish, under the page's stripe.
+  absl::MutexLock stripe(&StripeFor(state.put_key));
+  bool had_old;
+  PageInfo old;
+  {
+    absl::MutexLock lock(&mu_);
+    s = ReserveLocked(want, &had_old, &old);
+    if (!s.ok()) {
+      ram_->Unpin(c);
+      return s;
+    }
+  }
+  s = disk_->Put(state.put_key, rec, kPageHeaderBytes, rec + kPageHeaderBytes, got.payload_bytes);
   absl::MutexLock lock(&mu_);
   if (!s.ok()) {
-    RollbackLocked(want, state.had_old, state.old_info);
+    RollbackLocked(want, had_old, old);
     ram_->Unpin(c);
     return s;
   }
@@ -449,7 +484,6 @@ absl::Status KvStoreImpl::CommitPut(uint64_t lease_id) {
 }
 
 void KvStoreImpl::EndLeaseLocked(LeaseState& lease) {
-  if (lease.is_put) RollbackLocked(lease.put_header, lease.had_old, lease.old_info);
   for (RamCell* c : lease.cells) ram_->Unpin(c);
 }
 
@@ -489,6 +523,15 @@ void KvStoreImpl::ReaperLoop() {
 
 absl::StatusOr<uint64_t> KvStoreImpl::DeleteSession(const std::string& sid) {
   FM_RETURN_IF_ERROR(ValidateSessionId(sid));
+  // Every stripe, in index order: no write of this session is between its reservation and
+  // its publication while the pages go, so none lands after the range delete.
+  for (auto& m : write_stripes_) m.Lock();
+  struct Unlock {
+    std::array<absl::Mutex, kWriteStripes>& m;
+    ~Unlock() {
+      for (size_t i = m.size(); i-- > 0;) m[i].Unlock();
+    }
+  } unlock{write_stripes_};
   uint64_t n;
   {
     absl::MutexLock lock(&mu_);

@@ -1,6 +1,7 @@
 // Private: the KvStore implementation (RAM tier over a UCX-registered arena + RocksDB).
 #pragma once
 
+#include <array>
 #include <condition_variable>
 #include <thread>
 
@@ -54,6 +55,8 @@ class KvStoreImpl final : public KvStore {
   };
 
   absl::Status ValidateHeader(const PageHeaderData& h) const;
+  // RESOURCE_EXHAUSTED when writing h would take its session over max_session_bytes.
+  absl::Status CheckLimitLocked(const PageHeaderData& h) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Reserves session bytes for a new version of a page; returns the previous info.
   absl::Status ReserveLocked(const PageHeaderData& h, bool* had_old, PageInfo* old)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -79,6 +82,15 @@ class KvStoreImpl final : public KvStore {
   void* heap_ = nullptr;  // arena when UCX is off
   uint8_t* arena_ = nullptr;
   std::unique_ptr<RocksTier> disk_;
+
+  // Writes of one page are serialised from reservation to publication by its stripe, so
+  // a slower write never lands in RocksDB after a newer one; DeleteSession takes every
+  // stripe so no write of the session lands after its range delete. Order: stripe, then mu_.
+  static constexpr size_t kWriteStripes = 64;
+  absl::Mutex& StripeFor(const std::string& key) {
+    return write_stripes_[std::hash<std::string>()(key) % kWriteStripes];
+  }
+  std::array<absl::Mutex, kWriteStripes> write_stripes_;
 
   absl::Mutex mu_;
   std::unique_ptr<RamTier> ram_ ABSL_GUARDED_BY(mu_);
