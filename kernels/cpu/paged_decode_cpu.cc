@@ -360,6 +360,29 @@ void AttendUnit(const AttentionShape& s, const PagePool& pool, const PageList& p
   }
 }
 
+// Runs `iters` rounds of ten independent fused multiply-adds on full vectors; returns the
+// flops done (for the compute-peak anchor).
+double FmaBurn(uint64_t iters) {
+  const DF df;
+  auto a0 = hn::Set(df, 1.0f), a1 = hn::Set(df, 1.1f), a2 = hn::Set(df, 1.2f),
+       a3 = hn::Set(df, 1.3f);
+  auto a4 = hn::Set(df, 1.4f), a5 = hn::Set(df, 1.5f), a6 = hn::Set(df, 1.6f),
+       a7 = hn::Set(df, 1.7f);
+  auto a8 = hn::Set(df, 1.8f), a9 = hn::Set(df, 1.9f);
+  const auto m = hn::Set(df, 0.9999999f), b = hn::Set(df, 1e-8f);
+  for (uint64_t i = 0; i < iters; ++i) {
+    a0 = hn::MulAdd(a0, m, b), a1 = hn::MulAdd(a1, m, b), a2 = hn::MulAdd(a2, m, b);
+    a3 = hn::MulAdd(a3, m, b), a4 = hn::MulAdd(a4, m, b), a5 = hn::MulAdd(a5, m, b);
+    a6 = hn::MulAdd(a6, m, b), a7 = hn::MulAdd(a7, m, b), a8 = hn::MulAdd(a8, m, b);
+    a9 = hn::MulAdd(a9, m, b);
+  }
+  const auto sum = hn::Add(hn::Add(hn::Add(a0, a1), hn::Add(a2, a3)),
+                           hn::Add(hn::Add(hn::Add(a4, a5), hn::Add(a6, a7)), hn::Add(a8, a9)));
+  volatile float sink = hn::GetLane(sum);
+  (void)sink;
+  return double(iters) * 10 * 2 * hn::Lanes(df);
+}
+
 // Sums 64-bit words over every byte of the given ranges: a streaming-read anchor.
 uint64_t StreamSum(const uint8_t* p, size_t bytes) {
   const hn::ScalableTag<uint64_t> du;
@@ -383,6 +406,7 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 #include <atomic>
+#include <chrono>
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/thread_pool.h"
@@ -391,6 +415,26 @@ namespace fm::kernels {
 
 HWY_EXPORT(AttendUnit);
 HWY_EXPORT(StreamSum);
+HWY_EXPORT(FmaBurn);
+
+double MeasureFmaPeakGflops(double seconds) {
+  ThreadPool& threads = ThreadPool::Default();
+  auto burn = HWY_DYNAMIC_DISPATCH(FmaBurn);
+  burn(1 << 20);  // warm up (and let the clock settle)
+  const uint64_t iters = 1 << 22;
+  double best = 0;
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (std::chrono::steady_clock::now() < end) {
+    std::vector<double> flops(threads.size());
+    const auto t0 = std::chrono::steady_clock::now();
+    threads.ParallelFor(threads.size(), [&](uint32_t i) { flops[i] = burn(iters); });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double total = 0;
+    for (double f : flops) total += f;
+    best = std::max(best, total / s / 1e9);
+  }
+  return best;
+}
 
 const char* CpuTargetName() {
   int64_t t = static_cast<int64_t>(hwy::SupportedTargets()) & HWY_TARGETS;

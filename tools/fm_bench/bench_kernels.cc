@@ -161,6 +161,14 @@ int RunKernelsBench(const KernelBenchOptions& o) {
       "threads, %s\n",
       s.layers, s.q_heads, s.kv_heads, s.head_dim, static_cast<unsigned long long>(o.context),
       threads, kernels::CpuTargetName());
+  // Arithmetic: per layer and query head, one multiply-add per K and per V element attended.
+  const double peak_gflops = kernels::MeasureFmaPeakGflops(0.5);
+  auto gflops = [&](size_t pages_attended, double secs) {
+    return 4.0 * s.layers * s.q_heads * s.head_dim * double(pages_attended) * s.page_tokens / secs /
+           1e9;
+  };
+  const double dense_gflops = gflops(dense_cells.size(), dense_s);
+  const double sparse_gflops = gflops(sparse_cells.size(), sparse_s);
   // Each step's bandwidth is compared with a streaming read of the same cells, timed
   // alternately with it.
   const double sparse_frac = sparse_gbps / sparse_stream_gbps,
@@ -174,6 +182,9 @@ int RunKernelsBench(const KernelBenchOptions& o) {
                std::to_string(int(o.budget * 100)) + " %)")
                   .c_str(),
               sparse_s * 1e3, sparse_gbps, 100 * sparse_frac, sparse_stream_gbps);
+  std::printf("%-40s %10.1f GFLOP/s; dense at %.0f%%, sparse at %.0f%% of it\n",
+              "anchor: fp32 FMA peak, all threads", peak_gflops, 100 * dense_gflops / peak_gflops,
+              100 * sparse_gflops / peak_gflops);
   std::printf(
       "sparse speedup %.1fx (target >= 8x) [%s]; sparse %.0f%% and dense %.0f%% of stream read "
       "(target >= 70%%) [%s]\n",
@@ -231,15 +242,22 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   const double key_stream_gbps = key_bytes / key_stream_s / 1e9;
   const double index_gbps = key_bytes / score_s / 1e9;
   const double chunks_per_s = double(chunks) * is.layers / score_s;
+  const double index_gflops = 2.0 * is.heads * is.dim * chunks_per_s / 1e9;
   std::printf("%-40s %10.2f %10.2f %.0f%% of stream read (%.0f MB of keys at %.1f GB/s)\n",
               ("indexer: " + std::to_string(chunks) + " chunks x 3 layers").c_str(), score_s * 1e3,
               index_gbps, 100 * index_gbps / key_stream_gbps, key_bytes / 1e6, key_stream_gbps);
   std::printf("%-40s %10.2f\n", "indexer: page selection (top 10 %)", select_s * 1e3);
+  std::printf("indexer: %.1f GFLOP/s = %.0f%% of the fp32 FMA peak\n", index_gflops,
+              100 * index_gflops / peak_gflops);
   std::printf("indexer: %.3g chunk-layers/s; %.0f%% of stream read (target >= 60%%) [%s]\n",
               chunks_per_s, 100 * index_gbps / key_stream_gbps,
               index_gbps >= 0.6 * key_stream_gbps ? "met" : "MISSED");
   if (!o.json.empty())
-    WriteJsonObject(o.json, {{"index_chunks_per_s", chunks_per_s},
+    WriteJsonObject(o.json, {{"fma_peak_gflops", peak_gflops},
+                             {"dense_fma_fraction", dense_gflops / peak_gflops},
+                             {"sparse_fma_fraction", sparse_gflops / peak_gflops},
+                             {"index_fma_fraction", index_gflops / peak_gflops},
+                             {"index_chunks_per_s", chunks_per_s},
                              {"index_bw_fraction", index_gbps / key_stream_gbps},
                              {"index_score_ms", score_s * 1e3},
                              {"index_select_ms", select_s * 1e3},
