@@ -70,10 +70,16 @@ struct PrefetchStream {
   void Start(const uint8_t* begin, size_t bytes, size_t steps) {
     p = begin;
     end = begin ? begin + bytes : nullptr;
-    per_step = steps ? (bytes / 64 + steps - 1) / steps : 0;
+    per_step = steps ? std::max<size_t>(1, (bytes / 64 + steps - 1) / steps) : 0;
   }
   HWY_INLINE void Step() {
-    for (size_t k = 0; k < per_step && p < end; ++k, p += 64) __builtin_prefetch(p, 0, 2);
+    if (p < end) {  // the last step may prefetch a few lines past `end`: harmless hints
+      const uint8_t* stop = p + per_step * 64;
+      do {
+        __builtin_prefetch(p, 0, 2);
+        p += 64;
+      } while (p < stop);
+    }
   }
 };
 
