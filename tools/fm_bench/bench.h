@@ -29,6 +29,17 @@ struct KernelBenchOptions {
 
 int RunKernelsBench(const KernelBenchOptions& options);
 
+struct GpuBenchOptions {
+  uint64_t context = 131072;  // tokens in the session
+  double budget = 0.10;       // fraction of pages the sparse step attends to
+  int reps = 20;              // timed steps; the median is reported
+  double hbm_gbps = 4800;     // nominal HBM bandwidth (H200: 4.8 TB/s)
+};
+
+// Runs the CUDA benchmark and appends its figures (gpu_*); 2 = no GPU, 3 = wrong outputs.
+int RunGpuKernelsBench(const GpuBenchOptions& options,
+                       std::vector<std::pair<std::string, double>>* figures);
+
 // Writes {"key": value, ...} to path; returns false on I/O error.
 bool WriteJsonObject(const std::string& path,
                      const std::vector<std::pair<std::string, double>>& kv);

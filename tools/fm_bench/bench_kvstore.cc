@@ -43,16 +43,6 @@ void Progress(const char* what) { std::fprintf(stderr, "fm-bench kvstore: %s\n",
 
 }  // namespace
 
-bool WriteJsonObject(const std::string& path,
-                     const std::vector<std::pair<std::string, double>>& kv) {
-  std::ofstream f(path);
-  f << "{\n";
-  for (size_t i = 0; i < kv.size(); ++i)
-    f << "  \"" << kv[i].first << "\": " << kv[i].second << (i + 1 < kv.size() ? ",\n" : "\n");
-  f << "}\n";
-  return f.good();
-}
-
 int RunKvStoreBench(const KvBenchOptions& o) {
   const uint64_t record = o.page_bytes + kPageHeaderBytes;
   const uint64_t total = static_cast<uint64_t>(o.pages) * o.page_bytes;
