@@ -23,39 +23,41 @@ T* Upload(const std::vector<T>& v) {
 TEST(CudaIndexer, ScoreChunksMatchesReference) {
   std::string why;
   if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
-  IndexerShape s{3, 16, 128};
-  const uint64_t chunks = 10007;
-  std::mt19937 rng(3);
-  std::normal_distribution<float> nd;
-  std::vector<std::vector<uint8_t>> keys(s.layers, std::vector<uint8_t>(chunks * s.KeyBytes()));
-  std::vector<float> raw(s.dim);
-  for (auto& k : keys)
-    for (uint64_t c = 0; c < chunks; ++c) {
-      for (float& x : raw) x = nd(rng);
-      CompressIndexKey(s.dim, raw.data(), k.data() + c * s.KeyBytes());
-    }
-  std::vector<float> q(s.layers * s.heads * s.dim), w(s.layers * s.heads);
-  for (float& x : q) x = nd(rng);
-  for (float& x : w) x = nd(rng);
-  std::vector<const uint8_t*> host_ptrs, dev_ptrs;
-  for (auto& k : keys) host_ptrs.push_back(k.data()), dev_ptrs.push_back(Upload(k));
-  const uint8_t** dkeys = Upload(dev_ptrs);
-  float* dq = Upload(q);
-  float* dw = Upload(w);
-  float* dl = nullptr;
-  cudaMalloc(&dl, sizeof(float) * s.layers * chunks);
-  ASSERT_EQ(CudaScoreChunks(s, dq, dw, dkeys, chunks, dl, nullptr), KernelStatus::kOk);
-  std::vector<float> got(s.layers * chunks), want(s.layers * chunks);
-  cudaMemcpy(got.data(), dl, sizeof(float) * got.size(), cudaMemcpyDeviceToHost);
-  ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), host_ptrs.data(), chunks, want.data()),
-            KernelStatus::kOk);
-  for (size_t i = 0; i < got.size(); ++i)
-    ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i]))) << i;
-  for (auto* p : dev_ptrs) cudaFree(const_cast<uint8_t*>(p));
-  cudaFree(dkeys);
-  cudaFree(dq);
-  cudaFree(dw);
-  cudaFree(dl);
+  for (uint32_t heads : {16u, 5u}) {  // a compiled-in head count and the generic kernel
+    IndexerShape s{3, heads, 128};
+    const uint64_t chunks = 10007;
+    std::mt19937 rng(3);
+    std::normal_distribution<float> nd;
+    std::vector<std::vector<uint8_t>> keys(s.layers, std::vector<uint8_t>(chunks * s.KeyBytes()));
+    std::vector<float> raw(s.dim);
+    for (auto& k : keys)
+      for (uint64_t c = 0; c < chunks; ++c) {
+        for (float& x : raw) x = nd(rng);
+        CompressIndexKey(s.dim, raw.data(), k.data() + c * s.KeyBytes());
+      }
+    std::vector<float> q(s.layers * s.heads * s.dim), w(s.layers * s.heads);
+    for (float& x : q) x = nd(rng);
+    for (float& x : w) x = nd(rng);
+    std::vector<const uint8_t*> host_ptrs, dev_ptrs;
+    for (auto& k : keys) host_ptrs.push_back(k.data()), dev_ptrs.push_back(Upload(k));
+    const uint8_t** dkeys = Upload(dev_ptrs);
+    float* dq = Upload(q);
+    float* dw = Upload(w);
+    float* dl = nullptr;
+    cudaMalloc(&dl, sizeof(float) * s.layers * chunks);
+    ASSERT_EQ(CudaScoreChunks(s, dq, dw, dkeys, chunks, dl, nullptr), KernelStatus::kOk);
+    std::vector<float> got(s.layers * chunks), want(s.layers * chunks);
+    cudaMemcpy(got.data(), dl, sizeof(float) * got.size(), cudaMemcpyDeviceToHost);
+    ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), host_ptrs.data(), chunks, want.data()),
+              KernelStatus::kOk);
+    for (size_t i = 0; i < got.size(); ++i)
+      ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i]))) << i;
+    for (auto* p : dev_ptrs) cudaFree(const_cast<uint8_t*>(p));
+    cudaFree(dkeys);
+    cudaFree(dq);
+    cudaFree(dw);
+    cudaFree(dl);
+  }
 }
 
 TEST(CudaQuest, PageScoresMatchReference) {

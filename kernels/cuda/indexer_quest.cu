@@ -21,11 +21,15 @@ __device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(
 constexpr int kThreads = 256;
 constexpr uint32_t kMaxHeads = 64;
 
-__global__ void ScoreChunksKernel(uint32_t heads, uint32_t dim, const float* __restrict__ q,
+// kH > 0: the head count is a compile-time constant, so the accumulators live in registers;
+// kH == 0: any head count up to kMaxHeads (accumulators may spill to local memory).
+template <int kH>
+__global__ void ScoreChunksKernel(uint32_t heads_rt, uint32_t dim, const float* __restrict__ q,
                                   const float* __restrict__ w,
                                   const uint8_t* const* __restrict__ keys, uint64_t chunks,
                                   float* __restrict__ logits) {
   extern __shared__ float smem[];
+  const uint32_t heads = kH > 0 ? kH : heads_rt;
   const uint32_t layer = blockIdx.y;
   float* qs = smem;
   float* ws = qs + heads * dim;
@@ -38,8 +42,10 @@ __global__ void ScoreChunksKernel(uint32_t heads, uint32_t dim, const float* __r
   const uint8_t* key = keys[layer] + c * (dim + 4);
   float scale;
   memcpy(&scale, key + dim, 4);
-  float acc[kMaxHeads];
-  for (uint32_t h = 0; h < heads; ++h) acc[h] = 0.0f;
+  constexpr int kAcc = kH > 0 ? kH : kMaxHeads;
+  float acc[kAcc];
+#pragma unroll
+  for (int h = 0; h < kAcc; ++h) acc[h] = 0.0f;
   for (uint32_t j = 0; j < dim; j += 4) {
     uint32_t word;
     memcpy(&word, key + j, 4);
@@ -50,7 +56,9 @@ __global__ void ScoreChunksKernel(uint32_t heads, uint32_t dim, const float* __r
       f8.__x = static_cast<__nv_fp8_storage_t>((word >> (8 * b)) & 0xff);
       k[b] = static_cast<float>(f8);
     }
-    for (uint32_t h = 0; h < heads; ++h) {
+#pragma unroll
+    for (int h = 0; h < kAcc; ++h) {
+      if (kH == 0 && h >= static_cast<int>(heads)) break;
       const float* qh = qs + h * dim + j;
       acc[h] += qh[0] * k[0] + qh[1] * k[1] + qh[2] * k[2] + qh[3] * k[3];
     }
@@ -138,8 +146,24 @@ KernelStatus CudaScoreChunks(const IndexerShape& s, const float* q, const float*
   if (shmem > 48 * 1024) return KernelStatus::kInvalidShape;
   if (chunks == 0) return KernelStatus::kOk;
   dim3 grid(static_cast<unsigned>((chunks + kThreads - 1) / kThreads), s.layers);
-  ScoreChunksKernel<<<grid, kThreads, shmem, static_cast<cudaStream_t>(stream)>>>(
-      s.heads, s.dim, q, w, keys, chunks, logits);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (s.heads) {
+    case 8:
+      ScoreChunksKernel<8>
+          <<<grid, kThreads, shmem, st>>>(s.heads, s.dim, q, w, keys, chunks, logits);
+      break;
+    case 16:
+      ScoreChunksKernel<16>
+          <<<grid, kThreads, shmem, st>>>(s.heads, s.dim, q, w, keys, chunks, logits);
+      break;
+    case 32:
+      ScoreChunksKernel<32>
+          <<<grid, kThreads, shmem, st>>>(s.heads, s.dim, q, w, keys, chunks, logits);
+      break;
+    default:
+      ScoreChunksKernel<0>
+          <<<grid, kThreads, shmem, st>>>(s.heads, s.dim, q, w, keys, chunks, logits);
+  }
   return cudaGetLastError() == cudaSuccess ? KernelStatus::kOk : KernelStatus::kInvalidShape;
 }
 
