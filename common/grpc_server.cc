@@ -70,6 +70,17 @@ void GrpcServerRunner::Shutdown() {
   }
 }
 
+int GrpcServerRunner::ServeUntilSignal(const char* name) {
+  if (absl::Status s = Start(); !s.ok()) {
+    FM_LOG_ERROR("%s: %s", name, s.ToString().c_str());
+    return 1;
+  }
+  const int sig = WaitForTerminationSignal();
+  FM_LOG_INFO("%s: signal %d, draining", name, sig);
+  Shutdown();
+  return 0;
+}
+
 void BlockTerminationSignals() {
   sigset_t set;
   sigemptyset(&set);

@@ -35,6 +35,9 @@ class GrpcServerRunner {
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
   // Stops accepting calls, waits up to shutdown_grace_ms for in-flight ones, then cancels.
   void Shutdown();
+  // For a binary's main: starts, serves until SIGTERM or SIGINT, drains. Returns the exit
+  // code (1 when the server cannot start). `name` prefixes the log lines.
+  int ServeUntilSignal(const char* name);
 
  private:
   ServerOptions options_;

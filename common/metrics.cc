@@ -34,18 +34,39 @@ void MetricsRegistry::AddCollector(std::function<void(std::string*)> collector) 
   collectors_.push_back(std::move(collector));
 }
 
+void AppendMetricFamily(std::string* out, const std::string& name, const std::string& help,
+                        const std::string& type, const std::vector<MetricSample>& samples) {
+  absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
+  for (const MetricSample& s : samples) {
+    absl::StrAppend(out, name);
+    if (!s.labels.empty()) absl::StrAppend(out, "{", s.labels, "}");
+    absl::StrAppend(out, " ", absl::StrFormat("%.17g", s.value), "\n");
+  }
+}
+
+std::string PrometheusLabelValue(const std::string& v) {
+  std::string out;
+  for (unsigned char c : v) {
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(static_cast<char>(c));
+    } else if (c >= 0x20 && c < 0x7f) {
+      out.push_back(static_cast<char>(c));
+    } else {
+      absl::StrAppend(&out, "%", absl::Hex(c, absl::kZeroPad2));
+    }
+  }
+  return out;
+}
+
 std::string MetricsRegistry::RenderPrometheus() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::string out;
-  auto series = [](const std::string& name, const std::string& labels) {
-    return labels.empty() ? name : absl::StrCat(name, "{", labels, "}");
-  };
   for (const auto& [name, f] : families_) {
-    absl::StrAppend(&out, "# HELP ", name, " ", f.help, "\n# TYPE ", name, " ", f.type, "\n");
-    for (const auto& [labels, c] : f.counters)
-      absl::StrAppend(&out, series(name, labels), " ", c->Value(), "\n");
-    for (const auto& [labels, g] : f.gauges)
-      absl::StrAppend(&out, series(name, labels), " ", absl::StrFormat("%.17g", g->Value()), "\n");
+    std::vector<MetricSample> samples;
+    for (const auto& [labels, c] : f.counters) samples.push_back({labels, double(c->Value())});
+    for (const auto& [labels, g] : f.gauges) samples.push_back({labels, g->Value()});
+    AppendMetricFamily(&out, name, f.help, f.type, samples);
   }
   for (const auto& c : collectors_) c(&out);
   return out;

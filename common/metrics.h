@@ -10,6 +10,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
@@ -38,6 +39,17 @@ class Gauge {
  private:
   std::atomic<double> v_{0};
 };
+
+// The Prometheus text exposition format, for the registry and for collectors.
+struct MetricSample {
+  std::string labels;  // inside of the braces, e.g. `tier="ram"`; empty = none
+  double value = 0;
+};
+// Appends the HELP and TYPE lines of a family and one line per sample.
+void AppendMetricFamily(std::string* out, const std::string& name, const std::string& help,
+                        const std::string& type, const std::vector<MetricSample>& samples);
+// A label value escaped for the format; bytes outside printable ASCII become %XX.
+std::string PrometheusLabelValue(const std::string& v);
 
 // Thread-safe. Metrics live as long as the registry; returned pointers stay valid.
 class MetricsRegistry {

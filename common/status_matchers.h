@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/status.h"
 
 namespace fm::testing {
 
@@ -14,10 +15,7 @@ template <typename T>
 absl::Status GetStatus(const absl::StatusOr<T>& s) {
   return s.status();
 }
-inline absl::Status GetStatus(const grpc::Status& s) {
-  return s.ok() ? absl::OkStatus()
-                : absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
+inline absl::Status GetStatus(const grpc::Status& s) { return FromGrpcStatus(s); }
 
 MATCHER_P(StatusIs, code, std::string("has status code ") + absl::StatusCodeToString(code)) {
   absl::Status s = GetStatus(arg);

@@ -90,6 +90,7 @@ KernelStatus BuildDecodePlan(const AttentionShape& shape, const std::vector<Page
       std::max<uint64_t>(std::max(1u, min_pages_per_unit),
                          (work + plan->num_threads * 4 - 1) / (plan->num_threads * 4));
   uint32_t partials = 0;
+  plan->seq_units.assign(1, 0);
   for (uint32_t s = 0; s < seqs.size(); ++s) {
     uint32_t n = seqs[s].count;
     uint32_t pieces = static_cast<uint32_t>(std::max<uint64_t>(1, (n + target - 1) / target));
@@ -97,9 +98,11 @@ KernelStatus BuildDecodePlan(const AttentionShape& shape, const std::vector<Page
       for (uint32_t k = 0; k < pieces; ++k) {
         uint32_t b = static_cast<uint32_t>(uint64_t{n} * k / pieces),
                  e = static_cast<uint32_t>(uint64_t{n} * (k + 1) / pieces);
-        plan->units.push_back({s, h, b, e, pieces == 1 ? -1 : static_cast<int32_t>(partials++)});
+        plan->units.push_back(
+            {s, h, b, e, pieces == 1 ? -1 : static_cast<int32_t>(partials++), pieces});
       }
     }
+    plan->seq_units.push_back(static_cast<uint32_t>(plan->units.size()));
   }
   plan->num_partials = partials;
   return KernelStatus::kOk;

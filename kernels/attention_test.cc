@@ -8,7 +8,7 @@
 #include <numeric>
 #include <random>
 
-#include "common/codecs.h"
+#include "kernels/testing/random_pages.h"
 
 namespace fm::kernels {
 namespace {
@@ -25,19 +25,9 @@ struct Pool {
     bytes.assign(stride * cells, 0);
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.0f, spread);
-    size_t n = s.PageBytes() / ElemSize(s.dtype);
-    for (uint32_t c = 0; c < cells; ++c) {
-      uint8_t* p = bytes.data() + c * stride + offset;
-      for (size_t i = 0; i < n; ++i) {
-        float v = nd(rng);
-        if (s.dtype == ElemType::kF32)
-          std::memcpy(p + 4 * i, &v, 4);
-        else {
-          uint16_t h = s.dtype == ElemType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
-          std::memcpy(p + 2 * i, &h, 2);
-        }
-      }
-    }
+    for (uint32_t c = 0; c < cells; ++c)
+      testing::FillRandomElems(s.dtype, bytes.data() + c * stride + offset,
+                               s.PageBytes() / ElemSize(s.dtype), rng, nd);
     pool = PagePool{bytes.data(), stride, offset, cells};
   }
 };

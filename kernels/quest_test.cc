@@ -6,27 +6,12 @@
 #include <cstring>
 #include <random>
 
-#include "common/codecs.h"
+#include "kernels/testing/random_pages.h"
 
 namespace fm::kernels {
 namespace {
 
-std::vector<uint8_t> RandomPages(const AttentionShape& s, uint32_t pages, uint64_t seed) {
-  std::vector<uint8_t> b(size_t{pages} * s.PageBytes());
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> nd;
-  const size_t n = b.size() / ElemSize(s.dtype);
-  for (size_t i = 0; i < n; ++i) {
-    float v = nd(rng);
-    if (s.dtype == ElemType::kF32)
-      std::memcpy(&b[4 * i], &v, 4);
-    else {
-      uint16_t h = s.dtype == ElemType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
-      std::memcpy(&b[2 * i], &h, 2);
-    }
-  }
-  return b;
-}
+using testing::RandomPages;
 
 TEST(Quest, BoundsAndScoresMatchReferenceOnEveryTarget) {
   for (int64_t target : hwy::SupportedAndGeneratedTargets()) {

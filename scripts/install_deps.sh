@@ -5,10 +5,9 @@ set -euo pipefail
 PKGS=(
   build-essential cmake ninja-build ccache pkg-config git
   libgrpc++-dev libgrpc-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
-  libabsl-dev librocksdb-dev libucx-dev ucx-utils
-  libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev
-  libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libxxhash-dev libcpp-httplib-dev
-  python3-numpy python3-matplotlib python3-grpcio
+  libabsl-dev librocksdb-dev libucx-dev
+  libgtest-dev libgmock-dev libhwy-dev
+  libcli11-dev libxxhash-dev libcpp-httplib-dev
 )
 missing=()
 for p in "${PKGS[@]}"; do

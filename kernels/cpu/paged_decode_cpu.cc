@@ -471,9 +471,7 @@ KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const 
       return KernelStatus::kInvalidShape;
   }
   // Units of every item; split units write partial states, merged afterwards.
-  std::vector<uint32_t> first(plan.seqs.size() + 1, 0);
-  for (const auto& u : plan.units) ++first[u.seq + 1];
-  for (size_t i = 1; i < first.size(); ++i) first[i] += first[i - 1];
+  const std::vector<uint32_t>& first = plan.seq_units;
   std::vector<std::pair<uint32_t, uint32_t>> tasks;  // (item, unit)
   for (uint32_t i = 0; i < n_items; ++i)
     for (uint32_t u = first[items[i].seq]; u < first[items[i].seq + 1]; ++u)
@@ -515,10 +513,8 @@ KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const 
       size_t p0 = size_t{i} * plan.num_partials + u0.partial;
       std::memcpy(out, partial_out.data() + p0 * slot, sizeof(float) * slot);
       std::memcpy(lse, partial_lse.data() + p0 * G, sizeof(float) * G);
-      for (uint32_t u = merges[k].second + 1; u < plan.units.size(); ++u) {
-        const auto& un = plan.units[u];
-        if (un.seq != u0.seq || un.kv_head != u0.kv_head || un.partial < 0) break;
-        size_t p = size_t{i} * plan.num_partials + un.partial;
+      for (uint32_t piece = 1; piece < u0.pieces; ++piece) {
+        const size_t p = p0 + piece;
         MergeAttentionStates(G, d, out, lse, partial_out.data() + p * slot,
                              partial_lse.data() + p * G, out, lse);
       }

@@ -29,16 +29,28 @@ HWY_INLINE hn::Vec<DF> LoadAsF32(DF df, const T* HWY_RESTRICT p) {
 // StoreBlockSum / StoreBlockMax: lane k of out4 = sum / max over the vector's 4-lane blocks
 // of lane k. Sum4: out4[k] = sum of all lanes of ak, as one transposing reduction for four
 // vectors instead of four separate horizontal sums.
-#if HWY_TARGET == HWY_SCALAR
+// Halves the vector with `op` until one 4-lane block is left and stores it.
+template <class D, class Op>
+HWY_INLINE void StoreBlockReduce(D d, hn::Vec<D> v, float* HWY_RESTRICT out4, Op op) {
+#if HWY_TARGET != HWY_SCALAR
+  if constexpr (hn::MaxLanes(d) > 4) {
+    const hn::Half<D> dh;
+    StoreBlockReduce(dh, op(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out4, op);
+    return;
+  }
+#endif
+  hn::StoreU(v, d, out4);
+}
 template <class D>
 HWY_INLINE void StoreBlockSum(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  hn::StoreU(v, d, out4);
+  StoreBlockReduce(d, v, out4, [](auto a, auto b) { return hn::Add(a, b); });
 }
 template <class D>
 HWY_INLINE void StoreBlockMax(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  hn::StoreU(v, d, out4);
+  StoreBlockReduce(d, v, out4, [](auto a, auto b) { return hn::Max(a, b); });
 }
 
+#if HWY_TARGET == HWY_SCALAR
 template <class D>
 HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3,
                      float* HWY_RESTRICT out4) {
@@ -47,40 +59,17 @@ HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D
 }
 #else
 template <class D>
-HWY_INLINE void StoreBlockSum(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  if constexpr (hn::MaxLanes(d) > 4) {
-    const hn::Half<D> dh;
-    StoreBlockSum(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out4);
-  } else {
-    hn::StoreU(v, d, out4);
-  }
-}
-
-// Lane k of out4 = max over blocks of lane k (blocks of four lanes).
-template <class D>
-HWY_INLINE void StoreBlockMax(D d, hn::Vec<D> v, float* HWY_RESTRICT out4) {
-  if constexpr (hn::MaxLanes(d) > 4) {
-    const hn::Half<D> dh;
-    StoreBlockMax(dh, hn::Max(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)), out4);
-  } else {
-    hn::StoreU(v, d, out4);
-  }
-}
-
-template <class D>
 HWY_INLINE void Sum4(D d, hn::Vec<D> a0, hn::Vec<D> a1, hn::Vec<D> a2, hn::Vec<D> a3,
                      float* HWY_RESTRICT out4) {
-  {
-    const hn::RepartitionToWide<hn::RebindToUnsigned<D> > d64;
-    // Per 128-bit block: s01 = [a0 0+2, a1 0+2, a0 1+3, a1 1+3], likewise s23.
-    const auto s01 = hn::Add(hn::InterleaveLower(d, a0, a1), hn::InterleaveUpper(d, a0, a1));
-    const auto s23 = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
-    const auto lo =
-        hn::BitCast(d, hn::InterleaveLower(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
-    const auto hi =
-        hn::BitCast(d, hn::InterleaveUpper(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
-    StoreBlockSum(d, hn::Add(lo, hi), out4);  // lane k of every block: block sum of ak
-  }
+  const hn::RepartitionToWide<hn::RebindToUnsigned<D> > d64;
+  // Per 128-bit block: s01 = [a0 0+2, a1 0+2, a0 1+3, a1 1+3], likewise s23.
+  const auto s01 = hn::Add(hn::InterleaveLower(d, a0, a1), hn::InterleaveUpper(d, a0, a1));
+  const auto s23 = hn::Add(hn::InterleaveLower(d, a2, a3), hn::InterleaveUpper(d, a2, a3));
+  const auto lo =
+      hn::BitCast(d, hn::InterleaveLower(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
+  const auto hi =
+      hn::BitCast(d, hn::InterleaveUpper(d64, hn::BitCast(d64, s01), hn::BitCast(d64, s23)));
+  StoreBlockSum(d, hn::Add(lo, hi), out4);  // lane k of every block: block sum of ak
 }
 #endif  // HWY_TARGET == HWY_SCALAR
 

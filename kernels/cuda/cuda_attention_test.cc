@@ -8,7 +8,7 @@
 #include <cstring>
 #include <random>
 
-#include "common/codecs.h"
+#include "kernels/testing/random_pages.h"
 
 namespace fm::kernels {
 namespace {
@@ -20,18 +20,9 @@ TEST(CudaPagedDecode, MatchesReference) {
     for (uint32_t d : {32u, 64u, 80u, 128u, 256u}) {
       AttentionShape s{2, 8, 2, d, 64, dt, 0};
       const uint32_t cells = 40;
-      std::vector<uint8_t> host(size_t{cells} * s.PageBytes());
-      std::mt19937 rng(d);
+      std::vector<uint8_t> host = testing::RandomPages(s, cells, d);
+      std::mt19937 rng(d + 1);
       std::normal_distribution<float> nd;
-      for (size_t i = 0; i < host.size() / ElemSize(dt); ++i) {
-        float v = nd(rng);
-        if (dt == ElemType::kF32)
-          std::memcpy(&host[4 * i], &v, 4);
-        else {
-          uint16_t h = dt == ElemType::kBf16 ? FloatToBf16(v) : FloatToFp16(v);
-          std::memcpy(&host[2 * i], &h, 2);
-        }
-      }
       std::vector<uint32_t> pcells;
       std::vector<uint16_t> valid;
       for (uint32_t i = 0; i < 33; ++i)
@@ -87,13 +78,9 @@ TEST(CudaPagedDecode, BatchOfSessionsAndLayers) {
   if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
   AttentionShape s{3, 8, 2, 128, 32, ElemType::kBf16, 0};
   const uint32_t cells = 30;
-  std::vector<uint8_t> host(size_t{cells} * s.PageBytes());
-  std::mt19937 rng(11);
+  std::vector<uint8_t> host = testing::RandomPages(s, cells, 11);
+  std::mt19937 rng(12);
   std::normal_distribution<float> nd;
-  for (size_t i = 0; i < host.size() / 2; ++i) {
-    uint16_t h = FloatToBf16(nd(rng));
-    std::memcpy(&host[2 * i], &h, 2);
-  }
   uint8_t* dpool = nullptr;
   ASSERT_EQ(cudaMalloc(&dpool, host.size()), cudaSuccess);
   cudaMemcpy(dpool, host.data(), host.size(), cudaMemcpyHostToDevice);

@@ -8,8 +8,8 @@
 #include <cstring>
 #include <random>
 
-#include "common/codecs.h"
 #include "flashmemory/kernels/cuda_attention.h"
+#include "kernels/testing/random_pages.h"
 
 namespace fm::kernels {
 namespace {
@@ -20,18 +20,9 @@ TEST(CudaLevel2, TopKMatchesReference) {
   for (ElemType dt : {ElemType::kF32, ElemType::kBf16}) {
     AttentionShape s{2, 8, 2, 128, 64, dt, 0};
     const uint32_t cells = 50;
-    std::vector<uint8_t> host(size_t{cells} * s.PageBytes());
-    std::mt19937 rng(7);
+    std::vector<uint8_t> host = testing::RandomPages(s, cells, 7);
+    std::mt19937 rng(8);
     std::normal_distribution<float> nd;
-    for (size_t i = 0; i < host.size() / ElemSize(dt); ++i) {
-      const float v = nd(rng);
-      if (dt == ElemType::kF32) {
-        std::memcpy(&host[4 * i], &v, 4);
-      } else {
-        const uint16_t h = FloatToBf16(v);
-        std::memcpy(&host[2 * i], &h, 2);
-      }
-    }
     uint8_t* dpool = nullptr;
     ASSERT_EQ(cudaMalloc(&dpool, host.size()), cudaSuccess);
     cudaMemcpy(dpool, host.data(), host.size(), cudaMemcpyHostToDevice);

@@ -10,13 +10,10 @@
 #include <cuda_runtime.h>
 
 #include "flashmemory/kernels/cuda_indexer.h"
+#include "kernels/cuda/device_util.cuh"
 
 namespace fm::kernels {
 namespace {
-
-__device__ __forceinline__ float ToF(float x) { return x; }
-__device__ __forceinline__ float ToF(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 constexpr int kThreads = 256;
 constexpr uint32_t kMaxHeads = 64;

@@ -13,13 +13,10 @@
 #include <vector>
 
 #include "flashmemory/kernels/cuda_level2.h"
+#include "kernels/cuda/device_util.cuh"
 
 namespace fm::kernels {
 namespace {
-
-__device__ __forceinline__ float ToF(float x) { return x; }
-__device__ __forceinline__ float ToF(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Larger float -> larger unsigned key.
 __device__ __forceinline__ uint32_t OrderKey(float f) {

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "flashmemory/kernels/cuda_attention.h"
+#include "kernels/cuda/device_util.cuh"
 
 namespace fm::kernels {
 namespace {
@@ -29,10 +30,6 @@ struct KShape {
   uint32_t layers, q_heads, kv_heads, head_dim, page_tokens;
   float scale;
 };
-
-__device__ __forceinline__ float ToF(float x) { return x; }
-__device__ __forceinline__ float ToF(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ToF(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ __forceinline__ size_t BlockOffset(const KShape& s, uint32_t layer, uint32_t kv,
                                               uint32_t h) {
@@ -255,19 +252,12 @@ KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool
     if (items[i].seq >= hp.seqs.size() || items[i].layer >= s.layers)
       return KernelStatus::kInvalidShape;
     dev_items.push_back({items[i].seq, items[i].layer, items[i].q, items[i].out, items[i].lse});
-    for (uint32_t u = 0; u < hp.units.size(); ++u) {
+    for (uint32_t u = hp.seq_units[items[i].seq]; u < hp.seq_units[items[i].seq + 1]; ++u) {
       const auto& unit = hp.units[u];
-      if (unit.seq != items[i].seq) continue;
       tasks.push_back(make_uint2(static_cast<uint32_t>(i), u));
-      if (unit.partial >= 0 && unit.page_begin == 0) {
-        uint32_t count = 0;
-        for (uint32_t v = u; v < hp.units.size() && hp.units[v].seq == unit.seq &&
-                             hp.units[v].kv_head == unit.kv_head && hp.units[v].partial >= 0;
-             ++v)
-          ++count;
+      if (unit.partial >= 0 && unit.page_begin == 0)
         merges.push_back(make_uint4(static_cast<uint32_t>(i), unit.kv_head,
-                                    static_cast<uint32_t>(unit.partial), count));
-      }
+                                    static_cast<uint32_t>(unit.partial), unit.pieces));
     }
   }
   if (tasks.empty()) return KernelStatus::kOk;

@@ -34,12 +34,5 @@ int main(int argc, char** argv) {
   fm::KvStoreService kv_service(store->get(), kv.max_keys_per_call);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&kv_service, "flashmemory.v1.KvStore");
-  if (absl::Status s = runner.Start(); !s.ok()) {
-    FM_LOG_ERROR("flashmemory: %s", s.ToString().c_str());
-    return 1;
-  }
-  int sig = fm::WaitForTerminationSignal();
-  FM_LOG_INFO("flashmemory: signal %d, draining", sig);
-  runner.Shutdown();
-  return 0;
+  return runner.ServeUntilSignal("flashmemory");
 }

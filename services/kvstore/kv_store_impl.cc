@@ -10,24 +10,6 @@
 #include "common/status.h"
 
 namespace fm {
-namespace {
-
-std::string PrintableLabel(const std::string& s) {
-  std::string out;
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out.push_back('\\');
-      out.push_back(static_cast<char>(c));
-    } else if (c >= 0x20 && c < 0x7f)
-      out.push_back(static_cast<char>(c));
-    else
-      absl::StrAppend(&out, "%", absl::Hex(c, absl::kZeroPad2));
-  }
-  return out;
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<KvStore>> KvStore::Open(const KvStoreOptions& options,
                                                        MetricsRegistry* metrics) {
   auto store = std::make_unique<KvStoreImpl>(options, metrics);
@@ -129,9 +111,6 @@ absl::Status KvStoreImpl::ValidateHeader(const PageHeaderData& h) const {
   if (DTypeSize(h.dtype) == 0)
     return absl::InvalidArgumentError("page dtype is unspecified or unknown");
   if (h.token_count == 0) return absl::InvalidArgumentError("token_count is 0");
-  if (kPageHeaderBytes + h.payload_bytes > options_.ram_bytes && options_.ram_bytes > 0) {
-    // Still durable; it just never caches. Allowed.
-  }
   return absl::OkStatus();
 }
 
@@ -573,35 +552,29 @@ absl::StatusOr<KvStats> KvStoreImpl::Stats(const std::string& session) {
 void KvStoreImpl::RenderMetrics(std::string* out) {
   absl::StatusOr<KvStats> st = Stats("*");
   if (!st.ok()) return;
-  auto gauge = [&](const char* name, const char* help, uint64_t v) {
-    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " gauge\n", name, " ", v,
-                    "\n");
+  auto one = [&](const char* name, const char* help, const char* type, uint64_t v) {
+    AppendMetricFamily(out, name, help, type, {{"", double(v)}});
   };
-  gauge("fm_kvstore_ram_bytes", "Record bytes in the RAM tier.", st->ram_bytes);
-  gauge("fm_kvstore_ram_pages", "Pages in the RAM tier.", st->ram_pages);
-  gauge("fm_kvstore_ram_capacity_bytes", "RAM tier budget.", st->ram_capacity);
-  gauge("fm_kvstore_disk_bytes", "Record bytes in RocksDB.", st->disk_bytes);
-  gauge("fm_kvstore_disk_pages", "Pages in RocksDB.", st->disk_pages);
-  gauge("fm_kvstore_pinned_pages", "RAM pages under a lease.", st->pinned_pages);
-  gauge("fm_kvstore_active_leases", "Leases not yet released or expired.", st->active_leases);
-  auto counter = [&](const char* name, const char* help, uint64_t v) {
-    absl::StrAppend(out, "# HELP ", name, " ", help, "\n# TYPE ", name, " counter\n", name, " ", v,
-                    "\n");
-  };
-  counter("fm_kvstore_hits_total", "Reads served from RAM.", st->hits);
-  counter("fm_kvstore_misses_total", "Reads not in RAM.", st->misses);
-  counter("fm_kvstore_evictions_total", "Pages evicted from RAM.", st->evictions);
-  counter("fm_kvstore_spill_reads_total", "Pages read back from RocksDB.", st->spill_reads);
-  absl::StrAppend(out, "# HELP fm_kvstore_session_bytes Durable bytes per session.\n",
-                  "# TYPE fm_kvstore_session_bytes gauge\n");
-  for (const auto& s : st->sessions)
-    absl::StrAppend(out, "fm_kvstore_session_bytes{session=\"", PrintableLabel(s.session_id),
-                    "\"} ", s.bytes, "\n");
-  absl::StrAppend(out, "# HELP fm_kvstore_session_pages Durable pages per session.\n",
-                  "# TYPE fm_kvstore_session_pages gauge\n");
-  for (const auto& s : st->sessions)
-    absl::StrAppend(out, "fm_kvstore_session_pages{session=\"", PrintableLabel(s.session_id),
-                    "\"} ", s.pages, "\n");
+  one("fm_kvstore_ram_bytes", "Record bytes in the RAM tier.", "gauge", st->ram_bytes);
+  one("fm_kvstore_ram_pages", "Pages in the RAM tier.", "gauge", st->ram_pages);
+  one("fm_kvstore_ram_capacity_bytes", "RAM tier budget.", "gauge", st->ram_capacity);
+  one("fm_kvstore_disk_bytes", "Record bytes in RocksDB.", "gauge", st->disk_bytes);
+  one("fm_kvstore_disk_pages", "Pages in RocksDB.", "gauge", st->disk_pages);
+  one("fm_kvstore_pinned_pages", "RAM pages under a lease.", "gauge", st->pinned_pages);
+  one("fm_kvstore_active_leases", "Leases not yet released or expired.", "gauge",
+      st->active_leases);
+  one("fm_kvstore_hits_total", "Reads served from RAM.", "counter", st->hits);
+  one("fm_kvstore_misses_total", "Reads not in RAM.", "counter", st->misses);
+  one("fm_kvstore_evictions_total", "Pages evicted from RAM.", "counter", st->evictions);
+  one("fm_kvstore_spill_reads_total", "Pages read back from RocksDB.", "counter", st->spill_reads);
+  std::vector<MetricSample> bytes, pages;
+  for (const auto& s : st->sessions) {
+    const std::string labels = absl::StrCat("session=\"", PrometheusLabelValue(s.session_id), "\"");
+    bytes.push_back({labels, double(s.bytes)});
+    pages.push_back({labels, double(s.pages)});
+  }
+  AppendMetricFamily(out, "fm_kvstore_session_bytes", "Durable bytes per session.", "gauge", bytes);
+  AppendMetricFamily(out, "fm_kvstore_session_pages", "Durable pages per session.", "gauge", pages);
 }
 
 }  // namespace fm

@@ -27,12 +27,5 @@ int main(int argc, char** argv) {
   fm::KvStoreService service(store->get(), kv.max_keys_per_call);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.KvStore");
-  if (absl::Status s = runner.Start(); !s.ok()) {
-    FM_LOG_ERROR("kvstore: %s", s.ToString().c_str());
-    return 1;
-  }
-  int sig = fm::WaitForTerminationSignal();
-  FM_LOG_INFO("kvstore: signal %d, draining", sig);
-  runner.Shutdown();
-  return 0;
+  return runner.ServeUntilSignal("kvstore");
 }

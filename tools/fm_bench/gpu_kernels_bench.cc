@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "common/codecs.h"
 #include "flashmemory/kernels/cuda_attention.h"
 #include "tools/fm_bench/bench.h"
 
@@ -44,9 +45,7 @@ int RunGpuKernelsBench(const GpuBenchOptions& o,
   for (auto& h : host) {
     x ^= x << 13, x ^= x >> 7, x ^= x << 17;
     const float v = (static_cast<float>(x % 4001) - 2000.0f) / 1000.0f;
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
-    h = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    h = FloatToBf16(v);
   }
   cudaMemcpy(pool, host.data(), bytes, cudaMemcpyHostToDevice);
   PagePool dpool{pool, page_bytes, 0, pages};

@@ -83,10 +83,13 @@ struct DecodePlan {
   struct Unit {
     uint32_t seq, kv_head, page_begin, page_end;
     int32_t partial;  // -1 = writes the final result; else index of its partial slot
+    uint32_t pieces;  // units of its (sequence, KV head): 1 = not split; split ones own
+                      // consecutive units and partial slots, in page order
   };
-  std::vector<Unit> units;    // per item: the same units apply to every layer
-  uint32_t num_partials = 0;  // partial slots per item
-  uint32_t num_threads = 1;
+  std::vector<Unit> units;          // per item: the same units apply to every layer
+  std::vector<uint32_t> seq_units;  // units of sequence q: [seq_units[q], seq_units[q + 1])
+  uint32_t num_partials = 0;        // partial slots per item
+  uint32_t num_threads = 1;         // threads the units were sized for
 };
 
 // Validates the shape and page lists against the pool and partitions the work.
@@ -96,7 +99,7 @@ KernelStatus BuildDecodePlan(const AttentionShape& shape, const std::vector<Page
 
 // Runs the plan for a batch of items (any sequences and layers of the plan). Thread-safe
 // for concurrent calls with distinct outputs. CPU: SIMD with runtime dispatch
-// (AVX-512 / AVX2 / SSE4 / scalar) on `plan.num_threads` threads.
+// (AVX-512 / AVX2 / SSE4 / scalar) on the kernel thread pool (one thread per core).
 KernelStatus RunPagedDecode(const DecodePlan& plan, const PagePool& pool, const DecodeItem* items,
                             size_t n_items);
 
