@@ -83,6 +83,122 @@ TEST(ScoreChunks, MatchesReferenceOnEveryTarget) {
   hwy::SetSupportedTargetsForTest(0);
 }
 
+// Keys in the scan layout, packed from Keys in two uneven pieces.
+std::vector<std::vector<uint8_t>> Pack(const Keys& keys, uint64_t chunks,
+                                       std::vector<const uint8_t*>* ptrs) {
+  std::vector<std::vector<uint8_t>> out;
+  const uint64_t first = chunks / 3;
+  for (const auto& d : keys.data) {
+    out.emplace_back(KeyBlocksBytes(keys.s.dim, chunks), 0);
+    PackIndexKeys(keys.s.dim, d.data(), 0, first, out.back().data());
+    PackIndexKeys(keys.s.dim, d.data() + first * keys.s.KeyBytes(), first, chunks - first,
+                  out.back().data());
+  }
+  ptrs->clear();
+  for (auto& d : out) ptrs->push_back(d.data());
+  return out;
+}
+
+TEST(PackIndexKeys, RoundTripsAndPadsWithZeroScales) {
+  IndexerShape s{1, 1, 64};
+  const uint64_t chunks = 45;
+  Keys keys(s, chunks, 3);
+  std::vector<const uint8_t*> ptrs;
+  auto blocks = Pack(keys, chunks, &ptrs);
+  ASSERT_EQ(blocks[0].size(), 2 * (64 + 4) * 32u);
+  std::vector<uint8_t> key(s.KeyBytes());
+  for (uint64_t c = 0; c < chunks; ++c) {
+    UnpackIndexKey(s.dim, ptrs[0], c, key.data());
+    ASSERT_EQ(0, std::memcmp(key.data(), keys.data[0].data() + c * s.KeyBytes(), s.KeyBytes()))
+        << c;
+  }
+  UnpackIndexKey(s.dim, ptrs[0], chunks, key.data());
+  float scale = -1;
+  std::memcpy(&scale, key.data() + 64, 4);
+  EXPECT_EQ(scale, 0.0f);
+}
+
+TEST(ScoreKeyBlocks, Fp8DecodeIsExactOnBothPaths) {
+  IndexerShape s{1, 1, 256};
+  std::vector<uint8_t> key(s.KeyBytes());
+  for (int c = 0; c < 256; ++c) key[c] = static_cast<uint8_t>(c);
+  const float scale = 0.5f;
+  std::memcpy(key.data() + 256, &scale, 4);
+  std::vector<uint8_t> blocks(KeyBlocksBytes(256, 1), 0);
+  PackIndexKeys(256, key.data(), 0, 1, blocks.data());
+  const uint8_t* ptrs[] = {blocks.data()};
+  std::vector<float> q(256), w = {1.0f};
+  for (ScoreMath math : {ScoreMath::kExact, ScoreMath::kFast}) {
+    for (int c = 0; c < 256; ++c) {
+      if ((c & 0x7f) == 0x7f) continue;  // NaN codes
+      const float want = Fp8E4m3ToFloat(static_cast<uint8_t>(c)) * scale;
+      std::fill(q.begin(), q.end(), 0.0f);
+      q[c] = want >= 0 ? 1.0f : -1.0f;
+      float logit = -1;
+      ASSERT_EQ(ScoreKeyBlocks(s, q.data(), w.data(), ptrs, 1, math, &logit), KernelStatus::kOk);
+      ASSERT_EQ(logit, std::abs(want)) << ScoreKeyBlocksPath(math) << " code " << c;
+    }
+  }
+}
+
+// Largest |got - want| relative to the scale of the sum, sum_h |w_h| |q_h| |k| (|k| of the
+// chunk's decoded key), over every layer and chunk.
+double WorstRelativeError(const IndexerShape& s, const Keys& keys, const std::vector<float>& q,
+                          const std::vector<float>& w, const std::vector<float>& got,
+                          const std::vector<float>& want, uint64_t chunks) {
+  double worst = 0;
+  for (uint32_t l = 0; l < s.layers; ++l) {
+    double qw = 0;
+    for (uint32_t h = 0; h < s.heads; ++h) {
+      double qq = 0;
+      for (uint32_t j = 0; j < s.dim; ++j) qq += double(q[(l * s.heads + h) * s.dim + j]) * q[(l * s.heads + h) * s.dim + j];
+      qw += std::abs(w[l * s.heads + h]) * std::sqrt(qq);
+    }
+    for (uint64_t c = 0; c < chunks; ++c) {
+      const uint8_t* key = keys.data[l].data() + c * s.KeyBytes();
+      float sc;
+      std::memcpy(&sc, key + s.dim, 4);
+      double kk = 0;
+      for (uint32_t j = 0; j < s.dim; ++j) kk += std::pow(double(Fp8E4m3ToFloat(key[j])) * sc, 2);
+      const size_t i = size_t{l} * chunks + c;
+      worst = std::max(worst, std::abs(double(got[i]) - want[i]) / (qw * std::sqrt(kk) + 1e-30));
+    }
+  }
+  return worst;
+}
+
+TEST(ScoreKeyBlocks, MatchesReferenceOnEveryTargetAndPath) {
+  const std::tuple<uint32_t, uint32_t, uint32_t, uint64_t> cases[] = {
+      {3, 16, 128, 5001}, {1, 1, 64, 1},  {2, 3, 256, 77},  {3, 8, 128, 32},
+      {1, 5, 512, 300},   {1, 20, 64, 65}, {2, 17, 128, 33}, {1, 4, 64, 31}};
+  for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
+    hwy::SetSupportedTargetsForTest(target);
+    for (auto [layers, heads, dim, chunks] : cases) {
+      IndexerShape s{layers, heads, dim};
+      Keys keys(s, chunks, dim + heads);
+      std::vector<const uint8_t*> ptrs;
+      auto blocks = Pack(keys, chunks, &ptrs);
+      auto q = Random(size_t{layers} * heads * dim, 1, 0.05f);
+      auto w = Random(size_t{layers} * heads, 2);
+      std::vector<float> want(layers * chunks);
+      ASSERT_EQ(
+          reference::ScoreChunks(s, q.data(), w.data(), keys.ptrs.data(), chunks, want.data()),
+          KernelStatus::kOk);
+      for (ScoreMath math : {ScoreMath::kExact, ScoreMath::kFast}) {
+        std::vector<float> got(layers * chunks, -1.0f);
+        ASSERT_EQ(ScoreKeyBlocks(s, q.data(), w.data(), ptrs.data(), chunks, math, got.data()),
+                  KernelStatus::kOk);
+        const double err = WorstRelativeError(s, keys, q, w, got, want, chunks);
+        const bool fp16 = ScoreKeyBlocksPath(math) == "avx512fp16";
+        EXPECT_LT(err, fp16 ? 5e-4 : 1e-6)
+            << hwy::TargetName(target) << " " << ScoreKeyBlocksPath(math) << " Hi=" << heads
+            << " di=" << dim << " chunks=" << chunks;
+      }
+    }
+  }
+  hwy::SetSupportedTargetsForTest(0);
+}
+
 TEST(IndexerQuery, TowerArithmetic) {
   IndexerShape s{1, 2, 64};
   s.hidden = 32;

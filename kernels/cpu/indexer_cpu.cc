@@ -96,12 +96,73 @@ void ScoreRange(const IndexerShape& s, const float* HWY_RESTRICT q, const float*
   }
 }
 
+// Blocked scan (kKeyBlock chunks per block, dimension-major rows): lanes are chunks, so
+// each head accumulates with one FMA per dimension and no cross-lane reduction. G heads at
+// a time share each decoded row; heads past `heads` repeat the last one with weight 0.
+template <uint32_t G>
+void ScoreBlocksG(const IndexerShape& s, const float* HWY_RESTRICT q, const float* HWY_RESTRICT w,
+                  const uint8_t* HWY_RESTRICT blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
+                  float* HWY_RESTRICT logits) {
+  const DF df;
+  const hn::Rebind<uint8_t, DF> d8;
+  const hn::Rebind<uint16_t, DF> d16;
+  const hn::Rebind<hwy::float16_t, DF> dh;
+  const size_t N = hn::Lanes(df);
+  const uint32_t di = s.dim, H = s.heads;
+  const auto sign = hn::Set(d16, 0x80), mag = hn::Set(d16, 0x7f);
+  const auto zero = hn::Zero(df);
+  HWY_ALIGN float lg[kKeyBlock];
+  for (uint64_t b = b0; b < b1; ++b) {
+    const uint8_t* HWY_RESTRICT base = blocks + b * KeyBlockBytes(di);
+    const float* HWY_RESTRICT scales = reinterpret_cast<const float*>(base + size_t{di} * kKeyBlock);
+    for (size_t sub = 0; sub < kKeyBlock; sub += N) {
+      auto total = zero;
+      for (uint32_t h = 0; h < H; h += G) {
+        const float* qg[G];
+        float wg[G];
+        for (uint32_t k = 0; k < G; ++k) {
+          qg[k] = q + size_t{std::min(h + k, H - 1)} * di;
+          wg[k] = h + k < H ? w[h + k] : 0.0f;
+        }
+        hn::Vec<DF> acc[G];
+        for (uint32_t k = 0; k < G; ++k) acc[k] = zero;
+        for (uint32_t j = 0; j < di; ++j) {
+          const auto raw = hn::PromoteTo(d16, hn::LoadU(d8, base + size_t{j} * kKeyBlock + sub));
+          const auto bits =
+              hn::Or(hn::ShiftLeft<8>(hn::And(raw, sign)), hn::ShiftLeft<7>(hn::And(raw, mag)));
+          const auto kv = hn::PromoteTo(df, hn::BitCast(dh, bits));
+          for (uint32_t k = 0; k < G; ++k) acc[k] = hn::MulAdd(hn::Set(df, qg[k][j]), kv, acc[k]);
+        }
+        for (uint32_t k = 0; k < G; ++k)
+          total = hn::MulAdd(hn::Set(df, wg[k]), hn::Max(acc[k], zero), total);
+      }
+      // The fp16 detour scaled values by 2^-8; the chunk's scale is positive, so it commutes
+      // with relu and applies once at the end.
+      const auto sc = hn::Mul(hn::LoadU(df, scales + sub), hn::Set(df, 256.0f));
+      hn::Store(hn::Mul(total, sc), df, lg + sub);
+    }
+    const uint64_t c0 = b * kKeyBlock;
+    std::memcpy(logits + c0, lg, sizeof(float) * std::min<uint64_t>(kKeyBlock, chunks - c0));
+  }
+}
+
+void ScoreBlocks(const IndexerShape& s, const float* HWY_RESTRICT q, const float* HWY_RESTRICT w,
+                 const uint8_t* HWY_RESTRICT blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
+                 float* HWY_RESTRICT logits) {
+  // Targets with 32 vector registers keep 16 accumulators; others 8 (or fewer heads).
+  constexpr uint32_t kMaxG = HWY_MAX_BYTES >= 64 ? 16 : 8;
+  if (s.heads <= 4) return ScoreBlocksG<4>(s, q, w, blocks, b0, b1, chunks, logits);
+  if (s.heads <= 8 || kMaxG == 8) return ScoreBlocksG<8>(s, q, w, blocks, b0, b1, chunks, logits);
+  return ScoreBlocksG<kMaxG>(s, q, w, blocks, b0, b1, chunks, logits);
+}
+
 }  // namespace fm::kernels::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 #include <numeric>
 
+#include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace fm::kernels {
@@ -128,6 +189,77 @@ KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
        std::min(chunks, (b + 1) * kBlock), logits + size_t{l} * chunks);
   });
   return KernelStatus::kOk;
+}
+
+void PackIndexKeys(uint32_t dim, const uint8_t* keys, uint64_t first, uint64_t n,
+                   uint8_t* blocks) {
+  const size_t kb = size_t{dim} + 4;
+  for (uint64_t i = 0; i < n; ++i) {
+    const uint64_t c = first + i;
+    uint8_t* base = blocks + (c / kKeyBlock) * KeyBlockBytes(dim);
+    const uint32_t slot = c % kKeyBlock;
+    const uint8_t* key = keys + i * kb;
+    for (uint32_t j = 0; j < dim; ++j) base[size_t{j} * kKeyBlock + slot] = key[j];
+    std::memcpy(base + size_t{dim} * kKeyBlock + 4 * slot, key + dim, 4);
+  }
+}
+
+void UnpackIndexKey(uint32_t dim, const uint8_t* blocks, uint64_t c, uint8_t* key) {
+  const uint8_t* base = blocks + (c / kKeyBlock) * KeyBlockBytes(dim);
+  const uint32_t slot = c % kKeyBlock;
+  for (uint32_t j = 0; j < dim; ++j) key[j] = base[size_t{j} * kKeyBlock + slot];
+  std::memcpy(key + dim, base + size_t{dim} * kKeyBlock + 4 * slot, 4);
+}
+
+HWY_EXPORT(ScoreBlocks);
+
+KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* w,
+                            const uint8_t* const* blocks, uint64_t chunks, ScoreMath math,
+                            float* logits) {
+  KernelStatus st = s.Validate(nullptr);
+  if (st != KernelStatus::kOk) return st;
+  const bool fp16 = math == ScoreMath::kFast && Fp16ScoringAvailable();
+  // fp16 products need q within fp16's range and precision: each head is scaled by a power
+  // of two (exact) so that its largest |q| is in [1, 2), and its weight by the inverse.
+  std::vector<float> qs, ws;
+  std::vector<std::vector<uint32_t>> qp;
+  if (fp16) {
+    qs.assign(q, q + size_t{s.layers} * s.heads * s.dim);
+    ws.assign(w, w + size_t{s.layers} * s.heads);
+    for (size_t h = 0; h < ws.size(); ++h) {
+      float mx = 0;
+      for (uint32_t j = 0; j < s.dim; ++j) mx = std::max(mx, std::abs(qs[h * s.dim + j]));
+      if (mx == 0 || !std::isfinite(mx)) continue;
+      int e = 0;
+      std::frexp(mx, &e);  // mx = f * 2^e, f in [0.5, 1)
+      for (uint32_t j = 0; j < s.dim; ++j) qs[h * s.dim + j] = std::ldexp(qs[h * s.dim + j], 1 - e);
+      ws[h] = std::ldexp(ws[h], e - 1);
+    }
+    for (uint32_t l = 0; l < s.layers; ++l)
+      qp.push_back(Fp16QueryPairs(s, qs.data() + size_t{l} * s.heads * s.dim));
+  }
+  constexpr uint64_t kBlocksPerTask = 128;  // 4096 chunks
+  const uint64_t nblocks = (chunks + kKeyBlock - 1) / kKeyBlock;
+  const uint64_t tasks = (nblocks + kBlocksPerTask - 1) / kBlocksPerTask;
+  auto fn = HWY_DYNAMIC_DISPATCH(ScoreBlocks);
+  ThreadPool::Default().ParallelFor(static_cast<uint32_t>(tasks * s.layers), [&](uint32_t t) {
+    const uint32_t l = static_cast<uint32_t>(t / tasks);
+    const uint64_t b0 = (t % tasks) * kBlocksPerTask,
+                   b1 = std::min(nblocks, b0 + kBlocksPerTask);
+    const size_t qo = size_t{l} * s.heads * s.dim, wo = size_t{l} * s.heads;
+    float* out = logits + size_t{l} * chunks;
+    if (fp16)
+      ScoreBlocksFp16(s, qp[l].data(), ws.data() + wo, blocks[l], b0, b1, chunks, out);
+    else
+      fn(s, q + qo, w + wo, blocks[l], b0, b1, chunks, out);
+  });
+  return KernelStatus::kOk;
+}
+
+std::string ScoreKeyBlocksPath(ScoreMath math) {
+  if (math == ScoreMath::kFast && Fp16ScoringAvailable()) return "avx512fp16";
+  const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
+  return hwy::TargetName(targets & -targets);
 }
 
 KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks,

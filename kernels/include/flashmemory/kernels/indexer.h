@@ -64,6 +64,37 @@ void CompressIndexKey(uint32_t dim, const float* k, uint8_t* out);
 KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
                          const uint8_t* const* keys, uint64_t chunks, float* logits);
 
+// The scan layout of index keys: blocks of kKeyBlock chunks, each block holding [dim][32]
+// fp8 bytes (dimension-major: one 32-byte row is one dimension of 32 chunks) followed by
+// [32] fp32 scales. It holds exactly the bytes of 32 stored keys; a scan loads one row per
+// dimension instead of reducing across lanes. Unfilled slots of the last block have scale 0.
+inline constexpr uint32_t kKeyBlock = 32;
+inline size_t KeyBlockBytes(uint32_t dim) { return (size_t{dim} + 4) * kKeyBlock; }
+inline size_t KeyBlocksBytes(uint32_t dim, uint64_t chunks) {
+  return KeyBlockBytes(dim) * ((chunks + kKeyBlock - 1) / kKeyBlock);
+}
+
+// Writes n stored keys (KeyBytes() each, chunk after chunk) as chunks [first, first + n) of
+// a blocked array of KeyBlocksBytes(dim, first + n) bytes or more.
+void PackIndexKeys(uint32_t dim, const uint8_t* keys, uint64_t first, uint64_t n,
+                   uint8_t* blocks);
+// Reads chunk c of a blocked array back as one stored key.
+void UnpackIndexKey(uint32_t dim, const uint8_t* blocks, uint64_t c, uint8_t* key);
+
+// Arithmetic of the blocked scan. kExact: fp32 products and sums (the reference's
+// arithmetic up to summation order). kFast: on CPUs with AVX512-FP16, q rounded to fp16 and
+// products summed in fp16 over spans of up to 128 dimensions, in fp32 across spans and heads
+// (error within 5e-4 of sum_h |w_h| |q_h| |k|, about 2e-4 measured); elsewhere kExact.
+enum class ScoreMath : uint8_t { kExact = 0, kFast = 1 };
+
+// ScoreChunks over blocked keys: blocks[l] holds `chunks` chunks of layer l.
+KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* w,
+                            const uint8_t* const* blocks, uint64_t chunks, ScoreMath math,
+                            float* logits);
+// Which code path ScoreKeyBlocks takes for `math` on this CPU ("avx512fp16" or a Highway
+// target name).
+std::string ScoreKeyBlocksPath(ScoreMath math);
+
 enum class LayerCombine : uint8_t { kMax = 0, kMean = 1 };
 
 struct SelectParams {
