@@ -10,11 +10,13 @@
 #define HWY_TARGET_INCLUDE "kernels/cpu/indexer_cpu.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 
+#include <hwy/aligned_allocator.h>
 #include <hwy/highway.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "flashmemory/kernels/indexer.h"
 #include "kernels/cpu/simd_util-inl.h"
@@ -25,121 +27,76 @@ namespace fm::kernels::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using DF = hn::ScalableTag<float>;
 
-// Decodes di fp8 values at p into kf, times `mult`.
-HWY_INLINE void DecodeKey(DF df, const uint8_t* HWY_RESTRICT p, uint32_t dim, float mult,
-                          float* HWY_RESTRICT kf) {
-  const hn::Rebind<uint8_t, DF> d8;
-  const hn::Rebind<uint16_t, DF> d16;
-  const hn::Rebind<hwy::float16_t, DF> dh;
-  const size_t N = hn::Lanes(df);
-  const auto vm = hn::Set(df, mult);
-  const auto sign = hn::Set(d16, 0x80), mag = hn::Set(d16, 0x7f);
-  for (size_t j = 0; j < dim; j += N) {
-    const auto b = hn::PromoteTo(d16, hn::LoadU(d8, p + j));
-    const auto bits = hn::Or(hn::ShiftLeft<8>(hn::And(b, sign)), hn::ShiftLeft<7>(hn::And(b, mag)));
-    hn::StoreU(hn::Mul(hn::PromoteTo(df, hn::BitCast(dh, bits)), vm), df, kf + j);
-  }
-}
-
-// logits for chunks [c0, c1) of one layer.
-void ScoreRange(const IndexerShape& s, const float* HWY_RESTRICT q, const float* HWY_RESTRICT w,
-                const uint8_t* HWY_RESTRICT keys, uint64_t c0, uint64_t c1,
-                float* HWY_RESTRICT logits) {
-  const DF df;
-  const size_t N = hn::Lanes(df);
-  const uint32_t di = s.dim, H = s.heads;
-  const size_t kb = s.KeyBytes();
-  HWY_ALIGN float k0[1024], k1[1024];
-  std::memset(k1, 0, sizeof(float) * di);  // read (and ignored) when a range ends on an odd chunk
-  for (uint64_t c = c0; c < c1; c += 2) {
-    const bool two = c + 1 < c1;
-    float sc0, sc1 = 0;
-    std::memcpy(&sc0, keys + c * kb + di, 4);
-    DecodeKey(df, keys + c * kb, di, sc0 * 256.0f, k0);
-    if (two) {
-      std::memcpy(&sc1, keys + (c + 1) * kb + di, 4);
-      DecodeKey(df, keys + (c + 1) * kb, di, sc1 * 256.0f, k1);
-      if (c + 10 <= c1) {  // keys a few chunks ahead
-        for (size_t off = 0; off < 2 * kb; off += 64)
-          __builtin_prefetch(keys + (c + 8) * kb + off, 0, 0);
-      }
-    }
-    // Four heads x two chunks: eight FMA chains, then one transposing reduction per chunk.
-    float l0 = 0, l1 = 0;
-    HWY_ALIGN float d0[4], d1[4];
-    for (uint32_t h = 0; h < H; h += 4) {
-      const uint32_t nh = std::min(4u, H - h);
-      const float* q0 = q + size_t{h} * di;
-      const float* q1 = q0 + (nh > 1 ? di : 0);
-      const float* q2 = q0 + (nh > 2 ? 2 * di : 0);
-      const float* q3 = q0 + (nh > 3 ? 3 * di : 0);
-      auto a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
-      auto b0 = hn::Zero(df), b1 = hn::Zero(df), b2 = hn::Zero(df), b3 = hn::Zero(df);
-      for (size_t j = 0; j < di; j += N) {
-        const auto x = hn::Load(df, k0 + j), y = hn::Load(df, k1 + j);
-        const auto u0 = hn::LoadU(df, q0 + j), u1 = hn::LoadU(df, q1 + j);
-        const auto u2 = hn::LoadU(df, q2 + j), u3 = hn::LoadU(df, q3 + j);
-        a0 = hn::MulAdd(u0, x, a0), a1 = hn::MulAdd(u1, x, a1), a2 = hn::MulAdd(u2, x, a2),
-        a3 = hn::MulAdd(u3, x, a3);
-        b0 = hn::MulAdd(u0, y, b0), b1 = hn::MulAdd(u1, y, b1), b2 = hn::MulAdd(u2, y, b2),
-        b3 = hn::MulAdd(u3, y, b3);
-      }
-      Sum4(df, a0, a1, a2, a3, d0);
-      Sum4(df, b0, b1, b2, b3, d1);
-      for (uint32_t k = 0; k < nh; ++k) {
-        l0 += w[h + k] * std::max(d0[k], 0.0f);
-        l1 += w[h + k] * std::max(d1[k], 0.0f);
-      }
-    }
-    logits[c] = l0;
-    if (two) logits[c + 1] = l1;
-  }
-}
-
 // Blocked scan (kKeyBlock chunks per block, dimension-major rows): lanes are chunks, so
-// each head accumulates with one FMA per dimension and no cross-lane reduction. G heads at
-// a time share each decoded row; heads past `heads` repeat the last one with weight 0.
-template <uint32_t G>
-void ScoreBlocksG(const IndexerShape& s, const float* HWY_RESTRICT q, const float* HWY_RESTRICT w,
+// each head accumulates with one FMA per dimension and no cross-lane reduction. A block is
+// decoded once into fp32 (L1-resident), then a register tile of M heads x 2 vectors of
+// chunks takes M + 2 loads per 2M FMAs. Heads past `heads` repeat the last one with weight
+// 0. At most 16 lanes, so that a block holds a whole number of vector pairs.
+using DB = hn::CappedTag<float, 16>;
+
+template <uint32_t M>
+void ScoreBlocksM(const IndexerShape& s, const float* HWY_RESTRICT q, const float* HWY_RESTRICT w,
                   const uint8_t* HWY_RESTRICT blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
                   float* HWY_RESTRICT logits) {
-  const DF df;
-  const hn::Rebind<uint8_t, DF> d8;
-  const hn::Rebind<uint16_t, DF> d16;
-  const hn::Rebind<hwy::float16_t, DF> dh;
+  const DB df;
+  const hn::Rebind<uint8_t, DB> d8;
+  const hn::Rebind<uint16_t, DB> d16;
+  const hn::Rebind<hwy::float16_t, DB> dh;
   const size_t N = hn::Lanes(df);
-  const uint32_t di = s.dim, H = s.heads;
+  const uint32_t di = s.dim, H = s.heads, groups = (H + M - 1) / M;
+  // qt[g][j][k]: q of head g * M + k at dimension j, one pointer walking every broadcast.
+  std::vector<float> qt(size_t{groups} * di * M);
+  for (uint32_t g = 0; g < groups; ++g)
+    for (uint32_t j = 0; j < di; ++j)
+      for (uint32_t k = 0; k < M; ++k)
+        qt[(size_t{g} * di + j) * M + k] = q[size_t{std::min(g * M + k, H - 1)} * di + j];
+  auto kf_mem = hwy::AllocateAligned<float>(size_t{di} * kKeyBlock);
+  float* HWY_RESTRICT kf = kf_mem.get();  // [di][32] decoded block
   const auto sign = hn::Set(d16, 0x80), mag = hn::Set(d16, 0x7f);
   const auto zero = hn::Zero(df);
   HWY_ALIGN float lg[kKeyBlock];
   for (uint64_t b = b0; b < b1; ++b) {
     const uint8_t* HWY_RESTRICT base = blocks + b * KeyBlockBytes(di);
     const float* HWY_RESTRICT scales = reinterpret_cast<const float*>(base + size_t{di} * kKeyBlock);
-    for (size_t sub = 0; sub < kKeyBlock; sub += N) {
-      auto total = zero;
-      for (uint32_t h = 0; h < H; h += G) {
-        const float* qg[G];
-        float wg[G];
-        for (uint32_t k = 0; k < G; ++k) {
-          qg[k] = q + size_t{std::min(h + k, H - 1)} * di;
-          wg[k] = h + k < H ? w[h + k] : 0.0f;
+    for (size_t i = 0; i < size_t{di} * kKeyBlock; i += N) {
+      const auto raw = hn::PromoteTo(d16, hn::LoadU(d8, base + i));
+      const auto bits =
+          hn::Or(hn::ShiftLeft<8>(hn::And(raw, sign)), hn::ShiftLeft<7>(hn::And(raw, mag)));
+      hn::Store(hn::PromoteTo(df, hn::BitCast(dh, bits)), df, kf + i);
+    }
+    for (size_t sub = 0; sub < kKeyBlock; sub += 2 * N) {
+      auto tot0 = zero, tot1 = zero;
+      for (uint32_t g = 0; g < groups; ++g) {
+        auto a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero,
+             a7 = zero, c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero,
+             c6 = zero, c7 = zero;
+        const float* HWY_RESTRICT qj = qt.data() + size_t{g} * di * M;
+        for (uint32_t j = 0; j < di; ++j, qj += M) {
+          const auto k0 = hn::Load(df, kf + size_t{j} * kKeyBlock + sub);
+          const auto k1 = hn::Load(df, kf + size_t{j} * kKeyBlock + sub + N);
+#define FM_FMA(k)                                \
+  if constexpr (M > k) {                         \
+    const auto qk = hn::Set(df, qj[k]);          \
+    a##k = hn::MulAdd(qk, k0, a##k);             \
+    c##k = hn::MulAdd(qk, k1, c##k);             \
+  }
+          FM_FMA(0) FM_FMA(1) FM_FMA(2) FM_FMA(3) FM_FMA(4) FM_FMA(5) FM_FMA(6) FM_FMA(7)
+#undef FM_FMA
         }
-        hn::Vec<DF> acc[G];
-        for (uint32_t k = 0; k < G; ++k) acc[k] = zero;
-        for (uint32_t j = 0; j < di; ++j) {
-          const auto raw = hn::PromoteTo(d16, hn::LoadU(d8, base + size_t{j} * kKeyBlock + sub));
-          const auto bits =
-              hn::Or(hn::ShiftLeft<8>(hn::And(raw, sign)), hn::ShiftLeft<7>(hn::And(raw, mag)));
-          const auto kv = hn::PromoteTo(df, hn::BitCast(dh, bits));
-          for (uint32_t k = 0; k < G; ++k) acc[k] = hn::MulAdd(hn::Set(df, qg[k][j]), kv, acc[k]);
+        const hn::Vec<DB> acc[8][2] = {{a0, c0}, {a1, c1}, {a2, c2}, {a3, c3},
+                                       {a4, c4}, {a5, c5}, {a6, c6}, {a7, c7}};
+        for (uint32_t k = 0; k < M; ++k) {
+          const uint32_t h = g * M + k;
+          const auto wk = hn::Set(df, h < H ? w[h] : 0.0f);
+          tot0 = hn::MulAdd(wk, hn::Max(acc[k][0], zero), tot0);
+          tot1 = hn::MulAdd(wk, hn::Max(acc[k][1], zero), tot1);
         }
-        for (uint32_t k = 0; k < G; ++k)
-          total = hn::MulAdd(hn::Set(df, wg[k]), hn::Max(acc[k], zero), total);
       }
       // The fp16 detour scaled values by 2^-8; the chunk's scale is positive, so it commutes
       // with relu and applies once at the end.
-      const auto sc = hn::Mul(hn::LoadU(df, scales + sub), hn::Set(df, 256.0f));
-      hn::Store(hn::Mul(total, sc), df, lg + sub);
+      const auto k256 = hn::Set(df, 256.0f);
+      hn::Store(hn::Mul(tot0, hn::Mul(hn::LoadU(df, scales + sub), k256)), df, lg + sub);
+      hn::Store(hn::Mul(tot1, hn::Mul(hn::LoadU(df, scales + sub + N), k256)), df, lg + sub + N);
     }
     const uint64_t c0 = b * kKeyBlock;
     std::memcpy(logits + c0, lg, sizeof(float) * std::min<uint64_t>(kKeyBlock, chunks - c0));
@@ -149,11 +106,10 @@ void ScoreBlocksG(const IndexerShape& s, const float* HWY_RESTRICT q, const floa
 void ScoreBlocks(const IndexerShape& s, const float* HWY_RESTRICT q, const float* HWY_RESTRICT w,
                  const uint8_t* HWY_RESTRICT blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
                  float* HWY_RESTRICT logits) {
-  // Targets with 32 vector registers keep 16 accumulators; others 8 (or fewer heads).
-  constexpr uint32_t kMaxG = HWY_MAX_BYTES >= 64 ? 16 : 8;
-  if (s.heads <= 4) return ScoreBlocksG<4>(s, q, w, blocks, b0, b1, chunks, logits);
-  if (s.heads <= 8 || kMaxG == 8) return ScoreBlocksG<8>(s, q, w, blocks, b0, b1, chunks, logits);
-  return ScoreBlocksG<kMaxG>(s, q, w, blocks, b0, b1, chunks, logits);
+  // 8 x 2 accumulators where there are 32 vector registers, 4 x 2 otherwise.
+  constexpr uint32_t kM = HWY_MAX_BYTES >= 64 ? 8 : 4;
+  if (s.heads <= 4) return ScoreBlocksM<4>(s, q, w, blocks, b0, b1, chunks, logits);
+  return ScoreBlocksM<kM>(s, q, w, blocks, b0, b1, chunks, logits);
 }
 
 }  // namespace fm::kernels::HWY_NAMESPACE
@@ -167,8 +123,6 @@ HWY_AFTER_NAMESPACE();
 
 namespace fm::kernels {
 
-HWY_EXPORT(ScoreRange);
-
 KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h,
                           uint64_t pos, float* q, float* w) {
   // Once per prediction and small next to the chunk scan: the plain loops suffice.
@@ -177,18 +131,18 @@ KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts,
 
 KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
                          const uint8_t* const* keys, uint64_t chunks, float* logits) {
+  // Keys in the stored layout are packed into the scan layout first (the indexer keeps its
+  // keys packed; this entry point serves one-off scans and tests).
   KernelStatus st = s.Validate(nullptr);
   if (st != KernelStatus::kOk) return st;
-  constexpr uint64_t kBlock = 4096;  // chunks per task
-  const uint64_t blocks = (chunks + kBlock - 1) / kBlock;
-  auto fn = HWY_DYNAMIC_DISPATCH(ScoreRange);
-  ThreadPool::Default().ParallelFor(static_cast<uint32_t>(blocks * s.layers), [&](uint32_t t) {
-    const uint32_t l = static_cast<uint32_t>(t / blocks);
-    const uint64_t b = t % blocks;
-    fn(s, q + size_t{l} * s.heads * s.dim, w + size_t{l} * s.heads, keys[l], b * kBlock,
-       std::min(chunks, (b + 1) * kBlock), logits + size_t{l} * chunks);
-  });
-  return KernelStatus::kOk;
+  std::vector<std::vector<uint8_t>> blocks;
+  std::vector<const uint8_t*> ptrs;
+  for (uint32_t l = 0; l < s.layers; ++l) {
+    blocks.emplace_back(KeyBlocksBytes(s.dim, chunks), 0);
+    PackIndexKeys(s.dim, keys[l], 0, chunks, blocks.back().data());
+    ptrs.push_back(blocks.back().data());
+  }
+  return ScoreKeyBlocks(s, q, w, ptrs.data(), chunks, ScoreMath::kExact, logits);
 }
 
 void PackIndexKeys(uint32_t dim, const uint8_t* keys, uint64_t first, uint64_t n,
