@@ -7,7 +7,8 @@ PKGS=(
   libgrpc++-dev libgrpc-dev protobuf-compiler protobuf-compiler-grpc libprotobuf-dev
   libabsl-dev librocksdb-dev libucx-dev
   libgtest-dev libgmock-dev libhwy-dev
-  libcli11-dev libxxhash-dev libcpp-httplib-dev
+  libcli11-dev libxxhash-dev libcpp-httplib-dev nlohmann-json3-dev
+  python3-numpy python3-torch
 )
 missing=()
 for p in "${PKGS[@]}"; do
