@@ -61,6 +61,10 @@ void RopeAndHadamard(const IndexerShape& s, uint64_t pos, float* qh) {
 
 }  // namespace internal
 
+void RotateIndexVector(const IndexerShape& s, uint64_t pos, float* v) {
+  internal::RopeAndHadamard(s, pos, v);
+}
+
 void CompressIndexKey(uint32_t dim, const float* k, uint8_t* out) {
   float amax = 0;
   for (uint32_t j = 0; j < dim; ++j) amax = std::max(amax, std::abs(k[j]));

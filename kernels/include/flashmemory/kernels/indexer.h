@@ -55,6 +55,12 @@ struct IndexerLayerWeights {
 KernelStatus IndexerQuery(const IndexerShape& s, const IndexerLayerWeights& wts, const float* h,
                           uint64_t pos, float* q, float* w);
 
+// The positional and mixing transform the tower applies to each head of q, for keys: RoPE
+// (YaRN) at token position `pos` on the last rope_dims dims, then the normalized
+// Walsh-Hadamard transform, in place on v [dim]. Keys get it at their chunk's first token
+// before compression, so that q . k keeps the raw dot product of the unrotated dims.
+void RotateIndexVector(const IndexerShape& s, uint64_t pos, float* v);
+
 // Compresses a raw key [dim] to the stored format: scale = max|k| / 448 (1 when k is all
 // zero), fp8 = e4m3(k / scale) with round-to-nearest-even.
 void CompressIndexKey(uint32_t dim, const float* k, uint8_t* out);
