@@ -16,6 +16,7 @@
 #include "common/model_spec.h"
 #include "common/status.h"
 #include "services/kvstore/kv_client.h"
+#include "workload/trace.h"
 
 namespace {
 
@@ -204,6 +205,33 @@ int Stats(const std::string& target, const std::string& session) {
   return 0;
 }
 
+// Generates sessions (seeds seed, seed + 1, ...) and writes one trace per session.
+int Gen(const std::string& spec_name, uint64_t tokens, uint32_t steps, uint64_t seed, int count,
+        const std::string& out_dir, bool with_pages, const fm::workload::Knobs& knobs) {
+  auto spec = fm::PresetSpec(spec_name);
+  if (!spec.ok()) return Fail(spec.status());
+  for (int i = 0; i < count; ++i) {
+    fm::workload::SessionConfig c;
+    c.spec = *spec;
+    c.knobs = knobs;
+    c.seed = seed + i;
+    c.prefill_tokens = tokens;
+    c.steps = steps;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto s = fm::workload::Session::Generate(c);
+    if (!s.ok()) return Fail(s.status());
+    const std::string path = out_dir + "/" + spec_name + "-" + std::to_string(tokens) + "-s" +
+                             std::to_string(c.seed) + ".safetensors";
+    if (absl::Status st = fm::workload::WriteTrace(**s, path, with_pages); !st.ok()) return Fail(st);
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("[%d/%d] %s: %llu tokens + %u steps, %llu chunks, %zu needles, %.1f s\n", i + 1,
+                count, path.c_str(), static_cast<unsigned long long>(tokens), steps,
+                static_cast<unsigned long long>((*s)->total_chunks()), (*s)->needles().size(), sec);
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -223,7 +251,35 @@ int main(int argc, char** argv) {
   auto* del = app.add_subcommand("delete", "Delete a session's pages");
   del->add_option("--target", target, "Server address")->capture_default_str();
   del->add_option("--session", session, "Session id")->required();
+  auto* gen = app.add_subcommand("gen", "Generate workload sessions and write them as traces");
+  uint32_t steps = 256;
+  uint64_t seed = 1;
+  int count = 1;
+  std::string out_dir = ".";
+  bool with_pages = false;
+  fm::workload::Knobs knobs;
+  gen->add_option("--spec", spec, "Model spec preset: tiny, bench, long")->capture_default_str();
+  gen->add_option("--tokens", tokens, "Prefill tokens per session")->capture_default_str();
+  gen->add_option("--steps", steps, "Decode steps (whole cycles of --tau)")->capture_default_str();
+  gen->add_option("--seed", seed, "Seed of the first session")->capture_default_str();
+  gen->add_option("--count", count, "Sessions (seeds seed, seed + 1, ...)")->capture_default_str();
+  gen->add_option("--out", out_dir, "Output directory")->capture_default_str();
+  gen->add_flag("--pages", with_pages, "Also write the K/V pages");
+  gen->add_option("--world-seed", knobs.world_seed, "Seed of the synthetic model")->capture_default_str();
+  gen->add_option("--tau", knobs.tau, "Decode steps per cycle")->capture_default_str();
+  gen->add_option("--topics", knobs.session_topics, "Topics per session")->capture_default_str();
+  gen->add_option("--episode-tokens", knobs.episode_tokens, "Mean history episode length")->capture_default_str();
+  gen->add_option("--focus-steps", knobs.focus_steps, "Mean decode steps per focus")->capture_default_str();
+  gen->add_option("--recent-focus", knobs.recent_focus, "P(focus on the newest topic)")->capture_default_str();
+  gen->add_option("--anticipate", knobs.anticipate, "P(hidden state announces a switch)")->capture_default_str();
+  gen->add_option("--needles", knobs.needles, "Needles per session")->capture_default_str();
+  gen->add_option("--drift", knobs.drift, "Topic drift over the history")->capture_default_str();
+  gen->add_option("--sink-share", knobs.sink_share, "Attention share of the sink")->capture_default_str();
+  gen->add_option("--diffuse-heads", knobs.diffuse_heads, "Fraction of diffuse heads")->capture_default_str();
+  gen->add_option("--top-p", knobs.top_p, "Label: top-p attention mass")->capture_default_str();
+  gen->add_option("--label-layers", knobs.label_layers, "Label: in at least m layers")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (gen->parsed()) return Gen(spec, tokens, steps, seed, count, out_dir, with_pages, knobs);
   if (demo->parsed()) return Demo(target, spec, tokens, session);
   if (stats->parsed()) return Stats(target, stats->count("--session") ? session : "");
   if (del->parsed()) {

@@ -1,0 +1,438 @@
+#include "services/indexer/indexer_core.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/checksum.h"
+#include "common/safetensors.h"
+#include "flashmemory/kernels/quest.h"
+
+namespace fm::indexer {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+struct PolicyInfo {
+  Policy p;
+  const char* name;
+};
+constexpr PolicyInfo kPolicies[] = {
+    {Policy::kDefault, "default"}, {Policy::kLsa, "lsa"},         {Policy::kQuest, "quest"},
+    {Policy::kRecency, "recency"}, {Policy::kRandom, "random"},   {Policy::kSinkRecency, "sink_recency"},
+    {Policy::kOracle, "oracle"},   {Policy::kDense, "dense"}};
+
+absl::Status CheckSessionId(const std::string& id) {
+  if (id.empty() || id.size() > 128)
+    return absl::InvalidArgumentError(
+        absl::StrCat("session_id must be 1..128 bytes, got ", id.size()));
+  return absl::OkStatus();
+}
+
+// Sink, tail and the kmax best other pages by score (ties: the newer page), ascending.
+std::vector<ScoredPage> PickPages(const std::vector<float>& score, uint64_t total, uint64_t kmax,
+                                  uint32_t sink, uint32_t tail) {
+  const uint64_t s = std::min<uint64_t>(sink, total);
+  const uint64_t t0 = total - std::min<uint64_t>(tail, total - s);
+  std::vector<uint64_t> cand;
+  for (uint64_t p = s; p < t0; ++p) cand.push_back(p);
+  const size_t k = std::min<size_t>(kmax, cand.size());
+  std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), [&](uint64_t a, uint64_t b) {
+    return score[a] != score[b] ? score[a] > score[b] : a > b;
+  });
+  cand.resize(k);
+  std::sort(cand.begin(), cand.end());
+  std::vector<ScoredPage> out;
+  for (uint64_t p = 0; p < s; ++p) out.push_back({p, kInf});
+  for (uint64_t p : cand) out.push_back({p, score[p]});
+  for (uint64_t p = t0; p < total; ++p) out.push_back({p, kInf});
+  return out;
+}
+
+uint64_t KeysBytesGrowth(const ModelSpec& sp, uint64_t from, uint64_t to) {
+  return (kernels::KeyBlocksBytes(sp.index_dim, to) - kernels::KeyBlocksBytes(sp.index_dim, from)) *
+         sp.index_layers;
+}
+
+}  // namespace
+
+const char* PolicyName(Policy p) {
+  for (const auto& i : kPolicies)
+    if (i.p == p) return i.name;
+  return "?";
+}
+
+absl::StatusOr<Policy> ParsePolicy(const std::string& name) {
+  for (const auto& i : kPolicies)
+    if (name == i.name) return i.p;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown policy \"", name, "\"; want lsa, quest, recency, random, sink_recency, oracle, dense"));
+}
+
+size_t IndexerBoundsFloats(const ModelSpec& spec) {
+  return size_t{spec.index_layers} * spec.kv_heads * 2 * spec.head_dim;
+}
+
+uint32_t ModelLayerOfIndexLayer(const ModelSpec& spec, uint32_t l) {
+  return spec.layers >= spec.index_layers ? spec.layers - spec.index_layers + l
+                                          : std::min(l, spec.layers - 1);
+}
+
+absl::StatusOr<std::shared_ptr<const Weights>> Weights::Load(const std::string& path) {
+  auto f = SafetensorsFile::Open(path);
+  if (!f.ok()) return f.status();
+  auto w = std::make_shared<Weights>();
+  const auto& m = (*f)->metadata();
+  auto field = [&](const char* name, uint32_t* out) -> absl::Status {
+    auto it = m.find(name);
+    if (it == m.end() || !absl::SimpleAtoi(it->second, out))
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": metadata \"", name, "\" missing or not a number"));
+    return absl::OkStatus();
+  };
+  kernels::IndexerShape& s = w->shape;
+  for (auto [n, o] : {std::pair{"index_layers", &s.layers}, {"index_heads", &s.heads},
+                      {"index_dim", &s.dim}, {"hidden_dim", &s.hidden}, {"rank", &s.rank},
+                      {"rope_dims", &s.rope_dims}})
+    if (absl::Status st = field(n, o); !st.ok()) return st;
+  if (auto it = m.find("rope_theta"); it != m.end() && !absl::SimpleAtof(it->second, &s.rope_theta))
+    return absl::InvalidArgumentError(absl::StrCat(path, ": rope_theta is not a number"));
+  std::string why;
+  if (s.Validate(&why) != kernels::KernelStatus::kOk || s.hidden == 0 || s.rank == 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": bad indexer shape: ", why.empty() ? "hidden and rank must be > 0" : why));
+  const int64_t H = s.heads, D = s.dim, R = s.rank, X = s.hidden;
+  uint64_t hash = 0;
+  for (uint32_t l = 0; l < s.layers; ++l) {
+    const std::string p = absl::StrCat("layer", l, ".");
+    auto get = [&](const std::string& name, std::vector<int64_t> shape,
+                   std::vector<std::vector<float>>* out) -> absl::Status {
+      auto v = (*f)->GetFloats(p + name, shape);
+      if (!v.ok()) return v.status();
+      hash = Checksum64(v->data(), v->size() * 4) ^ (hash * 0x9e3779b97f4a7c15ull);
+      out->push_back(std::move(*v));
+      return absl::OkStatus();
+    };
+    for (absl::Status st : {get("w_a", {R, X}, &w->w_a), get("g", {R}, &w->g),
+                            get("w_b", {H * D, R}, &w->w_b), get("w_w", {H, X}, &w->w_w)})
+      if (!st.ok()) return st;
+  }
+  w->hash = hash ? hash : 1;
+  return std::shared_ptr<const Weights>(std::move(w));
+}
+
+absl::Status Weights::Save(const std::string& path) const {
+  SafetensorsWriter wr;
+  const int64_t H = shape.heads, D = shape.dim, R = shape.rank, X = shape.hidden;
+  for (uint32_t l = 0; l < shape.layers; ++l) {
+    const std::string p = absl::StrCat("layer", l, ".");
+    wr.Add(p + "w_a", StDType::kF32, {R, X}, w_a[l]);
+    wr.Add(p + "g", StDType::kF32, {R}, g[l]);
+    wr.Add(p + "w_b", StDType::kF32, {H * D, R}, w_b[l]);
+    wr.Add(p + "w_w", StDType::kF32, {H, X}, w_w[l]);
+  }
+  return wr.Write(path, {{"index_layers", absl::StrCat(shape.layers)},
+                         {"index_heads", absl::StrCat(shape.heads)},
+                         {"index_dim", absl::StrCat(shape.dim)},
+                         {"hidden_dim", absl::StrCat(shape.hidden)},
+                         {"rank", absl::StrCat(shape.rank)},
+                         {"rope_dims", absl::StrCat(shape.rope_dims)},
+                         {"rope_theta", absl::StrCat(shape.rope_theta)}});
+}
+
+absl::Status Weights::Matches(const ModelSpec& spec) const {
+  auto bad = [&](const char* what, uint64_t have, uint64_t want) {
+    return absl::InvalidArgumentError(absl::StrCat("indexer weights have ", what, " = ", have,
+                                                   " but the model spec has ", want));
+  };
+  if (shape.layers != spec.index_layers) return bad("index_layers", shape.layers, spec.index_layers);
+  if (shape.heads != spec.index_heads) return bad("index_heads", shape.heads, spec.index_heads);
+  if (shape.dim != spec.index_dim) return bad("index_dim", shape.dim, spec.index_dim);
+  if (shape.hidden != spec.hidden_dim) return bad("hidden_dim", shape.hidden, spec.hidden_dim);
+  return absl::OkStatus();
+}
+
+struct IndexerCore::Session {
+  std::shared_mutex mu;  // appends exclusive, predictions shared
+  ModelSpec spec;
+  uint64_t tokens = 0, chunks = 0, bound_pages = 0;
+  std::vector<std::vector<uint8_t>> blocks;  // per index layer, scan layout
+  std::vector<float> bounds;                 // [page][IndexerBoundsFloats]
+  uint64_t bytes() const {
+    uint64_t b = bounds.size() * 4;
+    for (const auto& v : blocks) b += v.size();
+    return b;
+  }
+};
+
+std::shared_ptr<IndexerCore::Session> IndexerCore::Find(const std::string& session) const {
+  std::shared_lock lock(mu_);
+  auto it = sessions_.find(session);
+  return it == sessions_.end() ? nullptr : it->second;
+}
+
+absl::Status IndexerCore::Register(const std::string& session, const ModelSpec& spec,
+                                   const uint8_t* keys, uint64_t chunks, uint64_t tokens,
+                                   const float* bounds, uint64_t bound_pages) {
+  if (absl::Status st = CheckSessionId(session); !st.ok()) return st;
+  if (absl::Status st = spec.Validate(); !st.ok()) return st;
+  if (spec.index_layers == 0 || spec.index_dim < 64 || (spec.index_dim & (spec.index_dim - 1)))
+    return absl::InvalidArgumentError(
+        "the model spec needs index_layers > 0 and a power-of-two index_dim >= 64");
+  auto s = std::make_shared<Session>();
+  s->spec = spec;
+  s->blocks.resize(spec.index_layers);
+  {
+    std::shared_lock lock(mu_);
+    if (!sessions_.count(session) && sessions_.size() >= options_.max_sessions)
+      return absl::ResourceExhaustedError(
+          absl::StrCat("indexer holds the maximum of ", options_.max_sessions, " sessions"));
+  }
+  // Publish the fresh session (replacing any older one), then append its keys.
+  {
+    std::unique_lock lock(mu_);
+    auto it = sessions_.find(session);
+    if (it != sessions_.end()) {
+      bytes_ -= it->second->bytes();
+      sessions_.erase(it);
+    }
+    sessions_[session] = s;
+  }
+  absl::Status a = Append(session, keys, 0, chunks, tokens, bounds, 0, bound_pages);
+  if (!a.ok()) {
+    std::unique_lock lock(mu_);
+    auto it = sessions_.find(session);
+    if (it != sessions_.end() && it->second == s) {
+      bytes_ -= s->bytes();
+      sessions_.erase(it);
+    }
+  }
+  return a;
+}
+
+absl::Status IndexerCore::Append(const std::string& session, const uint8_t* keys,
+                                 uint64_t first_chunk, uint64_t chunks, uint64_t tokens,
+                                 const float* bounds, uint64_t first_page, uint64_t bound_pages) {
+  auto s = Find(session);
+  if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
+  std::unique_lock lock(s->mu);
+  const ModelSpec& sp = s->spec;
+  if (first_chunk != s->chunks)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "keys start at chunk ", first_chunk, " but the session expects chunk ", s->chunks));
+  if (tokens < s->tokens)
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokens ", tokens, " is below the session's ", s->tokens));
+  const uint64_t new_chunks = first_chunk + chunks;
+  if (new_chunks * sp.chunk_tokens > tokens)
+    return absl::InvalidArgumentError(absl::StrCat(new_chunks, " chunks of ", sp.chunk_tokens,
+                                                   " tokens exceed the history of ", tokens,
+                                                   " tokens"));
+  if (bound_pages > 0 && first_page != s->bound_pages)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "bounds start at page ", first_page, " but the session expects page ", s->bound_pages));
+  if (bound_pages > 0 && (first_page + bound_pages) * sp.page_tokens > tokens + sp.page_tokens - 1)
+    return absl::InvalidArgumentError("bounds for pages beyond the history");
+  const uint64_t add = KeysBytesGrowth(sp, s->chunks, new_chunks) +
+                       bound_pages * IndexerBoundsFloats(sp) * 4;
+  if (bytes_.load() + add > options_.max_bytes)
+    return absl::ResourceExhaustedError(absl::StrCat("indexer memory limit of ", options_.max_bytes,
+                                                     " bytes reached"));
+  const size_t kb = sp.IndexKeyBytes();
+  for (uint32_t l = 0; l < sp.index_layers; ++l) {
+    auto& b = s->blocks[l];
+    b.resize(kernels::KeyBlocksBytes(sp.index_dim, new_chunks), 0);
+    if (chunks > 0)
+      kernels::PackIndexKeys(sp.index_dim, keys + size_t{l} * chunks * kb, first_chunk, chunks,
+                             b.data());
+  }
+  if (bound_pages > 0) {
+    const size_t bf = IndexerBoundsFloats(sp);
+    s->bounds.insert(s->bounds.end(), bounds, bounds + bound_pages * bf);
+    s->bound_pages += bound_pages;
+  }
+  s->chunks = new_chunks;
+  s->tokens = tokens;
+  bytes_ += add;
+  return absl::OkStatus();
+}
+
+absl::Status IndexerCore::Drop(const std::string& session) {
+  std::unique_lock lock(mu_);
+  auto it = sessions_.find(session);
+  if (it == sessions_.end())
+    return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
+  bytes_ -= it->second->bytes();
+  sessions_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status IndexerCore::LoadWeights(const std::string& path, uint64_t* hash) {
+  auto w = Weights::Load(path);
+  if (!w.ok()) return w.status();
+  if (hash) *hash = (*w)->hash;
+  SetWeights(*w);
+  return absl::OkStatus();
+}
+
+void IndexerCore::SetWeights(std::shared_ptr<const Weights> w) {
+  std::unique_lock lock(mu_);
+  weights_ = std::move(w);
+}
+
+std::shared_ptr<const Weights> IndexerCore::weights() const {
+  std::shared_lock lock(mu_);
+  return weights_;
+}
+
+CoreStats IndexerCore::Stats() const {
+  CoreStats st;
+  std::shared_lock lock(mu_);
+  st.sessions = sessions_.size();
+  for (const auto& [id, s] : sessions_) {
+    std::shared_lock sl(s->mu);
+    st.chunks += s->chunks;
+  }
+  st.bytes = bytes_.load();
+  st.predictions = predictions_.load();
+  st.weights_hash = weights_ ? weights_->hash : 0;
+  return st;
+}
+
+absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
+                                                const PredictArgs& a) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = Find(session);
+  if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
+  std::shared_lock lock(s->mu);
+  const ModelSpec& sp = s->spec;
+  Prediction out;
+  out.total_pages = sp.PagesForTokens(s->tokens);
+  const uint64_t total = out.total_pages;
+  if (total == 0) return absl::FailedPreconditionError("the session has no history yet");
+  uint64_t budget_pages;
+  if (a.max_pages > 0) {
+    if (a.max_pages > total)
+      return absl::InvalidArgumentError(absl::StrCat("max_pages ", a.max_pages,
+                                                     " exceeds the session's ", total, " pages"));
+    budget_pages = a.max_pages;
+  } else {
+    if (!(a.budget > 0.0f && a.budget <= 1.0f))
+      return absl::InvalidArgumentError(
+          absl::StrCat("budget must be in (0, 1], got ", a.budget));
+    budget_pages = static_cast<uint64_t>(std::ceil(double(a.budget) * total));
+  }
+  Policy policy = a.policy == Policy::kDefault ? options_.default_policy : a.policy;
+  const std::shared_ptr<const Weights> w = weights();
+  if (policy == Policy::kLsa && !w && a.policy == Policy::kDefault) policy = Policy::kSinkRecency;
+  out.policy = policy;
+  const uint32_t sink = policy == Policy::kRecency ? 0 : a.sink;
+  const uint32_t tail = a.tail;
+  const uint64_t fixed = std::min<uint64_t>(total, uint64_t{sink} + tail);
+  const uint64_t kmax = budget_pages > fixed ? budget_pages - fixed : 0;
+  std::vector<float> score(total, 0.0f);
+  switch (policy) {
+    case Policy::kLsa: {
+      if (!w)
+        return absl::FailedPreconditionError("policy lsa needs indexer weights; call LoadWeights");
+      if (absl::Status st = w->Matches(sp); !st.ok())
+        return absl::FailedPreconditionError(st.message());
+      if (a.hidden.size() != sp.hidden_dim)
+        return absl::InvalidArgumentError(absl::StrCat("hidden has ", a.hidden.size(),
+                                                       " floats; expected hidden_dim = ",
+                                                       sp.hidden_dim));
+      const kernels::IndexerShape& is = w->shape;
+      std::vector<float> q(size_t{is.layers} * is.heads * is.dim), hw(size_t{is.layers} * is.heads);
+      for (uint32_t l = 0; l < is.layers; ++l) {
+        const kernels::IndexerLayerWeights lw{w->w_a[l].data(), w->g[l].data(), w->w_b[l].data(),
+                                              w->w_w[l].data()};
+        kernels::IndexerQuery(is, lw, a.hidden.data(), s->tokens,
+                              q.data() + size_t{l} * is.heads * is.dim, hw.data() + size_t{l} * is.heads);
+      }
+      std::vector<const uint8_t*> ptrs;
+      for (const auto& b : s->blocks) ptrs.push_back(b.data());
+      std::vector<float> logits(size_t{is.layers} * s->chunks);
+      if (s->chunks > 0)
+        kernels::ScoreKeyBlocks(is, q.data(), hw.data(), ptrs.data(), s->chunks,
+                                kernels::ScoreMath::kFast, logits.data());
+      out.chunks_scored = s->chunks * is.layers;
+      kernels::SelectParams p;
+      p.chunk_tokens = sp.chunk_tokens;
+      p.page_tokens = sp.page_tokens;
+      p.total_pages = total;
+      p.kmax = static_cast<uint32_t>(kmax);
+      p.sink = sink;
+      p.tail = tail;
+      std::vector<kernels::ScoredPageOut> picked;
+      if (kernels::SelectPages(is.layers, logits.data(), s->chunks, p, &picked) !=
+          kernels::KernelStatus::kOk)
+        return absl::InternalError("page selection failed");
+      for (const auto& pg : picked) out.pages.push_back({pg.page, pg.score});
+      break;
+    }
+    case Policy::kQuest: {
+      const size_t qf = size_t{sp.index_layers} * sp.q_heads * sp.head_dim;
+      if (a.query.size() != qf)
+        return absl::InvalidArgumentError(absl::StrCat(
+            "quest needs the decode queries of the index layers: ", a.query.size(),
+            " floats; expected [", sp.index_layers, "][", sp.q_heads, "][", sp.head_dim, "] = ", qf));
+      if (s->bound_pages == 0)
+        return absl::FailedPreconditionError("quest needs page bounds; none were registered");
+      kernels::AttentionShape as;
+      as.layers = sp.index_layers;
+      as.q_heads = sp.q_heads;
+      as.kv_heads = sp.kv_heads;
+      as.head_dim = sp.head_dim;
+      as.scale = sp.Scale();
+      const uint64_t np = std::min(total, s->bound_pages);
+      std::vector<float> ls(np);
+      std::fill(score.begin(), score.end(), -kInf);
+      for (uint32_t l = 0; l < sp.index_layers; ++l) {
+        kernels::QuestPageScores(as, l, a.query.data() + size_t{l} * sp.q_heads * sp.head_dim,
+                                 s->bounds.data(), np, ls.data());
+        for (uint64_t p = 0; p < np; ++p) score[p] = std::max(score[p], ls[p]);
+      }
+      out.pages = PickPages(score, total, kmax, sink, tail);
+      break;
+    }
+    case Policy::kRecency:
+    case Policy::kSinkRecency:
+      for (uint64_t p = 0; p < total; ++p) score[p] = static_cast<float>(p);
+      out.pages = PickPages(score, total, kmax, sink, tail);
+      break;
+    case Policy::kRandom: {
+      const uint64_t seed = Checksum64(session.data(), session.size()) ^ (a.step * 0x9e3779b97f4a7c15ull);
+      for (uint64_t p = 0; p < total; ++p) {
+        uint64_t x = seed ^ (p * 0xbf58476d1ce4e5b9ull);
+        x ^= x >> 31;
+        x *= 0x94d049bb133111ebull;
+        x ^= x >> 29;
+        score[p] = static_cast<float>(x >> 40);
+      }
+      out.pages = PickPages(score, total, kmax, sink, tail);
+      break;
+    }
+    case Policy::kOracle:
+      if (a.oracle_page_mass.size() < total)
+        return absl::InvalidArgumentError(absl::StrCat(
+            "oracle needs the true page mass of every page: ", a.oracle_page_mass.size(),
+            " values for ", total, " pages"));
+      for (uint64_t p = 0; p < total; ++p) score[p] = a.oracle_page_mass[p];
+      out.pages = PickPages(score, total, kmax, sink, tail);
+      break;
+    case Policy::kDense:
+      out.pages = PickPages(score, total, total, 0, 0);
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat("unknown policy ", int(policy)));
+  }
+  ++predictions_;
+  out.latency_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+}  // namespace fm::indexer

@@ -1,0 +1,118 @@
+// The Neural Memory Indexer's core (DESIGN §2, §3): every session's compressed index keys
+// (kept in the scan layout), optional Quest bounds, the learned weights, and Predict with
+// each selection policy. Thread-safe; the gRPC service and the all-in-one server wrap it.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/model_spec.h"
+#include "flashmemory/kernels/indexer.h"
+
+namespace fm::indexer {
+
+// Numbered as flashmemory.v1.Policy.
+enum class Policy : uint8_t {
+  kDefault = 0, kLsa = 1, kQuest = 2, kRecency = 3, kRandom = 4, kSinkRecency = 5,
+  kOracle = 6, kDense = 7,
+};
+const char* PolicyName(Policy p);
+absl::StatusOr<Policy> ParsePolicy(const std::string& name);
+
+// The query tower of every index layer, fp32. File: safetensors with layer{l}.w_a
+// [rank, hidden], layer{l}.g [rank], layer{l}.w_b [heads * dim, rank], layer{l}.w_w
+// [heads, hidden], and metadata index_layers, index_heads, index_dim, hidden_dim, rank,
+// rope_dims, rope_theta.
+struct Weights {
+  kernels::IndexerShape shape;
+  std::vector<std::vector<float>> w_a, g, w_b, w_w;  // per layer
+  uint64_t hash = 0;
+
+  static absl::StatusOr<std::shared_ptr<const Weights>> Load(const std::string& path);
+  absl::Status Save(const std::string& path) const;
+  // INVALID_ARGUMENT naming the first field where the weights and the spec disagree.
+  absl::Status Matches(const ModelSpec& spec) const;
+};
+
+struct PredictArgs {
+  uint64_t step = 0;
+  std::vector<float> hidden;  // [hidden_dim], for lsa
+  std::vector<float> query;   // [index_layers][q_heads][head_dim], for quest
+  float budget = 0.1f;        // fraction of pages in (0, 1], sink and tail included
+  uint32_t max_pages = 0;     // absolute page budget instead (0 = use budget)
+  Policy policy = Policy::kDefault;
+  uint32_t sink = 1, tail = 2;
+  std::vector<float> oracle_page_mass;  // [pages] true mass over the cycle (oracle)
+};
+
+struct ScoredPage {
+  uint64_t page;
+  float score;
+};
+
+struct Prediction {
+  std::vector<ScoredPage> pages;  // ascending page number; sink and tail included
+  uint64_t total_pages = 0;
+  uint64_t chunks_scored = 0;
+  double latency_ms = 0;
+  Policy policy = Policy::kDefault;
+};
+
+struct CoreOptions {
+  uint64_t max_bytes = uint64_t{8} << 30;  // keys and bounds of every session
+  uint32_t max_sessions = 4096;
+  Policy default_policy = Policy::kLsa;
+};
+
+struct CoreStats {
+  uint64_t sessions = 0, chunks = 0, bytes = 0, predictions = 0, weights_hash = 0;
+};
+
+class IndexerCore {
+ public:
+  explicit IndexerCore(CoreOptions options = {}) : options_(options) {}
+
+  // keys: [index_layer][chunks][di + 4] (stored format) for chunks [0, chunks); bounds:
+  // `bound_pages` pages from page 0, [page][index_layer][kv_head][min|max][head_dim].
+  // `tokens` is the history length; keys must cover exactly its sealed pages or fewer.
+  absl::Status Register(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
+                        uint64_t chunks, uint64_t tokens, const float* bounds = nullptr,
+                        uint64_t bound_pages = 0);
+  // Keys of chunks [first_chunk, first_chunk + chunks); first_chunk must be the next
+  // expected chunk. Bounds likewise from the next expected page.
+  absl::Status Append(const std::string& session, const uint8_t* keys, uint64_t first_chunk,
+                      uint64_t chunks, uint64_t tokens, const float* bounds = nullptr,
+                      uint64_t first_page = 0, uint64_t bound_pages = 0);
+  absl::StatusOr<Prediction> Predict(const std::string& session, const PredictArgs& args);
+  absl::Status Drop(const std::string& session);
+
+  absl::Status LoadWeights(const std::string& path, uint64_t* hash = nullptr);
+  void SetWeights(std::shared_ptr<const Weights> w);
+  std::shared_ptr<const Weights> weights() const;
+  CoreStats Stats() const;
+
+ private:
+  struct Session;
+  std::shared_ptr<Session> Find(const std::string& session) const;
+
+  CoreOptions options_;
+  mutable std::shared_mutex mu_;  // sessions_ and weights_
+  std::map<std::string, std::shared_ptr<Session>> sessions_;
+  std::shared_ptr<const Weights> weights_;
+  std::atomic<uint64_t> bytes_{0}, predictions_{0};
+};
+
+// Floats of one page's Quest bounds as the indexer keeps them: the index layers only.
+size_t IndexerBoundsFloats(const ModelSpec& spec);
+// The model layer whose queries and bounds index layer l uses: the last index_layers
+// layers of the model.
+uint32_t ModelLayerOfIndexLayer(const ModelSpec& spec, uint32_t l);
+
+}  // namespace fm::indexer

@@ -1,0 +1,268 @@
+#include "services/indexer/indexer_core.h"
+
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "common/safetensors.h"
+#include "common/status_matchers.h"
+#include "flashmemory/kernels/quest.h"
+#include "workload/generator.h"
+
+namespace fm::indexer {
+namespace {
+using ::fm::testing::IsOk;
+using ::fm::testing::StatusIs;
+using absl::StatusCode;
+
+std::unique_ptr<workload::Session> MakeSession(uint64_t seed = 2) {
+  workload::SessionConfig c;
+  c.spec = *PresetSpec("tiny");
+  c.seed = seed;
+  c.prefill_tokens = 3000;
+  c.steps = 64;
+  return *workload::Session::Generate(c);
+}
+
+std::shared_ptr<Weights> RandomWeights(const ModelSpec& spec, uint32_t rank, uint64_t seed) {
+  auto w = std::make_shared<Weights>();
+  w->shape = workload::IndexerShapeFor(spec, rank);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 0.1f);
+  auto rnd = [&](size_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = nd(rng);
+    return v;
+  };
+  const auto& s = w->shape;
+  for (uint32_t l = 0; l < s.layers; ++l) {
+    w->w_a.push_back(rnd(size_t{s.rank} * s.hidden));
+    w->g.push_back(std::vector<float>(s.rank, 1.0f));
+    w->w_b.push_back(rnd(size_t{s.heads} * s.dim * s.rank));
+    w->w_w.push_back(rnd(size_t{s.heads} * s.hidden));
+  }
+  w->hash = 7;
+  return w;
+}
+
+std::vector<uint8_t> Keys(const workload::Session& s, uint64_t first, uint64_t n) {
+  const size_t kb = s.spec().IndexKeyBytes();
+  std::vector<uint8_t> out;
+  for (uint32_t l = 0; l < s.spec().index_layers; ++l)
+    out.insert(out.end(), s.index_keys(l).begin() + first * kb,
+               s.index_keys(l).begin() + (first + n) * kb);
+  return out;
+}
+
+std::vector<uint64_t> Pages(const Prediction& p) {
+  std::vector<uint64_t> v;
+  for (const auto& x : p.pages) v.push_back(x.page);
+  return v;
+}
+
+TEST(IndexerCore, SimplePoliciesPickTheExpectedPages) {
+  auto s = MakeSession();
+  IndexerCore core;
+  const uint64_t tokens = 3000;  // 46 full pages + 1 partial: 47 pages, 736 sealed chunks
+  const uint64_t chunks = tokens / 64 * 16;
+  auto keys = Keys(*s, 0, chunks);
+  ASSERT_THAT(core.Register("a", s->spec(), keys.data(), chunks, tokens), IsOk());
+  PredictArgs a;
+  a.budget = 0.1f;  // ceil(4.7) = 5 pages: sink + 2 tail + 2
+  a.policy = Policy::kSinkRecency;
+  auto p = core.Predict("a", a);
+  ASSERT_THAT(p.status(), IsOk());
+  EXPECT_EQ(p->total_pages, 47u);
+  EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 43, 44, 45, 46}));
+  a.policy = Policy::kRecency;  // no sink
+  EXPECT_EQ(Pages(*core.Predict("a", a)), (std::vector<uint64_t>{42, 43, 44, 45, 46}));
+  a.policy = Policy::kDense;
+  EXPECT_EQ(core.Predict("a", a)->pages.size(), 47u);
+  a.policy = Policy::kOracle;
+  a.oracle_page_mass.assign(47, 0.0f);
+  a.oracle_page_mass[7] = 0.5f, a.oracle_page_mass[20] = 0.3f, a.oracle_page_mass[45] = 0.9f;
+  EXPECT_EQ(Pages(*core.Predict("a", a)), (std::vector<uint64_t>{0, 7, 20, 45, 46}));
+  a.policy = Policy::kRandom;
+  a.max_pages = 10;
+  auto r1 = core.Predict("a", a), r2 = core.Predict("a", a);
+  a.step = 64;
+  auto r3 = core.Predict("a", a);
+  EXPECT_EQ(Pages(*r1), Pages(*r2));  // seeded by session and step
+  EXPECT_NE(Pages(*r1), Pages(*r3));
+  EXPECT_EQ(r1->pages.size(), 10u);
+}
+
+TEST(IndexerCore, LsaMatchesTheKernelPipelineAcrossAppends) {
+  auto s = MakeSession();
+  const ModelSpec& sp = s->spec();
+  IndexerCore core;
+  auto w = RandomWeights(sp, 32, 1);
+  core.SetWeights(w);
+  // Register the first 10 pages, then append page by page up to 46 sealed pages.
+  const uint64_t cpp = sp.ChunksPerPage();
+  auto k0 = Keys(*s, 0, 10 * cpp);
+  ASSERT_THAT(core.Register("a", sp, k0.data(), 10 * cpp, 10 * 64), IsOk());
+  for (uint64_t pg = 10; pg < 46; ++pg) {
+    auto k = Keys(*s, pg * cpp, cpp);
+    ASSERT_THAT(core.Append("a", k.data(), pg * cpp, cpp, (pg + 1) * 64 + 10), IsOk());
+  }
+  const uint64_t chunks = 46 * cpp, tokens = 46 * 64 + 10;
+  PredictArgs a;
+  a.policy = Policy::kLsa;
+  a.budget = 0.25f;
+  a.hidden.assign(s->hidden(0), s->hidden(0) + sp.hidden_dim);
+  auto p = core.Predict("a", a);
+  ASSERT_THAT(p.status(), IsOk());
+  EXPECT_EQ(p->chunks_scored, chunks);
+  // The same arithmetic by hand: tower, scan of all keys packed at once, selection.
+  const auto& is = w->shape;
+  std::vector<float> q(is.heads * is.dim), hw(is.heads);
+  kernels::IndexerQuery(is, {w->w_a[0].data(), w->g[0].data(), w->w_b[0].data(), w->w_w[0].data()},
+                        a.hidden.data(), tokens, q.data(), hw.data());
+  std::vector<uint8_t> blocks(kernels::KeyBlocksBytes(is.dim, chunks), 0);
+  kernels::PackIndexKeys(is.dim, s->index_keys(0).data(), 0, chunks, blocks.data());
+  const uint8_t* ptr = blocks.data();
+  std::vector<float> logits(chunks);
+  kernels::ScoreKeyBlocks(is, q.data(), hw.data(), &ptr, chunks, kernels::ScoreMath::kFast,
+                          logits.data());
+  kernels::SelectParams sel;
+  sel.total_pages = 47;
+  sel.kmax = 12 - 3;  // ceil(0.25 * 47) = 12 pages in all
+  std::vector<kernels::ScoredPageOut> want;
+  kernels::SelectPages(1, logits.data(), chunks, sel, &want);
+  ASSERT_EQ(p->pages.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(p->pages[i].page, want[i].page);
+    EXPECT_EQ(p->pages[i].score, want[i].score);
+  }
+}
+
+TEST(IndexerCore, QuestScoresPagesByTheirBounds) {
+  auto s = MakeSession();
+  const ModelSpec& sp = s->spec();
+  IndexerCore core;
+  const uint64_t pages = 46, chunks = pages * sp.ChunksPerPage(), tokens = pages * 64;
+  auto keys = Keys(*s, 0, chunks);
+  // Bounds of the index layers (tiny: 1 index layer = model layer 1) from the pages.
+  kernels::AttentionShape full{sp.layers, sp.q_heads, sp.kv_heads, sp.head_dim, 64,
+                               kernels::ElemType::kF32};
+  const size_t bf = IndexerBoundsFloats(sp);
+  std::vector<float> bounds(pages * bf), all(kernels::QuestBoundsFloats(full));
+  std::vector<uint8_t> page(sp.PageBytes());
+  for (uint64_t pg = 0; pg < pages; ++pg) {
+    s->FillPage(pg, page.data());
+    kernels::QuestBounds(full, page.data(), 64, all.data());
+    const uint32_t ml = ModelLayerOfIndexLayer(sp, 0);
+    std::copy(all.begin() + ml * (all.size() / sp.layers), all.begin() + (ml + 1) * (all.size() / sp.layers),
+              bounds.begin() + pg * bf);
+  }
+  ASSERT_THAT(core.Register("a", sp, keys.data(), chunks, tokens, bounds.data(), pages), IsOk());
+  PredictArgs a;
+  a.policy = Policy::kQuest;
+  a.max_pages = 8;
+  a.query.resize(sp.q_heads * sp.head_dim);
+  for (uint32_t h = 0; h < sp.q_heads; ++h)
+    s->ModelQuery(0, ModelLayerOfIndexLayer(sp, 0), h, a.query.data() + h * sp.head_dim);
+  auto p = core.Predict("a", a);
+  ASSERT_THAT(p.status(), IsOk());
+  kernels::AttentionShape one{1, sp.q_heads, sp.kv_heads, sp.head_dim, 64, kernels::ElemType::kF32};
+  std::vector<float> score(pages);
+  kernels::reference::QuestPageScores(one, 0, a.query.data(), bounds.data(), pages, score.data());
+  std::vector<uint64_t> mid;
+  for (uint64_t pg = 1; pg < pages - 2; ++pg) mid.push_back(pg);
+  std::sort(mid.begin(), mid.end(), [&](uint64_t x, uint64_t y) { return score[x] > score[y]; });
+  std::vector<uint64_t> want = {0, pages - 2, pages - 1};
+  want.insert(want.end(), mid.begin(), mid.begin() + 5);
+  std::sort(want.begin(), want.end());
+  EXPECT_EQ(Pages(*p), want);
+}
+
+TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
+  auto s = MakeSession();
+  const ModelSpec& sp = s->spec();
+  CoreOptions o;
+  o.max_bytes = 80000;  // one tiny session holds 50048 bytes of keys
+  IndexerCore core(o);
+  const uint64_t chunks = 46 * 16;
+  auto keys = Keys(*s, 0, chunks);
+  ASSERT_THAT(core.Register("good", sp, keys.data(), chunks, 46 * 64), IsOk());
+  PredictArgs a;
+  a.policy = Policy::kSinkRecency;
+  EXPECT_THAT(core.Predict("nope", a).status(), StatusIs(StatusCode::kNotFound));
+  a.budget = 0.0f;
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  a.budget = 1.5f;
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  a.budget = 0.1f;
+  a.max_pages = 47;
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  a.max_pages = 0;
+  a.policy = Policy::kLsa;
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kFailedPrecondition));
+  core.SetWeights(RandomWeights(sp, 16, 3));
+  a.hidden.assign(sp.hidden_dim - 1, 0.0f);
+  auto st = core.Predict("good", a).status();
+  EXPECT_THAT(st, StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_NE(st.message().find("expected hidden_dim = 256"), std::string::npos) << st;
+  ModelSpec other = *PresetSpec("bench");
+  core.SetWeights(RandomWeights(other, 16, 3));
+  a.hidden.assign(sp.hidden_dim, 0.0f);
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kFailedPrecondition));
+  a.policy = Policy::kQuest;
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  a.query.assign(sp.q_heads * sp.head_dim, 0.0f);
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kFailedPrecondition));
+  a.policy = Policy::kOracle;
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  // Appends: out of order, beyond the history, unknown session.
+  EXPECT_THAT(core.Append("good", keys.data(), 5, 1, 46 * 64), StatusIs(StatusCode::kFailedPrecondition));
+  EXPECT_THAT(core.Append("good", keys.data(), chunks, 16, 46 * 64), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(core.Append("nope", keys.data(), 0, 1, 64), StatusIs(StatusCode::kNotFound));
+  EXPECT_THAT(core.Register("", sp, keys.data(), 1, 64), StatusIs(StatusCode::kInvalidArgument));
+  ModelSpec noindex = sp;
+  noindex.index_layers = 0;
+  EXPECT_THAT(core.Register("x", noindex, keys.data(), 1, 64), StatusIs(StatusCode::kInvalidArgument));
+  // The memory limit: a second session of the same size does not fit.
+  EXPECT_THAT(core.Register("big", sp, keys.data(), chunks, 46 * 64),
+              StatusIs(StatusCode::kResourceExhausted));
+  EXPECT_THAT(core.Predict("big", a).status(), StatusIs(StatusCode::kNotFound));
+  // Weights files: missing, or shapes that disagree with their own metadata.
+  EXPECT_THAT(core.LoadWeights("/nonexistent.safetensors"), StatusIs(StatusCode::kNotFound));
+  auto w = RandomWeights(sp, 16, 3);
+  w->w_b[0].resize(10);
+  const std::string path = ::testing::TempDir() + "/bad_weights.safetensors";
+  SafetensorsWriter wr;  // w_b with 10 floats, claimed by metadata to be [heads * dim, rank]
+  std::vector<float> tiny(10);
+  wr.Add("layer0.w_a", StDType::kF32, {16, 256}, RandomWeights(sp, 16, 3)->w_a[0]);
+  wr.Add("layer0.g", StDType::kF32, {16}, std::vector<float>(16, 1.0f));
+  wr.Add("layer0.w_b", StDType::kF32, {10}, tiny);
+  wr.Add("layer0.w_w", StDType::kF32, {4, 256}, RandomWeights(sp, 16, 3)->w_w[0]);
+  ASSERT_THAT(wr.Write(path, {{"index_layers", "1"}, {"index_heads", "4"}, {"index_dim", "64"},
+                              {"hidden_dim", "256"}, {"rank", "16"}, {"rope_dims", "32"}}),
+              IsOk());
+  EXPECT_THAT(core.LoadWeights(path), StatusIs(StatusCode::kInvalidArgument));
+  // The good session still answers exactly as before.
+  a = PredictArgs{};
+  a.policy = Policy::kSinkRecency;
+  EXPECT_EQ(Pages(*core.Predict("good", a)), (std::vector<uint64_t>{0, 42, 43, 44, 45}));
+  EXPECT_THAT(core.Drop("good"), IsOk());
+  EXPECT_THAT(core.Drop("good"), StatusIs(StatusCode::kNotFound));
+  EXPECT_EQ(core.Stats().bytes, 0u);
+}
+
+TEST(IndexerCore, WeightsRoundTripThroughSafetensors) {
+  auto s = MakeSession();
+  auto w = RandomWeights(s->spec(), 8, 5);
+  const std::string path = ::testing::TempDir() + "/w.safetensors";
+  ASSERT_THAT(w->Save(path), IsOk());
+  IndexerCore core;
+  uint64_t hash = 0;
+  ASSERT_THAT(core.LoadWeights(path, &hash), IsOk());
+  EXPECT_NE(hash, 0u);
+  EXPECT_EQ(core.weights()->w_b[0], w->w_b[0]);
+  EXPECT_THAT(core.weights()->Matches(s->spec()), IsOk());
+  EXPECT_EQ(core.Stats().weights_hash, hash);
+}
+
+}  // namespace
+}  // namespace fm::indexer
