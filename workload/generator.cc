@@ -15,7 +15,6 @@ namespace {
 constexpr uint32_t kSinkDim = 0, kBiasDim = 1, kFirstTopicDim = 2;
 constexpr uint32_t kNone = ~0u;
 constexpr double kBias = 0.5;       // the constant component of every chunk latent
-constexpr double kRopeNorm = 0.5;   // norm of the positional part of index keys
 constexpr uint32_t kClasses = 4;    // {sharp, diffuse} x {plain, needle}
 
 using Rng = std::mt19937_64;
@@ -68,7 +67,6 @@ struct World {
   std::vector<std::vector<double>> topic, drift;  // [vocab][r] unit topic-dim vectors
   std::vector<std::vector<float>> a;              // [layer * kv_heads]: d x r
   std::vector<std::vector<float>> b;              // [index layer]: (di - rope) x r
-  std::vector<std::vector<float>> rope_part;      // [index layer]: rope_dims
   std::vector<float> wh;                          // hidden x (r + 1)
   std::vector<uint8_t> diffuse;                   // [layer][q head]
   std::vector<uint8_t> retrieval;                 // [layer]
@@ -85,11 +83,6 @@ World MakeWorld(const ModelSpec& s, const Knobs& k, uint32_t r, const kernels::I
   std::normal_distribution<double> nd;
   for (uint32_t l = 0; l < s.index_layers; ++l) {
     w.b.push_back(Orthonormal(s.index_dim - is.rope_dims, r, rng));
-    std::vector<float> u(is.rope_dims);
-    double n = 0;
-    for (float& x : u) n += (x = static_cast<float>(nd(rng))) * x;
-    for (float& x : u) x = static_cast<float>(x * kRopeNorm / std::sqrt(n));
-    w.rope_part.push_back(u);
   }
   w.wh = Orthonormal(s.hidden_dim, r + 1, rng);
   std::uniform_real_distribution<double> ud;
@@ -179,9 +172,9 @@ absl::Status Session::Build() {
     Normalize(v);
     return v;
   };
-  auto set_chunk = [&](uint64_t j, const std::vector<double>& dir) {
+  auto set_chunk = [&](uint64_t j, const std::vector<double>& dir, double noise) {
     std::vector<double> v = dir;
-    const double sd = k.chunk_noise / std::sqrt(double(r - kFirstTopicDim));
+    const double sd = noise / std::sqrt(double(r - kFirstTopicDim));
     for (uint32_t i = kFirstTopicDim; i < r; ++i) v[i] += sd * nd(rng);
     Normalize(v);
     float* zj = z_.data() + j * r;
@@ -198,7 +191,7 @@ absl::Status Session::Build() {
     const uint64_t len = geometric(k.episode_tokens / c);
     for (uint64_t e = 0; e < len && j < prefill_chunks; ++e, ++j) {
       topic_of_[j] = m;
-      set_chunk(j, drifted(m, double(j) / chunks));
+      set_chunk(j, drifted(m, double(j) / chunks), k.chunk_noise);
     }
     last_topic = m;
   }
@@ -220,7 +213,7 @@ absl::Status Session::Build() {
   for (uint64_t j = prefill_chunks; j < chunks; ++j) {
     const uint32_t st = static_cast<uint32_t>(std::min<uint64_t>(j * c - config_.prefill_tokens, config_.steps - 1));
     topic_of_[j] = focus_[st];
-    set_chunk(j, drifted(focus_[st], 1.0));
+    set_chunk(j, drifted(focus_[st], 1.0), k.decoded_noise);
   }
   // Needles: fresh directions in old history chunks, each retrieved by one decode step.
   std::vector<std::vector<double>> needle_dir;
@@ -235,7 +228,7 @@ absl::Status Session::Build() {
     steps_used.push_back(st);
     needle_dir.push_back(TopicVector(r, rng));
     topic_of_[j] = kNone;
-    set_chunk(j, needle_dir.back());
+    set_chunk(j, needle_dir.back(), k.chunk_noise);
     needles_.push_back({j, st});
   }
 
@@ -251,7 +244,7 @@ absl::Status Session::Build() {
         for (uint32_t q = 0; q < r; ++q) acc += w.b[l][size_t{i} * r + q] * zj[q];
         v[i] = static_cast<float>(acc);
       }
-      std::copy(w.rope_part[l].begin(), w.rope_part[l].end(), v.begin() + nope);
+      std::fill(v.begin() + nope, v.end(), 0.0f);
       kernels::RotateIndexVector(is, j * c, v.data());
       kernels::CompressIndexKey(is.dim, v.data(), keys_[l].data() + j * s.IndexKeyBytes());
     }
@@ -398,6 +391,12 @@ absl::Status Session::Build() {
     }
   }
   a_ = w.a;
+  for (const auto& a : a_) {
+    std::vector<float> t(a.size());
+    for (uint32_t i = 0; i < s.head_dim; ++i)
+      for (uint32_t j = 0; j < r; ++j) t[size_t{j} * s.head_dim + i] = a[size_t{i} * r + j];
+    at_.push_back(std::move(t));
+  }
   diffuse_ = w.diffuse;
   retrieval_ = w.retrieval;
   needle_dir_ = needle_dir;
@@ -471,6 +470,31 @@ uint32_t Session::FillPage(uint64_t page, uint8_t* payload) const {
       }
     }
   return n;
+}
+
+void Session::PageBounds(uint64_t page, const std::vector<uint32_t>& layers, float* out) const {
+  const ModelSpec& s = spec();
+  const uint32_t d = s.head_dim, c = s.chunk_tokens;
+  const uint64_t total = config_.prefill_tokens + config_.steps;
+  const uint64_t t0 = page * s.page_tokens, t1 = std::min<uint64_t>(total, t0 + s.page_tokens);
+  std::vector<float> k(d);
+  for (size_t li = 0; li < layers.size(); ++li)
+    for (uint32_t g = 0; g < s.kv_heads; ++g) {
+      const float* at = at_[layers[li] * s.kv_heads + g].data();
+      float* mn = out + (li * s.kv_heads + g) * 2 * d;
+      float* mx = mn + d;
+      for (uint32_t i = 0; i < d; ++i) mn[i] = 1e30f, mx[i] = -1e30f;
+      for (uint64_t ch = t0 / c; ch * c < t1; ++ch) {
+        const float* zj = z_.data() + ch * r_;
+        std::fill(k.begin(), k.end(), 0.0f);
+        for (uint32_t j = 0; j < r_; ++j) {
+          const float zv = zj[j];
+          const float* row = at + size_t{j} * d;
+          for (uint32_t i = 0; i < d; ++i) k[i] += zv * row[i];
+        }
+        for (uint32_t i = 0; i < d; ++i) mn[i] = std::min(mn[i], k[i]), mx[i] = std::max(mx[i], k[i]);
+      }
+    }
 }
 
 }  // namespace fm::workload

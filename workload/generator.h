@@ -14,8 +14,8 @@
 // of each head's attention. The model's K for (layer, kv head) is A z (A: d x r with
 // orthonormal columns) and its query A y / softmax_scale, so that dense attention over the
 // generated pages is exactly this softmax (up to the K dtype's rounding). V is random.
-// Index keys: [B_l z_c ; kappa u_l] rotated at the chunk's position (RoPE + Hadamard) and
-// compressed to fp8. The hidden state at a cycle start carries the focus, the next focus
+// Index keys: [B_l z_c ; 0] rotated at the chunk's position (RoPE + Hadamard; the rotated
+// dims carry no content, so scores do not depend on position) and compressed to fp8. The hidden state at a cycle start carries the focus, the next focus
 // when it switches within the cycle (with probability `anticipate`), and the needles the
 // cycle retrieves: h = W_h [u ; 1] + noise.
 //
@@ -46,7 +46,8 @@ struct Knobs {
   double anticipate = 0.9;        // P(the hidden state announces a switch in its cycle)
   uint32_t needles = 4;           // needles per session, each retrieved by one decode step
   double chunk_noise = 0.5;       // per-chunk latent noise, relative to the topic vector
-  double drift = 0.35;            // a topic's drift over the history (0 = none)
+  double decoded_noise = 1.0;     // the same for decoded chunks (less on-topic than sources)
+  double drift = 0.15;            // a topic's drift over the history (0 = none)
   double sink_share = 0.15;       // attention share of the sink chunk in every head
   double sharp_beta = 16;         // logit scale of sharp heads
   double diffuse_beta = 9;        // logit scale of diffuse heads
@@ -111,6 +112,10 @@ class Session {
   // Page payload ([layer][K|V][kv_head][token][d] in the spec's dtype, partial pages zero
   // padded) and its token count.
   uint32_t FillPage(uint64_t page, uint8_t* payload) const;
+  // Quest bounds of a page's K (elementwise min and max over its tokens) for the given
+  // model layers: [layer][kv_head][min|max][head_dim]. Cheaper than FillPage: tokens of a
+  // chunk share their K.
+  void PageBounds(uint64_t page, const std::vector<uint32_t>& layers, float* out) const;
 
  private:
   explicit Session(const SessionConfig& c) : config_(c) {}
@@ -129,6 +134,7 @@ class Session {
   std::vector<float> hidden_, page_mass_;
   std::vector<uint8_t> labels_;
   std::vector<std::vector<float>> a_;               // [layer * kv_heads]: d x r
+  std::vector<std::vector<float>> at_;              // the same, transposed: r x d
   std::vector<uint8_t> diffuse_, retrieval_;        // [layer * q_heads], [layer]
   std::vector<std::vector<double>> needle_dir_;     // [needle]: r
   std::map<uint32_t, std::vector<double>> focus_dir_;  // focus topic -> direction

@@ -260,6 +260,12 @@ absl::Status IndexerCore::Append(const std::string& session, const uint8_t* keys
   return absl::OkStatus();
 }
 
+absl::StatusOr<ModelSpec> IndexerCore::SessionSpec(const std::string& session) const {
+  auto s = Find(session);
+  if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
+  return s->spec;
+}
+
 absl::Status IndexerCore::Drop(const std::string& session) {
   std::unique_lock lock(mu_);
   auto it = sessions_.find(session);

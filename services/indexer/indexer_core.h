@@ -92,6 +92,7 @@ class IndexerCore {
                       uint64_t first_page = 0, uint64_t bound_pages = 0);
   absl::StatusOr<Prediction> Predict(const std::string& session, const PredictArgs& args);
   absl::Status Drop(const std::string& session);
+  absl::StatusOr<ModelSpec> SessionSpec(const std::string& session) const;
 
   absl::Status LoadWeights(const std::string& path, uint64_t* hash = nullptr);
   void SetWeights(std::shared_ptr<const Weights> w);

@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "common/page_format.h"
 #include "flashmemory/v1/kvstore.grpc.pb.h"
+#include "common/replicas.h"
 #include "services/kvstore/kv_store.h"
 #include "services/kvstore/ucx_transport.h"
 
@@ -100,15 +101,6 @@ class KvClient {
   std::mutex staging_mu_;
   std::unique_ptr<UcxRegion> staging_;
 };
-
-// Rendezvous (highest random weight) choice of a replica for a page key: stable, and moving
-// a replica in or out moves only the pages it gains or loses.
-size_t RendezvousPick(const std::vector<std::string>& replicas, const std::string& session_id,
-                      uint64_t page);
-
-// Parses a replica list: "host:port,host:port" (static) or "dns:NAME:PORT" (every address
-// NAME resolves to, e.g. a Kubernetes headless Service), sorted.
-absl::StatusOr<std::vector<std::string>> ResolveReplicas(const std::string& spec);
 
 class ShardedKvClient {
  public:

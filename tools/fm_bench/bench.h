@@ -2,6 +2,7 @@
 // measured in the same run, and optionally writes them as JSON.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -28,6 +29,21 @@ struct KernelBenchOptions {
 };
 
 int RunKernelsBench(const KernelBenchOptions& options);
+
+struct IndexerBenchOptions {
+  std::string spec = "bench";
+  std::string weights;                                   // indexer weights (safetensors)
+  std::vector<uint64_t> contexts = {32768, 131072, 1048576};
+  int sessions = 2;           // held-out sessions per context (1 at 1M tokens)
+  uint32_t steps = 512;       // decode steps per session (whole cycles)
+  uint32_t steps_1m = 256;    // at 1M tokens
+  uint32_t tau = 64;
+  double budget = 0.10;       // resident pages / context pages, sink and tail included
+  uint64_t seed = 900001;     // held out: training uses other seeds
+  std::string json;
+};
+
+int RunIndexerBench(const IndexerBenchOptions& options);
 
 struct GpuBenchOptions {
   uint64_t context = 131072;  // tokens in the session

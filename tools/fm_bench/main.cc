@@ -25,7 +25,21 @@ int main(int argc, char** argv) {
   kc->add_option("--reps", kb.reps, "Timed dense steps")->capture_default_str();
   kc->add_option("--json", kb.json, "Write figures as JSON");
   kc->add_flag("!--no_huge_pages", kb.huge_pages, "Back the page pool with 4 KiB pages only");
+  fm::bench::IndexerBenchOptions ib;
+  ib.weights = FM_DEFAULT_WEIGHTS;
+  auto* ic = app.add_subcommand(
+      "indexer", "Mass recall, label recall/precision, needle hits and Predict latency per policy");
+  ic->add_option("--weights", ib.weights, "Indexer weights (safetensors)")->capture_default_str();
+  ic->add_option("--spec", ib.spec, "Model spec preset")->capture_default_str();
+  ic->add_option("--contexts", ib.contexts, "Context lengths in tokens")->capture_default_str();
+  ic->add_option("--sessions", ib.sessions, "Held-out sessions per context")->capture_default_str();
+  ic->add_option("--steps", ib.steps, "Decode steps per session")->capture_default_str();
+  ic->add_option("--steps_1m", ib.steps_1m, "Decode steps at 1M tokens")->capture_default_str();
+  ic->add_option("--budget", ib.budget, "Resident fraction of the pages")->capture_default_str();
+  ic->add_option("--seed", ib.seed, "First held-out session seed")->capture_default_str();
+  ic->add_option("--json", ib.json, "Write the rows as JSON");
   CLI11_PARSE(app, argc, argv);
+  if (ic->parsed()) return fm::bench::RunIndexerBench(ib);
   if (kvc->parsed()) return fm::bench::RunKvStoreBench(kv);
   if (kc->parsed()) return fm::bench::RunKernelsBench(kb);
   return 2;

@@ -1,0 +1,40 @@
+// indexer flags, shared by fm-indexer and the all-in-one binary. Include only from main.cc.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include "services/indexer/indexer_core.h"
+
+namespace fm::indexer {
+
+struct IndexerFlags {
+  CoreOptions core;
+  std::string weights;         // loaded at start when set
+  std::string default_policy = "lsa";
+};
+
+inline void AddIndexerFlags(CLI::App& app, IndexerFlags* f) {
+  app.add_option("--weights", f->weights, "Indexer weights to load at start (safetensors)");
+  app.add_option("--indexer_max_bytes", f->core.max_bytes, "Index keys and bounds of all sessions")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  app.add_option("--indexer_max_sessions", f->core.max_sessions, "Sessions held")
+      ->capture_default_str();
+  app.add_option("--default_policy", f->default_policy,
+                 "Policy for requests that name none (lsa falls back to sink_recency without "
+                 "weights)")
+      ->capture_default_str();
+}
+
+// Builds the core from the flags: parses the policy and loads the weights.
+inline absl::StatusOr<std::unique_ptr<IndexerCore>> MakeIndexerCore(IndexerFlags f) {
+  auto p = ParsePolicy(f.default_policy);
+  if (!p.ok()) return p.status();
+  f.core.default_policy = *p;
+  auto core = std::make_unique<IndexerCore>(f.core);
+  if (!f.weights.empty())
+    if (absl::Status st = core->LoadWeights(f.weights); !st.ok()) return st;
+  return core;
+}
+
+}  // namespace fm::indexer

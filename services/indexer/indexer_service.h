@@ -1,0 +1,36 @@
+// The gRPC face of an IndexerCore (flashmemory.v1.Indexer), callback API.
+#pragma once
+
+#include "flashmemory/v1/indexer.grpc.pb.h"
+#include "services/indexer/indexer_core.h"
+
+namespace fm::indexer {
+
+class IndexerService final : public flashmemory::v1::Indexer::CallbackService {
+ public:
+  explicit IndexerService(IndexerCore* core) : core_(core) {}
+
+  grpc::ServerUnaryReactor* RegisterSession(grpc::CallbackServerContext* ctx,
+                                            const flashmemory::v1::RegisterSessionRequest* req,
+                                            flashmemory::v1::RegisterSessionResponse* resp) override;
+  grpc::ServerUnaryReactor* AppendKeys(grpc::CallbackServerContext* ctx,
+                                       const flashmemory::v1::AppendKeysRequest* req,
+                                       flashmemory::v1::AppendKeysResponse* resp) override;
+  grpc::ServerUnaryReactor* Predict(grpc::CallbackServerContext* ctx,
+                                    const flashmemory::v1::PredictRequest* req,
+                                    flashmemory::v1::PredictResponse* resp) override;
+  grpc::ServerUnaryReactor* DropSession(grpc::CallbackServerContext* ctx,
+                                        const flashmemory::v1::DropSessionRequest* req,
+                                        flashmemory::v1::DropSessionResponse* resp) override;
+  grpc::ServerUnaryReactor* LoadWeights(grpc::CallbackServerContext* ctx,
+                                        const flashmemory::v1::LoadWeightsRequest* req,
+                                        flashmemory::v1::LoadWeightsResponse* resp) override;
+  grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* ctx,
+                                     const flashmemory::v1::IndexerStatsRequest* req,
+                                     flashmemory::v1::IndexerStatsResponse* resp) override;
+
+ private:
+  IndexerCore* core_;
+};
+
+}  // namespace fm::indexer
