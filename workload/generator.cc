@@ -16,6 +16,7 @@ constexpr uint32_t kSinkDim = 0, kBiasDim = 1, kFirstTopicDim = 2;
 constexpr uint32_t kNone = ~0u;
 constexpr double kBias = 0.5;       // the constant component of every chunk latent
 constexpr uint32_t kClasses = 4;    // {sharp, diffuse} x {plain, needle}
+constexpr uint32_t kNoiseBank = 256;  // distinct per-token K variations per (layer, kv head)
 
 using Rng = std::mt19937_64;
 
@@ -66,6 +67,7 @@ void Normalize(std::vector<double>& v) {
 struct World {
   std::vector<std::vector<double>> topic, drift;  // [vocab][r] unit topic-dim vectors
   std::vector<std::vector<float>> a;              // [layer * kv_heads]: d x r
+  std::vector<std::vector<float>> key_noise;      // [layer * kv_heads]: kNoiseBank x d
   std::vector<std::vector<float>> b;              // [index layer]: (di - rope) x r
   std::vector<float> wh;                          // hidden x (r + 1)
   std::vector<uint8_t> diffuse;                   // [layer][q head]
@@ -80,6 +82,28 @@ World MakeWorld(const ModelSpec& s, const Knobs& k, uint32_t r, const kernels::I
     w.drift.push_back(TopicVector(r, rng));
   }
   for (uint32_t i = 0; i < s.layers * s.kv_heads; ++i) w.a.push_back(Orthonormal(s.head_dim, r, rng));
+  // Token-level variation of K orthogonal to span(A): no query sees it, but it widens
+  // per-page min/max bounds as real keys' per-token variation does.
+  {
+    Rng nrng(Mix(k.world_seed * 0x2545f4914f6cdd1dull + 29));  // its own stream
+    std::normal_distribution<double> g;
+    for (const auto& a : w.a) {
+      std::vector<float> bank(size_t{kNoiseBank} * s.head_dim);
+      std::vector<double> v(s.head_dim);
+      for (uint32_t b = 0; b < kNoiseBank; ++b) {
+        for (double& x : v) x = g(nrng);
+        for (uint32_t j = 0; j < r; ++j) {
+          double dot = 0;
+          for (uint32_t i = 0; i < s.head_dim; ++i) dot += a[size_t{i} * r + j] * v[i];
+          for (uint32_t i = 0; i < s.head_dim; ++i) v[i] -= dot * a[size_t{i} * r + j];
+        }
+        Normalize(v);
+        for (uint32_t i = 0; i < s.head_dim; ++i)
+          bank[size_t{b} * s.head_dim + i] = static_cast<float>(v[i] * k.key_noise);
+      }
+      w.key_noise.push_back(std::move(bank));
+    }
+  }
   std::normal_distribution<double> nd;
   for (uint32_t l = 0; l < s.index_layers; ++l) {
     w.b.push_back(Orthonormal(s.index_dim - is.rope_dims, r, rng));
@@ -391,6 +415,7 @@ absl::Status Session::Build() {
     }
   }
   a_ = w.a;
+  key_noise_ = w.key_noise;
   for (const auto& a : a_) {
     std::vector<float> t(a.size());
     for (uint32_t i = 0; i < s.head_dim; ++i)
@@ -455,10 +480,11 @@ uint32_t Session::FillPage(uint64_t page, uint8_t* payload) const {
       const std::vector<float>& a = a_[l * s.kv_heads + g];
       for (uint32_t t = 0; t < n; ++t) {
         const float* zj = z_.data() + ((t0 + t) / s.chunk_tokens) * r_;
+        const float* nz = NoiseOf(l, g, t0 + t);
         for (uint32_t i = 0; i < s.head_dim; ++i) {
           double acc = 0;
           for (uint32_t j = 0; j < r_; ++j) acc += a[size_t{i} * r_ + j] * zj[j];
-          put(s.ElemOffset(l, 0, g, t) + i, static_cast<float>(acc));
+          put(s.ElemOffset(l, 0, g, t) + i, static_cast<float>(acc + nz[i]));
         }
         // V: unit-variance uniform noise, a function of (session, layer, head, token).
         uint64_t x = Mix(config_.seed ^ Mix((uint64_t{l} << 48) ^ (uint64_t{g} << 40) ^ (t0 + t)));
@@ -470,6 +496,11 @@ uint32_t Session::FillPage(uint64_t page, uint8_t* payload) const {
       }
     }
   return n;
+}
+
+const float* Session::NoiseOf(uint32_t layer, uint32_t g, uint64_t token) const {
+  const uint64_t b = Mix(config_.seed * 0x9e3779b97f4a7c15ull ^ token) % kNoiseBank;
+  return key_noise_[layer * spec().kv_heads + g].data() + b * spec().head_dim;
 }
 
 void Session::PageBounds(uint64_t page, const std::vector<uint32_t>& layers, float* out) const {
@@ -492,7 +523,11 @@ void Session::PageBounds(uint64_t page, const std::vector<uint32_t>& layers, flo
           const float* row = at + size_t{j} * d;
           for (uint32_t i = 0; i < d; ++i) k[i] += zv * row[i];
         }
-        for (uint32_t i = 0; i < d; ++i) mn[i] = std::min(mn[i], k[i]), mx[i] = std::max(mx[i], k[i]);
+        for (uint64_t t = std::max(t0, ch * c); t < std::min(t1, (ch + 1) * c); ++t) {
+          const float* nz = NoiseOf(layers[li], g, t);
+          for (uint32_t i = 0; i < d; ++i)
+            mn[i] = std::min(mn[i], k[i] + nz[i]), mx[i] = std::max(mx[i], k[i] + nz[i]);
+        }
       }
     }
 }

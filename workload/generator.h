@@ -11,9 +11,11 @@
 //   y = beta_{l,h} f_s + sigma_s e_0 [+ lambda e_needle at a needle's retrieval step, in the
 //   retrieval layers], logit(c) = y . z_c for every token of chunk c,
 // with beta sharp or diffuse per head and sigma_s chosen so that the sink holds sink_share
-// of each head's attention. The model's K for (layer, kv head) is A z (A: d x r with
-// orthonormal columns) and its query A y / softmax_scale, so that dense attention over the
-// generated pages is exactly this softmax (up to the K dtype's rounding). V is random.
+// of each head's attention. The model's K for (layer, kv head) is A z + n_t (A: d x r with
+// orthonormal columns; n_t a per-token variation orthogonal to A's span) and its query
+// A y / softmax_scale, so that dense attention over the generated pages is exactly this
+// softmax (up to the K dtype's rounding) while per-page K bounds are as loose as real
+// keys' per-token variation makes them. V is random.
 // Index keys: [B_l z_c ; 0] rotated at the chunk's position (RoPE + Hadamard; the rotated
 // dims carry no content, so scores do not depend on position) and compressed to fp8. The hidden state at a cycle start carries the focus, the next focus
 // when it switches within the cycle (with probability `anticipate`), and the needles the
@@ -47,6 +49,7 @@ struct Knobs {
   uint32_t needles = 4;           // needles per session, each retrieved by one decode step
   double chunk_noise = 0.5;       // per-chunk latent noise, relative to the topic vector
   double decoded_noise = 1.0;     // the same for decoded chunks (less on-topic than sources)
+  double key_noise = 1.0;         // norm of each token's K variation outside every query's span
   double drift = 0.15;            // a topic's drift over the history (0 = none)
   double sink_share = 0.15;       // attention share of the sink chunk in every head
   double sharp_beta = 16;         // logit scale of sharp heads
@@ -135,6 +138,8 @@ class Session {
   std::vector<uint8_t> labels_;
   std::vector<std::vector<float>> a_;               // [layer * kv_heads]: d x r
   std::vector<std::vector<float>> at_;              // the same, transposed: r x d
+  std::vector<std::vector<float>> key_noise_;       // [layer * kv_heads]: bank x d
+  const float* NoiseOf(uint32_t layer, uint32_t kv_head, uint64_t token) const;
   std::vector<uint8_t> diffuse_, retrieval_;        // [layer * q_heads], [layer]
   std::vector<std::vector<double>> needle_dir_;     // [needle]: r
   std::map<uint32_t, std::vector<double>> focus_dir_;  // focus topic -> direction
