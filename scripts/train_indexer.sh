@@ -2,11 +2,11 @@
 # Trains the shipped indexer checkpoint for the bench spec (models/lsa-bench.safetensors):
 # generates training traces (seeds 1000.. and 3000..) and validation traces (seeds 2000..)
 # with fmctl gen, then runs the PyTorch trainer. About 15 minutes on 2 cores.
-# Evaluation (fm-bench indexer) uses other seeds (900001..).
+# Evaluation (fm-bench indexer) uses other seeds (900001..). WORK=DIR keeps the traces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-models/lsa-bench.safetensors}
-WORK=${WORK:-$(mktemp -d)}
+if [[ -n "${WORK:-}" ]]; then mkdir -p "$WORK"; KEEP=1; else WORK=$(mktemp -d); KEEP=0; fi
 bash scripts/build.sh >/dev/null
 build/bin/fmctl gen --spec bench --tokens 16384 --steps 512 --seed 1000 --count 160 \
   --focus-steps 120 --needles 12 --out "$WORK" | tail -1
@@ -16,4 +16,4 @@ build/bin/fmctl gen --spec bench --tokens 32768 --steps 512 --seed 2000 --count 
   --out "$WORK" | tail -1
 /usr/bin/python3 trainer/train_indexer.py --train "$WORK/bench-*-s[13]*.safetensors" \
   --val "$WORK/bench-*-s2*.safetensors" --out "$OUT" --epochs 14 --loss focal
-rm -rf "$WORK"
+((KEEP)) || rm -rf "$WORK"

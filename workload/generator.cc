@@ -16,7 +16,8 @@ constexpr uint32_t kSinkDim = 0, kBiasDim = 1, kFirstTopicDim = 2;
 constexpr uint32_t kNone = ~0u;
 constexpr double kBias = 0.5;       // the constant component of every chunk latent
 constexpr uint32_t kClasses = 4;    // {sharp, diffuse} x {plain, needle}
-constexpr uint32_t kNoiseBank = 256;  // distinct per-token K variations per (layer, kv head)
+constexpr uint32_t kNoiseBank = 256;
+constexpr uint32_t kHiddenSlots = 3;  // focus, announced next focus, needles  // distinct per-token K variations per (layer, kv head)
 
 using Rng = std::mt19937_64;
 
@@ -108,7 +109,10 @@ World MakeWorld(const ModelSpec& s, const Knobs& k, uint32_t r, const kernels::I
   for (uint32_t l = 0; l < s.index_layers; ++l) {
     w.b.push_back(Orthonormal(s.index_dim - is.rope_dims, r, rng));
   }
-  w.wh = Orthonormal(s.hidden_dim, r + 1, rng);
+  {
+    Rng hrng(Mix(k.world_seed * 0x2545f4914f6cdd1dull + 41));  // its own stream
+    w.wh = Orthonormal(s.hidden_dim, kHiddenSlots * r + 1, hrng);
+  }
   std::uniform_real_distribution<double> ud;
   for (uint32_t i = 0; i < s.layers * s.q_heads; ++i) w.diffuse.push_back(ud(rng) < k.diffuse_heads);
   for (uint32_t l = 0; l < s.layers; ++l) w.retrieval.push_back(l >= s.layers / 2);
@@ -171,6 +175,10 @@ absl::Status Session::Build() {
   r_ = std::min(r_, s.head_dim);
   if (r_ < kFirstTopicDim + 4) return absl::InvalidArgumentError("latent_dim too small");
   hd_ = s.hidden_dim;
+  if (hd_ < kHiddenSlots * r_ + 1)
+    return absl::InvalidArgumentError(absl::StrCat("hidden_dim ", hd_, " is below the ",
+                                                   kHiddenSlots * r_ + 1,
+                                                   " directions the hidden state carries"));
   const uint32_t c = s.chunk_tokens, r = r_;
   const World w = MakeWorld(s, k, r, is);
   Rng rng(Mix(config_.seed ^ Mix(k.world_seed)));
@@ -391,18 +399,20 @@ absl::Status Session::Build() {
   hidden_.assign(size_t{cycles()} * hd_, 0.0f);
   for (uint32_t cy = 0; cy < cycles(); ++cy) {
     const uint32_t s0 = cy * k.tau, s1 = s0 + k.tau;
+    // Slots: [focus ; next focus if announced ; needles retrieved in the cycle ; 1].
     std::vector<double> u = drifted(focus_[s0], 1.0);
+    u.resize(kHiddenSlots * r, 0.0);
     for (uint32_t st = s0 + 1; st < s1; ++st)
       if (focus_[st] != focus_[st - 1]) {
         if (ud(rng) < k.anticipate) {
           const std::vector<double> f2 = drifted(focus_[st], 1.0);
-          for (uint32_t i = 0; i < r; ++i) u[i] += f2[i];
+          for (uint32_t i = 0; i < r; ++i) u[r + i] = f2[i];
         }
         break;
       }
     for (size_t n = 0; n < needles_.size(); ++n)
       if (needles_[n].step >= s0 && needles_[n].step < s1)
-        for (uint32_t i = 0; i < r; ++i) u[i] += needle_dir[n][i];
+        for (uint32_t i = 0; i < r; ++i) u[2 * r + i] += needle_dir[n][i];
     u.push_back(1.0);  // bias
     double un = 0;
     for (double e : u) un += e * e;
@@ -410,7 +420,7 @@ absl::Status Session::Build() {
     float* h = hidden_.data() + size_t{cy} * hd_;
     for (uint32_t i = 0; i < hd_; ++i) {
       double acc = 0;
-      for (uint32_t q = 0; q <= r; ++q) acc += w.wh[size_t{i} * (r + 1) + q] * u[q];
+      for (uint32_t q = 0; q < u.size(); ++q) acc += w.wh[size_t{i} * u.size() + q] * u[q];
       h[i] = static_cast<float>(acc * std::sqrt(double(hd_)) + sd * std::sqrt(double(hd_)) * nd(rng));
     }
   }

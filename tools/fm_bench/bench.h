@@ -40,6 +40,7 @@ struct IndexerBenchOptions {
   uint32_t tau = 64;
   double budget = 0.10;       // resident pages / context pages, sink and tail included
   uint64_t seed = 900001;     // held out: training uses other seeds
+  bool verbose = false;       // per-cycle mass of every policy on stderr
   std::string json;
 };
 

@@ -145,12 +145,18 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
           for (const auto& p : pred->pages) resident[p.page] = 1;
           for (uint64_t p = pred->total_pages; p < s.total_pages(); ++p) resident[p] = 1;
           // The open page at prediction time is partial; its tail is resident via the tail.
+          double cycle_mass = 0;
           for (uint32_t st2 = s0; st2 < s0 + o.tau; ++st2) {
             double m = 0;
             for (uint64_t p = 0; p < s.pages_at(st2); ++p) m += resident[p] * s.page_mass(st2)[p];
             ac.mass += m;
+            cycle_mass += m;
             ++ac.mass_n;
           }
+          if (o.verbose)
+            std::fprintf(stderr, "  %s cycle %u (focus %u -> %u) %-12s mass %.4f\n", id.c_str(), cy,
+                         s.focus(s0), s.focus(s0 + o.tau - 1), indexer::PolicyName(pol),
+                         cycle_mass / o.tau);
           uint64_t pos = 0, hit = 0, res_chunks = 0;
           const uint8_t* lab = s.labels(cy);
           for (uint64_t j = 0; j < chunks; ++j) {

@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   ic->add_option("--budget", ib.budget, "Resident fraction of the pages")->capture_default_str();
   ic->add_option("--seed", ib.seed, "First held-out session seed")->capture_default_str();
   ic->add_option("--json", ib.json, "Write the rows as JSON");
+  ic->add_flag("--verbose", ib.verbose, "Per-cycle mass recall of every policy on stderr");
   CLI11_PARSE(app, argc, argv);
   if (ic->parsed()) return fm::bench::RunIndexerBench(ib);
   if (kvc->parsed()) return fm::bench::RunKvStoreBench(kv);
