@@ -30,7 +30,7 @@ TEST(TrainerParity, CppAndPyTorchScoreTheSameTraceAlike) {
   auto s = workload::Session::Generate(c);
   ASSERT_THAT(s, IsOk());
   const std::string trace = dir + "/trace.safetensors", out = dir + "/logits.safetensors";
-  ASSERT_THAT(workload::WriteTrace(**s, trace, false), IsOk());
+  ASSERT_THAT(workload::WriteTrace(**s, trace), IsOk());
   const uint32_t cycle = 1;
   const std::string cmd = "/usr/bin/python3 " + std::string(FM_SOURCE_DIR) +
                           "/trainer/score_trace.py --trace " + trace + " --weights " + weights +
@@ -47,7 +47,7 @@ TEST(TrainerParity, CppAndPyTorchScoreTheSameTraceAlike) {
   core.SetWeights(*w);
   const auto& is = (*w)->shape;
   std::vector<float> q(size_t{is.layers} * is.heads * is.dim), hw(size_t{is.layers} * is.heads);
-  const float* h = (*s)->hidden(cycle);
+  const float* h = (*s)->hidden(cycle * c.knobs.tau);
   for (uint32_t l = 0; l < is.layers; ++l)
     kernels::IndexerQuery(is, {(*w)->w_a[l].data(), (*w)->g[l].data(), (*w)->w_b[l].data(), (*w)->w_w[l].data()},
                           h, (*s)->tokens_at(cycle * c.knobs.tau), q.data() + l * is.heads * is.dim,

@@ -3,7 +3,8 @@
 indexer for its own model (the decode worker's trace mode writes traces directly).
 
 Input: an .npz with
-  hidden      [K, hidden]        hidden state at the indexer's source layer, at each cycle start
+  hidden      [S, hidden]        hidden state at the indexer's source layer at every step
+                                 ([K, hidden] at cycle starts only is held over each cycle)
   index_keys  [Li, C, di]        the index keys of every chunk, after the key side's RoPE and
                                  Hadamard transform (DESIGN §3), as floats
   chunk_mass  [S, C]             attention mass of every chunk at every decode step, averaged
@@ -71,10 +72,14 @@ def main():
     mass = d["chunk_mass"].astype(np.float64)
     if mass.ndim == 2:
         mass = mass[:, None, :]
-    K, S = hidden.shape[0], mass.shape[0]
+    S = mass.shape[0]
+    K = S // a.tau
+    if hidden.shape[0] == K and K != S:
+        hidden = np.repeat(hidden, a.tau, axis=0)
     Li, C, di = keys.shape
-    if S != K * a.tau:
-        sys.exit(f"chunk_mass has {S} steps; expected {K} cycles x tau {a.tau}")
+    if S % a.tau or hidden.shape[0] != S:
+        sys.exit(f"chunk_mass has {S} steps and hidden {hidden.shape[0]} rows; expected whole "
+                 f"cycles of tau {a.tau} and one hidden state per step (or per cycle)")
     cpp = a.page_tokens // a.chunk_tokens
     P = (a.prefill_tokens + S + a.page_tokens - 1) // a.page_tokens
     labels = np.zeros((K, C), np.uint8)

@@ -85,7 +85,7 @@ class Trace:
             setattr(self, k, int(m[k]))
         self.cycles = self.steps // self.tau
         self.keys_raw = t["index_keys"]          # [Li, C, di + 4] uint8
-        self.hidden = t["hidden"]                # [K, hidden]
+        self.hidden = t["hidden"]                # [S, hidden], read at cycle starts
         self.labels = t["labels"]                # [K, C]
         self.page_mass = t["page_mass"]          # [S, P]
         self.needles = t["needles"]              # [n, 2]

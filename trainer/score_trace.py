@@ -29,7 +29,7 @@ def main():
     n = t.indexed_chunks(s0)
     keys = torch.from_numpy(t.decoded_keys()[:, :n])
     with torch.no_grad():
-        q, w = tower(torch.from_numpy(t.hidden[a.cycle].copy())[None], torch.tensor([t.tokens_at(s0)]))
+        q, w = tower(torch.from_numpy(t.hidden[s0].copy())[None], torch.tensor([t.tokens_at(s0)]))
         logits = QueryTower.logits(q[0], w[0], keys).numpy().astype(np.float32)
     save_safetensors(a.out, {"logits": logits}, {"cycle": a.cycle, "chunks": n})
     print(f"scored {n} chunks x {t.index_layers} layers of cycle {a.cycle}")

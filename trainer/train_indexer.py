@@ -40,7 +40,7 @@ class Cycles:
                 s0 = k * t.tau
                 n = t.indexed_chunks(s0)
                 self.items.append({
-                    "trace": t, "keys": keys[:, :n], "hidden": torch.from_numpy(t.hidden[k].copy()),
+                    "trace": t, "keys": keys[:, :n], "hidden": torch.from_numpy(t.hidden[s0].copy()),
                     "pos": t.tokens_at(s0),
                     "labels": torch.from_numpy(t.labels[k, :n].astype(np.float32)),
                 })

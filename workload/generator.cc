@@ -395,16 +395,19 @@ absl::Status Session::Build() {
     }
   }
 
-  // Hidden states at cycle starts.
-  hidden_.assign(size_t{cycles()} * hd_, 0.0f);
-  for (uint32_t cy = 0; cy < cycles(); ++cy) {
-    const uint32_t s0 = cy * k.tau, s1 = s0 + k.tau;
-    // Slots: [focus ; next focus if announced ; needles retrieved in the cycle ; 1].
+  // Hidden state at every step. Slots: [focus ; the next focus, when it takes over within
+  // tau steps and the switch is announced ; needles retrieved within tau steps ; 1].
+  std::vector<uint8_t> announced(config_.steps, 0);
+  for (uint32_t st = 1; st < config_.steps; ++st)
+    if (focus_[st] != focus_[st - 1]) announced[st] = ud(rng) < k.anticipate;
+  hidden_.assign(size_t{config_.steps} * hd_, 0.0f);
+  for (uint32_t s0 = 0; s0 < config_.steps; ++s0) {
+    const uint32_t s1 = std::min(config_.steps, s0 + k.tau);
     std::vector<double> u = drifted(focus_[s0], 1.0);
     u.resize(kHiddenSlots * r, 0.0);
     for (uint32_t st = s0 + 1; st < s1; ++st)
       if (focus_[st] != focus_[st - 1]) {
-        if (ud(rng) < k.anticipate) {
+        if (announced[st]) {
           const std::vector<double> f2 = drifted(focus_[st], 1.0);
           for (uint32_t i = 0; i < r; ++i) u[r + i] = f2[i];
         }
@@ -417,7 +420,7 @@ absl::Status Session::Build() {
     double un = 0;
     for (double e : u) un += e * e;
     const double sd = k.hidden_noise * std::sqrt(un / hd_);
-    float* h = hidden_.data() + size_t{cy} * hd_;
+    float* h = hidden_.data() + size_t{s0} * hd_;
     for (uint32_t i = 0; i < hd_; ++i) {
       double acc = 0;
       for (uint32_t q = 0; q < u.size(); ++q) acc += w.wh[size_t{i} * u.size() + q] * u[q];
@@ -496,16 +499,45 @@ uint32_t Session::FillPage(uint64_t page, uint8_t* payload) const {
           for (uint32_t j = 0; j < r_; ++j) acc += a[size_t{i} * r_ + j] * zj[j];
           put(s.ElemOffset(l, 0, g, t) + i, static_cast<float>(acc + nz[i]));
         }
-        // V: unit-variance uniform noise, a function of (session, layer, head, token).
-        uint64_t x = Mix(config_.seed ^ Mix((uint64_t{l} << 48) ^ (uint64_t{g} << 40) ^ (t0 + t)));
-        for (uint32_t i = 0; i < s.head_dim; ++i) {
-          x = Mix(x);
-          put(s.ElemOffset(l, 1, g, t) + i,
-              static_cast<float>((double(x >> 11) * 0x1.0p-53 * 2 - 1) * 1.7320508));
-        }
+        ValueOf(l, g, t0 + t, kv.data());
+        for (uint32_t i = 0; i < s.head_dim; ++i) put(s.ElemOffset(l, 1, g, t) + i, kv[i]);
       }
     }
   return n;
+}
+
+void Session::ValueOf(uint32_t layer, uint32_t g, uint64_t token, float* v) const {
+  // Unit-variance uniform values, a function of (session, layer, kv head, token).
+  uint64_t x = Mix(config_.seed ^ Mix((uint64_t{layer} << 48) ^ (uint64_t{g} << 40) ^ token));
+  for (uint32_t i = 0; i < spec().head_dim; ++i) {
+    x = Mix(x);
+    v[i] = static_cast<float>((double(x >> 11) * 0x1.0p-53 * 2 - 1) * 1.7320508);
+  }
+}
+
+void Session::DenseOutput(uint32_t step, uint32_t layer, uint32_t head, float* o) const {
+  const ModelSpec& s = spec();
+  std::vector<float> y(r_);
+  QueryLatent(step, layer, head, y.data());
+  const uint64_t n = tokens_at(step), nch = (n + s.chunk_tokens - 1) / s.chunk_tokens;
+  std::vector<double> logit(nch);
+  double mx = -1e300;
+  for (uint64_t j = 0; j < nch; ++j) {
+    double d = 0;
+    for (uint32_t i = 0; i < r_; ++i) d += double(y[i]) * z_[j * r_ + i];
+    mx = std::max(mx, logit[j] = d);
+  }
+  double z = 0;
+  std::vector<double> acc(s.head_dim, 0.0);
+  std::vector<float> v(s.head_dim);
+  const uint32_t g = head / (s.q_heads / s.kv_heads);
+  for (uint64_t t = 0; t < n; ++t) {
+    const double p = std::exp(logit[t / s.chunk_tokens] - mx);
+    z += p;
+    ValueOf(layer, g, t, v.data());
+    for (uint32_t i = 0; i < s.head_dim; ++i) acc[i] += p * v[i];
+  }
+  for (uint32_t i = 0; i < s.head_dim; ++i) o[i] = static_cast<float>(acc[i] / z);
 }
 
 const float* Session::NoiseOf(uint32_t layer, uint32_t g, uint64_t token) const {

@@ -99,8 +99,8 @@ class Session {
 
   // Index keys of every chunk, per index layer: [chunk][di + 4] stored format.
   const std::vector<uint8_t>& index_keys(uint32_t layer) const { return keys_[layer]; }
-  // Hidden state at the start of cycle k: [hidden_dim].
-  const float* hidden(uint32_t cycle) const { return hidden_.data() + size_t{cycle} * hd_; }
+  // Hidden state at a step ([hidden_dim]); the indexer reads it at cycle starts.
+  const float* hidden(uint32_t step) const { return hidden_.data() + size_t{step} * hd_; }
   // Head-averaged attention mass of each page at a step, summed over layers / L:
   // [pages_at(step)], summing to 1.
   const float* page_mass(uint32_t step) const { return page_mass_.data() + size_t{step} * np_; }
@@ -112,6 +112,9 @@ class Session {
 
   // The model's query of (layer, head) at a step: [head_dim] fp32.
   void ModelQuery(uint32_t step, uint32_t layer, uint32_t head, float* q) const;
+  // The dense attention output of (layer, head) at a step, in exact arithmetic: [head_dim].
+  // Costs a pass over the whole history.
+  void DenseOutput(uint32_t step, uint32_t layer, uint32_t head, float* o) const;
   // Page payload ([layer][K|V][kv_head][token][d] in the spec's dtype, partial pages zero
   // padded) and its token count.
   uint32_t FillPage(uint64_t page, uint8_t* payload) const;
@@ -140,6 +143,7 @@ class Session {
   std::vector<std::vector<float>> at_;              // the same, transposed: r x d
   std::vector<std::vector<float>> key_noise_;       // [layer * kv_heads]: bank x d
   const float* NoiseOf(uint32_t layer, uint32_t kv_head, uint64_t token) const;
+  void ValueOf(uint32_t layer, uint32_t kv_head, uint64_t token, float* v) const;
   std::vector<uint8_t> diffuse_, retrieval_;        // [layer * q_heads], [layer]
   std::vector<std::vector<double>> needle_dir_;     // [needle]: r
   std::map<uint32_t, std::vector<double>> focus_dir_;  // focus topic -> direction

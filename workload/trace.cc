@@ -5,7 +5,8 @@
 
 namespace fm::workload {
 
-absl::Status WriteTrace(const Session& s, const std::string& path, bool with_pages) {
+absl::Status WriteTrace(const Session& s, const std::string& path, const TraceOptions& o) {
+  const bool with_pages = o.pages;
   const ModelSpec& sp = s.spec();
   const int64_t C = static_cast<int64_t>(s.total_chunks()), P = static_cast<int64_t>(s.total_pages());
   const int64_t K = s.cycles(), S = s.config().steps;
@@ -28,7 +29,23 @@ absl::Status WriteTrace(const Session& s, const std::string& path, bool with_pag
   }
   SafetensorsWriter w;
   w.Add("index_keys", StDType::kU8, {sp.index_layers, C, int64_t(sp.IndexKeyBytes())}, keys);
-  w.Add("hidden", StDType::kF32, {K, sp.hidden_dim}, s.hidden(0));
+  w.Add("hidden", StDType::kF32, {S, sp.hidden_dim}, s.hidden(0));
+  const size_t per_step = size_t{sp.layers} * sp.q_heads * sp.head_dim;
+  std::vector<float> step_queries, outputs;
+  if (o.step_queries || o.outputs) {
+    if (o.step_queries) step_queries.resize(size_t(S) * per_step);
+    if (o.outputs) outputs.resize(size_t(S) * per_step);
+    for (int64_t st = 0; st < S; ++st)
+      for (uint32_t l = 0; l < sp.layers; ++l)
+        for (uint32_t h = 0; h < sp.q_heads; ++h) {
+          const size_t at = size_t(st) * per_step + (size_t{l} * sp.q_heads + h) * sp.head_dim;
+          if (o.step_queries) s.ModelQuery(static_cast<uint32_t>(st), l, h, step_queries.data() + at);
+          if (o.outputs) s.DenseOutput(static_cast<uint32_t>(st), l, h, outputs.data() + at);
+        }
+  }
+  if (o.step_queries)
+    w.Add("step_queries", StDType::kF32, {S, sp.layers, sp.q_heads, sp.head_dim}, step_queries);
+  if (o.outputs) w.Add("outputs", StDType::kF32, {S, sp.layers, sp.q_heads, sp.head_dim}, outputs);
   w.Add("queries", StDType::kF32, {K, sp.layers, sp.q_heads, sp.head_dim}, queries);
   w.Add("labels", StDType::kU8, {K, C}, s.labels(0));
   w.Add("page_mass", StDType::kF32, {S, P}, s.page_mass(0));
@@ -108,7 +125,7 @@ absl::StatusOr<Trace> ReadTrace(const std::string& path) {
   };
   for (absl::Status st :
        {get("index_keys", StDType::kU8, {s.index_layers, C, int64_t(s.IndexKeyBytes())}, &t.index_keys),
-        get("hidden", StDType::kF32, {K, s.hidden_dim}, &t.hidden),
+        get("hidden", StDType::kF32, {t.steps, s.hidden_dim}, &t.hidden),
         get("queries", StDType::kF32, {K, s.layers, s.q_heads, s.head_dim}, &t.queries),
         get("labels", StDType::kU8, {K, C}, &t.labels),
         get("page_mass", StDType::kF32, {t.steps, P}, &t.page_mass),

@@ -1,13 +1,16 @@
 // Trace files (DESIGN §4): one safetensors file per session with a JSON-string metadata
 // block. Tensors (C chunks, P pages, S decode steps, K = S / tau cycles):
 //   index_keys  U8  [Li, C, di + 4]   compressed index keys (fp8-e4m3 + fp32 scale)
-//   hidden      F32 [K, hidden_dim]   hidden state at each cycle start
+//   hidden      F32 [S, hidden_dim]   hidden state at each step (read at cycle starts)
 //   queries     F32 [K, L, Hq, d]     the model's decode queries at each cycle start
 //   labels      U8  [K, C]            golden labels of each cycle (DESIGN §3)
 //   page_mass   F32 [S, P]            head- and layer-averaged dense attention per page
 //   needles     I64 [n, 2]            (chunk, retrieval step) of each needle
 //   chunk_topic I32 [C]               topic of each chunk (-1: sink or needle), for analysis
 //   pages       U8  [P, page_bytes]   K/V payloads (optional)
+//   step_queries F32 [S, L, Hq, d]    the model's decode queries at every step (optional)
+//   outputs     F32 [S, L, Hq, d]     dense attention outputs at every step (optional; a
+//                                     pass over the history per step and head)
 // Metadata: format = flashmemory-trace-v1, the model spec fields, prefill_tokens, steps,
 // tau, seed, world_seed. trainer/fm_trace.py reads the same files with NumPy.
 #pragma once
@@ -24,7 +27,14 @@ namespace fm::workload {
 
 inline constexpr char kTraceFormat[] = "flashmemory-trace-v1";
 
-absl::Status WriteTrace(const Session& session, const std::string& path, bool with_pages);
+struct TraceOptions {
+  bool pages = false;
+  bool step_queries = false;
+  bool outputs = false;
+};
+
+absl::Status WriteTrace(const Session& session, const std::string& path,
+                        const TraceOptions& options = {});
 
 // A trace opened for reading: the spec and geometry from its metadata, tensors as views.
 struct Trace {
@@ -43,8 +53,8 @@ struct Trace {
   const uint8_t* keys(uint32_t layer) const {
     return index_keys.data + size_t{layer} * chunks * spec.IndexKeyBytes();
   }
-  const float* hidden_at(uint32_t cycle) const {
-    return reinterpret_cast<const float*>(hidden.data) + size_t{cycle} * spec.hidden_dim;
+  const float* hidden_at(uint32_t step) const {
+    return reinterpret_cast<const float*>(hidden.data) + size_t{step} * spec.hidden_dim;
   }
   const float* queries_at(uint32_t cycle) const {
     return reinterpret_cast<const float*>(queries.data) +

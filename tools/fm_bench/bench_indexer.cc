@@ -124,7 +124,7 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
         indexer::PredictArgs a;
         a.step = s0;
         a.budget = static_cast<float>(o.budget);
-        a.hidden.assign(s.hidden(cy), s.hidden(cy) + spec->hidden_dim);
+        a.hidden.assign(s.hidden(s0), s.hidden(s0) + spec->hidden_dim);
         a.query.resize(size_t{spec->index_layers} * spec->q_heads * spec->head_dim);
         for (uint32_t l = 0; l < spec->index_layers; ++l)
           for (uint32_t h = 0; h < spec->q_heads; ++h)

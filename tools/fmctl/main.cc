@@ -207,7 +207,8 @@ int Stats(const std::string& target, const std::string& session) {
 
 // Generates sessions (seeds seed, seed + 1, ...) and writes one trace per session.
 int Gen(const std::string& spec_name, uint64_t tokens, uint32_t steps, uint64_t seed, int count,
-        const std::string& out_dir, bool with_pages, const fm::workload::Knobs& knobs) {
+        const std::string& out_dir, const fm::workload::TraceOptions& topt,
+        const fm::workload::Knobs& knobs) {
   auto spec = fm::PresetSpec(spec_name);
   if (!spec.ok()) return Fail(spec.status());
   for (int i = 0; i < count; ++i) {
@@ -222,7 +223,7 @@ int Gen(const std::string& spec_name, uint64_t tokens, uint32_t steps, uint64_t 
     if (!s.ok()) return Fail(s.status());
     const std::string path = out_dir + "/" + spec_name + "-" + std::to_string(tokens) + "-s" +
                              std::to_string(c.seed) + ".safetensors";
-    if (absl::Status st = fm::workload::WriteTrace(**s, path, with_pages); !st.ok()) return Fail(st);
+    if (absl::Status st = fm::workload::WriteTrace(**s, path, topt); !st.ok()) return Fail(st);
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("[%d/%d] %s: %llu tokens + %u steps, %llu chunks, %zu needles, %.1f s\n", i + 1,
                 count, path.c_str(), static_cast<unsigned long long>(tokens), steps,
@@ -256,7 +257,7 @@ int main(int argc, char** argv) {
   uint64_t seed = 1;
   int count = 1;
   std::string out_dir = ".";
-  bool with_pages = false;
+  fm::workload::TraceOptions topt;
   fm::workload::Knobs knobs;
   gen->add_option("--spec", spec, "Model spec preset: tiny, bench, long")->capture_default_str();
   gen->add_option("--tokens", tokens, "Prefill tokens per session")->capture_default_str();
@@ -264,7 +265,11 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", seed, "Seed of the first session")->capture_default_str();
   gen->add_option("--count", count, "Sessions (seeds seed, seed + 1, ...)")->capture_default_str();
   gen->add_option("--out", out_dir, "Output directory")->capture_default_str();
-  gen->add_flag("--pages", with_pages, "Also write the K/V pages");
+  gen->add_flag("--pages", topt.pages, "Also write the K/V pages");
+  gen->add_flag("--step-queries", topt.step_queries, "Also write the decode queries of every step");
+  gen->add_flag("--outputs", topt.outputs,
+                "Also write the dense attention outputs of every step (a pass over the history "
+                "per step and head: small sessions)");
   gen->add_option("--world-seed", knobs.world_seed, "Seed of the synthetic model")->capture_default_str();
   gen->add_option("--tau", knobs.tau, "Decode steps per cycle")->capture_default_str();
   gen->add_option("--topics", knobs.session_topics, "Topics per session")->capture_default_str();
@@ -279,7 +284,7 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", knobs.top_p, "Label: top-p attention mass")->capture_default_str();
   gen->add_option("--label-layers", knobs.label_layers, "Label: in at least m layers")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
-  if (gen->parsed()) return Gen(spec, tokens, steps, seed, count, out_dir, with_pages, knobs);
+  if (gen->parsed()) return Gen(spec, tokens, steps, seed, count, out_dir, topt, knobs);
   if (demo->parsed()) return Demo(target, spec, tokens, session);
   if (stats->parsed()) return Stats(target, stats->count("--session") ? session : "");
   if (del->parsed()) {
