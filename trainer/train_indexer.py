@@ -5,7 +5,8 @@ Backbone-free: it reads traces (hidden states at cycle starts, compressed index 
 labels) and never needs the model that produced them. Each step takes a batch of cycles;
 for each, every positive chunk and 3 sampled negatives per positive; the score of a chunk
 is max over index layers of sigmoid(sum_h w_h relu(q_h . k_c)); binary cross-entropy or
-focal loss. Validation on held-out traces: precision, recall, F1 at theta = 0.5 and
+focal loss, plus a page-level term (a page scores as its best chunk and is positive when any
+chunk is) that keeps lone positives such as needles from being diluted. Validation on held-out traces: precision, recall, F1 at theta = 0.5 and
 recall@budget (positives in the pages the page selection keeps at the budget); early
 stopping on validation F1. Exports safetensors that fm-indexer loads (LoadWeights).
 
@@ -66,6 +67,21 @@ def loss_fn(logits, y, kind, gamma):
     return ((1 - pt) ** gamma * ce).mean()
 
 
+def page_loss(logits, y, chunks_per_page):
+    """BCE on pages: a page's score is its best chunk's (max over layers and chunks); it is
+    positive when any of its chunks is. Page selection needs one strong chunk per wanted
+    page, so this term carries lone positives (needles) that the chunk term dilutes."""
+    z = logits.max(0).values
+    n = z.shape[0]
+    pages = (n + chunks_per_page - 1) // chunks_per_page
+    pad = pages * chunks_per_page - n
+    zp = torch.nn.functional.pad(z, (0, pad), value=-1e4).view(pages, chunks_per_page).max(1).values
+    yp = torch.nn.functional.pad(y, (0, pad)).view(pages, chunks_per_page).max(1).values
+    pos = yp.sum().clamp(min=1)
+    w = torch.where(yp > 0.5, (pages - pos) / pos, torch.ones_like(yp))
+    return torch.nn.functional.binary_cross_entropy_with_logits(zp, yp, weight=w) / 2
+
+
 def evaluate(tower, data, budget, theta=0.5):
     tp = fp = fn = 0
     rec_b, n_b = 0.0, 0
@@ -113,6 +129,8 @@ def main():
     ap.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent")
     ap.add_argument("--patience", type=int, default=5, help="epochs without a better val F1")
     ap.add_argument("--budget", type=float, default=0.1)
+    ap.add_argument("--page-loss", type=float, default=1.0,
+                    help="weight of the page-level term (0 = chunk-level loss only)")
     ap.add_argument("--dtype", choices=["f32", "f16"], default="f16", help="exported weights")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
@@ -151,6 +169,9 @@ def main():
                 neg = neg_all[torch.randint(len(neg_all), (nneg,), generator=gen)]
                 idx = torch.cat([pos, neg])
                 loss = loss + loss_fn(chunk_scores(tower, it, idx), y[idx], a.loss, a.gamma)
+                if a.page_loss > 0:
+                    loss = loss + a.page_loss * page_loss(chunk_scores(tower, it), y,
+                                                          it["trace"].chunks_per_page)
             loss = loss / len(perm[b0:b0 + a.batch])
             loss.backward()
             opt.step()

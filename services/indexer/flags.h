@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <filesystem>
 
 #include "services/indexer/indexer_core.h"
 
@@ -14,7 +15,13 @@ struct IndexerFlags {
 };
 
 inline void AddIndexerFlags(CLI::App& app, IndexerFlags* f) {
-  app.add_option("--weights", f->weights, "Indexer weights to load at start (safetensors)");
+#ifdef FM_DEFAULT_WEIGHTS
+  // The checkpoint shipped in the source tree, when it is there.
+  if (std::filesystem::exists(FM_DEFAULT_WEIGHTS)) f->weights = FM_DEFAULT_WEIGHTS;
+#endif
+  app.add_option("--weights", f->weights,
+                 "Indexer weights to load at start (safetensors; empty = none)")
+      ->capture_default_str();
   app.add_option("--indexer_max_bytes", f->core.max_bytes, "Index keys and bounds of all sessions")
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();

@@ -333,7 +333,9 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
   }
   Policy policy = a.policy == Policy::kDefault ? options_.default_policy : a.policy;
   const std::shared_ptr<const Weights> w = weights();
-  if (policy == Policy::kLsa && !w && a.policy == Policy::kDefault) policy = Policy::kSinkRecency;
+  // The default policy is lsa where it can run: weights loaded that fit the session's spec.
+  if (policy == Policy::kLsa && a.policy == Policy::kDefault && (!w || !w->Matches(sp).ok()))
+    policy = Policy::kSinkRecency;
   out.policy = policy;
   const uint32_t sink = policy == Policy::kRecency ? 0 : a.sink;
   const uint32_t tail = a.tail;
