@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the shipped indexer checkpoint for the bench spec (models/lsa-bench.safetensors):
 # generates training traces (seeds 1000.. and 3000..) and validation traces (seeds 2000..)
-# with fmctl gen, then runs the PyTorch trainer. About 15 minutes on 2 cores.
+# with fmctl gen, then runs the PyTorch trainer. About 20 minutes on 2 cores.
 # Evaluation (fm-bench indexer) uses other seeds (900001..). WORK=DIR keeps the traces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,5 @@ build/bin/fmctl gen --spec bench --tokens 65536 --steps 512 --seed 3000 --count 
 build/bin/fmctl gen --spec bench --tokens 32768 --steps 512 --seed 2000 --count 6 \
   --out "$WORK" | tail -1
 /usr/bin/python3 trainer/train_indexer.py --train "$WORK/bench-*-s[13]*.safetensors" \
-  --val "$WORK/bench-*-s2*.safetensors" --out "$OUT" --epochs 14 --loss focal
+  --val "$WORK/bench-*-s2*.safetensors" --out "$OUT" --epochs 8 --loss focal
 ((KEEP)) || rm -rf "$WORK"

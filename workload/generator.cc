@@ -12,7 +12,8 @@
 namespace fm::workload {
 namespace {
 
-constexpr uint32_t kSinkDim = 0, kBiasDim = 1, kFirstTopicDim = 2;
+// Latent dims: [sink, bias, topic dims ..., needle dims (the last kNeedleDims)].
+constexpr uint32_t kSinkDim = 0, kBiasDim = 1, kFirstTopicDim = 2, kNeedleDims = 8;
 constexpr uint32_t kNone = ~0u;
 constexpr double kBias = 0.5;       // the constant component of every chunk latent
 constexpr uint32_t kClasses = 4;    // {sharp, diffuse} x {plain, needle}
@@ -47,15 +48,21 @@ std::vector<float> Orthonormal(uint32_t rows, uint32_t cols, Rng& rng) {
   return std::vector<float>(m.begin(), m.end());
 }
 
-// A unit vector in the topic dims of R^r.
-std::vector<double> TopicVector(uint32_t r, Rng& rng) {
+// A unit vector in dims [lo, hi) of R^r.
+std::vector<double> UnitIn(uint32_t r, uint32_t lo, uint32_t hi, Rng& rng) {
   std::normal_distribution<double> nd;
   std::vector<double> v(r, 0.0);
   double n = 0;
-  for (uint32_t i = kFirstTopicDim; i < r; ++i) n += (v[i] = nd(rng)) * v[i];
+  for (uint32_t i = lo; i < hi; ++i) n += (v[i] = nd(rng)) * v[i];
   for (double& x : v) x /= std::sqrt(n);
   return v;
 }
+// Topics span the topic dims; needles the needle dims, so a needle is distinct from every
+// topic (as a passkey is from the text around it) and its retrieval has no distractors.
+std::vector<double> TopicVector(uint32_t r, Rng& rng) {
+  return UnitIn(r, kFirstTopicDim, r - kNeedleDims, rng);
+}
+std::vector<double> NeedleVector(uint32_t r, Rng& rng) { return UnitIn(r, r - kNeedleDims, r, rng); }
 
 void Normalize(std::vector<double>& v) {
   double n = 0;
@@ -173,7 +180,7 @@ absl::Status Session::Build() {
   const kernels::IndexerShape is = IndexerShapeFor(s, 1);
   r_ = std::min(k.latent_dim, is.dim - is.rope_dims);
   r_ = std::min(r_, s.head_dim);
-  if (r_ < kFirstTopicDim + 4) return absl::InvalidArgumentError("latent_dim too small");
+  if (r_ < kFirstTopicDim + kNeedleDims + 8) return absl::InvalidArgumentError("latent_dim too small");
   hd_ = s.hidden_dim;
   if (hd_ < kHiddenSlots * r_ + 1)
     return absl::InvalidArgumentError(absl::StrCat("hidden_dim ", hd_, " is below the ",
@@ -206,8 +213,8 @@ absl::Status Session::Build() {
   };
   auto set_chunk = [&](uint64_t j, const std::vector<double>& dir, double noise) {
     std::vector<double> v = dir;
-    const double sd = noise / std::sqrt(double(r - kFirstTopicDim));
-    for (uint32_t i = kFirstTopicDim; i < r; ++i) v[i] += sd * nd(rng);
+    const double sd = noise / std::sqrt(double(r - kNeedleDims - kFirstTopicDim));
+    for (uint32_t i = kFirstTopicDim; i < r - kNeedleDims; ++i) v[i] += sd * nd(rng);
     Normalize(v);
     float* zj = z_.data() + j * r;
     for (uint32_t i = 0; i < r; ++i) zj[i] = static_cast<float>(v[i]);
@@ -258,7 +265,7 @@ absl::Status Session::Build() {
         std::any_of(needles_.begin(), needles_.end(), [&](const Needle& x) { return x.chunk == j; }))
       continue;
     steps_used.push_back(st);
-    needle_dir.push_back(TopicVector(r, rng));
+    needle_dir.push_back(NeedleVector(r, rng));
     topic_of_[j] = kNone;
     set_chunk(j, needle_dir.back(), k.chunk_noise);
     needles_.push_back({j, st});
