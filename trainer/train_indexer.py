@@ -8,7 +8,7 @@ is max over index layers of sigmoid(sum_h w_h relu(q_h . k_c)); binary cross-ent
 focal loss, plus a page-level term (a page scores as its best chunk and is positive when any
 chunk is) that keeps lone positives such as needles from being diluted. Validation on held-out traces: precision, recall, F1 at theta = 0.5 and
 recall@budget (positives in the pages the page selection keeps at the budget); early
-stopping on validation F1. Exports safetensors that fm-indexer loads (LoadWeights).
+stopping on validation recall@budget (or F1). Exports safetensors that fm-indexer loads (LoadWeights).
 
   /usr/bin/python3 trainer/train_indexer.py --train 'traces/train-*.safetensors' \
       --val 'traces/val-*.safetensors' --out models/lsa-bench.safetensors
@@ -127,7 +127,9 @@ def main():
     ap.add_argument("--negatives", type=int, default=3, help="sampled negatives per positive")
     ap.add_argument("--loss", choices=["bce", "focal"], default="bce")
     ap.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent")
-    ap.add_argument("--patience", type=int, default=5, help="epochs without a better val F1")
+    ap.add_argument("--patience", type=int, default=5, help="epochs without a better validation score")
+    ap.add_argument("--select", choices=["recall_at_budget", "f1"], default="recall_at_budget",
+                    help="validation score that picks the exported epoch and stops early")
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--page-loss", type=float, default=1.0,
                     help="weight of the page-level term (0 = chunk-level loss only)")
@@ -153,7 +155,7 @@ def main():
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * steps_per_epoch,
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(a.seed)
-    best_f1, best_state, stale = -1.0, None, 0
+    best_score, best_state, stale = -1.0, None, 0
     for epoch in range(a.epochs):
         perm = torch.randperm(len(train), generator=gen).tolist()
         total, steps = 0.0, 0
@@ -181,19 +183,19 @@ def main():
         print(f"epoch {epoch + 1:3d}  loss {total / steps:.4f}  val precision {m['precision']:.3f} "
               f"recall {m['recall']:.3f} F1 {m['f1']:.3f} recall@{a.budget:g} {m['recall_at_budget']:.3f}"
               f"  ({time.time() - t0:.0f} s)", flush=True)
-        if m["f1"] > best_f1 + 1e-4:
-            best_f1, stale = m["f1"], 0
+        if m[a.select] > best_score + 1e-4:
+            best_score, stale = m[a.select], 0
             best_state = {k: v.clone() for k, v in tower.state_dict().items()}
         else:
             stale += 1
             if stale >= a.patience:
-                print(f"early stop: no better validation F1 for {a.patience} epochs")
+                print(f"early stop: no better validation {a.select} for {a.patience} epochs")
                 break
     tower.load_state_dict(best_state)
     tower.export(a.out, np.float16 if a.dtype == "f16" else np.float32,
                  {"spec_name": t.meta.get("spec_name", ""), "world_seed": t.meta.get("world_seed", ""),
-                  "val_f1": f"{best_f1:.4f}"})
-    print(f"wrote {a.out} (best validation F1 {best_f1:.3f})")
+                  f"val_{a.select}": f"{best_score:.4f}"})
+    print(f"wrote {a.out} (best validation {a.select} {best_score:.3f})")
 
 
 if __name__ == "__main__":
