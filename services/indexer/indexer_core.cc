@@ -156,12 +156,14 @@ absl::Status Weights::Matches(const ModelSpec& spec) const {
 }
 
 struct IndexerCore::Session {
-  std::shared_mutex mu;  // appends exclusive, predictions shared
-  ModelSpec spec;
-  uint64_t tokens = 0, chunks = 0, bound_pages = 0;
-  std::vector<std::vector<uint8_t>> blocks;  // per index layer, scan layout
-  std::vector<float> bounds;                 // [page][IndexerBoundsFloats]
-  uint64_t bytes() const {
+  absl::Mutex mu;  // appends write, predictions read
+  ModelSpec spec;  // fixed at registration
+  uint64_t tokens ABSL_GUARDED_BY(mu) = 0;
+  uint64_t chunks ABSL_GUARDED_BY(mu) = 0;
+  uint64_t bound_pages ABSL_GUARDED_BY(mu) = 0;
+  std::vector<std::vector<uint8_t>> blocks ABSL_GUARDED_BY(mu);  // per index layer, scan layout
+  std::vector<float> bounds ABSL_GUARDED_BY(mu);  // [page][IndexerBoundsFloats]
+  uint64_t bytes() const ABSL_SHARED_LOCKS_REQUIRED(mu) {
     uint64_t b = bounds.size() * 4;
     for (const auto& v : blocks) b += v.size();
     return b;
@@ -169,7 +171,7 @@ struct IndexerCore::Session {
 };
 
 std::shared_ptr<IndexerCore::Session> IndexerCore::Find(const std::string& session) const {
-  std::shared_lock lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   auto it = sessions_.find(session);
   return it == sessions_.end() ? nullptr : it->second;
 }
@@ -186,16 +188,17 @@ absl::Status IndexerCore::Register(const std::string& session, const ModelSpec& 
   s->spec = spec;
   s->blocks.resize(spec.index_layers);
   {
-    std::shared_lock lock(mu_);
+    absl::ReaderMutexLock lock(&mu_);
     if (!sessions_.count(session) && sessions_.size() >= options_.max_sessions)
       return absl::ResourceExhaustedError(
           absl::StrCat("indexer holds the maximum of ", options_.max_sessions, " sessions"));
   }
   // Publish the fresh session (replacing any older one), then append its keys.
   {
-    std::unique_lock lock(mu_);
+    absl::MutexLock lock(&mu_);
     auto it = sessions_.find(session);
     if (it != sessions_.end()) {
+      absl::ReaderMutexLock sl(&it->second->mu);  // lock order: mu_, then a session's mu
       bytes_ -= it->second->bytes();
       sessions_.erase(it);
     }
@@ -203,9 +206,10 @@ absl::Status IndexerCore::Register(const std::string& session, const ModelSpec& 
   }
   absl::Status a = Append(session, keys, 0, chunks, tokens, bounds, 0, bound_pages);
   if (!a.ok()) {
-    std::unique_lock lock(mu_);
+    absl::MutexLock lock(&mu_);
     auto it = sessions_.find(session);
     if (it != sessions_.end() && it->second == s) {
+      absl::ReaderMutexLock sl(&s->mu);
       bytes_ -= s->bytes();
       sessions_.erase(it);
     }
@@ -218,7 +222,7 @@ absl::Status IndexerCore::Append(const std::string& session, const uint8_t* keys
                                  const float* bounds, uint64_t first_page, uint64_t bound_pages) {
   auto s = Find(session);
   if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
-  std::unique_lock lock(s->mu);
+  absl::MutexLock lock(&s->mu);
   const ModelSpec& sp = s->spec;
   if (first_chunk != s->chunks)
     return absl::FailedPreconditionError(absl::StrCat(
@@ -267,11 +271,14 @@ absl::StatusOr<ModelSpec> IndexerCore::SessionSpec(const std::string& session) c
 }
 
 absl::Status IndexerCore::Drop(const std::string& session) {
-  std::unique_lock lock(mu_);
+  absl::MutexLock lock(&mu_);
   auto it = sessions_.find(session);
   if (it == sessions_.end())
     return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
-  bytes_ -= it->second->bytes();
+  {
+    absl::ReaderMutexLock sl(&it->second->mu);
+    bytes_ -= it->second->bytes();
+  }
   sessions_.erase(it);
   return absl::OkStatus();
 }
@@ -285,21 +292,21 @@ absl::Status IndexerCore::LoadWeights(const std::string& path, uint64_t* hash) {
 }
 
 void IndexerCore::SetWeights(std::shared_ptr<const Weights> w) {
-  std::unique_lock lock(mu_);
+  absl::MutexLock lock(&mu_);
   weights_ = std::move(w);
 }
 
 std::shared_ptr<const Weights> IndexerCore::weights() const {
-  std::shared_lock lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   return weights_;
 }
 
 CoreStats IndexerCore::Stats() const {
   CoreStats st;
-  std::shared_lock lock(mu_);
+  absl::ReaderMutexLock lock(&mu_);
   st.sessions = sessions_.size();
   for (const auto& [id, s] : sessions_) {
-    std::shared_lock sl(s->mu);
+    absl::ReaderMutexLock sl(&s->mu);
     st.chunks += s->chunks;
   }
   st.bytes = bytes_.load();
@@ -313,7 +320,8 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
   const auto t0 = std::chrono::steady_clock::now();
   auto s = Find(session);
   if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
-  std::shared_lock lock(s->mu);
+  const std::shared_ptr<const Weights> w = weights();  // before the session lock (lock order)
+  absl::ReaderMutexLock lock(&s->mu);
   const ModelSpec& sp = s->spec;
   Prediction out;
   out.total_pages = sp.PagesForTokens(s->tokens);
@@ -332,7 +340,6 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
     budget_pages = static_cast<uint64_t>(std::ceil(double(a.budget) * total));
   }
   Policy policy = a.policy == Policy::kDefault ? options_.default_policy : a.policy;
-  const std::shared_ptr<const Weights> w = weights();
   // The default policy is lsa where it can run: weights loaded that fit the session's spec.
   if (policy == Policy::kLsa && a.policy == Policy::kDefault && (!w || !w->Matches(sp).ok()))
     policy = Policy::kSinkRecency;

@@ -8,11 +8,12 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/model_spec.h"
 #include "flashmemory/kernels/indexer.h"
 
@@ -104,9 +105,9 @@ class IndexerCore {
   std::shared_ptr<Session> Find(const std::string& session) const;
 
   CoreOptions options_;
-  mutable std::shared_mutex mu_;  // sessions_ and weights_
-  std::map<std::string, std::shared_ptr<Session>> sessions_;
-  std::shared_ptr<const Weights> weights_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<const Weights> weights_ ABSL_GUARDED_BY(mu_);
   std::atomic<uint64_t> bytes_{0}, predictions_{0};
 };
 
