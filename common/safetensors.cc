@@ -23,9 +23,9 @@ struct DTypeInfo {
   size_t size;
 };
 constexpr DTypeInfo kDTypes[] = {
-    {StDType::kF32, "F32", 4}, {StDType::kF16, "F16", 2},  {StDType::kBF16, "BF16", 2},
-    {StDType::kF64, "F64", 8}, {StDType::kU8, "U8", 1},    {StDType::kI8, "I8", 1},
-    {StDType::kI32, "I32", 4}, {StDType::kI64, "I64", 8},  {StDType::kU16, "U16", 2},
+    {StDType::kF32, "F32", 4}, {StDType::kF16, "F16", 2}, {StDType::kBF16, "BF16", 2},
+    {StDType::kF64, "F64", 8}, {StDType::kU8, "U8", 1},   {StDType::kI8, "I8", 1},
+    {StDType::kI32, "I32", 4}, {StDType::kI64, "I64", 8}, {StDType::kU16, "U16", 2},
     {StDType::kU32, "U32", 4}, {StDType::kU64, "U64", 8}};
 
 bool ParseStDType(const std::string& s, StDType* out) {
@@ -86,7 +86,8 @@ absl::Status SafetensorsWriter::Write(const std::string& path,
   json.append((8 - json.size() % 8) % 8, ' ');  // data starts 8-byte aligned
   const std::string tmp = path + ".tmp";
   FILE* f = std::fopen(tmp.c_str(), "wb");
-  if (f == nullptr) return absl::UnavailableError(absl::StrCat("cannot create ", tmp, ": ", std::strerror(errno)));
+  if (f == nullptr)
+    return absl::UnavailableError(absl::StrCat("cannot create ", tmp, ": ", std::strerror(errno)));
   const uint64_t n = json.size();
   uint8_t len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
@@ -108,8 +109,9 @@ absl::Status SafetensorsWriter::Write(const std::string& path,
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0)
-    return errno == ENOENT ? absl::NotFoundError(absl::StrCat(path, ": no such file"))
-                           : absl::InvalidArgumentError(absl::StrCat(path, ": ", std::strerror(errno)));
+    return errno == ENOENT
+               ? absl::NotFoundError(absl::StrCat(path, ": no such file"))
+               : absl::InvalidArgumentError(absl::StrCat(path, ": ", std::strerror(errno)));
   struct stat st {};
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -133,7 +135,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   if (n > kMaxHeaderBytes || n > file->map_bytes_ - 8)
     return absl::DataLossError(absl::StrCat(path, ": header length ", n, " exceeds the file (",
                                             file->map_bytes_, " bytes) or 100 MiB"));
-  nlohmann::json header = nlohmann::json::parse(p + 8, p + 8 + n, nullptr, /*allow_exceptions=*/false);
+  nlohmann::json header =
+      nlohmann::json::parse(p + 8, p + 8 + n, nullptr, /*allow_exceptions=*/false);
   if (header.is_discarded() || !header.is_object())
     return absl::InvalidArgumentError(absl::StrCat(path, ": header is not a JSON object"));
   const uint8_t* data = p + 8 + n;

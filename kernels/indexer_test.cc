@@ -151,7 +151,8 @@ double WorstRelativeError(const IndexerShape& s, const Keys& keys, const std::ve
     double qw = 0;
     for (uint32_t h = 0; h < s.heads; ++h) {
       double qq = 0;
-      for (uint32_t j = 0; j < s.dim; ++j) qq += double(q[(l * s.heads + h) * s.dim + j]) * q[(l * s.heads + h) * s.dim + j];
+      for (uint32_t j = 0; j < s.dim; ++j)
+        qq += double(q[(l * s.heads + h) * s.dim + j]) * q[(l * s.heads + h) * s.dim + j];
       qw += std::abs(w[l * s.heads + h]) * std::sqrt(qq);
     }
     for (uint64_t c = 0; c < chunks; ++c) {
@@ -169,7 +170,7 @@ double WorstRelativeError(const IndexerShape& s, const Keys& keys, const std::ve
 
 TEST(ScoreKeyBlocks, MatchesReferenceOnEveryTargetAndPath) {
   const std::tuple<uint32_t, uint32_t, uint32_t, uint64_t> cases[] = {
-      {3, 16, 128, 5001}, {1, 1, 64, 1},  {2, 3, 256, 77},  {3, 8, 128, 32},
+      {3, 16, 128, 5001}, {1, 1, 64, 1},   {2, 3, 256, 77},  {3, 8, 128, 32},
       {1, 5, 512, 300},   {1, 20, 64, 65}, {2, 17, 128, 33}, {1, 4, 64, 31}};
   for (int64_t target : hwy::SupportedAndGeneratedTargets()) {
     hwy::SetSupportedTargetsForTest(target);

@@ -38,7 +38,8 @@ class IndexerProcessTest : public ::testing::Test {
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
-  std::unique_ptr<ServerProcess> Start(const std::string& bin, std::vector<std::string> extra = {}) {
+  std::unique_ptr<ServerProcess> Start(const std::string& bin,
+                                       std::vector<std::string> extra = {}) {
     auto p = ServerProcess::Start(bin, extra);
     EXPECT_THAT(p, IsOk());
     return p.ok() ? std::move(*p) : nullptr;

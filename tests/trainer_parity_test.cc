@@ -49,9 +49,10 @@ TEST(TrainerParity, CppAndPyTorchScoreTheSameTraceAlike) {
   std::vector<float> q(size_t{is.layers} * is.heads * is.dim), hw(size_t{is.layers} * is.heads);
   const float* h = (*s)->hidden(cycle * c.knobs.tau);
   for (uint32_t l = 0; l < is.layers; ++l)
-    kernels::IndexerQuery(is, {(*w)->w_a[l].data(), (*w)->g[l].data(), (*w)->w_b[l].data(), (*w)->w_w[l].data()},
-                          h, (*s)->tokens_at(cycle * c.knobs.tau), q.data() + l * is.heads * is.dim,
-                          hw.data() + l * is.heads);
+    kernels::IndexerQuery(
+        is, {(*w)->w_a[l].data(), (*w)->g[l].data(), (*w)->w_b[l].data(), (*w)->w_w[l].data()}, h,
+        (*s)->tokens_at(cycle * c.knobs.tau), q.data() + l * is.heads * is.dim,
+        hw.data() + l * is.heads);
   std::vector<std::vector<uint8_t>> blocks;
   std::vector<const uint8_t*> ptrs;
   for (uint32_t l = 0; l < is.layers; ++l) {
@@ -72,17 +73,19 @@ TEST(TrainerParity, CppAndPyTorchScoreTheSameTraceAlike) {
   uint64_t same = 0, kept = 0;
   for (uint64_t j = 0; j < n; ++j) {
     float a = -1e30f, b = -1e30f;
-    for (uint32_t l = 0; l < is.layers; ++l) a = std::max(a, cl[l * n + j]), b = std::max(b, (*pyl)[l * n + j]);
+    for (uint32_t l = 0; l < is.layers; ++l)
+      a = std::max(a, cl[l * n + j]), b = std::max(b, (*pyl)[l * n + j]);
     same += (a > 0) == (b > 0);  // sigmoid > 0.5
     kept += a > 0;
   }
-  std::printf("parity over %llu chunks x %u layers: Pearson %.6f, threshold agreement %.4f %%, %llu kept\n",
-              static_cast<unsigned long long>(n), is.layers, pearson, 100.0 * same / n,
-              static_cast<unsigned long long>(kept));
+  std::printf(
+      "parity over %llu chunks x %u layers: Pearson %.6f, threshold agreement %.4f %%, %llu kept\n",
+      static_cast<unsigned long long>(n), is.layers, pearson, 100.0 * same / n,
+      static_cast<unsigned long long>(kept));
   EXPECT_GE(pearson, 0.999);
   EXPECT_GE(double(same) / n, 0.999);
-  EXPECT_GT(kept, 0u);      // the decisions are not trivially all-negative ...
-  EXPECT_LT(kept, n);       // ... nor all-positive
+  EXPECT_GT(kept, 0u);  // the decisions are not trivially all-negative ...
+  EXPECT_LT(kept, n);   // ... nor all-positive
   std::filesystem::remove_all(dir);
 }
 

@@ -15,10 +15,11 @@ namespace {
 // Latent dims: [sink, bias, topic dims ..., needle dims (the last kNeedleDims)].
 constexpr uint32_t kSinkDim = 0, kBiasDim = 1, kFirstTopicDim = 2, kNeedleDims = 8;
 constexpr uint32_t kNone = ~0u;
-constexpr double kBias = 0.5;       // the constant component of every chunk latent
-constexpr uint32_t kClasses = 4;    // {sharp, diffuse} x {plain, needle}
+constexpr double kBias = 0.5;     // the constant component of every chunk latent
+constexpr uint32_t kClasses = 4;  // {sharp, diffuse} x {plain, needle}
 constexpr uint32_t kNoiseBank = 256;
-constexpr uint32_t kHiddenSlots = 3;  // focus, announced next focus, needles  // distinct per-token K variations per (layer, kv head)
+constexpr uint32_t kHiddenSlots = 3;  // focus, announced next focus, needles  // distinct per-token
+                                      // K variations per (layer, kv head)
 
 using Rng = std::mt19937_64;
 
@@ -62,7 +63,9 @@ std::vector<double> UnitIn(uint32_t r, uint32_t lo, uint32_t hi, Rng& rng) {
 std::vector<double> TopicVector(uint32_t r, Rng& rng) {
   return UnitIn(r, kFirstTopicDim, r - kNeedleDims, rng);
 }
-std::vector<double> NeedleVector(uint32_t r, Rng& rng) { return UnitIn(r, r - kNeedleDims, r, rng); }
+std::vector<double> NeedleVector(uint32_t r, Rng& rng) {
+  return UnitIn(r, r - kNeedleDims, r, rng);
+}
 
 void Normalize(std::vector<double>& v) {
   double n = 0;
@@ -89,7 +92,8 @@ World MakeWorld(const ModelSpec& s, const Knobs& k, uint32_t r, const kernels::I
     w.topic.push_back(TopicVector(r, rng));
     w.drift.push_back(TopicVector(r, rng));
   }
-  for (uint32_t i = 0; i < s.layers * s.kv_heads; ++i) w.a.push_back(Orthonormal(s.head_dim, r, rng));
+  for (uint32_t i = 0; i < s.layers * s.kv_heads; ++i)
+    w.a.push_back(Orthonormal(s.head_dim, r, rng));
   // Token-level variation of K orthogonal to span(A): no query sees it, but it widens
   // per-page min/max bounds as real keys' per-token variation does.
   {
@@ -121,7 +125,8 @@ World MakeWorld(const ModelSpec& s, const Knobs& k, uint32_t r, const kernels::I
     w.wh = Orthonormal(s.hidden_dim, kHiddenSlots * r + 1, hrng);
   }
   std::uniform_real_distribution<double> ud;
-  for (uint32_t i = 0; i < s.layers * s.q_heads; ++i) w.diffuse.push_back(ud(rng) < k.diffuse_heads);
+  for (uint32_t i = 0; i < s.layers * s.q_heads; ++i)
+    w.diffuse.push_back(ud(rng) < k.diffuse_heads);
   for (uint32_t l = 0; l < s.layers; ++l) w.retrieval.push_back(l >= s.layers / 2);
   return w;
 }
@@ -157,7 +162,8 @@ absl::StatusOr<std::unique_ptr<Session>> Session::Generate(const SessionConfig& 
   const ModelSpec& s = config.spec;
   if (absl::Status st = s.Validate(); !st.ok()) return st;
   if (s.index_layers == 0 || s.hidden_dim == 0)
-    return absl::InvalidArgumentError("the workload needs a spec with index layers and a hidden_dim");
+    return absl::InvalidArgumentError(
+        "the workload needs a spec with index layers and a hidden_dim");
   if (config.prefill_tokens < s.page_tokens)
     return absl::InvalidArgumentError(
         absl::StrCat("prefill_tokens must be at least one page (", s.page_tokens, ")"));
@@ -180,7 +186,8 @@ absl::Status Session::Build() {
   const kernels::IndexerShape is = IndexerShapeFor(s, 1);
   r_ = std::min(k.latent_dim, is.dim - is.rope_dims);
   r_ = std::min(r_, s.head_dim);
-  if (r_ < kFirstTopicDim + kNeedleDims + 8) return absl::InvalidArgumentError("latent_dim too small");
+  if (r_ < kFirstTopicDim + kNeedleDims + 8)
+    return absl::InvalidArgumentError("latent_dim too small");
   hd_ = s.hidden_dim;
   if (hd_ < kHiddenSlots * r_ + 1)
     return absl::InvalidArgumentError(absl::StrCat("hidden_dim ", hd_, " is below the ",
@@ -250,7 +257,8 @@ absl::Status Session::Build() {
   }
   // Decoded chunks belong to the focus of the step that starts them.
   for (uint64_t j = prefill_chunks; j < chunks; ++j) {
-    const uint32_t st = static_cast<uint32_t>(std::min<uint64_t>(j * c - config_.prefill_tokens, config_.steps - 1));
+    const uint32_t st = static_cast<uint32_t>(
+        std::min<uint64_t>(j * c - config_.prefill_tokens, config_.steps - 1));
     topic_of_[j] = focus_[st];
     set_chunk(j, drifted(focus_[st], 1.0), k.decoded_noise);
   }
@@ -262,7 +270,8 @@ absl::Status Session::Build() {
     const uint64_t j = 1 + static_cast<uint64_t>(ud(rng) * (old_end - 1));
     uint32_t st = static_cast<uint32_t>(ud(rng) * config_.steps);
     if (std::count(steps_used.begin(), steps_used.end(), st) ||
-        std::any_of(needles_.begin(), needles_.end(), [&](const Needle& x) { return x.chunk == j; }))
+        std::any_of(needles_.begin(), needles_.end(),
+                    [&](const Needle& x) { return x.chunk == j; }))
       continue;
     steps_used.push_back(st);
     needle_dir.push_back(NeedleVector(r, rng));
@@ -362,7 +371,8 @@ absl::Status Session::Build() {
     for (uint32_t l = 0; l < s.layers; ++l)
       for (uint32_t q = 0; q < kClasses; ++q)
         if (class_heads[l][q])
-          for (uint64_t j = 0; j < nch; ++j) pm[j / cpp] += static_cast<float>(class_heads[l][q] * per_head * mass[q][j]);
+          for (uint64_t j = 0; j < nch; ++j)
+            pm[j / cpp] += static_cast<float>(class_heads[l][q] * per_head * mass[q][j]);
     // Labels: per layer, the prefix (sink first, then by mass) holding top_p of the mass;
     // a chunk is labelled when it is in the prefixes of at least m layers.
     const uint32_t cycle = st / k.tau;
@@ -431,7 +441,8 @@ absl::Status Session::Build() {
     for (uint32_t i = 0; i < hd_; ++i) {
       double acc = 0;
       for (uint32_t q = 0; q < u.size(); ++q) acc += w.wh[size_t{i} * u.size() + q] * u[q];
-      h[i] = static_cast<float>(acc * std::sqrt(double(hd_)) + sd * std::sqrt(double(hd_)) * nd(rng));
+      h[i] =
+          static_cast<float>(acc * std::sqrt(double(hd_)) + sd * std::sqrt(double(hd_)) * nd(rng));
     }
   }
   a_ = w.a;
@@ -482,7 +493,8 @@ uint32_t Session::FillPage(uint64_t page, uint8_t* payload) const {
   const ModelSpec& s = spec();
   const uint64_t total = config_.prefill_tokens + config_.steps;
   const uint64_t t0 = page * s.page_tokens;
-  const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(s.page_tokens, total > t0 ? total - t0 : 0));
+  const uint32_t n =
+      static_cast<uint32_t>(std::min<uint64_t>(s.page_tokens, total > t0 ? total - t0 : 0));
   std::memset(payload, 0, s.PageBytes());
   const size_t es = DTypeSize(s.dtype);
   auto put = [&](size_t elem, float v) {

@@ -17,9 +17,9 @@
 // softmax (up to the K dtype's rounding) while per-page K bounds are as loose as real
 // keys' per-token variation makes them. V is random.
 // Index keys: [B_l z_c ; 0] rotated at the chunk's position (RoPE + Hadamard; the rotated
-// dims carry no content, so scores do not depend on position) and compressed to fp8. The hidden state at a cycle start carries the focus, the next focus
-// when it switches within the cycle (with probability `anticipate`), and the needles the
-// cycle retrieves: h = W_h [u ; 1] + noise.
+// dims carry no content, so scores do not depend on position) and compressed to fp8. The hidden
+// state at a cycle start carries the focus, the next focus when it switches within the cycle (with
+// probability `anticipate`), and the needles the cycle retrieves: h = W_h [u ; 1] + noise.
 //
 // Golden labels of a cycle (DESIGN §3): the union over its tau steps of the chunks carrying
 // the top-p attention mass (head-averaged) in at least m layers.
@@ -38,28 +38,28 @@
 namespace fm::workload {
 
 struct Knobs {
-  uint64_t world_seed = 1;        // the synthetic model: topics, projections, head types
-  uint32_t latent_dim = 48;       // r (capped by the index key's unrotated dims)
-  uint32_t vocab_topics = 512;    // topics of the world
-  uint32_t session_topics = 24;   // distinct topics in one session's history
-  double episode_tokens = 1024;   // mean length of a history episode
-  double focus_steps = 300;       // mean decode steps on one focus topic
-  double recent_focus = 0.2;      // P(a new focus is the newest history topic)
-  double anticipate = 0.9;        // P(the hidden state announces a switch in its cycle)
-  uint32_t needles = 4;           // needles per session, each retrieved by one decode step
-  double chunk_noise = 0.5;       // per-chunk latent noise, relative to the topic vector
-  double decoded_noise = 1.0;     // the same for decoded chunks (less on-topic than sources)
-  double key_noise = 1.0;         // norm of each token's K variation outside every query's span
-  double drift = 0.15;            // a topic's drift over the history (0 = none)
-  double sink_share = 0.15;       // attention share of the sink chunk in every head
-  double sharp_beta = 16;         // logit scale of sharp heads
-  double diffuse_beta = 9;        // logit scale of diffuse heads
-  double diffuse_heads = 0.25;    // fraction of diffuse heads
-  double needle_gain = 28;        // lambda: logit of the needle at its retrieval step
-  double hidden_noise = 0.05;     // noise of the hidden state, relative
-  uint32_t tau = 64;              // cycle length in decode steps
-  double top_p = 0.6;             // label: chunks carrying the top-p mass ...
-  uint32_t label_layers = 1;      // ... in at least this many layers (m)
+  uint64_t world_seed = 1;       // the synthetic model: topics, projections, head types
+  uint32_t latent_dim = 48;      // r (capped by the index key's unrotated dims)
+  uint32_t vocab_topics = 512;   // topics of the world
+  uint32_t session_topics = 24;  // distinct topics in one session's history
+  double episode_tokens = 1024;  // mean length of a history episode
+  double focus_steps = 300;      // mean decode steps on one focus topic
+  double recent_focus = 0.2;     // P(a new focus is the newest history topic)
+  double anticipate = 0.9;       // P(the hidden state announces a switch in its cycle)
+  uint32_t needles = 4;          // needles per session, each retrieved by one decode step
+  double chunk_noise = 0.5;      // per-chunk latent noise, relative to the topic vector
+  double decoded_noise = 1.0;    // the same for decoded chunks (less on-topic than sources)
+  double key_noise = 1.0;        // norm of each token's K variation outside every query's span
+  double drift = 0.15;           // a topic's drift over the history (0 = none)
+  double sink_share = 0.15;      // attention share of the sink chunk in every head
+  double sharp_beta = 16;        // logit scale of sharp heads
+  double diffuse_beta = 9;       // logit scale of diffuse heads
+  double diffuse_heads = 0.25;   // fraction of diffuse heads
+  double needle_gain = 28;       // lambda: logit of the needle at its retrieval step
+  double hidden_noise = 0.05;    // noise of the hidden state, relative
+  uint32_t tau = 64;             // cycle length in decode steps
+  double top_p = 0.6;            // label: chunks carrying the top-p mass ...
+  uint32_t label_layers = 1;     // ... in at least this many layers (m)
 };
 
 struct SessionConfig {
@@ -139,13 +139,13 @@ class Session {
   std::vector<std::vector<uint8_t>> keys_;
   std::vector<float> hidden_, page_mass_;
   std::vector<uint8_t> labels_;
-  std::vector<std::vector<float>> a_;               // [layer * kv_heads]: d x r
-  std::vector<std::vector<float>> at_;              // the same, transposed: r x d
-  std::vector<std::vector<float>> key_noise_;       // [layer * kv_heads]: bank x d
+  std::vector<std::vector<float>> a_;          // [layer * kv_heads]: d x r
+  std::vector<std::vector<float>> at_;         // the same, transposed: r x d
+  std::vector<std::vector<float>> key_noise_;  // [layer * kv_heads]: bank x d
   const float* NoiseOf(uint32_t layer, uint32_t kv_head, uint64_t token) const;
   void ValueOf(uint32_t layer, uint32_t kv_head, uint64_t token, float* v) const;
-  std::vector<uint8_t> diffuse_, retrieval_;        // [layer * q_heads], [layer]
-  std::vector<std::vector<double>> needle_dir_;     // [needle]: r
+  std::vector<uint8_t> diffuse_, retrieval_;           // [layer * q_heads], [layer]
+  std::vector<std::vector<double>> needle_dir_;        // [needle]: r
   std::map<uint32_t, std::vector<double>> focus_dir_;  // focus topic -> direction
 };
 

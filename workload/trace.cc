@@ -8,7 +8,8 @@ namespace fm::workload {
 absl::Status WriteTrace(const Session& s, const std::string& path, const TraceOptions& o) {
   const bool with_pages = o.pages;
   const ModelSpec& sp = s.spec();
-  const int64_t C = static_cast<int64_t>(s.total_chunks()), P = static_cast<int64_t>(s.total_pages());
+  const int64_t C = static_cast<int64_t>(s.total_chunks()),
+                P = static_cast<int64_t>(s.total_pages());
   const int64_t K = s.cycles(), S = s.config().steps;
   std::vector<uint8_t> keys;
   for (uint32_t l = 0; l < sp.index_layers; ++l)
@@ -17,10 +18,12 @@ absl::Status WriteTrace(const Session& s, const std::string& path, const TraceOp
   for (int64_t cy = 0; cy < K; ++cy)
     for (uint32_t l = 0; l < sp.layers; ++l)
       for (uint32_t h = 0; h < sp.q_heads; ++h)
-        s.ModelQuery(static_cast<uint32_t>(cy * s.config().knobs.tau), l, h,
-                     queries.data() + ((size_t(cy) * sp.layers + l) * sp.q_heads + h) * sp.head_dim);
+        s.ModelQuery(
+            static_cast<uint32_t>(cy * s.config().knobs.tau), l, h,
+            queries.data() + ((size_t(cy) * sp.layers + l) * sp.q_heads + h) * sp.head_dim);
   std::vector<int64_t> needles;
-  for (const Needle& n : s.needles()) needles.insert(needles.end(), {int64_t(n.chunk), int64_t(n.step)});
+  for (const Needle& n : s.needles())
+    needles.insert(needles.end(), {int64_t(n.chunk), int64_t(n.step)});
   std::vector<int32_t> topics(s.chunk_topics().begin(), s.chunk_topics().end());
   std::vector<uint8_t> pages;
   if (with_pages) {
@@ -39,7 +42,8 @@ absl::Status WriteTrace(const Session& s, const std::string& path, const TraceOp
       for (uint32_t l = 0; l < sp.layers; ++l)
         for (uint32_t h = 0; h < sp.q_heads; ++h) {
           const size_t at = size_t(st) * per_step + (size_t{l} * sp.q_heads + h) * sp.head_dim;
-          if (o.step_queries) s.ModelQuery(static_cast<uint32_t>(st), l, h, step_queries.data() + at);
+          if (o.step_queries)
+            s.ModelQuery(static_cast<uint32_t>(st), l, h, step_queries.data() + at);
           if (o.outputs) s.DenseOutput(static_cast<uint32_t>(st), l, h, outputs.data() + at);
         }
   }
@@ -89,8 +93,8 @@ absl::StatusOr<Trace> ReadTrace(const std::string& path) {
     auto it = m.find(name);
     uint64_t v = 0;
     if (it == m.end() || !absl::SimpleAtoi(it->second, &v))
-      return absl::InvalidArgumentError(absl::StrCat(path, ": metadata field \"", name,
-                                                     "\" missing or not a number"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": metadata field \"", name, "\" missing or not a number"));
     *out = static_cast<std::remove_pointer_t<decltype(out)>>(v);
     return absl::OkStatus();
   };
@@ -99,12 +103,18 @@ absl::StatusOr<Trace> ReadTrace(const std::string& path) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a ", kTraceFormat, " file"));
   ModelSpec& s = t.spec;
   s.name = m.count("spec_name") ? m.at("spec_name") : "";
-  for (auto [name, out] : {std::pair{"layers", &s.layers}, {"q_heads", &s.q_heads},
-                           {"kv_heads", &s.kv_heads}, {"head_dim", &s.head_dim},
-                           {"page_tokens", &s.page_tokens}, {"index_layers", &s.index_layers},
-                           {"index_heads", &s.index_heads}, {"index_dim", &s.index_dim},
-                           {"chunk_tokens", &s.chunk_tokens}, {"hidden_dim", &s.hidden_dim},
-                           {"steps", &t.steps}, {"tau", &t.tau}})
+  for (auto [name, out] : {std::pair{"layers", &s.layers},
+                           {"q_heads", &s.q_heads},
+                           {"kv_heads", &s.kv_heads},
+                           {"head_dim", &s.head_dim},
+                           {"page_tokens", &s.page_tokens},
+                           {"index_layers", &s.index_layers},
+                           {"index_heads", &s.index_heads},
+                           {"index_dim", &s.index_dim},
+                           {"chunk_tokens", &s.chunk_tokens},
+                           {"hidden_dim", &s.hidden_dim},
+                           {"steps", &t.steps},
+                           {"tau", &t.tau}})
     if (absl::Status st = field(name, out); !st.ok()) return st;
   if (absl::Status st = field("prefill_tokens", &t.prefill_tokens); !st.ok()) return st;
   auto dt = ParseDType(m.count("dtype") ? m.at("dtype") : "");
@@ -124,7 +134,8 @@ absl::StatusOr<Trace> ReadTrace(const std::string& path) {
     return absl::OkStatus();
   };
   for (absl::Status st :
-       {get("index_keys", StDType::kU8, {s.index_layers, C, int64_t(s.IndexKeyBytes())}, &t.index_keys),
+       {get("index_keys", StDType::kU8, {s.index_layers, C, int64_t(s.IndexKeyBytes())},
+            &t.index_keys),
         get("hidden", StDType::kF32, {t.steps, s.hidden_dim}, &t.hidden),
         get("queries", StDType::kF32, {K, s.layers, s.q_heads, s.head_dim}, &t.queries),
         get("labels", StDType::kU8, {K, C}, &t.labels),

@@ -18,7 +18,8 @@ TEST(Trace, WritesAndReadsBackEveryTensor) {
   auto s = Session::Generate(c);
   ASSERT_THAT(s.status(), IsOk());
   const std::string path = ::testing::TempDir() + "/trace.safetensors";
-  ASSERT_THAT(WriteTrace(**s, path, {.pages = true, .step_queries = true, .outputs = true}), IsOk());
+  ASSERT_THAT(WriteTrace(**s, path, {.pages = true, .step_queries = true, .outputs = true}),
+              IsOk());
   auto t = ReadTrace(path);
   ASSERT_THAT(t.status(), IsOk());
   EXPECT_EQ(ModelSpecHash(t->spec), ModelSpecHash(c.spec));
@@ -50,8 +51,10 @@ TEST(Trace, WritesAndReadsBackEveryTensor) {
     std::vector<std::vector<float>> vals(n);
     for (uint64_t tk = 0; tk < n; ++tk) {
       if (tk % 64 == 0) (*s)->FillPage(tk / 64, pg.data());
-      const float* k = reinterpret_cast<const float*>(pg.data()) + c.spec.ElemOffset(l, 0, g, tk % 64);
-      const float* v = reinterpret_cast<const float*>(pg.data()) + c.spec.ElemOffset(l, 1, g, tk % 64);
+      const float* k =
+          reinterpret_cast<const float*>(pg.data()) + c.spec.ElemOffset(l, 0, g, tk % 64);
+      const float* v =
+          reinterpret_cast<const float*>(pg.data()) + c.spec.ElemOffset(l, 1, g, tk % 64);
       double d = 0;
       for (int i = 0; i < 64; ++i) d += double(q[i]) * k[i];
       mx = std::max(mx, logit[tk] = d * c.spec.Scale());
@@ -65,7 +68,8 @@ TEST(Trace, WritesAndReadsBackEveryTensor) {
     const float* got = outs->data() + (size_t{st} * 8 + l * 4 + h) * 64;
     for (int i = 0; i < 64; ++i) ASSERT_NEAR(got[i], o[i] / z, 1e-4) << i;
   }
-  auto pages = t->file->Get("pages", StDType::kU8, {int64_t(t->pages), int64_t(c.spec.PageBytes())});
+  auto pages =
+      t->file->Get("pages", StDType::kU8, {int64_t(t->pages), int64_t(c.spec.PageBytes())});
   ASSERT_THAT(pages.status(), IsOk());
   std::vector<uint8_t> page(c.spec.PageBytes());
   (*s)->FillPage(5, page.data());

@@ -43,8 +43,8 @@ constexpr uint32_t kHeadTile = 8;
 FM_FP16_TARGET __attribute__((noinline)) void DecodeBlock(const uint8_t* base, uint32_t di,
                                                           __m512h* kv) {
   alignas(64) static const uint8_t kIdx[2][64] = {
-#define FM_IDX(h, l) 0, static_cast<uint8_t>(((l) % 2) * 32 + (h) * 16 + (l) / 2)
-#define FM_IDX8(h, l)                                                                    \
+#define FM_IDX(h, l) 0, static_cast<uint8_t>(((l) % 2) * 32 + (h)*16 + (l) / 2)
+#define FM_IDX8(h, l)                                                                   \
   FM_IDX(h, l), FM_IDX(h, l + 1), FM_IDX(h, l + 2), FM_IDX(h, l + 3), FM_IDX(h, l + 4), \
       FM_IDX(h, l + 5), FM_IDX(h, l + 6), FM_IDX(h, l + 7)
       {FM_IDX8(0, 0), FM_IDX8(0, 8), FM_IDX8(0, 16), FM_IDX8(0, 24)},
@@ -70,8 +70,8 @@ FM_FP16_TARGET __attribute__((noinline)) void SpanTile(const __m512h* kv, const 
                                                        uint32_t j0, uint32_t j1, bool first,
                                                        const uint8_t* prefetch,
                                                        float (*part)[2][16]) {
-  __m512h a0 = _mm512_setzero_ph(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-          a7 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0, c4 = a0, c5 = a0, c6 = a0, c7 = a0;
+  __m512h a0 = _mm512_setzero_ph(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
+          c0 = a0, c1 = a0, c2 = a0, c3 = a0, c4 = a0, c5 = a0, c6 = a0, c7 = a0;
   for (uint32_t j = j0; j < j1; j += 2, qj += kHeadTile) {
     _mm_prefetch(reinterpret_cast<const char*>(prefetch) + 32 * j, _MM_HINT_T0);
     const __m512h k0 = kv[j], k1 = kv[j + 1];
@@ -93,8 +93,8 @@ FM_FP16_TARGET __attribute__((noinline)) void SpanTile(const __m512h* kv, const 
       const __m512h a = acc[k][half];
       const __m512h sum =
           _mm512_add_ph(a, _mm512_castsi512_ph(_mm512_srli_epi32(_mm512_castph_si512(a), 16)));
-      __m512 dot = _mm512_cvtxph_ps(
-          _mm256_castsi256_ph(_mm512_cvtepi32_epi16(_mm512_castph_si512(sum))));
+      __m512 dot =
+          _mm512_cvtxph_ps(_mm256_castsi256_ph(_mm512_cvtepi32_epi16(_mm512_castph_si512(sum))));
       if (!first) dot = _mm512_add_ps(dot, _mm512_load_ps(part[k][half]));
       _mm512_store_ps(part[k][half], dot);
     }
@@ -107,8 +107,8 @@ FM_FP16_TARGET void ScoreGroups(const IndexerShape& s, const uint32_t* qp, const
   const uint32_t span = std::min(kSpan, di);
   const __m512 zero = _mm512_setzero_ps();
   std::vector<uint8_t> kv_mem(size_t{di} * 64 + 64);
-  __m512h* kv = reinterpret_cast<__m512h*>(
-      (reinterpret_cast<uintptr_t>(kv_mem.data()) + 63) & ~uintptr_t{63});
+  __m512h* kv = reinterpret_cast<__m512h*>((reinterpret_cast<uintptr_t>(kv_mem.data()) + 63) &
+                                           ~uintptr_t{63});
   alignas(64) float part[kHeadTile][2][16];  // [head][half][chunk] fp32 sums over spans
   alignas(64) float lg[kKeyBlock];
   for (uint64_t b = b0; b < b1; ++b) {

@@ -10,7 +10,7 @@ namespace fm::indexer {
 
 struct IndexerFlags {
   CoreOptions core;
-  std::string weights;         // loaded at start when set
+  std::string weights;  // loaded at start when set
   std::string default_policy = "lsa";
 };
 

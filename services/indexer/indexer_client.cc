@@ -97,7 +97,8 @@ absl::StatusOr<Prediction> IndexerClient::Predict(const std::string& session,
   req.set_tail_pages(a.tail);
   for (float m : a.oracle_page_mass) req.add_oracle_page_mass(m);
   v1::PredictResponse resp;
-  if (absl::Status st = FromGrpcStatus(Stub(session)->Predict(Context().get(), req, &resp)); !st.ok())
+  if (absl::Status st = FromGrpcStatus(Stub(session)->Predict(Context().get(), req, &resp));
+      !st.ok())
     return st;
   Prediction p;
   p.total_pages = resp.resident().total_pages();

@@ -3,11 +3,11 @@
 // NOT_FOUND, and the caller re-registers it (a restarted or newly added replica).
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "flashmemory/v1/indexer.grpc.pb.h"

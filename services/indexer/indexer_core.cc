@@ -21,8 +21,9 @@ struct PolicyInfo {
   const char* name;
 };
 constexpr PolicyInfo kPolicies[] = {
-    {Policy::kDefault, "default"}, {Policy::kLsa, "lsa"},         {Policy::kQuest, "quest"},
-    {Policy::kRecency, "recency"}, {Policy::kRandom, "random"},   {Policy::kSinkRecency, "sink_recency"},
+    {Policy::kDefault, "default"}, {Policy::kLsa, "lsa"},
+    {Policy::kQuest, "quest"},     {Policy::kRecency, "recency"},
+    {Policy::kRandom, "random"},   {Policy::kSinkRecency, "sink_recency"},
     {Policy::kOracle, "oracle"},   {Policy::kDense, "dense"}};
 
 absl::Status CheckSessionId(const std::string& id) {
@@ -68,8 +69,9 @@ const char* PolicyName(Policy p) {
 absl::StatusOr<Policy> ParsePolicy(const std::string& name) {
   for (const auto& i : kPolicies)
     if (name == i.name) return i.p;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown policy \"", name, "\"; want lsa, quest, recency, random, sink_recency, oracle, dense"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown policy \"", name,
+                   "\"; want lsa, quest, recency, random, sink_recency, oracle, dense"));
 }
 
 size_t IndexerBoundsFloats(const ModelSpec& spec) {
@@ -94,16 +96,19 @@ absl::StatusOr<std::shared_ptr<const Weights>> Weights::Load(const std::string& 
     return absl::OkStatus();
   };
   kernels::IndexerShape& s = w->shape;
-  for (auto [n, o] : {std::pair{"index_layers", &s.layers}, {"index_heads", &s.heads},
-                      {"index_dim", &s.dim}, {"hidden_dim", &s.hidden}, {"rank", &s.rank},
+  for (auto [n, o] : {std::pair{"index_layers", &s.layers},
+                      {"index_heads", &s.heads},
+                      {"index_dim", &s.dim},
+                      {"hidden_dim", &s.hidden},
+                      {"rank", &s.rank},
                       {"rope_dims", &s.rope_dims}})
     if (absl::Status st = field(n, o); !st.ok()) return st;
   if (auto it = m.find("rope_theta"); it != m.end() && !absl::SimpleAtof(it->second, &s.rope_theta))
     return absl::InvalidArgumentError(absl::StrCat(path, ": rope_theta is not a number"));
   std::string why;
   if (s.Validate(&why) != kernels::KernelStatus::kOk || s.hidden == 0 || s.rank == 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": bad indexer shape: ", why.empty() ? "hidden and rank must be > 0" : why));
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": bad indexer shape: ", why.empty() ? "hidden and rank must be > 0" : why));
   const int64_t H = s.heads, D = s.dim, R = s.rank, X = s.hidden;
   uint64_t hash = 0;
   for (uint32_t l = 0; l < s.layers; ++l) {
@@ -145,10 +150,11 @@ absl::Status Weights::Save(const std::string& path) const {
 
 absl::Status Weights::Matches(const ModelSpec& spec) const {
   auto bad = [&](const char* what, uint64_t have, uint64_t want) {
-    return absl::InvalidArgumentError(absl::StrCat("indexer weights have ", what, " = ", have,
-                                                   " but the model spec has ", want));
+    return absl::InvalidArgumentError(
+        absl::StrCat("indexer weights have ", what, " = ", have, " but the model spec has ", want));
   };
-  if (shape.layers != spec.index_layers) return bad("index_layers", shape.layers, spec.index_layers);
+  if (shape.layers != spec.index_layers)
+    return bad("index_layers", shape.layers, spec.index_layers);
   if (shape.heads != spec.index_heads) return bad("index_heads", shape.heads, spec.index_heads);
   if (shape.dim != spec.index_dim) return bad("index_dim", shape.dim, spec.index_dim);
   if (shape.hidden != spec.hidden_dim) return bad("hidden_dim", shape.hidden, spec.hidden_dim);
@@ -162,7 +168,7 @@ struct IndexerCore::Session {
   uint64_t chunks ABSL_GUARDED_BY(mu) = 0;
   uint64_t bound_pages ABSL_GUARDED_BY(mu) = 0;
   std::vector<std::vector<uint8_t>> blocks ABSL_GUARDED_BY(mu);  // per index layer, scan layout
-  std::vector<float> bounds ABSL_GUARDED_BY(mu);  // [page][IndexerBoundsFloats]
+  std::vector<float> bounds ABSL_GUARDED_BY(mu);                 // [page][IndexerBoundsFloats]
   uint64_t bytes() const ABSL_SHARED_LOCKS_REQUIRED(mu) {
     uint64_t b = bounds.size() * 4;
     for (const auto& v : blocks) b += v.size();
@@ -240,11 +246,11 @@ absl::Status IndexerCore::Append(const std::string& session, const uint8_t* keys
         "bounds start at page ", first_page, " but the session expects page ", s->bound_pages));
   if (bound_pages > 0 && (first_page + bound_pages) * sp.page_tokens > tokens + sp.page_tokens - 1)
     return absl::InvalidArgumentError("bounds for pages beyond the history");
-  const uint64_t add = KeysBytesGrowth(sp, s->chunks, new_chunks) +
-                       bound_pages * IndexerBoundsFloats(sp) * 4;
+  const uint64_t add =
+      KeysBytesGrowth(sp, s->chunks, new_chunks) + bound_pages * IndexerBoundsFloats(sp) * 4;
   if (bytes_.load() + add > options_.max_bytes)
-    return absl::ResourceExhaustedError(absl::StrCat("indexer memory limit of ", options_.max_bytes,
-                                                     " bytes reached"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("indexer memory limit of ", options_.max_bytes, " bytes reached"));
   const size_t kb = sp.IndexKeyBytes();
   for (uint32_t l = 0; l < sp.index_layers; ++l) {
     auto& b = s->blocks[l];
@@ -315,8 +321,7 @@ CoreStats IndexerCore::Stats() const {
   return st;
 }
 
-absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
-                                                const PredictArgs& a) {
+absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, const PredictArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   auto s = Find(session);
   if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
@@ -330,13 +335,12 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
   uint64_t budget_pages;
   if (a.max_pages > 0) {
     if (a.max_pages > total)
-      return absl::InvalidArgumentError(absl::StrCat("max_pages ", a.max_pages,
-                                                     " exceeds the session's ", total, " pages"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("max_pages ", a.max_pages, " exceeds the session's ", total, " pages"));
     budget_pages = a.max_pages;
   } else {
     if (!(a.budget > 0.0f && a.budget <= 1.0f))
-      return absl::InvalidArgumentError(
-          absl::StrCat("budget must be in (0, 1], got ", a.budget));
+      return absl::InvalidArgumentError(absl::StrCat("budget must be in (0, 1], got ", a.budget));
     budget_pages = static_cast<uint64_t>(std::ceil(double(a.budget) * total));
   }
   Policy policy = a.policy == Policy::kDefault ? options_.default_policy : a.policy;
@@ -356,16 +360,16 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
       if (absl::Status st = w->Matches(sp); !st.ok())
         return absl::FailedPreconditionError(st.message());
       if (a.hidden.size() != sp.hidden_dim)
-        return absl::InvalidArgumentError(absl::StrCat("hidden has ", a.hidden.size(),
-                                                       " floats; expected hidden_dim = ",
-                                                       sp.hidden_dim));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "hidden has ", a.hidden.size(), " floats; expected hidden_dim = ", sp.hidden_dim));
       const kernels::IndexerShape& is = w->shape;
       std::vector<float> q(size_t{is.layers} * is.heads * is.dim), hw(size_t{is.layers} * is.heads);
       for (uint32_t l = 0; l < is.layers; ++l) {
         const kernels::IndexerLayerWeights lw{w->w_a[l].data(), w->g[l].data(), w->w_b[l].data(),
                                               w->w_w[l].data()};
         kernels::IndexerQuery(is, lw, a.hidden.data(), s->tokens,
-                              q.data() + size_t{l} * is.heads * is.dim, hw.data() + size_t{l} * is.heads);
+                              q.data() + size_t{l} * is.heads * is.dim,
+                              hw.data() + size_t{l} * is.heads);
       }
       std::vector<const uint8_t*> ptrs;
       for (const auto& b : s->blocks) ptrs.push_back(b.data());
@@ -391,9 +395,10 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
     case Policy::kQuest: {
       const size_t qf = size_t{sp.index_layers} * sp.q_heads * sp.head_dim;
       if (a.query.size() != qf)
-        return absl::InvalidArgumentError(absl::StrCat(
-            "quest needs the decode queries of the index layers: ", a.query.size(),
-            " floats; expected [", sp.index_layers, "][", sp.q_heads, "][", sp.head_dim, "] = ", qf));
+        return absl::InvalidArgumentError(
+            absl::StrCat("quest needs the decode queries of the index layers: ", a.query.size(),
+                         " floats; expected [", sp.index_layers, "][", sp.q_heads, "][",
+                         sp.head_dim, "] = ", qf));
       if (s->bound_pages == 0)
         return absl::FailedPreconditionError("quest needs page bounds; none were registered");
       kernels::AttentionShape as;
@@ -419,7 +424,8 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session,
       out.pages = PickPages(score, total, kmax, sink, tail);
       break;
     case Policy::kRandom: {
-      const uint64_t seed = Checksum64(session.data(), session.size()) ^ (a.step * 0x9e3779b97f4a7c15ull);
+      const uint64_t seed =
+          Checksum64(session.data(), session.size()) ^ (a.step * 0x9e3779b97f4a7c15ull);
       for (uint64_t p = 0; p < total; ++p) {
         uint64_t x = seed ^ (p * 0xbf58476d1ce4e5b9ull);
         x ^= x >> 31;

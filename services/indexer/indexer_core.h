@@ -21,8 +21,14 @@ namespace fm::indexer {
 
 // Numbered as flashmemory.v1.Policy.
 enum class Policy : uint8_t {
-  kDefault = 0, kLsa = 1, kQuest = 2, kRecency = 3, kRandom = 4, kSinkRecency = 5,
-  kOracle = 6, kDense = 7,
+  kDefault = 0,
+  kLsa = 1,
+  kQuest = 2,
+  kRecency = 3,
+  kRandom = 4,
+  kSinkRecency = 5,
+  kOracle = 6,
+  kDense = 7,
 };
 const char* PolicyName(Policy p);
 absl::StatusOr<Policy> ParsePolicy(const std::string& name);

@@ -11,9 +11,9 @@
 
 namespace fm::indexer {
 namespace {
+using absl::StatusCode;
 using ::fm::testing::IsOk;
 using ::fm::testing::StatusIs;
-using absl::StatusCode;
 
 std::unique_ptr<workload::Session> MakeSession(uint64_t seed = 2) {
   workload::SessionConfig c;
@@ -144,8 +144,8 @@ TEST(IndexerCore, QuestScoresPagesByTheirBounds) {
   const uint64_t pages = 46, chunks = pages * sp.ChunksPerPage(), tokens = pages * 64;
   auto keys = Keys(*s, 0, chunks);
   // Bounds of the index layers (tiny: 1 index layer = model layer 1) from the pages.
-  kernels::AttentionShape full{sp.layers, sp.q_heads, sp.kv_heads, sp.head_dim, 64,
-                               kernels::ElemType::kF32};
+  kernels::AttentionShape full{sp.layers,   sp.q_heads, sp.kv_heads,
+                               sp.head_dim, 64,         kernels::ElemType::kF32};
   const size_t bf = IndexerBoundsFloats(sp);
   std::vector<float> bounds(pages * bf), all(kernels::QuestBoundsFloats(full));
   std::vector<uint8_t> page(sp.PageBytes());
@@ -153,8 +153,8 @@ TEST(IndexerCore, QuestScoresPagesByTheirBounds) {
     s->FillPage(pg, page.data());
     kernels::QuestBounds(full, page.data(), 64, all.data());
     const uint32_t ml = ModelLayerOfIndexLayer(sp, 0);
-    std::copy(all.begin() + ml * (all.size() / sp.layers), all.begin() + (ml + 1) * (all.size() / sp.layers),
-              bounds.begin() + pg * bf);
+    std::copy(all.begin() + ml * (all.size() / sp.layers),
+              all.begin() + (ml + 1) * (all.size() / sp.layers), bounds.begin() + pg * bf);
   }
   ASSERT_THAT(core.Register("a", sp, keys.data(), chunks, tokens, bounds.data(), pages), IsOk());
   PredictArgs a;
@@ -215,13 +215,16 @@ TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
   a.policy = Policy::kOracle;
   EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
   // Appends: out of order, beyond the history, unknown session.
-  EXPECT_THAT(core.Append("good", keys.data(), 5, 1, 46 * 64), StatusIs(StatusCode::kFailedPrecondition));
-  EXPECT_THAT(core.Append("good", keys.data(), chunks, 16, 46 * 64), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(core.Append("good", keys.data(), 5, 1, 46 * 64),
+              StatusIs(StatusCode::kFailedPrecondition));
+  EXPECT_THAT(core.Append("good", keys.data(), chunks, 16, 46 * 64),
+              StatusIs(StatusCode::kInvalidArgument));
   EXPECT_THAT(core.Append("nope", keys.data(), 0, 1, 64), StatusIs(StatusCode::kNotFound));
   EXPECT_THAT(core.Register("", sp, keys.data(), 1, 64), StatusIs(StatusCode::kInvalidArgument));
   ModelSpec noindex = sp;
   noindex.index_layers = 0;
-  EXPECT_THAT(core.Register("x", noindex, keys.data(), 1, 64), StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_THAT(core.Register("x", noindex, keys.data(), 1, 64),
+              StatusIs(StatusCode::kInvalidArgument));
   // The memory limit: a second session of the same size does not fit.
   EXPECT_THAT(core.Register("big", sp, keys.data(), chunks, 46 * 64),
               StatusIs(StatusCode::kResourceExhausted));
@@ -237,8 +240,12 @@ TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
   wr.Add("layer0.g", StDType::kF32, {16}, std::vector<float>(16, 1.0f));
   wr.Add("layer0.w_b", StDType::kF32, {10}, tiny);
   wr.Add("layer0.w_w", StDType::kF32, {4, 256}, RandomWeights(sp, 16, 3)->w_w[0]);
-  ASSERT_THAT(wr.Write(path, {{"index_layers", "1"}, {"index_heads", "4"}, {"index_dim", "64"},
-                              {"hidden_dim", "256"}, {"rank", "16"}, {"rope_dims", "32"}}),
+  ASSERT_THAT(wr.Write(path, {{"index_layers", "1"},
+                              {"index_heads", "4"},
+                              {"index_dim", "64"},
+                              {"hidden_dim", "256"},
+                              {"rank", "16"},
+                              {"rope_dims", "32"}}),
               IsOk());
   EXPECT_THAT(core.LoadWeights(path), StatusIs(StatusCode::kInvalidArgument));
   // The good session still answers exactly as before.

@@ -36,9 +36,9 @@ absl::Status CheckKeys(const ModelSpec& spec, const v1::IndexKeys& k) {
 }
 
 // Bounds of consecutive pages, flattened; first page in *first.
-absl::StatusOr<std::vector<float>> Bounds(const ModelSpec& spec,
-                                          const google::protobuf::RepeatedPtrField<v1::QuestBounds>& b,
-                                          uint64_t* first) {
+absl::StatusOr<std::vector<float>> Bounds(
+    const ModelSpec& spec, const google::protobuf::RepeatedPtrField<v1::QuestBounds>& b,
+    uint64_t* first) {
   std::vector<float> out;
   const size_t bf = IndexerBoundsFloats(spec);
   for (int i = 0; i < b.size(); ++i) {
@@ -46,10 +46,10 @@ absl::StatusOr<std::vector<float>> Bounds(const ModelSpec& spec,
     if (b[i].page() != *first + i)
       return absl::InvalidArgumentError("quest bounds must cover consecutive pages in order");
     if (b[i].min_max().size() != bf * 4)
-      return absl::InvalidArgumentError(absl::StrCat(
-          "quest bounds of page ", b[i].page(), " carry ", b[i].min_max().size(),
-          " bytes; expected [", spec.index_layers, "][", spec.kv_heads, "][2][", spec.head_dim,
-          "] fp32 = ", bf * 4));
+      return absl::InvalidArgumentError(
+          absl::StrCat("quest bounds of page ", b[i].page(), " carry ", b[i].min_max().size(),
+                       " bytes; expected [", spec.index_layers, "][", spec.kv_heads, "][2][",
+                       spec.head_dim, "] fp32 = ", bf * 4));
     const size_t at = out.size();
     out.resize(at + bf);
     std::memcpy(out.data() + at, b[i].min_max().data(), bf * 4);
@@ -88,10 +88,10 @@ grpc::ServerUnaryReactor* IndexerService::AppendKeys(grpc::CallbackServerContext
   uint64_t first = 0;
   auto bounds = Bounds(*spec, req->bounds(), &first);
   if (!bounds.ok()) return Done(ctx, bounds.status());
-  absl::Status st = core_->Append(
-      req->session_id(), reinterpret_cast<const uint8_t*>(req->keys().data().data()),
-      req->keys().first_chunk(), req->keys().chunks(), req->tokens(), bounds->data(), first,
-      req->bounds_size());
+  absl::Status st =
+      core_->Append(req->session_id(), reinterpret_cast<const uint8_t*>(req->keys().data().data()),
+                    req->keys().first_chunk(), req->keys().chunks(), req->tokens(), bounds->data(),
+                    first, req->bounds_size());
   if (st.ok()) resp->set_chunks(req->keys().first_chunk() + req->keys().chunks());
   return Done(ctx, st);
 }

@@ -10,9 +10,9 @@ class IndexerService final : public flashmemory::v1::Indexer::CallbackService {
  public:
   explicit IndexerService(IndexerCore* core) : core_(core) {}
 
-  grpc::ServerUnaryReactor* RegisterSession(grpc::CallbackServerContext* ctx,
-                                            const flashmemory::v1::RegisterSessionRequest* req,
-                                            flashmemory::v1::RegisterSessionResponse* resp) override;
+  grpc::ServerUnaryReactor* RegisterSession(
+      grpc::CallbackServerContext* ctx, const flashmemory::v1::RegisterSessionRequest* req,
+      flashmemory::v1::RegisterSessionResponse* resp) override;
   grpc::ServerUnaryReactor* AppendKeys(grpc::CallbackServerContext* ctx,
                                        const flashmemory::v1::AppendKeysRequest* req,
                                        flashmemory::v1::AppendKeysResponse* resp) override;

@@ -53,9 +53,10 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
       indexer::Policy::kLsa,    indexer::Policy::kQuest,       indexer::Policy::kRecency,
       indexer::Policy::kRandom, indexer::Policy::kSinkRecency, indexer::Policy::kOracle};
   std::vector<std::string> rows_json;
-  std::printf("fm-bench indexer: %s spec, budget %.0f %% of pages (sink and tail included), tau %u, "
-              "weights %s\n",
-              o.spec.c_str(), 100 * o.budget, o.tau, o.weights.c_str());
+  std::printf(
+      "fm-bench indexer: %s spec, budget %.0f %% of pages (sink and tail included), tau %u, "
+      "weights %s\n",
+      o.spec.c_str(), 100 * o.budget, o.tau, o.weights.c_str());
   std::printf("%-9s %-13s %11s %12s %15s %11s %11s %11s\n", "context", "policy", "mass_recall",
               "label_recall", "label_precision", "needle_hit", "p50_ms", "p99_ms");
   for (uint64_t context : o.contexts) {
@@ -105,12 +106,11 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
         for (uint32_t l = 0; l < spec->index_layers; ++l)
           keys.insert(keys.end(), s.index_keys(l).begin() + have_chunks * kb,
                       s.index_keys(l).begin() + chunks * kb);
-        absl::Status st =
-            cy == 0 ? core.Register(id, *spec, keys.data(), chunks, s.tokens_at(s0),
-                                    bounds.data(), sealed)
-                    : core.Append(id, keys.data(), have_chunks, chunks - have_chunks,
-                                  s.tokens_at(s0), bounds.data() + have_pages * bf, have_pages,
-                                  sealed - have_pages);
+        absl::Status st = cy == 0 ? core.Register(id, *spec, keys.data(), chunks, s.tokens_at(s0),
+                                                  bounds.data(), sealed)
+                                  : core.Append(id, keys.data(), have_chunks, chunks - have_chunks,
+                                                s.tokens_at(s0), bounds.data() + have_pages * bf,
+                                                have_pages, sealed - have_pages);
         if (!st.ok()) {
           std::fprintf(stderr, "fm-bench indexer: %s\n", st.ToString().c_str());
           return 1;
@@ -187,15 +187,18 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
       const double p50 = Percentile(ac.latency_ms, 0.5), p99 = Percentile(ac.latency_ms, 0.99);
       std::printf("%-9llu %-13s %11.4f %12.4f %15.4f %11s %11.2f %11.2f\n",
                   static_cast<unsigned long long>(context), indexer::PolicyName(pol), mr, lr, lp,
-                  ac.needles ? (std::to_string(ac.needle_hits) + "/" + std::to_string(ac.needles)).c_str() : "-",
+                  ac.needles
+                      ? (std::to_string(ac.needle_hits) + "/" + std::to_string(ac.needles)).c_str()
+                      : "-",
                   p50, p99);
       char row[512];
-      std::snprintf(row, sizeof(row),
-                    "{\"context\": %llu, \"policy\": \"%s\", \"budget\": %g, \"mass_recall\": %.6f, "
-                    "\"label_recall\": %.6f, \"label_precision\": %.6f, \"needle_hit\": %.6f, "
-                    "\"predict_p50_ms\": %.4f, \"predict_p99_ms\": %.4f}",
-                    static_cast<unsigned long long>(context), indexer::PolicyName(pol), o.budget,
-                    mr, lr, lp, nh, p50, p99);
+      std::snprintf(
+          row, sizeof(row),
+          "{\"context\": %llu, \"policy\": \"%s\", \"budget\": %g, \"mass_recall\": %.6f, "
+          "\"label_recall\": %.6f, \"label_precision\": %.6f, \"needle_hit\": %.6f, "
+          "\"predict_p50_ms\": %.4f, \"predict_p99_ms\": %.4f}",
+          static_cast<unsigned long long>(context), indexer::PolicyName(pol), o.budget, mr, lr, lp,
+          nh, p50, p99);
       rows_json.push_back(row);
     }
     std::fflush(stdout);
