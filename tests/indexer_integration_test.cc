@@ -1,5 +1,6 @@
 // Integration tests: real fm-indexer and flashmemory processes on loopback.
 #include <gtest/gtest.h>
+#include <httplib.h>
 
 #include <filesystem>
 #include <random>
@@ -212,8 +213,9 @@ TEST_F(IndexerProcessTest, BadInputGetsPreciseStatusesAndTheServerStaysUp) {
 }
 
 TEST_F(IndexerProcessTest, AllInOneServesKvstoreAndIndexerOnOnePort) {
-  auto server = Start("flashmemory", {"--data_dir", dir_ + "/data", "--ram_bytes", "64MiB",
-                                      "--slab_bytes", "8MiB", "--weights", SaveWeights()});
+  auto server =
+      Start("flashmemory", {"--data_dir", dir_ + "/data", "--ram_bytes", "64MiB", "--slab_bytes",
+                            "8MiB", "--weights", SaveWeights(), "--metrics_port", "0"});
   ASSERT_NE(server, nullptr);
   auto ix = IndexerClient::Connect(server->target());
   ASSERT_THAT(ix, IsOk());
@@ -223,6 +225,15 @@ TEST_F(IndexerProcessTest, AllInOneServesKvstoreAndIndexerOnOnePort) {
   auto p = (*ix)->Predict("s", args);
   ASSERT_THAT(p, IsOk());
   EXPECT_EQ(p->chunks_scored, chunks_);
+  {  // The indexer's totals on /metrics.
+    httplib::Client http("127.0.0.1", server->metrics_port());
+    auto res = http.Get("/metrics");
+    ASSERT_TRUE(res);
+    EXPECT_NE(res->body.find("fm_indexer_sessions 1\n"), std::string::npos) << res->body;
+    EXPECT_NE(res->body.find("fm_indexer_predictions_total 1\n"), std::string::npos);
+    EXPECT_NE(res->body.find("fm_indexer_chunks " + std::to_string(chunks_) + "\n"),
+              std::string::npos);
+  }
   KvClientOptions o;
   o.use_ucx = false;
   auto kv = KvClient::Connect(server->target(), o);

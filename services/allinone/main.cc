@@ -52,6 +52,7 @@ int main(int argc, char** argv) {
   }
   fm::KvStoreService kv_service(store->get(), kv.max_keys_per_call);
   fm::indexer::IndexerService ix_service(core->get());
+  fm::indexer::AddIndexerMetrics(core->get(), &metrics);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&kv_service, "flashmemory.v1.KvStore");
   runner.AddService(&ix_service, "flashmemory.v1.Indexer");

@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <filesystem>
 
+#include "common/metrics.h"
 #include "services/indexer/indexer_core.h"
 
 namespace fm::indexer {
@@ -42,6 +43,21 @@ inline absl::StatusOr<std::unique_ptr<IndexerCore>> MakeIndexerCore(IndexerFlags
   if (!f.weights.empty())
     if (absl::Status st = core->LoadWeights(f.weights); !st.ok()) return st;
   return core;
+}
+
+// Exports the core's totals on the server's /metrics.
+inline void AddIndexerMetrics(const IndexerCore* core, MetricsRegistry* metrics) {
+  metrics->AddCollector([core](std::string* out) {
+    const CoreStats s = core->Stats();
+    AppendMetricFamily(out, "fm_indexer_sessions", "Sessions held.", "gauge",
+                       {{"", double(s.sessions)}});
+    AppendMetricFamily(out, "fm_indexer_chunks", "Index chunks held, all sessions.", "gauge",
+                       {{"", double(s.chunks)}});
+    AppendMetricFamily(out, "fm_indexer_bytes", "Bytes of keys and bounds held.", "gauge",
+                       {{"", double(s.bytes)}});
+    AppendMetricFamily(out, "fm_indexer_predictions_total", "Predict calls answered.", "counter",
+                       {{"", double(s.predictions)}});
+  });
 }
 
 }  // namespace fm::indexer

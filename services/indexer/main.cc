@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   }
   fm::MetricsRegistry metrics;
   fm::indexer::IndexerService service(core->get());
+  fm::indexer::AddIndexerMetrics(core->get(), &metrics);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.Indexer");
   return runner.ServeUntilSignal("indexer");
