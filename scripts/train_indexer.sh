@@ -15,5 +15,5 @@ build/bin/fmctl gen --spec bench --tokens 65536 --steps 512 --seed 3000 --count 
 build/bin/fmctl gen --spec bench --tokens 32768 --steps 512 --seed 2000 --count 6 \
   --out "$WORK" | tail -1
 /usr/bin/python3 trainer/train_indexer.py --train "$WORK/bench-*-s[13]*.safetensors" \
-  --val "$WORK/bench-*-s2*.safetensors" --out "$OUT" --epochs 8 --loss focal
+  --val "$WORK/bench-*-s2*.safetensors" --out "$OUT" --epochs 8 --loss focal --page-loss 2.0
 ((KEEP)) || rm -rf "$WORK"
