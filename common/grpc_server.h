@@ -11,8 +11,17 @@
 
 #include "absl/status/status.h"
 #include "common/metrics.h"
+#include "common/status.h"
 
 namespace fm {
+
+// Finishes a unary callback call with `s` (converted at the RPC edge) and returns its reactor.
+inline grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx,
+                                             const absl::Status& s) {
+  auto* r = ctx->DefaultReactor();
+  r->Finish(ToGrpcStatus(s));
+  return r;
+}
 
 struct ServerOptions {
   std::string host = "0.0.0.0";      // listen address; "127.0.0.1" for loopback only

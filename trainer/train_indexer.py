@@ -170,10 +170,12 @@ def main():
                 nneg = min(len(neg_all), max(1, a.negatives * len(pos)))
                 neg = neg_all[torch.randint(len(neg_all), (nneg,), generator=gen)]
                 idx = torch.cat([pos, neg])
-                loss = loss + loss_fn(chunk_scores(tower, it, idx), y[idx], a.loss, a.gamma)
-                if a.page_loss > 0:
-                    loss = loss + a.page_loss * page_loss(chunk_scores(tower, it), y,
-                                                          it["trace"].chunks_per_page)
+                if a.page_loss > 0:  # every chunk is scored anyway: score once, index it
+                    full = chunk_scores(tower, it)
+                    loss = loss + loss_fn(full[:, idx], y[idx], a.loss, a.gamma)
+                    loss = loss + a.page_loss * page_loss(full, y, it["trace"].chunks_per_page)
+                else:
+                    loss = loss + loss_fn(chunk_scores(tower, it, idx), y[idx], a.loss, a.gamma)
             loss = loss / len(perm[b0:b0 + a.batch])
             loss.backward()
             opt.step()

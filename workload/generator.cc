@@ -509,15 +509,12 @@ uint32_t Session::FillPage(uint64_t page, uint8_t* payload) const {
   std::vector<float> kv(s.head_dim);
   for (uint32_t l = 0; l < s.layers; ++l)
     for (uint32_t g = 0; g < s.kv_heads; ++g) {
-      const std::vector<float>& a = a_[l * s.kv_heads + g];
+      std::vector<float> k(s.head_dim);
       for (uint32_t t = 0; t < n; ++t) {
-        const float* zj = z_.data() + ((t0 + t) / s.chunk_tokens) * r_;
+        if (t == 0 || (t0 + t) % s.chunk_tokens == 0)
+          ChunkKey(l, g, (t0 + t) / s.chunk_tokens, k.data());
         const float* nz = NoiseOf(l, g, t0 + t);
-        for (uint32_t i = 0; i < s.head_dim; ++i) {
-          double acc = 0;
-          for (uint32_t j = 0; j < r_; ++j) acc += a[size_t{i} * r_ + j] * zj[j];
-          put(s.ElemOffset(l, 0, g, t) + i, static_cast<float>(acc + nz[i]));
-        }
+        for (uint32_t i = 0; i < s.head_dim; ++i) put(s.ElemOffset(l, 0, g, t) + i, k[i] + nz[i]);
         ValueOf(l, g, t0 + t, kv.data());
         for (uint32_t i = 0; i < s.head_dim; ++i) put(s.ElemOffset(l, 1, g, t) + i, kv[i]);
       }
@@ -564,6 +561,16 @@ const float* Session::NoiseOf(uint32_t layer, uint32_t g, uint64_t token) const 
   return key_noise_[layer * spec().kv_heads + g].data() + b * spec().head_dim;
 }
 
+void Session::ChunkKey(uint32_t layer, uint32_t g, uint64_t chunk, float* k) const {
+  // K without the token's variation: A z_chunk, as axpys over A's transposed rows.
+  const uint32_t d = spec().head_dim;
+  const float* at = at_[layer * spec().kv_heads + g].data();
+  const float* zj = z_.data() + chunk * r_;
+  std::fill(k, k + d, 0.0f);
+  for (uint32_t j = 0; j < r_; ++j)
+    for (uint32_t i = 0; i < d; ++i) k[i] += zj[j] * at[size_t{j} * d + i];
+}
+
 void Session::PageBounds(uint64_t page, const std::vector<uint32_t>& layers, float* out) const {
   const ModelSpec& s = spec();
   const uint32_t d = s.head_dim, c = s.chunk_tokens;
@@ -572,18 +579,11 @@ void Session::PageBounds(uint64_t page, const std::vector<uint32_t>& layers, flo
   std::vector<float> k(d);
   for (size_t li = 0; li < layers.size(); ++li)
     for (uint32_t g = 0; g < s.kv_heads; ++g) {
-      const float* at = at_[layers[li] * s.kv_heads + g].data();
       float* mn = out + (li * s.kv_heads + g) * 2 * d;
       float* mx = mn + d;
       for (uint32_t i = 0; i < d; ++i) mn[i] = 1e30f, mx[i] = -1e30f;
       for (uint64_t ch = t0 / c; ch * c < t1; ++ch) {
-        const float* zj = z_.data() + ch * r_;
-        std::fill(k.begin(), k.end(), 0.0f);
-        for (uint32_t j = 0; j < r_; ++j) {
-          const float zv = zj[j];
-          const float* row = at + size_t{j} * d;
-          for (uint32_t i = 0; i < d; ++i) k[i] += zv * row[i];
-        }
+        ChunkKey(layers[li], g, ch, k.data());
         for (uint64_t t = std::max(t0, ch * c); t < std::min(t1, (ch + 1) * c); ++t) {
           const float* nz = NoiseOf(layers[li], g, t);
           for (uint32_t i = 0; i < d; ++i)

@@ -144,6 +144,7 @@ class Session {
   std::vector<std::vector<float>> key_noise_;  // [layer * kv_heads]: bank x d
   const float* NoiseOf(uint32_t layer, uint32_t kv_head, uint64_t token) const;
   void ValueOf(uint32_t layer, uint32_t kv_head, uint64_t token, float* v) const;
+  void ChunkKey(uint32_t layer, uint32_t kv_head, uint64_t chunk, float* k) const;
   std::vector<uint8_t> diffuse_, retrieval_;           // [layer * q_heads], [layer]
   std::vector<std::vector<double>> needle_dir_;        // [needle]: r
   std::map<uint32_t, std::vector<double>> focus_dir_;  // focus topic -> direction

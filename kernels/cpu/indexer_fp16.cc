@@ -100,9 +100,11 @@ FM_FP16_TARGET __attribute__((noinline)) void SpanTile(const __m512h* kv, const 
     }
 }
 
-FM_FP16_TARGET void ScoreGroups(const IndexerShape& s, const uint32_t* qp, const float* w,
-                                const uint8_t* blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
-                                float* logits) {
+}  // namespace
+
+FM_FP16_TARGET void ScoreBlocksFp16(const IndexerShape& s, const uint32_t* qp, const float* w,
+                                    const uint8_t* blocks, uint64_t b0, uint64_t b1,
+                                    uint64_t chunks, float* logits) {
   const uint32_t di = s.dim, H = s.heads, groups = (H + kHeadTile - 1) / kHeadTile;
   const uint32_t span = std::min(kSpan, di);
   const __m512 zero = _mm512_setzero_ps();
@@ -139,6 +141,8 @@ FM_FP16_TARGET void ScoreGroups(const IndexerShape& s, const uint32_t* qp, const
   }
 }
 
+namespace {
+
 bool CpuHasAvx512Fp16() {
   // AVX512-FP16 is CPUID leaf 7 EDX bit 23; __builtin_cpu_supports("avx512f") also checks
   // that the OS saves the zmm state.
@@ -170,12 +174,6 @@ std::vector<uint32_t> Fp16QueryPairs(const IndexerShape& s, const float* q) {
         std::memcpy(&qp[(size_t{g} * (di / 2) + j / 2) * kHeadTile + k], pair, 4);
       }
   return qp;
-}
-
-void ScoreBlocksFp16(const IndexerShape& s, const uint32_t* qp, const float* w,
-                     const uint8_t* blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
-                     float* logits) {
-  ScoreGroups(s, qp, w, blocks, b0, b1, chunks, logits);
 }
 
 #else  // the compiler cannot build AVX512-FP16 code

@@ -193,16 +193,13 @@ absl::Status IndexerCore::Register(const std::string& session, const ModelSpec& 
   auto s = std::make_shared<Session>();
   s->spec = spec;
   s->blocks.resize(spec.index_layers);
-  {
-    absl::ReaderMutexLock lock(&mu_);
-    if (!sessions_.count(session) && sessions_.size() >= options_.max_sessions)
-      return absl::ResourceExhaustedError(
-          absl::StrCat("indexer holds the maximum of ", options_.max_sessions, " sessions"));
-  }
   // Publish the fresh session (replacing any older one), then append its keys.
   {
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(session);
+    if (it == sessions_.end() && sessions_.size() >= options_.max_sessions)
+      return absl::ResourceExhaustedError(
+          absl::StrCat("indexer holds the maximum of ", options_.max_sessions, " sessions"));
     if (it != sessions_.end()) {
       absl::ReaderMutexLock sl(&it->second->mu);  // lock order: mu_, then a session's mu
       bytes_ -= it->second->bytes();

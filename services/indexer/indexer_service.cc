@@ -3,18 +3,13 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_server.h"
 #include "common/spec_proto.h"
 #include "common/status.h"
 
 namespace fm::indexer {
 namespace v1 = flashmemory::v1;
 namespace {
-
-grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& s) {
-  auto* r = ctx->DefaultReactor();
-  r->Finish(ToGrpcStatus(s));
-  return r;
-}
 
 absl::StatusOr<std::vector<float>> Floats(const std::string& bytes, const char* what) {
   if (bytes.size() % 4 != 0)
@@ -63,37 +58,37 @@ grpc::ServerUnaryReactor* IndexerService::RegisterSession(grpc::CallbackServerCo
                                                           const v1::RegisterSessionRequest* req,
                                                           v1::RegisterSessionResponse* resp) {
   const ModelSpec spec = SpecFromProto(req->spec());
-  if (absl::Status st = spec.Validate(); !st.ok()) return Done(ctx, st);
+  if (absl::Status st = spec.Validate(); !st.ok()) return FinishUnary(ctx, st);
   if (req->keys().first_chunk() != 0)
-    return Done(ctx, absl::InvalidArgumentError("registered keys must start at chunk 0"));
-  if (absl::Status st = CheckKeys(spec, req->keys()); !st.ok()) return Done(ctx, st);
+    return FinishUnary(ctx, absl::InvalidArgumentError("registered keys must start at chunk 0"));
+  if (absl::Status st = CheckKeys(spec, req->keys()); !st.ok()) return FinishUnary(ctx, st);
   uint64_t first = 0;
   auto bounds = Bounds(spec, req->bounds(), &first);
-  if (!bounds.ok()) return Done(ctx, bounds.status());
+  if (!bounds.ok()) return FinishUnary(ctx, bounds.status());
   if (req->bounds_size() > 0 && first != 0)
-    return Done(ctx, absl::InvalidArgumentError("registered bounds must start at page 0"));
+    return FinishUnary(ctx, absl::InvalidArgumentError("registered bounds must start at page 0"));
   absl::Status st = core_->Register(
       req->session_id(), spec, reinterpret_cast<const uint8_t*>(req->keys().data().data()),
       req->keys().chunks(), req->tokens(), bounds->data(), req->bounds_size());
   if (st.ok()) resp->set_chunks(req->keys().chunks());
-  return Done(ctx, st);
+  return FinishUnary(ctx, st);
 }
 
 grpc::ServerUnaryReactor* IndexerService::AppendKeys(grpc::CallbackServerContext* ctx,
                                                      const v1::AppendKeysRequest* req,
                                                      v1::AppendKeysResponse* resp) {
   auto spec = core_->SessionSpec(req->session_id());
-  if (!spec.ok()) return Done(ctx, spec.status());
-  if (absl::Status st = CheckKeys(*spec, req->keys()); !st.ok()) return Done(ctx, st);
+  if (!spec.ok()) return FinishUnary(ctx, spec.status());
+  if (absl::Status st = CheckKeys(*spec, req->keys()); !st.ok()) return FinishUnary(ctx, st);
   uint64_t first = 0;
   auto bounds = Bounds(*spec, req->bounds(), &first);
-  if (!bounds.ok()) return Done(ctx, bounds.status());
+  if (!bounds.ok()) return FinishUnary(ctx, bounds.status());
   absl::Status st =
       core_->Append(req->session_id(), reinterpret_cast<const uint8_t*>(req->keys().data().data()),
                     req->keys().first_chunk(), req->keys().chunks(), req->tokens(), bounds->data(),
                     first, req->bounds_size());
   if (st.ok()) resp->set_chunks(req->keys().first_chunk() + req->keys().chunks());
-  return Done(ctx, st);
+  return FinishUnary(ctx, st);
 }
 
 grpc::ServerUnaryReactor* IndexerService::Predict(grpc::CallbackServerContext* ctx,
@@ -102,21 +97,22 @@ grpc::ServerUnaryReactor* IndexerService::Predict(grpc::CallbackServerContext* c
   PredictArgs a;
   a.step = req->step();
   auto h = Floats(req->hidden(), "hidden");
-  if (!h.ok()) return Done(ctx, h.status());
+  if (!h.ok()) return FinishUnary(ctx, h.status());
   auto q = Floats(req->query(), "query");
-  if (!q.ok()) return Done(ctx, q.status());
+  if (!q.ok()) return FinishUnary(ctx, q.status());
   a.hidden = std::move(*h);
   a.query = std::move(*q);
   a.budget = req->budget() == 0 && req->max_pages() == 0 ? 0.1f : req->budget();
   a.max_pages = req->max_pages();
   if (req->policy() < 0 || req->policy() > 7)
-    return Done(ctx, absl::InvalidArgumentError(absl::StrCat("unknown policy ", req->policy())));
+    return FinishUnary(ctx,
+                       absl::InvalidArgumentError(absl::StrCat("unknown policy ", req->policy())));
   a.policy = static_cast<Policy>(req->policy());
   a.sink = req->sink_pages() ? req->sink_pages() : 1;
   a.tail = req->tail_pages() ? req->tail_pages() : 2;
   a.oracle_page_mass.assign(req->oracle_page_mass().begin(), req->oracle_page_mass().end());
   auto p = core_->Predict(req->session_id(), a);
-  if (!p.ok()) return Done(ctx, p.status());
+  if (!p.ok()) return FinishUnary(ctx, p.status());
   v1::ResidentSet* rs = resp->mutable_resident();
   rs->set_session_id(req->session_id());
   rs->set_step(req->step());
@@ -128,13 +124,13 @@ grpc::ServerUnaryReactor* IndexerService::Predict(grpc::CallbackServerContext* c
   }
   resp->set_chunks_scored(p->chunks_scored);
   resp->set_latency_ms(static_cast<float>(p->latency_ms));
-  return Done(ctx, absl::OkStatus());
+  return FinishUnary(ctx, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* IndexerService::DropSession(grpc::CallbackServerContext* ctx,
                                                       const v1::DropSessionRequest* req,
                                                       v1::DropSessionResponse*) {
-  return Done(ctx, core_->Drop(req->session_id()));
+  return FinishUnary(ctx, core_->Drop(req->session_id()));
 }
 
 grpc::ServerUnaryReactor* IndexerService::LoadWeights(grpc::CallbackServerContext* ctx,
@@ -143,7 +139,7 @@ grpc::ServerUnaryReactor* IndexerService::LoadWeights(grpc::CallbackServerContex
   uint64_t hash = 0;
   absl::Status st = core_->LoadWeights(req->path(), &hash);
   if (st.ok()) resp->set_weights_hash(hash);
-  return Done(ctx, st);
+  return FinishUnary(ctx, st);
 }
 
 grpc::ServerUnaryReactor* IndexerService::GetStats(grpc::CallbackServerContext* ctx,
@@ -155,7 +151,7 @@ grpc::ServerUnaryReactor* IndexerService::GetStats(grpc::CallbackServerContext* 
   resp->set_bytes(s.bytes);
   resp->set_predictions(s.predictions);
   resp->set_weights_hash(s.weights_hash);
-  return Done(ctx, absl::OkStatus());
+  return FinishUnary(ctx, absl::OkStatus());
 }
 
 }  // namespace fm::indexer

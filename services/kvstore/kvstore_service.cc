@@ -3,17 +3,12 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_server.h"
 #include "common/status.h"
 
 namespace fm {
 namespace v1 = flashmemory::v1;
 namespace {
-
-grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const absl::Status& s) {
-  auto* r = ctx->DefaultReactor();
-  r->Finish(ToGrpcStatus(s));
-  return r;
-}
 
 std::vector<PageRef> Refs(const google::protobuf::RepeatedPtrField<v1::PageKey>& keys) {
   std::vector<PageRef> refs;
@@ -61,19 +56,19 @@ grpc::ServerUnaryReactor* KvStoreService::Connect(grpc::CallbackServerContext* c
   resp->set_rkey(info.rkey);
   resp->set_arena_base(info.arena_base);
   resp->set_arena_bytes(info.arena_bytes);
-  return Done(ctx, absl::OkStatus());
+  return FinishUnary(ctx, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* KvStoreService::PutPage(grpc::CallbackServerContext* ctx,
                                                   const v1::PutPageRequest* req,
                                                   v1::PutPageResponse* resp) {
-  if (!req->has_header()) return Done(ctx, absl::InvalidArgumentError("header is missing"));
+  if (!req->has_header()) return FinishUnary(ctx, absl::InvalidArgumentError("header is missing"));
   bool in_ram = false;
   absl::Status s = store_->Put(HeaderFromProto(req->header()),
                                reinterpret_cast<const uint8_t*>(req->payload().data()),
                                req->payload().size(), &in_ram);
   resp->set_in_ram(in_ram);
-  return Done(ctx, s);
+  return FinishUnary(ctx, s);
 }
 
 namespace {
@@ -149,44 +144,44 @@ grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* c
                                                   const v1::ResolveRequest* req,
                                                   v1::ResolveResponse* resp) {
   absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
-  if (!lease.ok()) return Done(ctx, lease.status());
+  if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   for (const auto& l : lease->locations) LocationToProto(l, resp->add_locations());
-  return Done(ctx, absl::OkStatus());
+  return FinishUnary(ctx, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* ctx,
                                                    const v1::GrantPutRequest* req,
                                                    v1::GrantPutResponse* resp) {
-  if (!req->has_header()) return Done(ctx, absl::InvalidArgumentError("header is missing"));
+  if (!req->has_header()) return FinishUnary(ctx, absl::InvalidArgumentError("header is missing"));
   absl::StatusOr<Lease> lease = store_->GrantPut(HeaderFromProto(req->header()), req->lease_ms());
-  if (!lease.ok()) return Done(ctx, lease.status());
+  if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   LocationToProto(lease->locations[0], resp->mutable_location());
-  return Done(ctx, absl::OkStatus());
+  return FinishUnary(ctx, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* KvStoreService::CommitPut(grpc::CallbackServerContext* ctx,
                                                     const v1::CommitPutRequest* req,
                                                     v1::CommitPutResponse*) {
-  return Done(ctx, store_->CommitPut(req->lease_id()));
+  return FinishUnary(ctx, store_->CommitPut(req->lease_id()));
 }
 
 grpc::ServerUnaryReactor* KvStoreService::Prefetch(grpc::CallbackServerContext* ctx,
                                                    const v1::PrefetchRequest* req,
                                                    v1::PrefetchResponse* resp) {
   absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
-  if (!lease.ok()) return Done(ctx, lease.status());
+  if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   resp->set_promoted(lease->promoted);
   resp->set_pinned(lease->locations.size());
-  return Done(ctx, absl::OkStatus());
+  return FinishUnary(ctx, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* KvStoreService::Release(grpc::CallbackServerContext* ctx,
                                                   const v1::ReleaseRequest* req,
                                                   v1::ReleaseResponse*) {
-  return Done(ctx, store_->Release(req->lease_id()));
+  return FinishUnary(ctx, store_->Release(req->lease_id()));
 }
 
 grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerContext* ctx,
@@ -194,14 +189,14 @@ grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerCont
                                                         v1::DeleteSessionResponse* resp) {
   absl::StatusOr<uint64_t> n = store_->DeleteSession(req->session_id());
   if (n.ok()) resp->set_pages_deleted(*n);
-  return Done(ctx, n.status());
+  return FinishUnary(ctx, n.status());
 }
 
 grpc::ServerUnaryReactor* KvStoreService::GetStats(grpc::CallbackServerContext* ctx,
                                                    const v1::GetStatsRequest* req,
                                                    v1::GetStatsResponse* resp) {
   absl::StatusOr<KvStats> st = store_->Stats(req->session_id());
-  if (!st.ok()) return Done(ctx, st.status());
+  if (!st.ok()) return FinishUnary(ctx, st.status());
   resp->mutable_ram()->set_bytes(st->ram_bytes);
   resp->mutable_ram()->set_pages(st->ram_pages);
   resp->mutable_ram()->set_capacity_bytes(st->ram_capacity);
@@ -222,7 +217,7 @@ grpc::ServerUnaryReactor* KvStoreService::GetStats(grpc::CallbackServerContext* 
     p->set_hits(s.hits);
     p->set_misses(s.misses);
   }
-  return Done(ctx, absl::OkStatus());
+  return FinishUnary(ctx, absl::OkStatus());
 }
 
 }  // namespace fm
