@@ -173,6 +173,13 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
             if (n.step >= s0 && n.step < s0 + o.tau) {
               ++ac.needles;
               ac.needle_hits += resident[n.chunk / cpp];
+              if (o.verbose)
+                std::fprintf(stderr,
+                             "  %s needle chunk %llu (page %llu) step %u %-12s %s label %d\n",
+                             id.c_str(), static_cast<unsigned long long>(n.chunk),
+                             static_cast<unsigned long long>(n.chunk / cpp), n.step,
+                             indexer::PolicyName(pol), resident[n.chunk / cpp] ? "hit" : "MISS",
+                             lab[n.chunk]);
             }
         }
       }

@@ -1,0 +1,926 @@
+#include "services/decode/decode_core.h"
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/codecs.h"
+#include "flashmemory/kernels/attention.h"
+#include "flashmemory/kernels/quest.h"
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/cpu/thread_pool.h"
+#include "services/kvstore/kv_client.h"
+#include "services/kvstore/kv_store.h"
+
+namespace fm::decode {
+namespace {
+
+constexpr int64_t kNoCell = -1;
+
+size_t RoundUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+kernels::AttentionShape ShapeOf(const ModelSpec& s) {
+  kernels::AttentionShape a;
+  a.layers = s.layers;
+  a.q_heads = s.q_heads;
+  a.kv_heads = s.kv_heads;
+  a.head_dim = s.head_dim;
+  a.page_tokens = s.page_tokens;
+  a.dtype = static_cast<kernels::ElemType>(s.dtype);
+  a.scale = s.Scale();
+  return a;
+}
+
+// Writes n floats into a page in the spec's dtype.
+void StoreRow(DType t, const float* in, uint8_t* out, size_t n) {
+  switch (t) {
+    case DType::kFp32:
+      std::memcpy(out, in, n * 4);
+      break;
+    case DType::kBf16:
+      for (size_t i = 0; i < n; ++i) {
+        const uint16_t h = FloatToBf16(in[i]);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+      break;
+    case DType::kFp16:
+      for (size_t i = 0; i < n; ++i) {
+        const uint16_t h = FloatToFp16(in[i]);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+      break;
+  }
+}
+
+bool AllFinite(absl::Span<const float> v) {
+  for (float x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
+// Background jobs (predictions and fetches), off the steps' critical path.
+class JobRunner {
+ public:
+  explicit JobRunner(int threads) {
+    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Work(); });
+  }
+  ~JobRunner() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  void Post(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      queue_.push_back(std::move(fn));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Work() {
+    while (true) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      fn();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stop_ = false;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace
+
+const char* ModeName(Mode m) { return m == Mode::kDense ? "dense" : "sparse"; }
+
+absl::StatusOr<Mode> ParseMode(const std::string& name) {
+  if (name == "sparse") return Mode::kSparse;
+  if (name == "dense") return Mode::kDense;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown mode \"", name, "\"; want sparse or dense"));
+}
+
+// A prediction in flight: its answer, and the pages it read into cells.
+struct Job {
+  uint64_t step = 0;
+  bool done = false;
+  absl::Status status;
+  std::vector<uint64_t> wanted;                        // sealed pages of the new set, ascending
+  std::vector<std::pair<uint64_t, uint32_t>> fetched;  // page -> cell, read for the new set
+  uint64_t deferred = 0;                               // missing pages that did not fit
+};
+
+struct DecodeCore::Session {
+  std::string id;
+  SessionOptions opt;
+  kernels::AttentionShape shape;
+  uint64_t reserved = 0;  // cells the admission granted
+
+  absl::Mutex mu;
+  bool closed ABSL_GUARDED_BY(mu) = false;
+  uint64_t tokens ABSL_GUARDED_BY(mu) = 0;  // history length (complete steps)
+  bool partial_prefill ABSL_GUARDED_BY(mu) = false;
+  bool decoding ABSL_GUARDED_BY(mu) = false;
+  uint64_t next_step ABSL_GUARDED_BY(mu) = 0;
+  uint32_t next_layer ABSL_GUARDED_BY(mu) = 0;
+
+  // Residency: page -> cell; cells held (resident, open, or being fetched).
+  std::vector<int64_t> cell_of ABSL_GUARDED_BY(mu);
+  uint64_t in_use ABSL_GUARDED_BY(mu) = 0;
+  std::vector<uint64_t> wanted ABSL_GUARDED_BY(mu);  // the current predicted set (sealed pages)
+  bool have_set ABSL_GUARDED_BY(mu) = false;
+
+  // The attention plan over the resident pages + the open page (last).
+  std::vector<uint32_t> list_cells ABSL_GUARDED_BY(mu);
+  std::vector<uint16_t> list_valid ABSL_GUARDED_BY(mu);
+  kernels::DecodePlan plan ABSL_GUARDED_BY(mu);
+  bool plan_dirty ABSL_GUARDED_BY(mu) = true;
+
+  // Index keys and Quest bounds not yet handed to the indexer.
+  std::vector<std::vector<uint8_t>> keys ABSL_GUARDED_BY(mu);  // [index layer]: from sent_chunks
+  uint64_t key_chunks ABSL_GUARDED_BY(mu) = 0;                 // chunks whose keys the worker has
+  uint64_t sent_chunks ABSL_GUARDED_BY(mu) = 0;
+  std::vector<float> bounds ABSL_GUARDED_BY(mu);  // [page][bounds floats] from sent_pages
+  uint64_t bound_pages ABSL_GUARDED_BY(mu) = 0;   // pages whose bounds the worker has
+  uint64_t sent_pages ABSL_GUARDED_BY(mu) = 0;
+  bool registered ABSL_GUARDED_BY(mu) = false;
+
+  // The step being assembled.
+  std::vector<float> hidden ABSL_GUARDED_BY(mu);
+  bool have_hidden ABSL_GUARDED_BY(mu) = false;
+  std::vector<float> index_query ABSL_GUARDED_BY(mu);  // [index layer][q_heads][head_dim]
+  std::vector<uint8_t> step_keys ABSL_GUARDED_BY(mu);
+  bool have_step_keys ABSL_GUARDED_BY(mu) = false;
+
+  std::shared_ptr<Job> job ABSL_GUARDED_BY(mu);
+  uint64_t switch_step ABSL_GUARDED_BY(mu) = 0;
+  uint64_t launched_for ABSL_GUARDED_BY(mu) = UINT64_MAX;  // cycle start of the last launch
+  absl::CondVar job_cv;
+
+  SessionStats stats ABSL_GUARDED_BY(mu);
+
+  uint64_t sealed() const ABSL_SHARED_LOCKS_REQUIRED(mu) { return tokens / opt.spec.page_tokens; }
+  uint64_t open_page() const ABSL_SHARED_LOCKS_REQUIRED(mu) { return sealed(); }
+};
+
+struct DecodeCore::Impl {
+  DecodeOptions options;
+  PageStore* store;
+  Predictor* predictor;
+  JobRunner jobs{2};
+
+  mutable absl::Mutex mu;  // lock order: a session's mu, then this
+  std::map<std::string, std::shared_ptr<Session>> sessions ABSL_GUARDED_BY(mu);
+  uint8_t* arena ABSL_GUARDED_BY(mu) = nullptr;
+  size_t arena_bytes ABSL_GUARDED_BY(mu) = 0;
+  uint64_t payload_bytes ABSL_GUARDED_BY(mu) = 0;  // page payload per cell
+  size_t cell_stride ABSL_GUARDED_BY(mu) = 0;
+  uint32_t num_cells ABSL_GUARDED_BY(mu) = 0;
+  std::vector<uint32_t> free_cells ABSL_GUARDED_BY(mu);
+  uint64_t reserved_cells ABSL_GUARDED_BY(mu) = 0;
+
+  Impl(const DecodeOptions& o, PageStore* s, Predictor* p) : options(o), store(s), predictor(p) {}
+  ~Impl() {
+    if (arena) kernels::FreePagePoolMemory(arena, arena_bytes);
+  }
+
+  std::shared_ptr<Session> Find(const std::string& id) const {
+    absl::ReaderMutexLock l(&mu);
+    auto it = sessions.find(id);
+    return it == sessions.end() ? nullptr : it->second;
+  }
+
+  // The arena and its geometry never change after the first Open, so these reads need no
+  // lock once a session exists.
+  kernels::PagePool Pool() const ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return kernels::PagePool{arena, cell_stride, kPageHeaderBytes, num_cells};
+  }
+  uint8_t* Cell(uint32_t c) const ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    return arena + size_t{c} * cell_stride;
+  }
+  uint8_t* Payload(uint32_t c) const { return Cell(c) + kPageHeaderBytes; }
+
+  // Takes a cell for the session (within its reservation).
+  absl::StatusOr<uint32_t> TakeCell(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (s.in_use >= s.reserved)
+      return absl::ResourceExhaustedError(
+          absl::StrCat("session \"", s.id, "\" holds all ", s.reserved, " of its cells"));
+    absl::MutexLock l(&mu);
+    if (free_cells.empty()) return absl::InternalError("reserve accounting: no free cell");
+    const uint32_t c = free_cells.back();
+    free_cells.pop_back();
+    ++s.in_use;
+    s.stats.peak_resident_pages = std::max(s.stats.peak_resident_pages, s.in_use);
+    return c;
+  }
+  void GiveCell(Session& s, uint32_t c) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    absl::MutexLock l(&mu);
+    free_cells.push_back(c);
+    --s.in_use;
+  }
+  void Evict(Session& s, uint64_t page) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (page < s.cell_of.size() && s.cell_of[page] != kNoCell) {
+      GiveCell(s, static_cast<uint32_t>(s.cell_of[page]));
+      s.cell_of[page] = kNoCell;
+      s.plan_dirty = true;
+    }
+  }
+
+  // Pages a sparse session keeps whatever the prediction says: sink and tail.
+  bool Pinned(const Session& s, uint64_t page) const ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+    const uint64_t sealed = s.sealed();
+    return page < options.sink || page + options.tail >= sealed;
+  }
+  bool Wanted(const Session& s, uint64_t page) const ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+    return std::binary_search(s.wanted.begin(), s.wanted.end(), page);
+  }
+  // Drops resident sealed pages that are neither pinned nor wanted (sparse mode).
+  void Trim(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (s.opt.mode != Mode::kSparse) return;
+    const uint64_t sealed = s.sealed();
+    for (uint64_t p = 0; p < sealed && p < s.cell_of.size(); ++p)
+      if (s.cell_of[p] != kNoCell && !Pinned(s, p) && !Wanted(s, p)) Evict(s, p);
+  }
+
+  absl::Status EnsureOpenCell(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const uint64_t p = s.open_page();
+    if (p >= s.cell_of.size()) return absl::ResourceExhaustedError("session is at max_tokens");
+    if (s.cell_of[p] != kNoCell) return absl::OkStatus();
+    auto c = TakeCell(s);
+    if (!c.ok()) {
+      // Make room: the oldest resident page that is neither sink nor tail.
+      for (uint64_t q = options.sink; q < s.sealed() && !c.ok(); ++q)
+        if (s.cell_of[q] != kNoCell && !Pinned(s, q)) {
+          Evict(s, q);
+          c = TakeCell(s);
+        }
+      if (!c.ok()) return c.status();
+    }
+    std::memset(Payload(*c), 0, s.opt.spec.PageBytes());
+    s.cell_of[p] = *c;
+    s.plan_dirty = true;
+    return absl::OkStatus();
+  }
+
+  // Quest bounds of the index layers of a page: [index layer][kv][min|max][d].
+  void PageBounds(const Session& s, const uint8_t* payload, uint32_t valid, float* out) const {
+    const ModelSpec& sp = s.opt.spec;
+    std::vector<float> all(kernels::QuestBoundsFloats(s.shape));
+    kernels::QuestBounds(s.shape, payload, valid, all.data());
+    const size_t per_layer = size_t{sp.kv_heads} * 2 * sp.head_dim;
+    for (uint32_t l = 0; l < sp.index_layers; ++l)
+      std::memcpy(out + l * per_layer,
+                  all.data() + indexer::ModelLayerOfIndexLayer(sp, l) * per_layer, per_layer * 4);
+  }
+
+  // Hands the keys and bounds of sealed pages to the indexer (Register the first time).
+  absl::Status Flush(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const ModelSpec& sp = s.opt.spec;
+    const uint64_t sealed = s.sealed();
+    const uint64_t chunks = std::min(s.key_chunks, sealed * sp.ChunksPerPage()) - s.sent_chunks;
+    const uint64_t pages = std::min(s.bound_pages, sealed) - s.sent_pages;
+    if (s.registered && chunks == 0 && pages == 0) return absl::OkStatus();
+    const size_t kb = sp.IndexKeyBytes(), bf = indexer::IndexerBoundsFloats(sp);
+    std::vector<uint8_t> keys;
+    keys.reserve(sp.index_layers * chunks * kb);
+    for (uint32_t l = 0; l < sp.index_layers; ++l)
+      keys.insert(keys.end(), s.keys[l].begin(), s.keys[l].begin() + chunks * kb);
+    absl::Status st =
+        s.registered
+            ? predictor->Append(s.id, sp, keys.data(), s.sent_chunks, chunks, s.tokens,
+                                s.bounds.data(), s.sent_pages, pages)
+            : predictor->Register(s.id, sp, keys.data(), chunks, s.tokens, s.bounds.data(), pages);
+    if (!st.ok()) return st;
+    s.registered = true;
+    for (uint32_t l = 0; l < sp.index_layers; ++l)
+      s.keys[l].erase(s.keys[l].begin(), s.keys[l].begin() + chunks * kb);
+    s.bounds.erase(s.bounds.begin(), s.bounds.begin() + pages * bf);
+    s.sent_chunks += chunks;
+    s.sent_pages += pages;
+    return absl::OkStatus();
+  }
+
+  // Writes a page (its cell's payload) to the store.
+  absl::Status PutPage(Session& s, uint64_t page, const uint8_t* payload, uint32_t valid) {
+    const ModelSpec& sp = s.opt.spec;
+    const PageHeaderData h =
+        MakePageHeader(s.id, page, ModelSpecHash(sp), valid, sp.dtype, payload, sp.PageBytes());
+    return store->Put(h, payload);
+  }
+
+  absl::Status RebuildPlan(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    s.list_cells.clear();
+    s.list_valid.clear();
+    const uint64_t open = s.open_page();
+    for (uint64_t p = 0; p < open; ++p)
+      if (s.cell_of[p] != kNoCell) {
+        s.list_cells.push_back(static_cast<uint32_t>(s.cell_of[p]));
+        s.list_valid.push_back(static_cast<uint16_t>(s.opt.spec.page_tokens));
+      }
+    s.list_cells.push_back(static_cast<uint32_t>(s.cell_of[open]));
+    s.list_valid.push_back(1);  // set per step
+    s.stats.resident_pages = s.list_cells.size();
+    kernels::PageList list{s.list_cells.data(), s.list_valid.data(),
+                           static_cast<uint32_t>(s.list_cells.size())};
+    std::string why;
+    const uint32_t threads =
+        options.threads ? options.threads : kernels::ThreadPool::Default().size();
+    if (kernels::BuildDecodePlan(s.shape, {list}, Pool(), threads, 8, &s.plan, &why) !=
+        kernels::KernelStatus::kOk)
+      return absl::InternalError(absl::StrCat("attention plan: ", why));
+    s.plan_dirty = false;
+    return absl::OkStatus();
+  }
+
+  // Launches the prediction of the cycle starting at s.next_step.
+  void Launch(const std::shared_ptr<Session>& sp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+    Session& s = *sp;
+    indexer::PredictArgs a;
+    a.step = s.next_step;
+    if (s.have_hidden) a.hidden = s.hidden;
+    a.query = s.index_query;
+    a.budget = s.opt.budget;
+    a.max_pages = s.opt.max_pages;
+    a.policy = s.opt.policy;
+    a.sink = options.sink;
+    a.tail = options.tail;
+    auto job = std::make_shared<Job>();
+    job->step = s.next_step;
+    s.job = job;
+    s.launched_for = s.next_step;
+    s.switch_step = s.next_step + std::max<uint32_t>(1, options.switch_lag);
+    ++s.stats.predictions;
+    jobs.Post([this, sp, job, a = std::move(a)] { RunJob(sp, job, a); });
+  }
+
+  void RunJob(const std::shared_ptr<Session>& sp, const std::shared_ptr<Job>& job,
+              const indexer::PredictArgs& args) {
+    Session& s = *sp;
+    auto finish = [&](absl::Status st) {
+      absl::MutexLock l(&s.mu);
+      job->status = std::move(st);
+      job->done = true;
+      s.job_cv.SignalAll();
+    };
+    if (absl::Status flushed =
+            [&] {
+              absl::MutexLock l(&s.mu);
+              return Flush(s);
+            }();
+        !flushed.ok()) {
+      finish(flushed);
+      return;
+    }
+    auto pred = predictor->Predict(s.id, args);
+    if (!pred.ok()) {
+      finish(pred.status());
+      return;
+    }
+    std::vector<uint64_t> pages;
+    std::vector<uint8_t*> dst;
+    {
+      absl::MutexLock l(&s.mu);
+      if (s.closed) {
+        job->status = absl::CancelledError("session closed");
+        job->done = true;
+        s.job_cv.SignalAll();
+        return;
+      }
+      const uint64_t sealed = s.sealed();
+      std::vector<indexer::ScoredPage> missing;
+      for (const auto& p : pred->pages) {
+        if (p.page >= sealed) continue;  // the open page is always resident
+        job->wanted.push_back(p.page);
+        if (s.cell_of[p.page] == kNoCell) missing.push_back(p);
+      }
+      std::stable_sort(missing.begin(), missing.end(),
+                       [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
+                         return a.score > b.score;
+                       });
+      // Keep two cells spare for pages that seal before the switch.
+      const uint64_t spare = s.reserved > s.in_use + 2 ? s.reserved - s.in_use - 2 : 0;
+      const size_t take = std::min<size_t>(missing.size(), spare);
+      job->deferred = missing.size() - take;
+      std::vector<uint64_t> dropped;
+      for (size_t i = take; i < missing.size(); ++i) dropped.push_back(missing[i].page);
+      std::sort(dropped.begin(), dropped.end());
+      job->wanted.erase(
+          std::remove_if(
+              job->wanted.begin(), job->wanted.end(),
+              [&](uint64_t p) { return std::binary_search(dropped.begin(), dropped.end(), p); }),
+          job->wanted.end());
+      for (size_t i = 0; i < take; ++i) {
+        auto c = TakeCell(s);
+        if (!c.ok()) break;
+        job->fetched.push_back({missing[i].page, *c});
+        pages.push_back(missing[i].page);
+        dst.push_back(Cell(*c));
+      }
+    }
+    absl::Status st =
+        pages.empty() ? absl::OkStatus() : store->Read(s.id, pages, s.opt.spec.PageBytes(), dst);
+    absl::MutexLock l(&s.mu);
+    if (!st.ok()) {
+      for (const auto& [p, c] : job->fetched) GiveCell(s, c);
+      job->fetched.clear();
+    }
+    job->status = st;
+    job->done = true;
+    s.job_cv.SignalAll();
+  }
+
+  // Installs a finished job's set; a failed job leaves the current set serving.
+  void Install(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    std::shared_ptr<Job> job = std::move(s.job);
+    if (!job->status.ok()) {
+      ++s.stats.prediction_failures;
+      return;
+    }
+    for (const auto& [p, c] : job->fetched) {
+      if (s.cell_of[p] != kNoCell) {
+        GiveCell(s, c);
+        continue;
+      }
+      s.cell_of[p] = c;
+    }
+    s.stats.fetched_pages += job->fetched.size();
+    s.stats.deferred_pages += job->deferred;
+    s.wanted = std::move(job->wanted);
+    s.have_set = true;
+    s.plan_dirty = true;
+    Trim(s);
+  }
+
+  absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r);
+};
+
+DecodeCore::DecodeCore(const DecodeOptions& options, PageStore* store, Predictor* predictor)
+    : impl_(std::make_unique<Impl>(options, store, predictor)) {}
+
+DecodeCore::~DecodeCore() {
+  // Wait for jobs in flight: they hold their sessions and touch the arena.
+  std::vector<std::shared_ptr<Session>> all;
+  {
+    absl::ReaderMutexLock l(&impl_->mu);
+    for (auto& [id, s] : impl_->sessions) all.push_back(s);
+  }
+  for (auto& s : all) {
+    absl::MutexLock l(&s->mu);
+    s->closed = true;
+    while (s->job && !s->job->done) s->job_cv.Wait(&s->mu);
+  }
+}
+
+uint64_t DecodeCore::cell_payload_bytes() const {
+  absl::ReaderMutexLock l(&impl_->mu);
+  return impl_->payload_bytes;
+}
+
+ReserveStats DecodeCore::Reserve() const {
+  absl::ReaderMutexLock l(&impl_->mu);
+  ReserveStats r;
+  r.cells = impl_->num_cells;
+  r.cell_bytes = impl_->cell_stride;
+  r.reserved_cells = impl_->reserved_cells;
+  r.used_cells = impl_->num_cells - impl_->free_cells.size();
+  r.sessions = impl_->sessions.size();
+  return r;
+}
+
+absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
+  if (absl::Status st = ValidateSessionId(id); !st.ok()) return st;
+  if (absl::Status st = o.spec.Validate(); !st.ok()) return st;
+  const ModelSpec& sp = o.spec;
+  if (sp.index_layers == 0 || sp.index_dim == 0)
+    return absl::InvalidArgumentError("the spec has no index layers; the worker needs them");
+  if (o.max_tokens == 0)
+    return absl::InvalidArgumentError("max_tokens must be > 0: it sizes the reservation");
+  if (o.mode == Mode::kSparse && o.max_pages == 0 && !(o.budget > 0.0f && o.budget <= 1.0f))
+    return absl::InvalidArgumentError(absl::StrCat("budget must be in (0, 1], got ", o.budget));
+  if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle)
+    return absl::InvalidArgumentError("policy oracle needs the future attention: evaluation only");
+  const DecodeOptions& opt = impl_->options;
+  const uint64_t pages = sp.PagesForTokens(o.max_tokens);
+  uint64_t cells;
+  if (o.mode == Mode::kDense) {
+    cells = pages + 1;
+  } else {
+    const uint64_t fixed = uint64_t{opt.sink} + opt.tail;
+    const uint64_t budget =
+        o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages));
+    const uint64_t base = std::min(pages, std::max(budget, fixed));
+    cells = base + 1 + static_cast<uint64_t>(std::ceil(opt.headroom * base)) + 2;
+    cells = std::min(cells, pages + 3);
+  }
+  auto s = std::make_shared<Session>();
+  s->id = id;
+  s->opt = o;
+  s->shape = ShapeOf(sp);
+  s->reserved = cells;
+  {
+    absl::MutexLock l(&impl_->mu);
+    Impl& im = *impl_;
+    if (im.sessions.count(id))
+      return absl::AlreadyExistsError(absl::StrCat("session \"", id, "\" is already open"));
+    if (im.sessions.size() >= opt.max_sessions)
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the worker holds its limit of ", opt.max_sessions, " sessions"));
+    if (!im.arena) {
+      im.payload_bytes = sp.PageBytes();
+      im.cell_stride = RoundUp(kPageHeaderBytes + sp.PageBytes(), 64);
+      im.num_cells = static_cast<uint32_t>(opt.reserve_bytes / im.cell_stride);
+      if (im.num_cells == 0)
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "a reserve of ", opt.reserve_bytes, " bytes holds no page of ", im.cell_stride));
+      im.arena_bytes = size_t{im.num_cells} * im.cell_stride;
+      im.arena = kernels::AllocatePagePoolMemory(im.arena_bytes);
+      im.free_cells.resize(im.num_cells);
+      for (uint32_t c = 0; c < im.num_cells; ++c) im.free_cells[c] = im.num_cells - 1 - c;
+    } else if (sp.PageBytes() != im.payload_bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("this worker's reserve holds pages of ", im.payload_bytes,
+                       " bytes; the spec's pages are ", sp.PageBytes()));
+    }
+    if (im.reserved_cells + cells > im.num_cells)
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the reserve cannot admit session \"", id, "\": it needs ", cells,
+                       " page cells (", ModeName(o.mode), ", ", o.max_tokens, " tokens), ",
+                       im.num_cells - im.reserved_cells, " of ", im.num_cells, " are free"));
+    im.reserved_cells += cells;
+    im.sessions[id] = s;
+  }
+  absl::MutexLock l(&s->mu);
+  s->cell_of.assign(pages + 1, kNoCell);
+  s->keys.assign(sp.index_layers, {});
+  s->hidden.assign(sp.hidden_dim, 0.0f);
+  s->index_query.assign(size_t{sp.index_layers} * sp.q_heads * sp.head_dim, 0.0f);
+  s->stats.reserved_cells = cells;
+  return impl_->EnsureOpenCell(*s);
+}
+
+absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, uint64_t n_pages,
+                                 uint64_t tokens, const uint8_t* index_keys, uint64_t first_chunk,
+                                 uint64_t chunks) {
+  auto sp = impl_->Find(id);
+  if (!sp) return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+  Session& s = *sp;
+  Impl& im = *impl_;
+  absl::MutexLock l(&s.mu);
+  const ModelSpec& spec = s.opt.spec;
+  const uint32_t P = spec.page_tokens;
+  if (s.decoding) return absl::FailedPreconditionError("prefill after the first decode step");
+  if (s.partial_prefill)
+    return absl::FailedPreconditionError("the previous prefill ended in a partial page");
+  if (tokens <= s.tokens || tokens > s.tokens + n_pages * P ||
+      tokens <= s.tokens + (n_pages - 1) * P)
+    return absl::InvalidArgumentError(absl::StrCat(n_pages, " pages after ", s.tokens,
+                                                   " tokens cannot hold a history of ", tokens,
+                                                   " tokens (every page but the last is full)"));
+  if (tokens > s.opt.max_tokens)
+    return absl::ResourceExhaustedError(
+        absl::StrCat(tokens, " tokens exceed the session's max_tokens ", s.opt.max_tokens));
+  if (first_chunk != s.key_chunks)
+    return absl::InvalidArgumentError(
+        absl::StrCat("index keys start at chunk ", first_chunk, "; expected ", s.key_chunks));
+  if (first_chunk + chunks > tokens / spec.chunk_tokens)
+    return absl::InvalidArgumentError(
+        absl::StrCat("index keys of ", first_chunk + chunks, " chunks for ", tokens, " tokens"));
+  if (chunks > 0 && !index_keys) return absl::InvalidArgumentError("index keys missing");
+  const size_t pb = spec.PageBytes(), kb = spec.IndexKeyBytes();
+  const size_t bf = indexer::IndexerBoundsFloats(spec);
+  // Every page is stored before any state changes, so a failed call can be retried whole.
+  for (uint64_t i = 0; i < n_pages; ++i) {
+    const uint64_t page = s.tokens / P + i;
+    const uint32_t valid = static_cast<uint32_t>(std::min<uint64_t>(P, tokens - page * P));
+    if (absl::Status st = im.PutPage(s, page, pages + i * pb, valid); !st.ok()) return st;
+  }
+  for (uint64_t i = 0; i < n_pages; ++i) {
+    const uint64_t page = s.tokens / P;
+    const uint32_t valid = static_cast<uint32_t>(std::min<uint64_t>(P, tokens - page * P));
+    const uint8_t* payload = pages + i * pb;
+    // The open page's cell receives the page; a full page then seals and a new one opens.
+    std::memcpy(im.Payload(static_cast<uint32_t>(s.cell_of[page])), payload, pb);
+    s.tokens += valid;
+    s.plan_dirty = true;
+    if (valid < P) {
+      s.partial_prefill = true;
+      break;
+    }
+    if (s.opt.mode == Mode::kSparse) {
+      s.bounds.resize(s.bounds.size() + bf);
+      im.PageBounds(s, payload, valid, s.bounds.data() + s.bounds.size() - bf);
+      s.bound_pages = page + 1;
+    }
+    im.Trim(s);
+    if (absl::Status st = im.EnsureOpenCell(s); !st.ok()) return st;
+  }
+  if (s.opt.mode == Mode::kSparse)  // dense sessions never ask the indexer
+    for (uint32_t l = 0; l < spec.index_layers; ++l)
+      s.keys[l].insert(s.keys[l].end(), index_keys + (size_t{l} * chunks) * kb,
+                       index_keys + (size_t{l} * chunks + chunks) * kb);
+  s.key_chunks += chunks;
+  s.stats.tokens = s.tokens;
+  // Keys and bounds reach the indexer with the first decode step.
+  return absl::OkStatus();
+}
+
+absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r) {
+  Session& s = *sp;
+  const ModelSpec& spec = s.opt.spec;
+  const uint32_t P = spec.page_tokens, d = spec.head_dim;
+  if (s.closed) return absl::NotFoundError(absl::StrCat("session \"", s.id, "\" is closed"));
+  // Protocol position: layer 0 of the current step (re)starts it.
+  if (r.step != s.next_step || (r.layer != 0 && r.layer != s.next_layer))
+    return absl::FailedPreconditionError(
+        absl::StrCat("session \"", s.id, "\" expects step ", s.next_step, " layer ",
+                     r.layer == 0 ? 0 : s.next_layer,
+                     " (or layer 0 to restart the step); got step ", r.step, " layer ", r.layer));
+  if (r.layer >= spec.layers)
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", r.layer, " out of range: the spec has ", spec.layers));
+  if (r.q.size() != size_t{spec.q_heads} * d || r.k.size() != size_t{spec.kv_heads} * d ||
+      r.v.size() != size_t{spec.kv_heads} * d)
+    return absl::InvalidArgumentError(absl::StrCat("step tensors have q ", r.q.size(), ", k ",
+                                                   r.k.size(), ", v ", r.v.size(),
+                                                   " floats; expected q [", spec.q_heads, "][", d,
+                                                   "], k and v [", spec.kv_heads, "][", d, "]"));
+  if (!r.hidden.empty() && r.hidden.size() != spec.hidden_dim)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "hidden has ", r.hidden.size(), " floats; expected hidden_dim = ", spec.hidden_dim));
+  const size_t step_key_bytes = size_t{spec.index_layers} * spec.IndexKeyBytes();
+  if (!r.index_keys.empty() && r.index_keys.size() != step_key_bytes)
+    return absl::InvalidArgumentError(absl::StrCat("index keys have ", r.index_keys.size(),
+                                                   " bytes; expected [", spec.index_layers, "][",
+                                                   spec.IndexKeyBytes(), "] = ", step_key_bytes));
+  if (!AllFinite(r.q) || !AllFinite(r.k) || !AllFinite(r.v) || !AllFinite(r.hidden))
+    return absl::InvalidArgumentError("step tensors hold a NaN or infinity");
+  if (!r.out) return absl::InvalidArgumentError("no output buffer");
+  if (s.tokens + 1 > s.opt.max_tokens)
+    return absl::ResourceExhaustedError(
+        absl::StrCat("session \"", s.id, "\" is at max_tokens ", s.opt.max_tokens));
+  const bool last = r.layer + 1 == spec.layers;
+  const bool completes_chunk = (s.tokens + 1) % spec.chunk_tokens == 0;
+  if (last && completes_chunk && r.index_keys.empty() && !(r.layer > 0 && s.have_step_keys))
+    return absl::InvalidArgumentError(
+        absl::StrCat("step ", r.step, " completes index chunk ", s.tokens / spec.chunk_tokens,
+                     "; one of its layer requests must carry the chunk's index keys"));
+  const bool seals = last && (s.tokens + 1) % P == 0;
+
+  // From here on the request is valid.
+  if (r.layer == 0) {
+    s.have_hidden = false;
+    s.have_step_keys = false;
+    if (!s.decoding && s.opt.mode == Mode::kSparse)
+      if (absl::Status st = Flush(s); !st.ok()) return st;
+    s.decoding = true;
+    if (s.opt.mode == Mode::kSparse && s.job && (r.step >= s.switch_step || !s.have_set)) {
+      if (!s.job->done) {
+        if (s.have_set)
+          ++s.stats.stalls;
+        else
+          ++s.stats.warmup_waits;
+        while (!s.job->done) s.job_cv.Wait(&s.mu);
+      }
+      Install(s);
+    }
+  }
+  if (!r.hidden.empty()) {
+    std::copy(r.hidden.begin(), r.hidden.end(), s.hidden.begin());
+    s.have_hidden = true;
+  }
+  if (!r.index_keys.empty()) {
+    s.step_keys.assign(r.index_keys.begin(), r.index_keys.end());
+    s.have_step_keys = true;
+  }
+  for (uint32_t l = 0; l < spec.index_layers; ++l)
+    if (indexer::ModelLayerOfIndexLayer(spec, l) == r.layer)
+      std::copy(r.q.begin(), r.q.end(), s.index_query.begin() + size_t{l} * spec.q_heads * d);
+
+  // The new token's K and V go into the open page.
+  const uint64_t open = s.open_page();
+  uint8_t* page = Payload(static_cast<uint32_t>(s.cell_of[open]));
+  const uint32_t row = static_cast<uint32_t>(s.tokens % P);
+  const size_t es = DTypeSize(spec.dtype);
+  for (uint32_t h = 0; h < spec.kv_heads; ++h) {
+    StoreRow(spec.dtype, r.k.data() + size_t{h} * d,
+             page + spec.ElemOffset(r.layer, 0, h, row) * es, d);
+    StoreRow(spec.dtype, r.v.data() + size_t{h} * d,
+             page + spec.ElemOffset(r.layer, 1, h, row) * es, d);
+  }
+  if (seals) {
+    // The page is complete once this layer's row is in: store it before anything changes,
+    // so a store failure leaves the step retryable.
+    if (absl::Status st = PutPage(s, open, page, P); !st.ok()) return st;
+  }
+
+  // The prediction of a cycle starts once its input is in.
+  bool ready;  // lsa reads the hidden state, quest the index layers' queries
+  switch (s.opt.policy) {
+    case indexer::Policy::kDefault:
+    case indexer::Policy::kLsa:
+      ready = s.have_hidden || last;
+      break;
+    case indexer::Policy::kQuest:
+      ready = r.layer >= indexer::ModelLayerOfIndexLayer(spec, spec.index_layers - 1);
+      break;
+    default:
+      ready = true;
+  }
+  if (s.opt.mode == Mode::kSparse && r.step % options.tau == 0 && s.launched_for != r.step &&
+      !s.job && ready) {
+    Launch(sp);
+    if (!s.have_set) {  // the session's first prediction: wait for it (warm-up)
+      ++s.stats.warmup_waits;
+      while (!s.job->done) s.job_cv.Wait(&s.mu);
+      Install(s);
+    }
+  }
+  if (s.plan_dirty)
+    if (absl::Status st = RebuildPlan(s); !st.ok()) return st;
+  s.list_valid.back() = static_cast<uint16_t>(row + 1);
+  kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, nullptr};
+  if (kernels::KernelStatus ks = kernels::RunPagedDecode(s.plan, Pool(), &item, 1);
+      ks != kernels::KernelStatus::kOk)
+    return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
+  s.next_layer = r.layer + 1;
+
+  if (!last) return absl::OkStatus();
+  // The step is complete.
+  if (completes_chunk && s.opt.mode == Mode::kSparse) {
+    const size_t kb = spec.IndexKeyBytes();
+    for (uint32_t l = 0; l < spec.index_layers; ++l)
+      s.keys[l].insert(s.keys[l].end(), s.step_keys.begin() + l * kb,
+                       s.step_keys.begin() + (l + 1) * kb);
+  }
+  if (completes_chunk) ++s.key_chunks;
+  ++s.tokens;
+  ++s.next_step;
+  s.next_layer = 0;
+  ++s.stats.steps;
+  s.stats.tokens = s.tokens;
+  if (seals) {
+    if (s.opt.mode == Mode::kSparse) {
+      const size_t bf = indexer::IndexerBoundsFloats(spec);
+      s.bounds.resize(s.bounds.size() + bf);
+      PageBounds(s, page, P, s.bounds.data() + s.bounds.size() - bf);
+      s.bound_pages = open + 1;
+    }
+    s.plan_dirty = true;
+    Trim(s);
+    if (absl::Status st = EnsureOpenCell(s); !st.ok()) return st;
+    // Keys and bounds reach the indexer off the critical path, with the next prediction.
+  }
+  return absl::OkStatus();
+}
+
+std::vector<absl::Status> DecodeCore::Step(absl::Span<const LayerStep> batch) {
+  std::vector<absl::Status> out;
+  out.reserve(batch.size());
+  for (const LayerStep& r : batch) {
+    auto s = impl_->Find(r.session);
+    if (!s) {
+      out.push_back(absl::NotFoundError(absl::StrCat("unknown session \"", r.session, "\"")));
+      continue;
+    }
+    absl::MutexLock l(&s->mu);
+    out.push_back(impl_->StepOne(s, r));
+  }
+  return out;
+}
+
+absl::Status DecodeCore::Close(const std::string& id, bool drop_history) {
+  std::shared_ptr<Session> s;
+  {
+    absl::MutexLock l(&impl_->mu);
+    auto it = impl_->sessions.find(id);
+    if (it == impl_->sessions.end())
+      return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+    s = it->second;
+    impl_->sessions.erase(it);
+  }
+  absl::MutexLock l(&s->mu);
+  s->closed = true;
+  while (s->job && !s->job->done) s->job_cv.Wait(&s->mu);
+  if (s->job)
+    for (const auto& [p, c] : s->job->fetched) impl_->GiveCell(*s, c);
+  s->job.reset();
+  absl::Status st = absl::OkStatus();
+  const uint32_t P = s->opt.spec.page_tokens;
+  if (drop_history) {
+    st = impl_->store->DeleteSession(id);
+    if (absl::IsNotFound(st)) st = absl::OkStatus();
+    if (s->registered) st.Update(impl_->predictor->Drop(id));
+  } else if (s->tokens % P != 0) {
+    // The open page's tokens so far, so that another worker can resume the session.
+    const uint64_t open = s->open_page();
+    st = impl_->PutPage(*s, open, impl_->Payload(static_cast<uint32_t>(s->cell_of[open])),
+                        static_cast<uint32_t>(s->tokens % P));
+  }
+  for (uint64_t p = 0; p < s->cell_of.size(); ++p) impl_->Evict(*s, p);
+  absl::MutexLock rl(&impl_->mu);
+  impl_->reserved_cells -= s->reserved;
+  return st;
+}
+
+absl::StatusOr<SessionStats> DecodeCore::Stats(const std::string& id) const {
+  auto s = impl_->Find(id);
+  if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+  absl::ReaderMutexLock l(&s->mu);
+  SessionStats st = s->stats;
+  st.total_pages = s->opt.spec.PagesForTokens(s->tokens);
+  st.footprint = st.total_pages ? double(st.peak_resident_pages) / st.total_pages : 0;
+  return st;
+}
+
+// ---- adapters ----
+
+namespace {
+
+class LocalStore : public PageStore {
+ public:
+  explicit LocalStore(fm::KvStore* s) : s_(s) {}
+  absl::Status Put(const PageHeaderData& h, const uint8_t* payload) override {
+    bool in_ram = false;
+    return s_->Put(h, payload, h.payload_bytes, &in_ram);
+  }
+  absl::Status Read(const std::string& session, const std::vector<uint64_t>& pages,
+                    size_t payload_bytes, const std::vector<uint8_t*>& dst) override {
+    for (size_t i = 0; i < pages.size(); ++i) {
+      absl::Status copied = absl::OkStatus();
+      bool from_spill = false;
+      absl::Status st = s_->Read(
+          {session, pages[i]},
+          [&](const uint8_t* rec, size_t len) {
+            if (len != kPageHeaderBytes + payload_bytes)
+              copied = absl::DataLossError(absl::StrCat("page ", pages[i], " of \"", session,
+                                                        "\" has ", len, " record bytes"));
+            else
+              std::memcpy(dst[i], rec, len);
+          },
+          &from_spill);
+      if (!st.ok()) return st;
+      if (!copied.ok()) return copied;
+    }
+    return absl::OkStatus();
+  }
+  absl::Status DeleteSession(const std::string& session) override {
+    return s_->DeleteSession(session).status();
+  }
+
+ private:
+  fm::KvStore* s_;
+};
+
+class LocalIndexer : public Predictor {
+ public:
+  explicit LocalIndexer(indexer::IndexerCore* c) : c_(c) {}
+  absl::Status Register(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
+                        uint64_t chunks, uint64_t tokens, const float* bounds,
+                        uint64_t bound_pages) override {
+    return c_->Register(session, spec, keys, chunks, tokens, bounds, bound_pages);
+  }
+  absl::Status Append(const std::string& session, const ModelSpec&, const uint8_t* keys,
+                      uint64_t first_chunk, uint64_t chunks, uint64_t tokens, const float* bounds,
+                      uint64_t first_page, uint64_t bound_pages) override {
+    return c_->Append(session, keys, first_chunk, chunks, tokens, bounds, first_page, bound_pages);
+  }
+  absl::StatusOr<indexer::Prediction> Predict(const std::string& session,
+                                              const indexer::PredictArgs& args) override {
+    return c_->Predict(session, args);
+  }
+  absl::Status Drop(const std::string& session) override { return c_->Drop(session); }
+
+ private:
+  indexer::IndexerCore* c_;
+};
+
+}  // namespace
+
+std::unique_ptr<PageStore> LocalPageStore(fm::KvStore* store) {
+  return std::make_unique<LocalStore>(store);
+}
+std::unique_ptr<Predictor> LocalPredictor(indexer::IndexerCore* core) {
+  return std::make_unique<LocalIndexer>(core);
+}
+
+}  // namespace fm::decode

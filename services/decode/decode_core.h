@@ -1,0 +1,171 @@
+// The decode worker's core: a C++ library an inference engine can embed in its own process
+// (the gRPC service wraps the same object). It owns the device reserve — a fixed pool of
+// page cells shared by every session — keeps each session's resident pages in it, runs the
+// paged attention over them, and every tau steps asks the indexer for the next resident
+// set and fetches the missing pages from the kvstore off the step's critical path.
+//
+// A session's life: Open (spec, mode, budget, policy, the most tokens it will hold; the
+// admission reserves its cells or answers RESOURCE_EXHAUSTED), Prefill (whole pages in
+// order plus the index keys of their chunks; repeatable), Step (per (step, layer): the
+// query and the new token's K and V in, the attention output out), Close.
+//
+// Steps. Layers of a step come in order 0..L-1; a request for layer 0 of the current step
+// restarts it (a client whose stream broke mid-step resends the whole step). The token's
+// K/V go into the open page; the attention covers the resident pages and the open page,
+// the new token included. A step whose token completes an index chunk must carry that
+// chunk's index keys ([Li][di + 4]) on one of its layer requests. When the open page fills
+// it is sealed: written to the kvstore, its chunks' keys (and Quest bounds) appended to the
+// indexer. The hidden state rides on a layer request at cycle starts (step % tau == 0).
+//
+// Cycles (sparse mode). At a cycle start the prediction job launches as soon as its input is
+// in (the hidden state for lsa, the index layers' queries for quest, at once otherwise); it
+// runs Predict, diffs the answer against the resident set and reads the missing pages into
+// free cells of the session's reservation. The new set takes over at layer 0 of step
+// start + switch_lag; a step that reaches that point before the fetch is done waits for it
+// and counts as a stall. Until then the previous set serves (so a prediction is at most
+// switch_lag steps stale). The first prediction of a session (no set yet) is waited for at
+// once (warm-up, counted apart from stalls). The sink and the tail (the last `tail` sealed
+// pages and the open page) are always resident.
+//
+// Thread-safety: every method may be called from any thread; steps of one session are
+// serialised, different sessions run concurrently.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/model_spec.h"
+#include "common/page_format.h"
+#include "services/indexer/indexer_core.h"
+
+namespace fm {
+class KvStore;
+}
+
+namespace fm::decode {
+
+// sparse: the indexer's resident set (the product); dense: the whole history resident (the
+// baseline).
+enum class Mode : uint8_t { kSparse = 1, kDense = 2 };
+const char* ModeName(Mode m);
+absl::StatusOr<Mode> ParseMode(const std::string& name);
+
+// Where sealed pages go and come back from (the kvstore, local or remote).
+class PageStore {
+ public:
+  virtual ~PageStore() = default;
+  virtual absl::Status Put(const PageHeaderData& header, const uint8_t* payload) = 0;
+  // Reads the records (header + payload) of pages of one session into dst[i], each with room
+  // for kPageHeaderBytes + payload_bytes, and verifies them (DATA_LOSS on a mismatch).
+  virtual absl::Status Read(const std::string& session, const std::vector<uint64_t>& pages,
+                            size_t payload_bytes, const std::vector<uint8_t*>& dst) = 0;
+  virtual absl::Status DeleteSession(const std::string& session) = 0;
+};
+
+// The indexer (local or remote): the subset of its API the worker uses.
+class Predictor {
+ public:
+  virtual ~Predictor() = default;
+  virtual absl::Status Register(const std::string& session, const ModelSpec& spec,
+                                const uint8_t* keys, uint64_t chunks, uint64_t tokens,
+                                const float* bounds, uint64_t bound_pages) = 0;
+  virtual absl::Status Append(const std::string& session, const ModelSpec& spec,
+                              const uint8_t* keys, uint64_t first_chunk, uint64_t chunks,
+                              uint64_t tokens, const float* bounds, uint64_t first_page,
+                              uint64_t bound_pages) = 0;
+  virtual absl::StatusOr<indexer::Prediction> Predict(const std::string& session,
+                                                      const indexer::PredictArgs& args) = 0;
+  virtual absl::Status Drop(const std::string& session) = 0;
+};
+
+struct DecodeOptions {
+  uint64_t reserve_bytes = uint64_t{1} << 30;  // the device reserve shared by all sessions
+  uint32_t tau = 64;                           // decode steps per cycle
+  uint32_t sink = 1, tail = 2;                 // always-resident pages (DESIGN §1)
+  uint32_t switch_lag = 4;  // steps after a cycle start at which its resident set takes over
+  double headroom = 0.25;   // extra cells per sparse session (fraction of its budget) for
+                            // pages fetched while the previous set still serves
+  uint32_t max_sessions = 1024;
+  uint32_t threads = 0;  // attention threads; 0 = the kernel pool's default
+};
+
+struct SessionOptions {
+  ModelSpec spec;
+  Mode mode = Mode::kSparse;
+  float budget = 0.1f;     // resident fraction of the pages, sink and tail included
+  uint32_t max_pages = 0;  // absolute page budget instead (0 = use budget)
+  indexer::Policy policy = indexer::Policy::kDefault;
+  uint64_t max_tokens = 0;  // the most tokens the session will hold: sizes its reservation
+};
+
+struct SessionStats {
+  uint64_t tokens = 0, steps = 0;
+  uint64_t stalls = 0;        // steps that waited for a fetch
+  uint64_t warmup_waits = 0;  // first predictions waited for
+  uint64_t predictions = 0, prediction_failures = 0, fetched_pages = 0, deferred_pages = 0;
+  uint64_t resident_pages = 0, peak_resident_pages = 0, reserved_cells = 0;
+  uint64_t total_pages = 0;
+  double footprint = 0;  // peak resident pages / pages of the full history
+};
+
+struct ReserveStats {
+  uint64_t cells = 0, cell_bytes = 0, reserved_cells = 0, used_cells = 0, sessions = 0;
+};
+
+// One (session, step, layer) request. Spans point into the caller's memory for the call.
+struct LayerStep {
+  std::string session;
+  uint64_t step = 0;
+  uint32_t layer = 0;
+  absl::Span<const float> q;             // [q_heads][head_dim]
+  absl::Span<const float> k, v;          // [kv_heads][head_dim]: the new token
+  absl::Span<const float> hidden;        // [hidden_dim], at cycle starts (any layer)
+  absl::Span<const uint8_t> index_keys;  // [index_layers][di + 4] of the chunk completed
+  float* out = nullptr;                  // [q_heads][head_dim]
+};
+
+class DecodeCore {
+ public:
+  // store and predictor must outlive the core.
+  DecodeCore(const DecodeOptions& options, PageStore* store, Predictor* predictor);
+  ~DecodeCore();
+  DecodeCore(const DecodeCore&) = delete;
+  DecodeCore& operator=(const DecodeCore&) = delete;
+
+  // INVALID_ARGUMENT: bad spec or options, a page size other than the reserve's;
+  // ALREADY_EXISTS: the id is open; RESOURCE_EXHAUSTED: the reservation does not fit.
+  absl::Status Open(const std::string& session, const SessionOptions& options);
+  // Appends `n_pages` pages ([n][PageBytes]) to the history; `tokens` is the history length
+  // after them (only the last page may be partial, and only in the last Prefill call); index
+  // keys [index_layer][chunks][di + 4] of the complete chunks from `first_chunk` on.
+  absl::Status Prefill(const std::string& session, const uint8_t* pages, uint64_t n_pages,
+                       uint64_t tokens, const uint8_t* index_keys, uint64_t first_chunk,
+                       uint64_t chunks);
+  // Runs a batch of layer requests (any sessions; a session's in order). One status per
+  // request; a bad request leaves its session as it was.
+  std::vector<absl::Status> Step(absl::Span<const LayerStep> batch);
+  // Releases the session's cells. Its history stays in the kvstore and the indexer (the open
+  // page is written out) so that any worker can reopen it, unless drop_history.
+  absl::Status Close(const std::string& session, bool drop_history = false);
+  absl::StatusOr<SessionStats> Stats(const std::string& session) const;
+  ReserveStats Reserve() const;
+
+  // The page payload bytes the reserve's cells hold (0 until the first Open).
+  uint64_t cell_payload_bytes() const;
+
+ private:
+  struct Session;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Adapters for an in-process kvstore and indexer (the all-in-one server, tests).
+std::unique_ptr<PageStore> LocalPageStore(fm::KvStore* store);
+std::unique_ptr<Predictor> LocalPredictor(indexer::IndexerCore* core);
+
+}  // namespace fm::decode

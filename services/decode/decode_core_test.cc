@@ -1,0 +1,356 @@
+#include "services/decode/decode_core.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "common/status_matchers.h"
+#include "services/kvstore/kv_store.h"
+#include "tests/process_util.h"
+#include "workload/generator.h"
+
+namespace fm::decode {
+namespace {
+
+using ::absl::StatusCode;
+using ::fm::testing::IsOk;
+
+// A generated tiny-spec session driven through a DecodeCore backed by an in-process kvstore
+// and indexer.
+class DecodeCoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = MakeTempDir("decode-core");
+    KvStoreOptions ko;
+    ko.db_path = dir_ + "/kv";
+    ko.ram_bytes = 64 << 20;
+    ko.enable_ucx = false;
+    auto kv = KvStore::Open(ko, nullptr);
+    ASSERT_TRUE(kv.ok()) << kv.status();
+    kv_ = std::move(*kv);
+    store_ = LocalPageStore(kv_.get());
+    predictor_ = LocalPredictor(&indexer_);
+    spec_ = PresetSpec("tiny").value();
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::unique_ptr<workload::Session> Generate(uint64_t tokens, uint32_t steps, uint64_t seed) {
+    workload::SessionConfig c;
+    c.spec = spec_;
+    c.knobs.tau = 16;
+    c.seed = seed;
+    c.prefill_tokens = tokens;
+    c.steps = steps;
+    auto s = workload::Session::Generate(c);
+    EXPECT_TRUE(s.ok()) << s.status();
+    return std::move(*s);
+  }
+
+  std::unique_ptr<DecodeCore> Core(uint64_t reserve_bytes = 32 << 20, uint32_t tau = 16) {
+    DecodeOptions o;
+    o.reserve_bytes = reserve_bytes;
+    o.tau = tau;
+    o.switch_lag = 2;
+    return std::make_unique<DecodeCore>(o, store_.get(), predictor_.get());
+  }
+
+  SessionOptions Options(const workload::Session& g, Mode mode, float budget,
+                         indexer::Policy policy) {
+    SessionOptions o;
+    o.spec = spec_;
+    o.mode = mode;
+    o.budget = budget;
+    o.policy = policy;
+    o.max_tokens = g.config().prefill_tokens + g.config().steps;
+    return o;
+  }
+
+  // Prefills the generated history in two calls (the second ends in a partial page when
+  // the history does).
+  void Prefill(DecodeCore& core, const std::string& id, const workload::Session& g) {
+    const uint64_t tokens = g.config().prefill_tokens, P = spec_.page_tokens;
+    const uint64_t pages = spec_.PagesForTokens(tokens), pb = spec_.PageBytes();
+    std::vector<uint8_t> payload(pages * pb);
+    for (uint64_t p = 0; p < pages; ++p) g.FillPage(p, payload.data() + p * pb);
+    const uint64_t first = pages / 2, chunks = tokens / spec_.chunk_tokens;
+    const uint64_t first_chunks = first * spec_.ChunksPerPage();
+    auto keys = [&](uint64_t c0, uint64_t n) {
+      std::vector<uint8_t> k;
+      const size_t kb = spec_.IndexKeyBytes();
+      for (uint32_t l = 0; l < spec_.index_layers; ++l)
+        k.insert(k.end(), g.index_keys(l).begin() + c0 * kb,
+                 g.index_keys(l).begin() + (c0 + n) * kb);
+      return k;
+    };
+    auto k1 = keys(0, first_chunks);
+    ASSERT_THAT(core.Prefill(id, payload.data(), first, first * P, k1.data(), 0, first_chunks),
+                IsOk());
+    auto k2 = keys(first_chunks, chunks - first_chunks);
+    ASSERT_THAT(core.Prefill(id, payload.data() + first * pb, pages - first, tokens, k2.data(),
+                             first_chunks, chunks - first_chunks),
+                IsOk());
+  }
+
+  // The request of (step, layer) from the generated session: the model's queries, the new
+  // token's K and V (read back from its page), and the chunk keys when the token completes
+  // one; the hidden state at cycle starts on layer 0.
+  struct StepData {
+    std::vector<float> q, k, v, hidden, out;
+    std::vector<uint8_t> keys;
+  };
+  StepData Data(const workload::Session& g, uint32_t step, uint32_t layer, uint32_t tau) {
+    StepData d;
+    const uint32_t D = spec_.head_dim;
+    d.q.resize(size_t{spec_.q_heads} * D);
+    for (uint32_t h = 0; h < spec_.q_heads; ++h) g.ModelQuery(step, layer, h, d.q.data() + h * D);
+    const uint64_t pos = g.position(step), P = spec_.page_tokens;
+    std::vector<uint8_t> page(spec_.PageBytes());
+    g.FillPage(pos / P, page.data());
+    const float* f = reinterpret_cast<const float*>(page.data());  // tiny is fp32
+    for (uint32_t h = 0; h < spec_.kv_heads; ++h) {
+      const float* k = f + spec_.ElemOffset(layer, 0, h, pos % P);
+      const float* v = f + spec_.ElemOffset(layer, 1, h, pos % P);
+      d.k.insert(d.k.end(), k, k + D);
+      d.v.insert(d.v.end(), v, v + D);
+    }
+    if ((pos + 1) % spec_.chunk_tokens == 0) {
+      const uint64_t c = pos / spec_.chunk_tokens;
+      const size_t kb = spec_.IndexKeyBytes();
+      for (uint32_t l = 0; l < spec_.index_layers; ++l)
+        d.keys.insert(d.keys.end(), g.index_keys(l).begin() + c * kb,
+                      g.index_keys(l).begin() + (c + 1) * kb);
+    }
+    if (step % tau == 0 && layer == 0)
+      d.hidden.assign(g.hidden(step), g.hidden(step) + spec_.hidden_dim);
+    d.out.resize(d.q.size());
+    return d;
+  }
+  LayerStep Request(const std::string& id, uint32_t step, uint32_t layer, StepData& d) {
+    LayerStep r;
+    r.session = id;
+    r.step = step;
+    r.layer = layer;
+    r.q = d.q;
+    r.k = d.k;
+    r.v = d.v;
+    r.hidden = d.hidden;
+    r.index_keys = d.keys;
+    r.out = d.out.data();
+    return r;
+  }
+
+  // Decodes every step; returns the outputs [step][layer][q_heads * head_dim].
+  std::vector<std::vector<std::vector<float>>> Decode(DecodeCore& core, const std::string& id,
+                                                      const workload::Session& g, uint32_t tau) {
+    std::vector<std::vector<std::vector<float>>> outs;
+    for (uint32_t st = 0; st < g.config().steps; ++st) {
+      outs.emplace_back();
+      for (uint32_t l = 0; l < spec_.layers; ++l) {
+        StepData d = Data(g, st, l, tau);
+        LayerStep r = Request(id, st, l, d);
+        auto res = core.Step({&r, 1});
+        EXPECT_THAT(res[0], IsOk()) << "step " << st << " layer " << l;
+        outs.back().push_back(d.out);
+      }
+    }
+    return outs;
+  }
+
+  std::string dir_;
+  std::unique_ptr<KvStore> kv_;
+  indexer::IndexerCore indexer_;
+  std::unique_ptr<PageStore> store_;
+  std::unique_ptr<Predictor> predictor_;
+  ModelSpec spec_;
+};
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, double(std::abs(a[i] - b[i])));
+  return m;
+}
+
+TEST_F(DecodeCoreTest, DenseOutputsEqualTheModelsAttention) {
+  auto g = Generate(2000, 32, 11);  // a partial last prefill page
+  auto core = Core();
+  ASSERT_THAT(core->Open("d", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault)), IsOk());
+  Prefill(*core, "d", *g);
+  auto outs = Decode(*core, "d", *g, 16);
+  std::vector<float> ref(spec_.head_dim);
+  double worst = 0;
+  for (uint32_t st = 0; st < 32; st += 5)
+    for (uint32_t l = 0; l < spec_.layers; ++l)
+      for (uint32_t h = 0; h < spec_.q_heads; ++h) {
+        g->DenseOutput(st, l, h, ref.data());
+        for (uint32_t i = 0; i < spec_.head_dim; ++i)
+          worst = std::max(worst, double(std::abs(outs[st][l][h * spec_.head_dim + i] - ref[i])));
+      }
+  EXPECT_LT(worst, 1e-4);
+  auto st = core->Stats("d");
+  ASSERT_THAT(st.status(), IsOk());
+  EXPECT_EQ(st->tokens, 2032u);
+  EXPECT_EQ(st->steps, 32u);
+  EXPECT_EQ(st->total_pages, 32u);
+  EXPECT_EQ(st->predictions, 0u);
+  EXPECT_EQ(st->stalls, 0u);
+  EXPECT_DOUBLE_EQ(st->footprint, 1.0);  // every page, the open one included
+}
+
+TEST_F(DecodeCoreTest, SparseWithEveryPageEqualsDense) {
+  auto g = Generate(4096, 48, 12);
+  auto core = Core();
+  ASSERT_THAT(core->Open("dense", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault)),
+              IsOk());
+  ASSERT_THAT(core->Open("sparse", Options(*g, Mode::kSparse, 1.0f, indexer::Policy::kDense)),
+              IsOk());
+  Prefill(*core, "dense", *g);
+  Prefill(*core, "sparse", *g);
+  auto a = Decode(*core, "dense", *g, 16);
+  auto b = Decode(*core, "sparse", *g, 16);
+  double worst = 0;
+  for (size_t st = 0; st < a.size(); ++st)
+    for (size_t l = 0; l < a[st].size(); ++l)
+      worst = std::max(worst, MaxAbsDiff(a[st][l], b[st][l]));
+  EXPECT_LT(worst, 1e-5);
+  auto st = core->Stats("sparse");
+  ASSERT_THAT(st.status(), IsOk());
+  EXPECT_EQ(st->predictions, 3u);  // steps 0, 16, 32
+  EXPECT_EQ(st->prediction_failures, 0u);
+  EXPECT_EQ(st->deferred_pages, 0u);
+  EXPECT_EQ(st->resident_pages, 65u);  // 64 sealed + the open page
+}
+
+TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
+  auto g = Generate(8192, 64, 13);
+  auto core = Core();
+  ASSERT_THAT(core->Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)), IsOk());
+  Prefill(*core, "s", *g);
+  auto outs = Decode(*core, "s", *g, 16);
+  auto st = core->Stats("s");
+  ASSERT_THAT(st.status(), IsOk());
+  EXPECT_EQ(st->predictions, 4u);
+  EXPECT_EQ(st->prediction_failures, 0u);
+  EXPECT_EQ(st->warmup_waits, 1u);
+  EXPECT_GT(st->fetched_pages, 0u);
+  // 25 % of 129 pages (33) plus the open page at most, plus the fetch headroom at the peak.
+  EXPECT_LE(st->resident_pages, 34u);
+  EXPECT_LE(st->peak_resident_pages, st->reserved_cells);
+  EXPECT_LT(st->footprint, 0.36);
+  // The sparse outputs are close to the model's dense attention (quest at 25 %).
+  std::vector<float> ref(spec_.head_dim);
+  double dot = 0, na = 0, nb = 0;
+  for (uint32_t s = 0; s < 64; s += 3)
+    for (uint32_t l = 0; l < spec_.layers; ++l)
+      for (uint32_t h = 0; h < spec_.q_heads; ++h) {
+        g->DenseOutput(s, l, h, ref.data());
+        for (uint32_t i = 0; i < spec_.head_dim; ++i) {
+          const double a = outs[s][l][h * spec_.head_dim + i];
+          dot += a * ref[i], na += a * a, nb += double(ref[i]) * ref[i];
+        }
+      }
+  EXPECT_GT(dot / std::sqrt(na * nb), 0.9);
+}
+
+TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
+  auto g = Generate(2048, 32, 14);
+  auto core = Core();
+  ASSERT_THAT(core->Open("a", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault)), IsOk());
+  EXPECT_EQ(core->Open("a", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault)).code(),
+            StatusCode::kAlreadyExists);
+  SessionOptions bad = Options(*g, Mode::kSparse, 1.5f, indexer::Policy::kDefault);
+  EXPECT_EQ(core->Open("b", bad).code(), StatusCode::kInvalidArgument);
+  bad.budget = 0.1f;
+  bad.max_tokens = 0;
+  EXPECT_EQ(core->Open("b", bad).code(), StatusCode::kInvalidArgument);
+  SessionOptions other = Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault);
+  other.spec.head_dim = 128;  // pages of another size than the reserve's
+  EXPECT_EQ(core->Open("b", other).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(core->Prefill("nope", nullptr, 0, 1, nullptr, 0, 0).code(), StatusCode::kNotFound);
+  Prefill(*core, "a", *g);
+
+  StepData d = Data(*g, 0, 0, 16);
+  LayerStep r = Request("ghost", 0, 0, d);
+  EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kNotFound);
+  r = Request("a", 1, 0, d);  // step 1 before step 0
+  EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kFailedPrecondition);
+  r = Request("a", 0, 1, d);  // layer 1 before layer 0
+  EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kFailedPrecondition);
+  StepData shortq = d;
+  shortq.q.pop_back();
+  r = Request("a", 0, 0, shortq);
+  auto res = core->Step({&r, 1});
+  EXPECT_EQ(res[0].code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(res[0].message().find("expected q [4][64]"), std::string::npos) << res[0];
+  StepData nan = d;
+  nan.k[3] = std::nanf("");
+  r = Request("a", 0, 0, nan);
+  EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kInvalidArgument);
+  StepData badkeys = d;
+  badkeys.keys.assign(7, 0);
+  r = Request("a", 0, 0, badkeys);
+  EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kInvalidArgument);
+
+  // Step 3 completes a chunk: its last layer must bring (or follow) the chunk's keys.
+  for (uint32_t st = 0; st < 3; ++st)
+    for (uint32_t l = 0; l < spec_.layers; ++l) {
+      StepData x = Data(*g, st, l, 16);
+      LayerStep q = Request("a", st, l, x);
+      ASSERT_THAT(core->Step({&q, 1})[0], IsOk());
+    }
+  StepData s3 = Data(*g, 3, 0, 16), s3b = Data(*g, 3, 1, 16);
+  s3.keys.clear();
+  s3b.keys.clear();
+  LayerStep q0 = Request("a", 3, 0, s3), q1 = Request("a", 3, 1, s3b);
+  ASSERT_THAT(core->Step({&q0, 1})[0], IsOk());
+  EXPECT_EQ(core->Step({&q1, 1})[0].code(), StatusCode::kInvalidArgument);
+
+  // A batch mixing sessions: the bad request fails alone. Restarting step 3 at layer 0
+  // (a client whose stream broke) and finishing it gives the same result as a clean run.
+  StepData a0 = Data(*g, 3, 0, 16), a1 = Data(*g, 3, 1, 16);
+  LayerStep batch[3] = {Request("a", 3, 0, a0), Request("ghost", 0, 0, d), Request("a", 3, 1, a1)};
+  res = core->Step(batch);
+  EXPECT_THAT(res[0], IsOk());
+  EXPECT_EQ(res[1].code(), StatusCode::kNotFound);
+  EXPECT_THAT(res[2], IsOk());
+  std::vector<float> ref(spec_.head_dim);
+  for (uint32_t h = 0; h < spec_.q_heads; ++h) {
+    g->DenseOutput(3, 1, h, ref.data());
+    for (uint32_t i = 0; i < spec_.head_dim; ++i)
+      EXPECT_NEAR(a1.out[h * spec_.head_dim + i], ref[i], 1e-4);
+  }
+  auto st = core->Stats("a");
+  ASSERT_THAT(st.status(), IsOk());
+  EXPECT_EQ(st->steps, 4u);
+  EXPECT_EQ(st->tokens, 2052u);
+  ASSERT_THAT(core->Close("a"), IsOk());
+  EXPECT_EQ(core->Close("a").code(), StatusCode::kNotFound);
+  r = Request("a", 4, 0, d);
+  EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kNotFound);
+}
+
+TEST_F(DecodeCoreTest, AdmissionRefusesWhatTheReserveCannotHold) {
+  auto g = Generate(8192, 16, 15);
+  // 40 cells of 128 KiB pages (+ header): a dense 8K session needs 130, a sparse one at 10 %
+  // 13 + open + headroom.
+  auto core = Core(40 * (128 * 1024 + 256));
+  auto st = core->Open("dense", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault));
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(st.message().find("needs 130 page cells"), std::string::npos) << st;
+  int admitted = 0;
+  for (int i = 0; i < 8; ++i)
+    if (core->Open("s" + std::to_string(i),
+                   Options(*g, Mode::kSparse, 0.1f, indexer::Policy::kSinkRecency))
+            .ok())
+      ++admitted;
+  EXPECT_EQ(admitted, 2);  // 20 cells each
+  EXPECT_EQ(core->Reserve().reserved_cells, 40u);
+  ASSERT_THAT(core->Close("s0"), IsOk());
+  EXPECT_EQ(core->Reserve().reserved_cells, 20u);
+  EXPECT_THAT(core->Open("again", Options(*g, Mode::kSparse, 0.1f, indexer::Policy::kSinkRecency)),
+              IsOk());
+}
+
+}  // namespace
+}  // namespace fm::decode
