@@ -1,11 +1,12 @@
 // flashmemory: the all-in-one server. Hosts every FlashMemory service on one gRPC port with
 // an embedded RocksDB directory: the default for a laptop, a test or a single GPU box.
-// Services hosted so far: kvstore and indexer (the decode worker joins when it lands).
 #include <filesystem>
 
 #include "common/flags.h"
 #include "common/grpc_server.h"
 #include "common/log.h"
+#include "services/decode/decode_service.h"
+#include "services/decode/flags.h"
 #include "services/indexer/flags.h"
 #include "services/indexer/indexer_service.h"
 #include "services/kvstore/flags.h"
@@ -13,7 +14,9 @@
 
 int main(int argc, char** argv) {
   fm::BlockTerminationSignals();
-  CLI::App app{"FlashMemory all-in-one server (kvstore and indexer on one port, embedded RocksDB)"};
+  CLI::App app{
+      "FlashMemory all-in-one server (decode worker, indexer and kvstore on one port, embedded "
+      "RocksDB)"};
   fm::ServerOptions server;
   server.port = 50051;
   fm::KvStoreOptions kv;
@@ -23,6 +26,8 @@ int main(int argc, char** argv) {
   fm::AddKvStoreFlags(app, &kv);
   fm::indexer::IndexerFlags ix;
   fm::indexer::AddIndexerFlags(app, &ix);
+  fm::decode::DecodeOptions decode;
+  fm::decode::AddDecodeFlags(app, &decode);
   app.add_option("--data_dir", data_dir,
                  "State directory (RocksDB under <data_dir>/kvstore unless --db is given)")
       ->capture_default_str();
@@ -53,7 +58,14 @@ int main(int argc, char** argv) {
   fm::KvStoreService kv_service(store->get(), kv.max_keys_per_call);
   fm::indexer::IndexerService ix_service(core->get());
   fm::indexer::AddIndexerMetrics(core->get(), &metrics);
+  // The decode worker reads and writes pages and asks for predictions in process.
+  auto page_store = fm::decode::LocalPageStore(store->get());
+  auto predictor = fm::decode::LocalPredictor(core->get());
+  fm::decode::DecodeCore decode_core(decode, page_store.get(), predictor.get());
+  fm::decode::DecodeService decode_service(&decode_core);
+  fm::decode::AddDecodeMetrics(&decode_core, &metrics);
   fm::GrpcServerRunner runner(server, &metrics);
+  runner.AddService(&decode_service, "flashmemory.v1.Decode");
   runner.AddService(&kv_service, "flashmemory.v1.KvStore");
   runner.AddService(&ix_service, "flashmemory.v1.Indexer");
   return runner.ServeUntilSignal("flashmemory");

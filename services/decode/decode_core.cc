@@ -135,6 +135,7 @@ struct DecodeCore::Session {
   SessionOptions opt;
   kernels::AttentionShape shape;
   uint64_t reserved = 0;  // cells the admission granted
+  uint32_t tau = 64;
 
   absl::Mutex mu;
   bool closed ABSL_GUARDED_BY(mu) = false;
@@ -537,6 +538,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->opt = o;
   s->shape = ShapeOf(sp);
   s->reserved = cells;
+  s->tau = o.tau ? o.tau : opt.tau;
   {
     absl::MutexLock l(&impl_->mu);
     Impl& im = *impl_;
@@ -695,10 +697,12 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     s.decoding = true;
     if (s.opt.mode == Mode::kSparse && s.job && (r.step >= s.switch_step || !s.have_set)) {
       if (!s.job->done) {
-        if (s.have_set)
+        if (s.have_set) {
           ++s.stats.stalls;
-        else
+          if (r.stalled) *r.stalled = true;
+        } else {
           ++s.stats.warmup_waits;
+        }
         while (!s.job->done) s.job_cv.Wait(&s.mu);
       }
       Install(s);
@@ -746,8 +750,8 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     default:
       ready = true;
   }
-  if (s.opt.mode == Mode::kSparse && r.step % options.tau == 0 && s.launched_for != r.step &&
-      !s.job && ready) {
+  if (s.opt.mode == Mode::kSparse && r.step % s.tau == 0 && s.launched_for != r.step && !s.job &&
+      ready) {
     Launch(sp);
     if (!s.have_set) {  // the session's first prediction: wait for it (warm-up)
       ++s.stats.warmup_waits;
@@ -758,7 +762,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   if (s.plan_dirty)
     if (absl::Status st = RebuildPlan(s); !st.ok()) return st;
   s.list_valid.back() = static_cast<uint16_t>(row + 1);
-  kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, nullptr};
+  kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, r.lse};
   if (kernels::KernelStatus ks = kernels::RunPagedDecode(s.plan, Pool(), &item, 1);
       ks != kernels::KernelStatus::kOk)
     return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
@@ -850,6 +854,12 @@ absl::StatusOr<SessionStats> DecodeCore::Stats(const std::string& id) const {
   st.total_pages = s->opt.spec.PagesForTokens(s->tokens);
   st.footprint = st.total_pages ? double(st.peak_resident_pages) / st.total_pages : 0;
   return st;
+}
+
+absl::StatusOr<ModelSpec> DecodeCore::SessionSpec(const std::string& id) const {
+  auto s = impl_->Find(id);
+  if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+  return s->opt.spec;  // immutable after Open
 }
 
 // ---- adapters ----

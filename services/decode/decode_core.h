@@ -101,6 +101,7 @@ struct SessionOptions {
   uint32_t max_pages = 0;  // absolute page budget instead (0 = use budget)
   indexer::Policy policy = indexer::Policy::kDefault;
   uint64_t max_tokens = 0;  // the most tokens the session will hold: sizes its reservation
+  uint32_t tau = 0;         // decode steps per cycle; 0 = the worker's
 };
 
 struct SessionStats {
@@ -127,6 +128,8 @@ struct LayerStep {
   absl::Span<const float> hidden;        // [hidden_dim], at cycle starts (any layer)
   absl::Span<const uint8_t> index_keys;  // [index_layers][di + 4] of the chunk completed
   float* out = nullptr;                  // [q_heads][head_dim]
+  float* lse = nullptr;                  // [q_heads] log-sum-exp, optional
+  bool* stalled = nullptr;               // set when the step waited for a fetch, optional
 };
 
 class DecodeCore {
@@ -153,6 +156,7 @@ class DecodeCore {
   // page is written out) so that any worker can reopen it, unless drop_history.
   absl::Status Close(const std::string& session, bool drop_history = false);
   absl::StatusOr<SessionStats> Stats(const std::string& session) const;
+  absl::StatusOr<ModelSpec> SessionSpec(const std::string& session) const;
   ReserveStats Reserve() const;
 
   // The page payload bytes the reserve's cells hold (0 until the first Open).

@@ -1,0 +1,37 @@
+// The gRPC face of a DecodeCore (flashmemory.v1.Decode), callback API.
+//
+// Prefill streams raw K/V by token ranges ([layer][K|V][kv_head][token][head_dim] in the
+// spec dtype) with their index keys (compressed, or raw fp32 that the worker compresses);
+// the service pages them. DecodeStream carries batches of (session, step, layer) requests,
+// any mix of sessions, per layer or whole steps (layer_count = L), and answers each request
+// with its outputs or its own error code: one bad request never ends the stream.
+#pragma once
+
+#include "flashmemory/v1/decode.grpc.pb.h"
+#include "services/decode/decode_core.h"
+
+namespace fm::decode {
+
+class DecodeService final : public flashmemory::v1::Decode::CallbackService {
+ public:
+  explicit DecodeService(DecodeCore* core) : core_(core) {}
+
+  grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* ctx,
+                                        const flashmemory::v1::OpenSessionRequest* req,
+                                        flashmemory::v1::OpenSessionResponse* resp) override;
+  grpc::ServerReadReactor<flashmemory::v1::PrefillChunk>* Prefill(
+      grpc::CallbackServerContext* ctx, flashmemory::v1::PrefillResponse* resp) override;
+  grpc::ServerBidiReactor<flashmemory::v1::DecodeBatch, flashmemory::v1::DecodeResults>*
+  DecodeStream(grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx,
+                                         const flashmemory::v1::CloseSessionRequest* req,
+                                         flashmemory::v1::CloseSessionResponse* resp) override;
+  grpc::ServerUnaryReactor* GetSessionStats(grpc::CallbackServerContext* ctx,
+                                            const flashmemory::v1::SessionStatsRequest* req,
+                                            flashmemory::v1::SessionStatsResponse* resp) override;
+
+ private:
+  DecodeCore* core_;
+};
+
+}  // namespace fm::decode

@@ -1,0 +1,43 @@
+// decode worker flags, shared by fm-decode and the all-in-one binary. Include only from
+// main.cc.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include "common/metrics.h"
+#include "services/decode/decode_core.h"
+
+namespace fm::decode {
+
+inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
+  app.add_option("--reserve_bytes", o->reserve_bytes,
+                 "Device reserve shared by all sessions (page cells)")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  app.add_option("--tau", o->tau, "Decode steps per cycle (sessions may set their own)")
+      ->capture_default_str();
+  app.add_option("--switch_lag", o->switch_lag,
+                 "Steps after a cycle start at which its resident set takes over")
+      ->capture_default_str();
+  app.add_option("--sink", o->sink, "Always-resident first pages")->capture_default_str();
+  app.add_option("--tail", o->tail, "Always-resident last sealed pages")->capture_default_str();
+  app.add_option("--max_decode_sessions", o->max_sessions, "Sessions a worker holds")
+      ->capture_default_str();
+}
+
+// Exports the reserve's occupancy on the server's /metrics.
+inline void AddDecodeMetrics(const DecodeCore* core, MetricsRegistry* metrics) {
+  metrics->AddCollector([core](std::string* out) {
+    const ReserveStats r = core->Reserve();
+    AppendMetricFamily(out, "fm_decode_sessions", "Decode sessions open.", "gauge",
+                       {{"", double(r.sessions)}});
+    AppendMetricFamily(out, "fm_decode_reserve_cells", "Page cells in the device reserve.", "gauge",
+                       {{"", double(r.cells)}});
+    AppendMetricFamily(out, "fm_decode_reserved_cells", "Cells reserved by admitted sessions.",
+                       "gauge", {{"", double(r.reserved_cells)}});
+    AppendMetricFamily(out, "fm_decode_used_cells", "Cells holding pages.", "gauge",
+                       {{"", double(r.used_cells)}});
+  });
+}
+
+}  // namespace fm::decode

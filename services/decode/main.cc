@@ -1,0 +1,55 @@
+// fm-decode: the decode worker service. Pages live in the kvstore replicas (--kvstore),
+// predictions come from the indexer replicas (--indexer).
+#include "common/flags.h"
+#include "common/grpc_server.h"
+#include "common/log.h"
+#include "services/decode/decode_service.h"
+#include "services/decode/flags.h"
+#include "services/decode/remote.h"
+
+int main(int argc, char** argv) {
+  fm::BlockTerminationSignals();
+  CLI::App app{"FlashMemory decode worker: sparse attention over a device reserve of pages"};
+  fm::ServerOptions server;
+  server.port = 50054;
+  fm::decode::DecodeOptions options;
+  std::string kvstore = "127.0.0.1:50052", indexer = "127.0.0.1:50053";
+  bool use_ucx = true, verbose = false;
+  fm::AddServerFlags(app, &server);
+  fm::decode::AddDecodeFlags(app, &options);
+  app.add_option("--kvstore", kvstore, "kvstore replicas: h:p,h:p or dns:NAME:PORT")
+      ->capture_default_str();
+  app.add_option("--indexer", indexer, "indexer replicas: h:p,h:p or dns:NAME:PORT")
+      ->capture_default_str();
+  app.add_flag("!--no_ucx", use_ucx, "Read pages over gRPC instead of UCX");
+  fm::AddLogFlags(app, &verbose);
+  CLI11_PARSE(app, argc, argv);
+  if (verbose) fm::SetLogLevel(fm::LogLevel::kDebug);
+
+  auto replicas = fm::ResolveReplicas(kvstore);
+  if (!replicas.ok()) {
+    FM_LOG_ERROR("decode: --kvstore: %s", replicas.status().ToString().c_str());
+    return 1;
+  }
+  fm::KvClientOptions ko;
+  ko.use_ucx = use_ucx;
+  auto kv = fm::ShardedKvClient::Connect(*replicas, ko);
+  if (!kv.ok()) {
+    FM_LOG_ERROR("decode: kvstore: %s", kv.status().ToString().c_str());
+    return 1;
+  }
+  auto ix = fm::indexer::IndexerClient::Connect(indexer);
+  if (!ix.ok()) {
+    FM_LOG_ERROR("decode: indexer: %s", ix.status().ToString().c_str());
+    return 1;
+  }
+  auto store = fm::decode::RemotePageStore(kv->get());
+  auto predictor = fm::decode::RemotePredictor(ix->get());
+  fm::decode::DecodeCore core(options, store.get(), predictor.get());
+  fm::MetricsRegistry metrics;
+  fm::decode::DecodeService service(&core);
+  fm::decode::AddDecodeMetrics(&core, &metrics);
+  fm::GrpcServerRunner runner(server, &metrics);
+  runner.AddService(&service, "flashmemory.v1.Decode");
+  return runner.ServeUntilSignal("decode");
+}
