@@ -591,10 +591,13 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
   const ModelSpec& spec = s.opt.spec;
   const uint32_t P = spec.page_tokens;
   if (s.decoding) return absl::FailedPreconditionError("prefill after the first decode step");
-  if (s.partial_prefill)
+  if (s.partial_prefill && n_pages > 0)
     return absl::FailedPreconditionError("the previous prefill ended in a partial page");
-  if (tokens <= s.tokens || tokens > s.tokens + n_pages * P ||
-      tokens <= s.tokens + (n_pages - 1) * P)
+  if (n_pages == 0 && tokens != s.tokens)
+    return absl::InvalidArgumentError(
+        absl::StrCat("no pages, yet a history of ", tokens, " tokens; the session has ", s.tokens));
+  if (n_pages > 0 && (tokens <= s.tokens || tokens > s.tokens + n_pages * P ||
+                      tokens <= s.tokens + (n_pages - 1) * P))
     return absl::InvalidArgumentError(absl::StrCat(n_pages, " pages after ", s.tokens,
                                                    " tokens cannot hold a history of ", tokens,
                                                    " tokens (every page but the last is full)"));

@@ -80,30 +80,7 @@ class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
       return absl::InvalidArgumentError("one prefill stream carries one session");
     }
     const ModelSpec& sp = spec_;
-    if (c.tokens() > 0) {
-      if (c.first_token() != tokens_)
-        return absl::InvalidArgumentError(
-            absl::StrCat("tokens start at ", c.first_token(), "; the session expects ", tokens_));
-      const size_t es = DTypeSize(sp.dtype), row = size_t{sp.head_dim} * es;
-      const size_t want = size_t{2} * sp.layers * sp.kv_heads * c.tokens() * row;
-      if (c.kv().size() != want)
-        return absl::InvalidArgumentError(absl::StrCat(
-            "kv carries ", c.kv().size(), " bytes; expected [", sp.layers, "][2][", sp.kv_heads,
-            "][", c.tokens(), "][", sp.head_dim, "] ", DTypeName(sp.dtype), " = ", want));
-      const auto* kv = reinterpret_cast<const uint8_t*>(c.kv().data());
-      for (uint32_t t = 0; t < c.tokens(); ++t) {
-        const uint32_t slot = static_cast<uint32_t>(tokens_ % sp.page_tokens);
-        for (uint32_t l = 0; l < sp.layers; ++l)
-          for (uint32_t k = 0; k < 2; ++k)
-            for (uint32_t h = 0; h < sp.kv_heads; ++h) {
-              const size_t src = (((size_t{l} * 2 + k) * sp.kv_heads + h) * c.tokens() + t) * row;
-              std::memcpy(page_.data() + sp.ElemOffset(l, k, h, slot) * es, kv + src, row);
-            }
-        ++tokens_;
-        if (tokens_ % sp.page_tokens == 0)
-          if (absl::Status st = Flush(); !st.ok()) return st;
-      }
-    }
+    // Keys first: a page flushed by this message's tokens carries its own chunks' keys.
     if (c.has_index_keys() && c.index_keys().chunks() > 0) {
       const v1::IndexKeys& k = c.index_keys();
       if (k.first_chunk() != key_chunk_)
@@ -135,12 +112,36 @@ class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
         }
       key_chunk_ += n;
     }
+    if (c.tokens() > 0) {
+      if (c.first_token() != tokens_)
+        return absl::InvalidArgumentError(
+            absl::StrCat("tokens start at ", c.first_token(), "; the session expects ", tokens_));
+      const size_t es = DTypeSize(sp.dtype), row = size_t{sp.head_dim} * es;
+      const size_t want = size_t{2} * sp.layers * sp.kv_heads * c.tokens() * row;
+      if (c.kv().size() != want)
+        return absl::InvalidArgumentError(absl::StrCat(
+            "kv carries ", c.kv().size(), " bytes; expected [", sp.layers, "][2][", sp.kv_heads,
+            "][", c.tokens(), "][", sp.head_dim, "] ", DTypeName(sp.dtype), " = ", want));
+      const auto* kv = reinterpret_cast<const uint8_t*>(c.kv().data());
+      for (uint32_t t = 0; t < c.tokens(); ++t) {
+        const uint32_t slot = static_cast<uint32_t>(tokens_ % sp.page_tokens);
+        for (uint32_t l = 0; l < sp.layers; ++l)
+          for (uint32_t k = 0; k < 2; ++k)
+            for (uint32_t h = 0; h < sp.kv_heads; ++h) {
+              const size_t src = (((size_t{l} * 2 + k) * sp.kv_heads + h) * c.tokens() + t) * row;
+              std::memcpy(page_.data() + sp.ElemOffset(l, k, h, slot) * es, kv + src, row);
+            }
+        ++tokens_;
+        if (tokens_ % sp.page_tokens == 0)
+          if (absl::Status st = Flush(); !st.ok()) return st;
+      }
+    }
     return absl::OkStatus();
   }
 
   // Hands the buffered page (full, or the last partial one) to the core with the keys of
   // the chunks it completes.
-  absl::Status Flush() {
+  absl::Status Flush(bool page = true) {
     const ModelSpec& sp = spec_;
     const uint64_t covered = std::min(key_chunk_, tokens_ / sp.chunk_tokens);
     const uint64_t n = covered - sent_chunks_;
@@ -162,6 +163,8 @@ class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
     if (id_.empty()) return absl::InvalidArgumentError("an empty prefill stream");
     if (tokens_ > sent_tokens_)
       if (absl::Status st = Flush(); !st.ok()) return st;
+    if (key_chunk_ > sent_chunks_ && tokens_ / spec_.chunk_tokens > sent_chunks_)
+      if (absl::Status st = Flush(false); !st.ok()) return st;
     if (key_chunk_ > sent_chunks_)
       return absl::InvalidArgumentError(
           absl::StrCat("index keys for ", key_chunk_, " chunks but tokens for ", sent_chunks_));

@@ -1,5 +1,7 @@
 // fmctl: command-line client of a FlashMemory cluster.
-//   fmctl demo  --target HOST:PORT   generate a long session, store and read it back over
+//   fmctl demo  --target HOST:PORT   decode a generated long session in dense and in sparse
+//                                    mode; footprint, fidelity, mass recall, stalls, tokens/s
+//   fmctl kv-demo --target HOST:PORT store a generated long session and read it back over
 //                                    UCX and gRPC, show tiers, spill and throughput
 //   fmctl stats --target HOST:PORT [--session ID]
 //   fmctl delete --target HOST:PORT --session ID
@@ -16,6 +18,7 @@
 #include "common/model_spec.h"
 #include "common/status.h"
 #include "services/kvstore/kv_client.h"
+#include "tools/fmctl/decode_demo.h"
 #include "workload/trace.h"
 
 namespace {
@@ -240,8 +243,23 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::string target = "127.0.0.1:50051", spec = "bench", session = "demo";
   uint64_t tokens = 32768;
+  fm::fmctl::DecodeDemoOptions dd;
+  auto* ddemo = app.add_subcommand(
+      "demo", "Decode a generated long session in dense and in sparse mode, side by side");
+  ddemo->add_option("--target", dd.target, "Decode worker or all-in-one address")
+      ->capture_default_str();
+  ddemo->add_option("--spec", dd.spec, "Model spec preset: tiny, bench, long")
+      ->capture_default_str();
+  ddemo->add_option("--tokens", dd.tokens, "Prefill tokens")->capture_default_str();
+  ddemo->add_option("--steps", dd.steps, "Decode steps (whole cycles of 64)")
+      ->capture_default_str();
+  ddemo->add_option("--budget", dd.budget, "Sparse resident fraction")->capture_default_str();
+  ddemo->add_option("--seed", dd.seed, "Session seed")->capture_default_str();
+  ddemo->add_option("--session", dd.session, "Session id prefix")->capture_default_str();
+  ddemo->add_flag("--whole_step", dd.whole_step,
+                  "Send whole steps (replay) instead of one request per layer");
   auto* demo = app.add_subcommand(
-      "demo", "Store a generated long session and read it back over UCX and gRPC");
+      "kv-demo", "Store a generated long session and read it back over UCX and gRPC");
   demo->add_option("--target", target, "Server address")->capture_default_str();
   demo->add_option("--spec", spec, "Model spec preset: tiny, bench, long")->capture_default_str();
   demo->add_option("--tokens", tokens, "Session length in tokens")->capture_default_str();
@@ -270,21 +288,30 @@ int main(int argc, char** argv) {
   gen->add_flag("--outputs", topt.outputs,
                 "Also write the dense attention outputs of every step (a pass over the history "
                 "per step and head: small sessions)");
-  gen->add_option("--world-seed", knobs.world_seed, "Seed of the synthetic model")->capture_default_str();
+  gen->add_option("--world-seed", knobs.world_seed, "Seed of the synthetic model")
+      ->capture_default_str();
   gen->add_option("--tau", knobs.tau, "Decode steps per cycle")->capture_default_str();
   gen->add_option("--topics", knobs.session_topics, "Topics per session")->capture_default_str();
-  gen->add_option("--episode-tokens", knobs.episode_tokens, "Mean history episode length")->capture_default_str();
-  gen->add_option("--focus-steps", knobs.focus_steps, "Mean decode steps per focus")->capture_default_str();
-  gen->add_option("--recent-focus", knobs.recent_focus, "P(focus on the newest topic)")->capture_default_str();
-  gen->add_option("--anticipate", knobs.anticipate, "P(hidden state announces a switch)")->capture_default_str();
+  gen->add_option("--episode-tokens", knobs.episode_tokens, "Mean history episode length")
+      ->capture_default_str();
+  gen->add_option("--focus-steps", knobs.focus_steps, "Mean decode steps per focus")
+      ->capture_default_str();
+  gen->add_option("--recent-focus", knobs.recent_focus, "P(focus on the newest topic)")
+      ->capture_default_str();
+  gen->add_option("--anticipate", knobs.anticipate, "P(hidden state announces a switch)")
+      ->capture_default_str();
   gen->add_option("--needles", knobs.needles, "Needles per session")->capture_default_str();
   gen->add_option("--drift", knobs.drift, "Topic drift over the history")->capture_default_str();
-  gen->add_option("--sink-share", knobs.sink_share, "Attention share of the sink")->capture_default_str();
-  gen->add_option("--diffuse-heads", knobs.diffuse_heads, "Fraction of diffuse heads")->capture_default_str();
+  gen->add_option("--sink-share", knobs.sink_share, "Attention share of the sink")
+      ->capture_default_str();
+  gen->add_option("--diffuse-heads", knobs.diffuse_heads, "Fraction of diffuse heads")
+      ->capture_default_str();
   gen->add_option("--top-p", knobs.top_p, "Label: top-p attention mass")->capture_default_str();
-  gen->add_option("--label-layers", knobs.label_layers, "Label: in at least m layers")->capture_default_str();
+  gen->add_option("--label-layers", knobs.label_layers, "Label: in at least m layers")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (gen->parsed()) return Gen(spec, tokens, steps, seed, count, out_dir, topt, knobs);
+  if (ddemo->parsed()) return fm::fmctl::DecodeDemo(dd);
   if (demo->parsed()) return Demo(target, spec, tokens, session);
   if (stats->parsed()) return Stats(target, stats->count("--session") ? session : "");
   if (del->parsed()) {

@@ -1,0 +1,168 @@
+#include "tools/replay/replay.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace fm::replay {
+namespace v1 = flashmemory::v1;
+
+PrefillData MakePrefill(const workload::Session& g) {
+  const ModelSpec& sp = g.spec();
+  const uint64_t tokens = g.config().prefill_tokens;
+  PrefillData d;
+  d.n_pages = sp.PagesForTokens(tokens);
+  d.chunks = tokens / sp.chunk_tokens;
+  d.pages.resize(d.n_pages * sp.PageBytes());
+  for (uint64_t p = 0; p < d.n_pages; ++p) g.FillPage(p, d.pages.data() + p * sp.PageBytes());
+  const size_t kb = sp.IndexKeyBytes();
+  for (uint32_t l = 0; l < sp.index_layers; ++l)
+    d.keys.insert(d.keys.end(), g.index_keys(l).begin(), g.index_keys(l).begin() + d.chunks * kb);
+  return d;
+}
+
+v1::LayerRequest StepSource::Request(uint32_t step, uint32_t layer, uint32_t layer_count) {
+  const ModelSpec& sp = g_.spec();
+  const uint64_t pos = g_.position(step), P = sp.page_tokens;
+  if (pos / P != cached_page_) {
+    page_.resize(sp.PageBytes());
+    g_.FillPage(pos / P, page_.data());
+    cached_page_ = pos / P;
+  }
+  v1::LayerRequest r;
+  r.set_session_id(id_);
+  r.set_step(step);
+  r.set_layer(layer);
+  r.set_layer_count(layer_count);
+  const uint32_t d = sp.head_dim;
+  const size_t es = DTypeSize(sp.dtype);
+  std::vector<float> q(size_t{layer_count} * sp.q_heads * d);
+  std::string* k = r.mutable_k();
+  std::string* v = r.mutable_v();
+  for (uint32_t j = 0; j < layer_count; ++j) {
+    for (uint32_t h = 0; h < sp.q_heads; ++h)
+      g_.ModelQuery(step, layer + j, h, q.data() + (size_t{j} * sp.q_heads + h) * d);
+    for (uint32_t h = 0; h < sp.kv_heads; ++h) {
+      k->append(reinterpret_cast<const char*>(page_.data() +
+                                              sp.ElemOffset(layer + j, 0, h, pos % P) * es),
+                d * es);
+      v->append(reinterpret_cast<const char*>(page_.data() +
+                                              sp.ElemOffset(layer + j, 1, h, pos % P) * es),
+                d * es);
+    }
+  }
+  r.set_q(q.data(), q.size() * 4);
+  if (layer == 0) {
+    if (step % tau_ == 0) r.set_hidden(g_.hidden(step), size_t{sp.hidden_dim} * 4);
+    if ((pos + 1) % sp.chunk_tokens == 0) {
+      const uint64_t c = pos / sp.chunk_tokens;
+      const size_t kb = sp.IndexKeyBytes();
+      v1::IndexKeys* ik = r.mutable_index_keys();
+      ik->set_first_chunk(c);
+      ik->set_chunks(1);
+      for (uint32_t l = 0; l < sp.index_layers; ++l)
+        ik->mutable_data()->append(reinterpret_cast<const char*>(g_.index_keys(l).data() + c * kb),
+                                   kb);
+    }
+  }
+  return r;
+}
+
+absl::StatusOr<ReplayResult> Replay(decode::DecodeClient& client, const workload::Session& g,
+                                    const PrefillData& prefill, const ReplayOptions& o) {
+  const ModelSpec& sp = g.spec();
+  const uint32_t steps = g.config().steps, L = sp.layers;
+  decode::SessionOptions so;
+  so.spec = sp;
+  so.mode = o.mode;
+  so.budget = o.budget;
+  so.policy = o.policy;
+  so.tau = g.config().knobs.tau;
+  so.max_tokens = g.config().prefill_tokens + steps;
+  auto opened = client.Open(o.session_id, so);
+  if (!opened.ok()) return opened.status();
+  ReplayResult res;
+  auto t0 = std::chrono::steady_clock::now();
+  if (absl::Status st =
+          client.Prefill(o.session_id, sp, prefill.pages.data(), prefill.n_pages,
+                         g.config().prefill_tokens, prefill.keys.data(), prefill.chunks);
+      !st.ok())
+    return st;
+  auto t1 = std::chrono::steady_clock::now();
+  res.prefill_s = std::chrono::duration<double>(t1 - t0).count();
+  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  res.out.resize(size_t{steps} * L * qs);
+  res.lse.resize(size_t{steps} * L * sp.q_heads);
+  StepSource src(g, o.session_id, so.tau);
+  auto stream = client.OpenStream();
+  double decode_ms = 0;
+  for (uint32_t st = 0; st < steps; ++st) {
+    // Requests are built before the clock starts: the engine has them in hand.
+    std::vector<v1::DecodeBatch> batches;
+    if (o.whole_step) {
+      batches.emplace_back();
+      *batches.back().add_requests() = src.Request(st, 0, L);
+    } else {
+      for (uint32_t l = 0; l < L; ++l) {
+        batches.emplace_back();
+        *batches.back().add_requests() = src.Request(st, l, 1);
+      }
+    }
+    const auto s0 = std::chrono::steady_clock::now();
+    bool stalled = false;
+    for (const auto& b : batches) {
+      auto r = stream->Run(b);
+      if (!r.ok()) return r.status();
+      for (const v1::LayerResult& lr : r->results()) {
+        if (lr.code() != 0)
+          return absl::Status(static_cast<absl::StatusCode>(lr.code()),
+                              absl::StrCat("step ", st, " layer ", lr.layer(), ": ", lr.message()));
+        const uint32_t n = std::max<uint32_t>(1, lr.layer_count());
+        std::memcpy(res.out.data() + (size_t{st} * L + lr.layer()) * qs, lr.out().data(),
+                    n * qs * 4);
+        std::memcpy(res.lse.data() + (size_t{st} * L + lr.layer()) * sp.q_heads, lr.lse().data(),
+                    size_t{n} * sp.q_heads * 4);
+        stalled |= lr.stalled();
+      }
+    }
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count();
+    res.step_ms.push_back(ms);
+    decode_ms += ms;
+    res.stalled_steps += stalled;
+  }
+  res.decode_s = decode_ms / 1000;
+  if (absl::Status st = stream->Finish(); !st.ok()) return st;
+  auto stats = client.Stats(o.session_id);
+  if (!stats.ok()) return stats.status();
+  res.stats = *stats;
+  if (o.close)
+    if (absl::Status st = client.Close(o.session_id); !st.ok()) return st;
+  return res;
+}
+
+Fidelity Compare(const ModelSpec& sp, const ReplayResult& a, const ReplayResult& b) {
+  Fidelity f;
+  const size_t d = sp.head_dim, n = a.lse.size();
+  double recall = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const float* x = a.out.data() + i * d;
+    const float* y = b.out.data() + i * d;
+    double xy = 0, xx = 0, yy = 0, diff = 0;
+    for (size_t j = 0; j < d; ++j) {
+      xy += double(x[j]) * y[j], xx += double(x[j]) * x[j], yy += double(y[j]) * y[j];
+      diff += (double(x[j]) - y[j]) * (double(x[j]) - y[j]);
+    }
+    const double cos = xx > 0 && yy > 0 ? xy / std::sqrt(xx * yy) : (xx == yy ? 1.0 : 0.0);
+    f.cosine_mean += cos;
+    f.cosine_min = std::min(f.cosine_min, cos);
+    f.rel_l2_mean += yy > 0 ? std::sqrt(diff / yy) : 0;
+    recall += std::min(1.0, std::exp(double(a.lse[i]) - b.lse[i]));
+  }
+  if (n) f.cosine_mean /= n, f.rel_l2_mean /= n, f.mass_recall = recall / n;
+  return f;
+}
+
+}  // namespace fm::replay

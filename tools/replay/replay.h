@@ -1,0 +1,71 @@
+// Replays generated sessions through a decode worker over gRPC, as an inference engine
+// would drive it: prefill, then every decode step per layer (a real model learns layer
+// l + 1's query only after layer l's output) or as whole steps (a replay client that knows
+// every query up front). Shared by fmctl demo, fm-bench e2e and the integration tests.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "services/decode/decode_client.h"
+#include "workload/generator.h"
+
+namespace fm::replay {
+
+struct ReplayOptions {
+  std::string session_id;
+  decode::Mode mode = decode::Mode::kSparse;
+  float budget = 0.1f;
+  indexer::Policy policy = indexer::Policy::kDefault;
+  bool whole_step = false;  // one request per step (all layers) instead of per layer
+  bool close = true;        // close the session at the end (history kept)
+};
+
+struct ReplayResult {
+  std::vector<float> out;       // [step][layer][q_heads][head_dim]
+  std::vector<float> lse;       // [step][layer][q_heads]
+  std::vector<double> step_ms;  // wall time of each decode step
+  double prefill_s = 0, decode_s = 0;
+  uint64_t stalled_steps = 0;
+  flashmemory::v1::SessionStatsResponse stats;
+};
+
+// Pages and index keys of a generated session's prefill.
+struct PrefillData {
+  std::vector<uint8_t> pages;  // [pages][PageBytes]
+  std::vector<uint8_t> keys;   // [index layer][chunks][di + 4]
+  uint64_t n_pages = 0, chunks = 0;
+};
+PrefillData MakePrefill(const workload::Session& g);
+
+// Builds the decode requests of a generated session: the model's queries, the new token's K
+// and V (from its page, in the spec dtype), the chunk's index keys when the token completes
+// one, and the hidden state at cycle starts (on layer 0).
+class StepSource {
+ public:
+  StepSource(const workload::Session& g, std::string id, uint32_t tau)
+      : g_(g), id_(std::move(id)), tau_(tau) {}
+  // The request of (step, layer), or of the whole step when layer_count = L.
+  flashmemory::v1::LayerRequest Request(uint32_t step, uint32_t layer, uint32_t layer_count);
+
+ private:
+  const workload::Session& g_;
+  std::string id_;
+  uint32_t tau_;
+  uint64_t cached_page_ = UINT64_MAX;
+  std::vector<uint8_t> page_;
+};
+
+absl::StatusOr<ReplayResult> Replay(decode::DecodeClient& client, const workload::Session& g,
+                                    const PrefillData& prefill, const ReplayOptions& options);
+
+// Sparse against dense over the same session: per (step, layer, head) cosine and relative L2
+// of the outputs, and mass recall exp(lse_sparse - lse_dense) (the share of the dense
+// attention probability on the tokens the sparse step attended).
+struct Fidelity {
+  double cosine_mean = 0, cosine_min = 1, rel_l2_mean = 0, mass_recall = 0;
+};
+Fidelity Compare(const ModelSpec& spec, const ReplayResult& sparse, const ReplayResult& dense);
+
+}  // namespace fm::replay
