@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -52,8 +53,10 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::s
   std::unique_ptr<ServerProcess> p(new ServerProcess());
   std::string path = binary.find('/') == std::string::npos ? BinDir() + "/" + binary : binary;
   p->ready_file_ = MakeTempDir("fm_ready") + "/ready";
-  args.insert(args.begin(),
-              {path, "--host", "127.0.0.1", "--port", "0", "--ready_file", p->ready_file_});
+  // --port 0 (the server picks) unless the caller names a port (a restart on the same one).
+  const bool has_port = std::find(args.begin(), args.end(), "--port") != args.end();
+  args.insert(args.begin(), {path, "--host", "127.0.0.1", "--ready_file", p->ready_file_});
+  if (!has_port) args.insert(args.begin() + 1, {"--port", "0"});
   pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {

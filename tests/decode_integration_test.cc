@@ -1,0 +1,305 @@
+// Integration tests of the decode worker: real flashmemory, fm-decode, fm-kvstore and
+// fm-indexer processes on loopback, driven by the replay client.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "common/status_matchers.h"
+#include "services/kvstore/kv_client.h"
+#include "tests/process_util.h"
+#include "tools/replay/replay.h"
+
+namespace fm::decode {
+namespace {
+namespace v1 = flashmemory::v1;
+using ::fm::testing::IsOk;
+using ::fm::testing::StatusIs;
+using Code = absl::StatusCode;
+
+double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, double(std::abs(a[i] - b[i])));
+  return m;
+}
+
+class DecodeProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = MakeTempDir("fm_decit");
+    workload::SessionConfig c;
+    c.spec = *PresetSpec("tiny");
+    c.knobs.tau = 16;
+    c.seed = 21;
+    c.prefill_tokens = 4000;  // a partial last page
+    c.steps = 64;
+    g_ = *workload::Session::Generate(c);
+    prefill_ = replay::MakePrefill(*g_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::unique_ptr<ServerProcess> Start(const std::string& bin, std::vector<std::string> args) {
+    auto p = ServerProcess::Start(bin, std::move(args));
+    EXPECT_THAT(p, IsOk());
+    return p.ok() ? std::move(*p) : nullptr;
+  }
+  std::unique_ptr<ServerProcess> AllInOne(const std::string& name) {
+    return Start("flashmemory", {"--data_dir", dir_ + "/" + name, "--ram_bytes", "64MiB",
+                                 "--reserve_bytes", "64MiB"});
+  }
+  absl::StatusOr<replay::ReplayResult> Run(const std::string& target, const std::string& id,
+                                           Mode mode, float budget, indexer::Policy policy,
+                                           bool whole_step = false) {
+    auto client = DecodeClient::Connect(target, 30000);
+    if (!client.ok()) return client.status();
+    replay::ReplayOptions o;
+    o.session_id = id;
+    o.mode = mode;
+    o.budget = budget;
+    o.policy = policy;
+    o.whole_step = whole_step;
+    return replay::Replay(**client, *g_, prefill_, o);
+  }
+
+  std::string dir_;
+  std::unique_ptr<workload::Session> g_;
+  replay::PrefillData prefill_;
+};
+
+TEST_F(DecodeProcessTest, AllInOneDenseMatchesTheModelAndSparseWithEveryPageMatchesDense) {
+  auto server = AllInOne("one");
+  ASSERT_NE(server, nullptr);
+  auto dense = Run(server->target(), "dense", Mode::kDense, 1.0f, indexer::Policy::kDefault);
+  ASSERT_THAT(dense, IsOk());
+  // Whole-step replay of the sparse session: every layer in one request.
+  auto all = Run(server->target(), "all", Mode::kSparse, 1.0f, indexer::Policy::kDense, true);
+  ASSERT_THAT(all, IsOk());
+  EXPECT_LT(MaxDiff(dense->out, all->out), 1e-5);
+  const replay::Fidelity f = replay::Compare(g_->spec(), *all, *dense);
+  EXPECT_GT(f.cosine_min, 0.99999);
+  EXPECT_GT(f.mass_recall, 0.99999);
+  // Dense outputs equal the model's exact attention.
+  const ModelSpec& sp = g_->spec();
+  std::vector<float> ref(sp.head_dim);
+  double worst = 0;
+  for (uint32_t st = 0; st < 64; st += 7)
+    for (uint32_t l = 0; l < sp.layers; ++l)
+      for (uint32_t h = 0; h < sp.q_heads; ++h) {
+        g_->DenseOutput(st, l, h, ref.data());
+        const float* o =
+            dense->out.data() + ((size_t{st} * sp.layers + l) * sp.q_heads + h) * sp.head_dim;
+        for (uint32_t i = 0; i < sp.head_dim; ++i)
+          worst = std::max(worst, double(std::abs(o[i] - ref[i])));
+      }
+  EXPECT_LT(worst, 1e-4);
+  EXPECT_EQ(dense->stats.tokens(), 4064u);
+  EXPECT_EQ(dense->stats.stalls(), 0u);
+  EXPECT_EQ(all->stats.predictions(), 4u);
+  EXPECT_EQ(all->stats.prediction_failures(), 0u);
+  EXPECT_EQ(server->Stop(SIGTERM), 0);
+}
+
+TEST_F(DecodeProcessTest, ThreeProcessesWithTwoKvstoreReplicasMatchTheAllInOne) {
+  auto one = AllInOne("one");
+  ASSERT_NE(one, nullptr);
+  auto ref = Run(one->target(), "q", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  ASSERT_THAT(ref, IsOk());
+  auto dense = Run(one->target(), "d", Mode::kDense, 1.0f, indexer::Policy::kDefault);
+  ASSERT_THAT(dense, IsOk());
+
+  auto kv_a =
+      Start("fm-kvstore", {"--db", dir_ + "/a", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto kv_b =
+      Start("fm-kvstore", {"--db", dir_ + "/b", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv_a && kv_b && ix);
+  auto dec = Start("fm-decode", {"--kvstore", kv_a->target() + "," + kv_b->target(), "--indexer",
+                                 ix->target(), "--reserve_bytes", "64MiB"});
+  ASSERT_NE(dec, nullptr);
+  auto got = Run(dec->target(), "q", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  ASSERT_THAT(got, IsOk());
+  // The same session, options and deterministic cycle switches: the same outputs.
+  EXPECT_LT(MaxDiff(got->out, ref->out), 1e-6);
+  EXPECT_EQ(got->stats.pages_fetched(), ref->stats.pages_fetched());
+  EXPECT_GT(got->stats.pages_fetched(), 0u);
+  EXPECT_LT(got->stats.footprint(), 0.45);
+  const replay::Fidelity f = replay::Compare(g_->spec(), *got, *dense);
+  EXPECT_GT(f.mass_recall, 0.8);
+  EXPECT_GT(f.cosine_mean, 0.95);
+  // Pages are spread over both replicas.
+  KvClientOptions ko;
+  ko.use_ucx = false;
+  for (auto* kv : {kv_a.get(), kv_b.get()}) {
+    auto c = KvClient::Connect(kv->target(), ko);
+    ASSERT_THAT(c, IsOk());
+    auto st = (*c)->Stats("q");
+    ASSERT_THAT(st, IsOk());
+    EXPECT_GT(st->sessions(0).pages(), 10u);
+  }
+}
+
+TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
+  auto ref_server = AllInOne("one");
+  ASSERT_NE(ref_server, nullptr);
+  auto ref = Run(ref_server->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  ASSERT_THAT(ref, IsOk());
+
+  const std::vector<std::string> kv_args = {"--db",         dir_ + "/kv", "--ram_bytes", "32MiB",
+                                            "--slab_bytes", "4MiB",       "--no_ucx"};
+  auto kv = Start("fm-kvstore", kv_args);
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  const std::string kv_port = std::to_string(kv->port());
+  auto dec = Start("fm-decode", {"--kvstore", kv->target(), "--indexer", ix->target(),
+                                 "--reserve_bytes", "64MiB", "--no_ucx"});
+  ASSERT_NE(dec, nullptr);
+  auto client = DecodeClient::Connect(dec->target(), 5000).value();
+  SessionOptions so;
+  so.spec = g_->spec();
+  so.mode = Mode::kSparse;
+  so.budget = 0.25f;
+  so.policy = indexer::Policy::kQuest;
+  so.tau = 16;
+  so.max_tokens = 4064;
+  ASSERT_THAT(client->Open("r", so), IsOk());
+  ASSERT_THAT(client->Prefill("r", so.spec, prefill_.pages.data(), prefill_.n_pages, 4000,
+                              prefill_.keys.data(), prefill_.chunks),
+              IsOk());
+  replay::StepSource src(*g_, "r", 16);
+  auto stream = client->OpenStream();
+  const ModelSpec& sp = g_->spec();
+  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  std::vector<float> out(ref->out.size());
+  // Runs one step; the code of its first failing layer.
+  auto step = [&](uint32_t st) -> int {
+    for (uint32_t l = 0; l < sp.layers; ++l) {
+      v1::DecodeBatch b;
+      *b.add_requests() = src.Request(st, l, 1);
+      auto r = stream->Run(b);
+      if (!r.ok()) return int(Code::kInternal);
+      const v1::LayerResult& lr = r->results(0);
+      if (lr.code() != 0) return lr.code();
+      std::memcpy(out.data() + (size_t{st} * sp.layers + l) * qs, lr.out().data(), qs * 4);
+    }
+    return 0;
+  };
+  uint32_t failed_at = 0;
+  for (uint32_t st = 0; st < 64; ++st) {
+    if (st == 20) {
+      ASSERT_TRUE(WIFSIGNALED(kv->Stop(SIGKILL)));
+      kv.reset();
+    }
+    int code = step(st);
+    if (code == int(Code::kUnavailable)) {
+      // The page this step seals cannot be stored: the step fails whole, the session stays
+      // at it, and it fails the same way while the store is down.
+      failed_at = st;
+      EXPECT_EQ(step(st), int(Code::kUnavailable));
+      auto stats = client->Stats("r");
+      ASSERT_THAT(stats, IsOk());
+      EXPECT_EQ(stats->steps(), st);
+      std::vector<std::string> args = kv_args;
+      args.insert(args.end(), {"--port", kv_port});
+      kv = Start("fm-kvstore", args);
+      ASSERT_NE(kv, nullptr);
+      for (int tries = 0; tries < 100 && code != 0; ++tries) {  // the channel reconnects
+        code = step(st);
+        if (code != 0) usleep(100000);
+      }
+    }
+    ASSERT_EQ(code, 0) << "step " << st;
+  }
+  EXPECT_EQ(failed_at, 31u);  // step 31 seals page 62 (tokens 3968..4031)
+  auto stats = client->Stats("r");
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_EQ(stats->steps(), 64u);
+  EXPECT_EQ(stats->tokens(), 4064u);
+  EXPECT_EQ(stats->prediction_failures(), 0u);
+  // Nothing was lost or corrupted: the outputs equal the undisturbed run's.
+  EXPECT_LT(MaxDiff(out, ref->out), 1e-6);
+  EXPECT_THAT(stream->Finish(), IsOk());
+}
+
+TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
+  auto server = AllInOne("one");
+  ASSERT_NE(server, nullptr);
+  auto client = DecodeClient::Connect(server->target(), 10000).value();
+  SessionOptions so;
+  so.spec = g_->spec();
+  so.mode = Mode::kDense;
+  so.max_tokens = 4064;
+  EXPECT_THAT(client->Open("", so), StatusIs(Code::kInvalidArgument));
+  SessionOptions zero = so;
+  zero.max_tokens = 0;
+  EXPECT_THAT(client->Open("x", zero), StatusIs(Code::kInvalidArgument, "max_tokens"));
+  SessionOptions huge = so;
+  huge.max_tokens = 1ull << 30;  // far beyond a 64 MiB reserve
+  EXPECT_THAT(client->Open("x", huge), StatusIs(Code::kResourceExhausted, "cannot admit"));
+  SessionOptions oracle = so;
+  oracle.mode = Mode::kSparse;
+  oracle.policy = indexer::Policy::kOracle;
+  EXPECT_THAT(client->Open("x", oracle), StatusIs(Code::kInvalidArgument, "oracle"));
+  ASSERT_THAT(client->Open("a", so), IsOk());
+  EXPECT_THAT(client->Open("a", so), StatusIs(Code::kAlreadyExists));
+  // Prefill: unknown session, misaligned tokens.
+  EXPECT_THAT(client->Prefill("nope", so.spec, prefill_.pages.data(), 1, 64, nullptr, 0),
+              StatusIs(Code::kNotFound));
+  ASSERT_THAT(client->Prefill("a", so.spec, prefill_.pages.data(), prefill_.n_pages, 4000,
+                              prefill_.keys.data(), prefill_.chunks),
+              IsOk());
+  EXPECT_THAT(client->Prefill("a", so.spec, prefill_.pages.data(), 1, 64, nullptr, 0),
+              StatusIs(Code::kFailedPrecondition));
+
+  replay::StepSource src(*g_, "a", 16);
+  auto stream = client->OpenStream();
+  v1::DecodeBatch b;
+  v1::LayerRequest good = src.Request(0, 0, 1);
+  v1::LayerRequest ghost = good;
+  ghost.set_session_id("ghost");
+  v1::LayerRequest short_q = good;
+  short_q.mutable_q()->resize(good.q().size() - 4);
+  v1::LayerRequest wrong_step = good;
+  wrong_step.set_step(5);
+  v1::LayerRequest bad_layer = good;
+  bad_layer.set_layer(7);
+  v1::LayerRequest bad_hidden = good;
+  bad_hidden.mutable_hidden()->resize(12);
+  for (const auto& r : {ghost, short_q, wrong_step, bad_layer, bad_hidden, good})
+    *b.add_requests() = r;
+  auto res = stream->Run(b);
+  ASSERT_THAT(res, IsOk());
+  ASSERT_EQ(res->results_size(), 6);
+  EXPECT_EQ(res->results(0).code(), int(Code::kNotFound));
+  EXPECT_EQ(res->results(1).code(), int(Code::kInvalidArgument));
+  EXPECT_NE(res->results(1).message().find("expected q [1][4][64]"), std::string::npos)
+      << res->results(1).message();
+  EXPECT_EQ(res->results(2).code(), int(Code::kFailedPrecondition));
+  EXPECT_EQ(res->results(3).code(), int(Code::kInvalidArgument));
+  EXPECT_EQ(res->results(4).code(), int(Code::kInvalidArgument));
+  EXPECT_EQ(res->results(5).code(), 0) << res->results(5).message();
+  // A step stream that breaks mid-step: the client resends the step from layer 0.
+  stream.reset();
+  stream = client->OpenStream();
+  for (uint32_t l = 0; l < 2; ++l) {
+    v1::DecodeBatch one;
+    *one.add_requests() = src.Request(0, l, 1);
+    auto r = stream->Run(one);
+    ASSERT_THAT(r, IsOk());
+    EXPECT_EQ(r->results(0).code(), 0) << r->results(0).message();
+  }
+  auto stats = client->Stats("a");
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_EQ(stats->steps(), 1u);
+  EXPECT_THAT(stream->Finish(), IsOk());
+  ASSERT_THAT(client->Close("a"), IsOk());
+  EXPECT_THAT(client->Close("a"), StatusIs(Code::kNotFound));
+  EXPECT_THAT(client->Stats("a"), StatusIs(Code::kNotFound));
+  EXPECT_EQ(server->Stop(SIGTERM), 0);
+}
+
+}  // namespace
+}  // namespace fm::decode
