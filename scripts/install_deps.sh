@@ -8,7 +8,7 @@ PKGS=(
   libabsl-dev librocksdb-dev libucx-dev
   libgtest-dev libgmock-dev libhwy-dev
   libcli11-dev libxxhash-dev libcpp-httplib-dev nlohmann-json3-dev
-  python3-numpy python3-torch
+  python3-numpy python3-torch python3-grpcio python3-protobuf
 )
 missing=()
 for p in "${PKGS[@]}"; do
