@@ -99,9 +99,11 @@ absl::Status DecodeClient::Close(const std::string& session, bool delete_pages) 
   return FromGrpcStatus(stub_->CloseSession(ctx.get(), req, &resp));
 }
 
-absl::StatusOr<v1::SessionStatsResponse> DecodeClient::Stats(const std::string& session) {
+absl::StatusOr<v1::SessionStatsResponse> DecodeClient::Stats(const std::string& session,
+                                                             const std::vector<uint64_t>& probe) {
   v1::SessionStatsRequest req;
   req.set_session_id(session);
+  for (uint64_t p : probe) req.add_probe_pages(p);
   v1::SessionStatsResponse resp;
   auto ctx = Context();
   grpc::Status st = stub_->GetSessionStats(ctx.get(), req, &resp);

@@ -27,7 +27,9 @@ class DecodeClient {
   absl::Status Prefill(const std::string& session, const ModelSpec& spec, const uint8_t* pages,
                        uint64_t n_pages, uint64_t tokens, const uint8_t* keys, uint64_t chunks);
   absl::Status Close(const std::string& session, bool delete_pages = false);
-  absl::StatusOr<flashmemory::v1::SessionStatsResponse> Stats(const std::string& session);
+  // probe: pages whose residency to report (probe_resident in the answer).
+  absl::StatusOr<flashmemory::v1::SessionStatsResponse> Stats(
+      const std::string& session, const std::vector<uint64_t>& probe = {});
 
   // A step stream: write a batch, read its results, in lockstep.
   class Stream {
@@ -39,8 +41,8 @@ class DecodeClient {
    private:
     friend class DecodeClient;
     grpc::ClientContext ctx_;
-    std::unique_ptr<grpc::ClientReaderWriter<flashmemory::v1::DecodeBatch,
-                                             flashmemory::v1::DecodeResults>>
+    std::unique_ptr<
+        grpc::ClientReaderWriter<flashmemory::v1::DecodeBatch, flashmemory::v1::DecodeResults>>
         rw_;
     bool finished_ = false;
   };

@@ -865,6 +865,16 @@ absl::StatusOr<ModelSpec> DecodeCore::SessionSpec(const std::string& id) const {
   return s->opt.spec;  // immutable after Open
 }
 
+absl::StatusOr<std::vector<bool>> DecodeCore::Resident(const std::string& id,
+                                                       const std::vector<uint64_t>& pages) const {
+  auto s = impl_->Find(id);
+  if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+  absl::ReaderMutexLock l(&s->mu);
+  std::vector<bool> out;
+  for (uint64_t p : pages) out.push_back(p < s->cell_of.size() && s->cell_of[p] != kNoCell);
+  return out;
+}
+
 // ---- adapters ----
 
 namespace {

@@ -157,6 +157,9 @@ class DecodeCore {
   absl::Status Close(const std::string& session, bool drop_history = false);
   absl::StatusOr<SessionStats> Stats(const std::string& session) const;
   absl::StatusOr<ModelSpec> SessionSpec(const std::string& session) const;
+  // Whether each page is resident in the reserve now (evaluation: needle hits).
+  absl::StatusOr<std::vector<bool>> Resident(const std::string& session,
+                                             const std::vector<uint64_t>& pages) const;
   ReserveStats Reserve() const;
 
   // The page payload bytes the reserve's cells hold (0 until the first Open).

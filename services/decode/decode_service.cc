@@ -392,6 +392,12 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_warmup_waits(st->warmup_waits);
   resp->set_reserve_pages(st->reserved_cells);
   resp->set_total_pages(st->total_pages);
+  if (req->probe_pages_size() > 0) {
+    auto r =
+        core_->Resident(req->session_id(), {req->probe_pages().begin(), req->probe_pages().end()});
+    if (!r.ok()) return FinishUnary(ctx, r.status());
+    for (bool b : *r) resp->add_probe_resident(b);
+  }
   return FinishUnary(ctx, absl::OkStatus());
 }
 

@@ -30,17 +30,38 @@ struct KernelBenchOptions {
 
 int RunKernelsBench(const KernelBenchOptions& options);
 
+struct E2eBenchOptions {
+  std::string target;  // a running decode worker / all-in-one; empty = start flashmemory
+  std::vector<uint64_t> contexts = {32768, 131072, 524288, 1048576};  // bench spec < 512K
+  uint32_t steps = 256;                    // decode steps of the fidelity run
+  uint32_t conc_steps = 64;                // steps per streaming style in the concurrency runs
+  std::vector<int> sessions = {1, 4, 16};  // concurrent sessions (capped per context)
+  uint64_t ram_cap = 8ull << 30;           // KV bytes the concurrency runs may hold per mode
+  double budget = 0.10;                    // sparse resident fraction
+  uint64_t seed = 777001;
+  uint64_t server_ram = 8ull << 30;      // kvstore RAM tier of the started server
+  uint64_t server_reserve = 9ull << 30;  // device reserve of the started server
+  std::string json;
+  std::string plots;  // directory for PNG plots (needs /usr/bin/python3 with matplotlib)
+};
+
+int RunE2eBench(const E2eBenchOptions& options);
+
+// Shared helpers (bench_util.cc).
+double Percentile(std::vector<double> v, double p);  // p in [0, 1], nearest rank
+bool WriteJsonRows(const std::string& path, const std::vector<std::string>& rows);
+
 struct IndexerBenchOptions {
   std::string spec = "bench";
-  std::string weights;                                   // indexer weights (safetensors)
+  std::string weights;  // indexer weights (safetensors)
   std::vector<uint64_t> contexts = {32768, 131072, 1048576};
-  int sessions = 2;           // held-out sessions per context (1 at 1M tokens)
-  uint32_t steps = 512;       // decode steps per session (whole cycles)
-  uint32_t steps_1m = 256;    // at 1M tokens
+  int sessions = 2;         // held-out sessions per context (1 at 1M tokens)
+  uint32_t steps = 512;     // decode steps per session (whole cycles)
+  uint32_t steps_1m = 256;  // at 1M tokens
   uint32_t tau = 64;
-  double budget = 0.10;       // resident pages / context pages, sink and tail included
-  uint64_t seed = 900001;     // held out: training uses other seeds
-  bool verbose = false;       // per-cycle mass of every policy on stderr
+  double budget = 0.10;    // resident pages / context pages, sink and tail included
+  uint64_t seed = 900001;  // held out: training uses other seeds
+  bool verbose = false;    // per-cycle mass of every policy on stderr
   std::string json;
 };
 

@@ -25,12 +25,6 @@ struct Acc {
   std::vector<double> latency_ms;
 };
 
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
-
 }  // namespace
 
 int RunIndexerBench(const IndexerBenchOptions& o) {
@@ -210,14 +204,7 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
     }
     std::fflush(stdout);
   }
-  if (!o.json.empty()) {
-    std::ofstream f(o.json);
-    f << "[\n";
-    for (size_t i = 0; i < rows_json.size(); ++i)
-      f << "  " << rows_json[i] << (i + 1 < rows_json.size() ? ",\n" : "\n");
-    f << "]\n";
-    if (!f) return 1;
-  }
+  if (!o.json.empty() && !WriteJsonRows(o.json, rows_json)) return 1;
   return 0;
 }
 

@@ -284,8 +284,8 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   std::printf(
       "indexer: %.0f GFLOP/s = %.0f%% of the %s FMA peak (%.0f GFLOP/s); at that peak the scan "
       "would read %.1f GB/s = %.0f%% of stream\n",
-      index_gflops, 100 * index_gflops / arith_peak, fp16 ? "fp16" : "fp32", arith_peak,
-      bound_gbps, 100 * bound_gbps / key_stream_gbps);
+      index_gflops, 100 * index_gflops / arith_peak, fp16 ? "fp16" : "fp32", arith_peak, bound_gbps,
+      100 * bound_gbps / key_stream_gbps);
   std::printf("indexer: %.3g chunk-layers/s; %.0f%% of stream read (target >= 60%%) [%s]\n",
               chunks_per_s, 100 * index_gbps / key_stream_gbps,
               index_gbps >= 0.6 * key_stream_gbps ? "met" : "MISSED");

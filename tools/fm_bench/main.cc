@@ -39,7 +39,32 @@ int main(int argc, char** argv) {
   ic->add_option("--seed", ib.seed, "First held-out session seed")->capture_default_str();
   ic->add_option("--json", ib.json, "Write the rows as JSON");
   ic->add_flag("--verbose", ib.verbose, "Per-cycle mass recall of every policy on stderr");
+  fm::bench::E2eBenchOptions eb;
+  auto* ec = app.add_subcommand(
+      "e2e", "The cluster end to end: dense vs sparse fidelity, footprint, throughput, ceiling");
+  ec->add_option("--target", eb.target, "A running decode worker (default: start flashmemory)");
+  ec->add_option("--contexts", eb.contexts, "Context lengths (bench spec below 512K, long above)")
+      ->capture_default_str();
+  ec->add_option("--steps", eb.steps, "Decode steps of the fidelity run")->capture_default_str();
+  ec->add_option("--conc_steps", eb.conc_steps, "Steps per streaming style, concurrent runs")
+      ->capture_default_str();
+  ec->add_option("--sessions", eb.sessions, "Concurrent sessions")->capture_default_str();
+  ec->add_option("--ram_cap", eb.ram_cap, "KV bytes the concurrent sessions of a mode may hold")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  ec->add_option("--budget", eb.budget, "Sparse resident fraction")->capture_default_str();
+  ec->add_option("--seed", eb.seed, "First session seed")->capture_default_str();
+  ec->add_option("--server_ram", eb.server_ram, "kvstore RAM tier of the started server")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  ec->add_option("--server_reserve", eb.server_reserve,
+                 "Device reserve of the started server (also the ceiling's budget)")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  ec->add_option("--json", eb.json, "Write the rows as JSON");
+  ec->add_option("--plots", eb.plots, "Directory for PNG plots (with --json)");
   CLI11_PARSE(app, argc, argv);
+  if (ec->parsed()) return fm::bench::RunE2eBench(eb);
   if (ic->parsed()) return fm::bench::RunIndexerBench(ib);
   if (kvc->parsed()) return fm::bench::RunKvStoreBench(kv);
   if (kc->parsed()) return fm::bench::RunKernelsBench(kb);

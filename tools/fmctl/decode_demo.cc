@@ -7,18 +7,11 @@
 #include <chrono>
 #include <cstdio>
 
+#include "tools/fm_bench/bench.h"
 #include "tools/replay/replay.h"
 
 namespace fm::fmctl {
-namespace {
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
-
-}  // namespace
+using bench::Percentile;
 
 int DecodeDemo(const DecodeDemoOptions& o) {
   auto spec = PresetSpec(o.spec);

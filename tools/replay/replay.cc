@@ -70,38 +70,42 @@ v1::LayerRequest StepSource::Request(uint32_t step, uint32_t layer, uint32_t lay
   return r;
 }
 
-absl::StatusOr<ReplayResult> Replay(decode::DecodeClient& client, const workload::Session& g,
-                                    const PrefillData& prefill, const ReplayOptions& o) {
+absl::Status OpenAndPrefill(decode::DecodeClient& client, const workload::Session& g,
+                            const PrefillData& prefill, const ReplayOptions& o, ReplayResult* res) {
   const ModelSpec& sp = g.spec();
-  const uint32_t steps = g.config().steps, L = sp.layers;
   decode::SessionOptions so;
   so.spec = sp;
   so.mode = o.mode;
   so.budget = o.budget;
   so.policy = o.policy;
   so.tau = g.config().knobs.tau;
-  so.max_tokens = g.config().prefill_tokens + steps;
+  so.max_tokens = g.config().prefill_tokens + g.config().steps;
   auto opened = client.Open(o.session_id, so);
   if (!opened.ok()) return opened.status();
-  ReplayResult res;
   auto t0 = std::chrono::steady_clock::now();
   if (absl::Status st =
           client.Prefill(o.session_id, sp, prefill.pages.data(), prefill.n_pages,
                          g.config().prefill_tokens, prefill.keys.data(), prefill.chunks);
       !st.ok())
     return st;
-  auto t1 = std::chrono::steady_clock::now();
-  res.prefill_s = std::chrono::duration<double>(t1 - t0).count();
+  res->prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return absl::OkStatus();
+}
+
+absl::Status DecodeSteps(decode::DecodeClient& client, decode::DecodeClient::Stream& stream,
+                         const workload::Session& g, const std::string& id, uint32_t begin,
+                         uint32_t end, bool whole_step, ReplayResult* res) {
+  const ModelSpec& sp = g.spec();
+  const uint32_t steps = g.config().steps, L = sp.layers;
   const size_t qs = size_t{sp.q_heads} * sp.head_dim;
-  res.out.resize(size_t{steps} * L * qs);
-  res.lse.resize(size_t{steps} * L * sp.q_heads);
-  StepSource src(g, o.session_id, so.tau);
-  auto stream = client.OpenStream();
+  res->out.resize(size_t{steps} * L * qs);
+  res->lse.resize(size_t{steps} * L * sp.q_heads);
+  StepSource src(g, id, g.config().knobs.tau);
   double decode_ms = 0;
-  for (uint32_t st = 0; st < steps; ++st) {
+  for (uint32_t st = begin; st < end; ++st) {
     // Requests are built before the clock starts: the engine has them in hand.
     std::vector<v1::DecodeBatch> batches;
-    if (o.whole_step) {
+    if (whole_step) {
       batches.emplace_back();
       *batches.back().add_requests() = src.Request(st, 0, L);
     } else {
@@ -113,27 +117,46 @@ absl::StatusOr<ReplayResult> Replay(decode::DecodeClient& client, const workload
     const auto s0 = std::chrono::steady_clock::now();
     bool stalled = false;
     for (const auto& b : batches) {
-      auto r = stream->Run(b);
+      auto r = stream.Run(b);
       if (!r.ok()) return r.status();
       for (const v1::LayerResult& lr : r->results()) {
         if (lr.code() != 0)
           return absl::Status(static_cast<absl::StatusCode>(lr.code()),
                               absl::StrCat("step ", st, " layer ", lr.layer(), ": ", lr.message()));
         const uint32_t n = std::max<uint32_t>(1, lr.layer_count());
-        std::memcpy(res.out.data() + (size_t{st} * L + lr.layer()) * qs, lr.out().data(),
+        std::memcpy(res->out.data() + (size_t{st} * L + lr.layer()) * qs, lr.out().data(),
                     n * qs * 4);
-        std::memcpy(res.lse.data() + (size_t{st} * L + lr.layer()) * sp.q_heads, lr.lse().data(),
+        std::memcpy(res->lse.data() + (size_t{st} * L + lr.layer()) * sp.q_heads, lr.lse().data(),
                     size_t{n} * sp.q_heads * 4);
         stalled |= lr.stalled();
       }
     }
     const double ms =
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count();
-    res.step_ms.push_back(ms);
+    res->step_ms.push_back(ms);
     decode_ms += ms;
-    res.stalled_steps += stalled;
+    res->stalled_steps += stalled;
+    for (const auto& n : g.needles())
+      if (n.step == st) {
+        auto probe = client.Stats(id, {n.chunk / sp.ChunksPerPage()});
+        if (!probe.ok()) return probe.status();
+        ++res->needles;
+        res->needle_hits += probe->probe_resident_size() == 1 && probe->probe_resident(0);
+      }
   }
-  res.decode_s = decode_ms / 1000;
+  res->decode_s += decode_ms / 1000;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ReplayResult> Replay(decode::DecodeClient& client, const workload::Session& g,
+                                    const PrefillData& prefill, const ReplayOptions& o) {
+  ReplayResult res;
+  if (absl::Status st = OpenAndPrefill(client, g, prefill, o, &res); !st.ok()) return st;
+  auto stream = client.OpenStream();
+  if (absl::Status st =
+          DecodeSteps(client, *stream, g, o.session_id, 0, g.config().steps, o.whole_step, &res);
+      !st.ok())
+    return st;
   if (absl::Status st = stream->Finish(); !st.ok()) return st;
   auto stats = client.Stats(o.session_id);
   if (!stats.ok()) return stats.status();

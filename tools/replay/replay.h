@@ -28,6 +28,7 @@ struct ReplayResult {
   std::vector<double> step_ms;  // wall time of each decode step
   double prefill_s = 0, decode_s = 0;
   uint64_t stalled_steps = 0;
+  uint64_t needles = 0, needle_hits = 0;  // needle pages resident at their retrieval steps
   flashmemory::v1::SessionStatsResponse stats;
 };
 
@@ -57,6 +58,16 @@ class StepSource {
   std::vector<uint8_t> page_;
 };
 
+// Opens the session and streams its prefill (res->prefill_s).
+absl::Status OpenAndPrefill(decode::DecodeClient& client, const workload::Session& g,
+                            const PrefillData& prefill, const ReplayOptions& options,
+                            ReplayResult* res);
+// Decodes steps [begin, end) on a stream; fills res->out/lse (sized for every step of the
+// session), step_ms, decode_s, stalled steps and needle hits.
+absl::Status DecodeSteps(decode::DecodeClient& client, decode::DecodeClient::Stream& stream,
+                         const workload::Session& g, const std::string& id, uint32_t begin,
+                         uint32_t end, bool whole_step, ReplayResult* res);
+// OpenAndPrefill, every step, stats, close.
 absl::StatusOr<ReplayResult> Replay(decode::DecodeClient& client, const workload::Session& g,
                                     const PrefillData& prefill, const ReplayOptions& options);
 

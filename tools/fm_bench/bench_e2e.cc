@@ -1,0 +1,294 @@
+// fm-bench e2e: the whole cluster, dense against sparse, on generated sessions (bench spec
+// below 512K tokens, long spec from 512K). Per context: one session decoded in both modes
+// (footprint, fidelity, mass recall, needle hits, stalls, latency), then N concurrent
+// sessions per mode, each decoding per layer (as a real engine calls it) and then in whole
+// steps (replay), for aggregate tokens/s; then the concurrency ceiling of the worker's
+// reserve: how many sessions of that context the admission accepts, dense vs sparse.
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "tests/process_util.h"
+#include "tools/fm_bench/bench.h"
+#include "tools/replay/replay.h"
+
+namespace fm::bench {
+namespace {
+
+struct ConcResult {
+  double tps_layer = 0, tps_whole = 0, p50 = 0, p99 = 0;
+  uint64_t stalled = 0, steps = 0;
+};
+
+// Opens and prefills n sessions of one mode, decodes conc_steps per layer on n threads and
+// then conc_steps in whole steps, and deletes them.
+absl::StatusOr<ConcResult> Concurrent(decode::DecodeClient& client, const workload::Session& g,
+                                      const replay::PrefillData& prefill, decode::Mode mode,
+                                      double budget, int n, uint32_t conc_steps,
+                                      const std::string& prefix) {
+  std::vector<replay::ReplayResult> res(n);
+  std::vector<std::string> ids;
+  for (int i = 0; i < n; ++i) {
+    ids.push_back(absl::StrCat(prefix, "-", i));
+    replay::ReplayOptions ro;
+    ro.session_id = ids.back();
+    ro.mode = mode;
+    ro.budget = static_cast<float>(budget);
+    if (absl::Status st = replay::OpenAndPrefill(client, g, prefill, ro, &res[i]); !st.ok())
+      return st;
+  }
+  ConcResult out;
+  for (int style = 0; style < 2; ++style) {
+    std::vector<absl::Status> status(n);
+    std::vector<std::thread> th;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < n; ++i)
+      th.emplace_back([&, i] {
+        auto stream = client.OpenStream();
+        status[i] = replay::DecodeSteps(client, *stream, g, ids[i], style * conc_steps,
+                                        (style + 1) * conc_steps, style == 1, &res[i]);
+        if (status[i].ok()) status[i] = stream->Finish();
+      });
+    for (auto& t : th) t.join();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (const auto& st : status)
+      if (!st.ok()) return st;
+    (style == 0 ? out.tps_layer : out.tps_whole) = double(n) * conc_steps / s;
+  }
+  std::vector<double> lat;
+  for (int i = 0; i < n; ++i) {
+    // Per-layer steps only (the first conc_steps of each session).
+    lat.insert(lat.end(), res[i].step_ms.begin(), res[i].step_ms.begin() + conc_steps);
+    out.stalled += res[i].stalled_steps;
+    out.steps += res[i].step_ms.size();
+    if (absl::Status st = client.Close(ids[i], true); !st.ok()) return st;
+  }
+  out.p50 = Percentile(lat, 0.5);
+  out.p99 = Percentile(lat, 0.99);
+  return out;
+}
+
+// Sessions of `max_tokens` the admission accepts before RESOURCE_EXHAUSTED.
+absl::StatusOr<int> Ceiling(decode::DecodeClient& client, const ModelSpec& spec, decode::Mode mode,
+                            double budget, uint64_t max_tokens, const std::string& prefix) {
+  int n = 0;
+  absl::Status st;
+  for (; n < 100000; ++n) {
+    decode::SessionOptions so;
+    so.spec = spec;
+    so.mode = mode;
+    so.budget = static_cast<float>(budget);
+    so.max_tokens = max_tokens;
+    auto r = client.Open(absl::StrCat(prefix, "-", n), so);
+    if (!r.ok()) {
+      st = r.status();
+      break;
+    }
+  }
+  for (int i = 0; i < n; ++i) (void)client.Close(absl::StrCat(prefix, "-", i), true);
+  if (!absl::IsResourceExhausted(st)) return st;
+  return n;
+}
+
+}  // namespace
+
+int RunE2eBench(const E2eBenchOptions& o) {
+  std::unique_ptr<ServerProcess> server;
+  std::string target = o.target, dir;
+  if (target.empty()) {
+    dir = MakeTempDir("fm_e2e");
+    auto s = ServerProcess::Start("flashmemory",
+                                  {"--data_dir", dir, "--ram_bytes", std::to_string(o.server_ram),
+                                   "--reserve_bytes", std::to_string(o.server_reserve)});
+    if (!s.ok()) {
+      std::fprintf(stderr, "fm-bench e2e: %s\n", s.status().ToString().c_str());
+      return 1;
+    }
+    server = std::move(*s);
+    target = server->target();
+  }
+  auto client = decode::DecodeClient::Connect(target, 600000);
+  if (!client.ok()) return 1;
+  std::printf("fm-bench e2e: decode worker %s%s; sparse budget %.0f %% (sink and tail included)\n",
+              target.c_str(), server ? " (flashmemory started by the bench)" : "", 100 * o.budget);
+  std::vector<std::string> rows;
+  int failures = 0;
+  for (size_t ci = 0; ci < o.contexts.size(); ++ci) {
+    const uint64_t context = o.contexts[ci];
+    const ModelSpec spec = *PresetSpec(context >= (512u << 10) ? "long" : "bench");
+    workload::SessionConfig c;
+    c.spec = spec;
+    c.seed = o.seed + ci;
+    c.prefill_tokens = context;
+    const uint32_t tau = c.knobs.tau;
+    c.steps = (std::max(o.steps, 2 * o.conc_steps) + tau - 1) / tau * tau;
+    const auto g0 = std::chrono::steady_clock::now();
+    auto gs = workload::Session::Generate(c);
+    if (!gs.ok()) {
+      std::fprintf(stderr, "fm-bench e2e: %s\n", gs.status().ToString().c_str());
+      return 1;
+    }
+    const workload::Session& g = **gs;
+    const replay::PrefillData prefill = replay::MakePrefill(g);
+    const double kv_gib = double(spec.KvBytesPerToken()) * (context + c.steps) / (1ull << 30);
+    std::fprintf(stderr,
+                 "fm-bench e2e: %llu tokens (%s spec, %.2f GiB of KV) generated in %.1f s\n",
+                 static_cast<unsigned long long>(context), spec.name.c_str(), kv_gib,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count());
+
+    // One session per mode: fidelity, footprint, needles, stalls; per layer, then the last
+    // conc_steps in whole steps.
+    replay::ReplayResult one[2];
+    double layer_s[2] = {0, 0};  // decode time of the per-layer steps
+    for (int m = 0; m < 2; ++m) {
+      replay::ReplayOptions ro;
+      ro.session_id = absl::StrCat("e2e-", context, m ? "-sparse" : "-dense");
+      ro.mode = m ? decode::Mode::kSparse : decode::Mode::kDense;
+      ro.budget = static_cast<float>(o.budget);
+      replay::ReplayResult& r = one[m];
+      absl::Status st = replay::OpenAndPrefill(**client, g, prefill, ro, &r);
+      auto stream = (*client)->OpenStream();
+      const uint32_t split = c.steps - o.conc_steps;
+      if (st.ok())
+        st = replay::DecodeSteps(**client, *stream, g, ro.session_id, 0, split, false, &r);
+      layer_s[m] = r.decode_s;
+      if (st.ok())
+        st = replay::DecodeSteps(**client, *stream, g, ro.session_id, split, c.steps, true, &r);
+      if (st.ok()) st = stream->Finish();
+      if (st.ok()) {
+        auto stats = (*client)->Stats(ro.session_id);
+        st = stats.status();
+        if (stats.ok()) r.stats = *stats;
+      }
+      if (st.ok()) st = (*client)->Close(ro.session_id, true);
+      if (!st.ok()) {
+        std::fprintf(stderr, "fm-bench e2e: %s: %s\n", ro.session_id.c_str(),
+                     st.ToString().c_str());
+        return 1;
+      }
+    }
+    const replay::Fidelity f = replay::Compare(spec, one[1], one[0]);
+    std::printf("\n%llu tokens (%s spec): %.2f GiB of KV per session\n",
+                static_cast<unsigned long long>(context), spec.name.c_str(), kv_gib);
+    std::printf("  %-8s %9s %8s %8s %8s %8s %9s %9s %9s %10s %10s\n", "mode", "footprint", "cosine",
+                "cos_min", "rel_l2", "mass_rec", "needles", "stall_fr", "p50_ms", "p99_ms",
+                "tok/s");
+    const uint32_t split = c.steps - o.conc_steps;
+    for (int m = 0; m < 2; ++m) {
+      const replay::ReplayResult& r = one[m];
+      std::vector<double> lat(r.step_ms.begin(), r.step_ms.begin() + split);
+      const double stall = double(r.stalled_steps) / r.step_ms.size();
+      std::printf("  %-8s %8.2f%% %8.5f %8.5f %8.5f %8.4f %9s %9.4f %9.2f %10.2f %10.2f\n",
+                  m ? "sparse" : "dense", 100 * r.stats.footprint(), m ? f.cosine_mean : 1.0,
+                  m ? f.cosine_min : 1.0, m ? f.rel_l2_mean : 0.0, m ? f.mass_recall : 1.0,
+                  absl::StrCat(r.needle_hits, "/", r.needles).c_str(), stall, Percentile(lat, 0.5),
+                  Percentile(lat, 0.99), split / layer_s[m]);
+    }
+
+    // Concurrency: sessions per context, capped by the KV the machine holds per mode.
+    const int cap = std::max<int>(2, static_cast<int>(o.ram_cap / (kv_gib * (1ull << 30))));
+    std::vector<int> ns;
+    for (int n : o.sessions)
+      if (n <= cap) ns.push_back(n);
+    if (cap < o.sessions.back() && (ns.empty() || ns.back() != cap)) ns.push_back(cap);
+    std::printf("  %-8s %8s %12s %14s %10s %10s %8s\n", "mode", "sessions", "tok/s(layer)",
+                "tok/s(whole)", "p50_ms", "p99_ms", "stalls");
+    std::map<std::pair<int, int>, ConcResult> conc;
+    for (int m = 0; m < 2; ++m)
+      for (int n : ns) {
+        ConcResult cr;
+        if (n == 1) {
+          const replay::ReplayResult& r = one[m];
+          std::vector<double> lat(r.step_ms.begin(), r.step_ms.begin() + split);
+          double whole = 0;
+          for (size_t i = split; i < r.step_ms.size(); ++i) whole += r.step_ms[i];
+          cr.tps_layer = split / layer_s[m];
+          cr.tps_whole = o.conc_steps / (whole / 1000);
+          cr.p50 = Percentile(lat, 0.5);
+          cr.p99 = Percentile(lat, 0.99);
+          cr.stalled = r.stalled_steps;
+          cr.steps = r.step_ms.size();
+        } else {
+          auto r =
+              Concurrent(**client, g, prefill, m ? decode::Mode::kSparse : decode::Mode::kDense,
+                         o.budget, n, o.conc_steps, absl::StrCat("e2e-", context, "-", m, "-", n));
+          if (!r.ok()) {
+            std::fprintf(stderr, "fm-bench e2e: %d concurrent %s sessions: %s\n", n,
+                         m ? "sparse" : "dense", r.status().ToString().c_str());
+            ++failures;
+            continue;
+          }
+          cr = *r;
+        }
+        conc[{m, n}] = cr;
+        std::printf("  %-8s %8d %12.2f %14.2f %10.2f %10.2f %8llu\n", m ? "sparse" : "dense", n,
+                    cr.tps_layer, cr.tps_whole, cr.p50, cr.p99,
+                    static_cast<unsigned long long>(cr.stalled));
+        std::fflush(stdout);
+      }
+
+    // The concurrency ceiling of the worker's reserve.
+    int ceiling[2] = {0, 0};
+    for (int m = 0; m < 2; ++m) {
+      auto r = Ceiling(**client, spec, m ? decode::Mode::kSparse : decode::Mode::kDense, o.budget,
+                       context + c.steps, absl::StrCat("ceil-", context, "-", m));
+      if (!r.ok()) {
+        std::fprintf(stderr, "fm-bench e2e: ceiling: %s\n", r.status().ToString().c_str());
+        ++failures;
+      } else {
+        ceiling[m] = *r;
+      }
+    }
+    std::printf("  concurrency ceiling of a %.1f GiB reserve: dense %d, sparse %d (%.1fx)\n",
+                o.server_reserve / double(1ull << 30), ceiling[0], ceiling[1],
+                ceiling[0] ? double(ceiling[1]) / ceiling[0] : 0.0);
+    if (conc.count({0, ns.back()}) && conc.count({1, ns.back()}))
+      std::printf("  sparse / dense tokens/s at %d sessions: %.2fx per layer, %.2fx whole steps\n",
+                  ns.back(), conc[{1, ns.back()}].tps_layer / conc[{0, ns.back()}].tps_layer,
+                  conc[{1, ns.back()}].tps_whole / conc[{0, ns.back()}].tps_whole);
+    std::fflush(stdout);
+
+    for (int m = 0; m < 2; ++m)
+      for (int n : ns) {
+        if (!conc.count({m, n})) continue;
+        const ConcResult& cr = conc[{m, n}];
+        const replay::ReplayResult& r = one[m];
+        char row[1024];
+        std::snprintf(
+            row, sizeof(row),
+            "{\"context\": %llu, \"mode\": \"%s\", \"sessions\": %d, \"footprint\": %.6f, "
+            "\"cosine\": %.6f, \"cosine_min\": %.6f, \"rel_l2\": %.6f, \"mass_recall\": %.6f, "
+            "\"needle_hit\": %.6f, \"stall_fraction\": %.6f, \"step_p50_ms\": %.4f, "
+            "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
+            "\"concurrency_dense\": %d, \"concurrency_sparse\": %d}",
+            static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
+            r.stats.footprint(), m ? f.cosine_mean : 1.0, m ? f.cosine_min : 1.0,
+            m ? f.rel_l2_mean : 0.0, m ? f.mass_recall : 1.0,
+            r.needles ? double(r.needle_hits) / r.needles : 1.0,
+            cr.steps ? double(cr.stalled) / cr.steps : 0.0, cr.p50, cr.p99, cr.tps_layer,
+            cr.tps_whole, ceiling[0], ceiling[1]);
+        rows.push_back(row);
+      }
+    if (!o.json.empty()) WriteJsonRows(o.json, rows);  // after every context: long runs
+  }
+  if (!o.plots.empty() && !o.json.empty()) {
+    std::filesystem::create_directories(o.plots);
+    const std::string cmd = absl::StrCat("/usr/bin/python3 ", FM_SOURCE_DIR,
+                                         "/scripts/plot_e2e.py ", o.json, " ", o.plots);
+    if (std::system(cmd.c_str()) != 0) std::fprintf(stderr, "fm-bench e2e: plotting failed\n");
+  }
+  if (server) {
+    server->Stop(SIGTERM);
+    std::filesystem::remove_all(dir);
+  }
+  return failures ? 1 : 0;
+}
+
+}  // namespace fm::bench
