@@ -224,6 +224,68 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
   EXPECT_THAT(stream->Finish(), IsOk());
 }
 
+TEST_F(DecodeProcessTest, ReopenedOnASecondWorkerContinuesWithIdenticalOutputs) {
+  auto one = AllInOne("one");
+  ASSERT_NE(one, nullptr);
+  auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  ASSERT_THAT(ref, IsOk());
+
+  auto kv =
+      Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  const std::vector<std::string> args = {"--kvstore",  kv->target(),      "--indexer",
+                                         ix->target(), "--reserve_bytes", "64MiB"};
+  auto a = Start("fm-decode", args);
+  auto b = Start("fm-decode", args);
+  ASSERT_TRUE(a && b);
+  const ModelSpec& sp = g_->spec();
+  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  std::vector<float> out(ref->out.size());
+  replay::StepSource src(*g_, "r", 16);
+  auto steps = [&](DecodeClient& c, uint32_t from, uint32_t to) {
+    auto stream = c.OpenStream();
+    for (uint32_t st = from; st < to; ++st) {
+      v1::DecodeBatch batch;
+      *batch.add_requests() = src.Request(st, 0, sp.layers);  // whole steps
+      auto r = stream->Run(batch);
+      ASSERT_THAT(r, IsOk());
+      ASSERT_EQ(r->results(0).code(), 0) << r->results(0).message();
+      std::memcpy(out.data() + size_t{st} * sp.layers * qs, r->results(0).out().data(),
+                  sp.layers * qs * 4);
+    }
+    EXPECT_THAT(stream->Finish(), IsOk());
+  };
+  auto ca = DecodeClient::Connect(a->target(), 10000).value();
+  SessionOptions so;
+  so.spec = sp;
+  so.mode = Mode::kSparse;
+  so.budget = 0.25f;
+  so.policy = indexer::Policy::kQuest;
+  so.tau = 16;
+  so.max_tokens = 4064;
+  ASSERT_THAT(ca->Open("r", so), IsOk());
+  ASSERT_THAT(ca->Prefill("r", sp, prefill_.pages.data(), prefill_.n_pages, 4000,
+                          prefill_.keys.data(), prefill_.chunks),
+              IsOk());
+  steps(*ca, 0, 41);
+  ASSERT_THAT(ca->Close("r"), IsOk());
+  // The client reopens the session on the other worker and goes on.
+  auto cb = DecodeClient::Connect(b->target(), 10000).value();
+  SessionOptions resume;
+  resume.resume = true;
+  ASSERT_THAT(cb->Open("r", resume), IsOk());
+  auto st = cb->Stats("r");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->steps(), 41u);
+  EXPECT_EQ(st->tokens(), 4041u);
+  steps(*cb, 41, 64);
+  EXPECT_LT(MaxDiff(out, ref->out), 1e-6);
+  // A second resume of an open session is refused; an unknown one has nothing to resume.
+  EXPECT_THAT(cb->Open("r", resume), StatusIs(Code::kAlreadyExists));
+  EXPECT_THAT(cb->Open("nobody", resume), StatusIs(Code::kNotFound));
+}
+
 TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
   auto server = AllInOne("one");
   ASSERT_NE(server, nullptr);

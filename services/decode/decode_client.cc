@@ -38,6 +38,7 @@ absl::StatusOr<uint64_t> DecodeClient::Open(const std::string& session, const Se
   req.set_max_pages(o.max_pages);
   req.set_tau(o.tau);
   req.set_max_tokens(o.max_tokens);
+  req.set_resume(o.resume);
   v1::OpenSessionResponse resp;
   auto ctx = Context();
   grpc::Status st = stub_->OpenSession(ctx.get(), req, &resp);

@@ -13,8 +13,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/codecs.h"
+#include "common/spec_proto.h"
 #include "flashmemory/kernels/attention.h"
 #include "flashmemory/kernels/quest.h"
+#include "flashmemory/v1/decode.pb.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/cpu/thread_pool.h"
 #include "services/kvstore/kv_client.h"
@@ -123,6 +125,7 @@ absl::StatusOr<Mode> ParseMode(const std::string& name) {
 // A prediction in flight: its answer, and the pages it read into cells.
 struct Job {
   uint64_t step = 0;
+  indexer::PredictArgs args;  // kept so that a resumed session can run it again
   bool done = false;
   absl::Status status;
   std::vector<uint64_t> wanted;                        // sealed pages of the new set, ascending
@@ -357,6 +360,8 @@ struct DecodeCore::Impl {
   void Launch(const std::shared_ptr<Session>& sp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
     Session& s = *sp;
     indexer::PredictArgs a;
+    s.launched_for = s.next_step;
+    s.switch_step = s.next_step + std::max<uint32_t>(1, options.switch_lag);
     a.step = s.next_step;
     if (s.have_hidden) a.hidden = s.hidden;
     a.query = s.index_query;
@@ -365,14 +370,22 @@ struct DecodeCore::Impl {
     a.policy = s.opt.policy;
     a.sink = options.sink;
     a.tail = options.tail;
-    auto job = std::make_shared<Job>();
-    job->step = s.next_step;
-    s.job = job;
-    s.launched_for = s.next_step;
-    s.switch_step = s.next_step + std::max<uint32_t>(1, options.switch_lag);
     ++s.stats.predictions;
-    jobs.Post([this, sp, job, a = std::move(a)] { RunJob(sp, job, a); });
+    Post(sp, a);
   }
+  void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+    auto job = std::make_shared<Job>();
+    job->step = a.step;
+    job->args = a;
+    sp->job = job;
+    jobs.Post([this, sp, job] { RunJob(sp, job, job->args); });
+  }
+
+  absl::Status SaveState(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+  absl::Status RestoreState(const std::shared_ptr<Session>& sp,
+                            const flashmemory::v1::DecodeSessionState& st)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
 
   void RunJob(const std::shared_ptr<Session>& sp, const std::shared_ptr<Job>& job,
               const indexer::PredictArgs& args) {
@@ -475,6 +488,147 @@ struct DecodeCore::Impl {
   absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r);
 };
 
+absl::Status DecodeCore::Impl::SaveState(Session& s) {
+  if (s.opt.mode == Mode::kSparse)  // the indexer first holds what the state says it holds
+    if (absl::Status st = Flush(s); !st.ok()) return st;
+  namespace v1 = flashmemory::v1;
+  const ModelSpec& sp = s.opt.spec;
+  v1::DecodeSessionState st;
+  SpecToProto(sp, st.mutable_spec());
+  st.set_mode(s.opt.mode == Mode::kDense ? v1::DECODE_MODE_DENSE : v1::DECODE_MODE_SPARSE);
+  st.set_policy(static_cast<v1::Policy>(s.opt.policy));
+  st.set_budget(s.opt.budget);
+  st.set_max_pages(s.opt.max_pages);
+  st.set_tau(s.tau);
+  st.set_max_tokens(s.opt.max_tokens);
+  st.set_tokens(s.tokens);
+  st.set_next_step(s.next_step);
+  st.set_decoding(s.decoding);
+  st.set_key_chunks(s.key_chunks);
+  st.set_sent_chunks(s.sent_chunks);
+  st.set_sent_pages(s.sent_pages);
+  for (const auto& k : s.keys) st.mutable_pending_keys()->append(k.begin(), k.end());
+  st.set_have_set(s.have_set);
+  for (uint64_t p : s.wanted) st.add_wanted(p);
+  if (s.job) {
+    const Job& j = *s.job;
+    st.set_job(true);
+    st.set_job_step(j.step);
+    st.set_switch_step(s.switch_step);
+    st.set_job_done(j.done && j.status.ok());
+    if (j.done && j.status.ok()) {
+      for (uint64_t p : j.wanted) st.add_job_wanted(p);
+      for (const auto& [p, c] : j.fetched) st.add_job_fetched(p);
+      st.set_job_deferred(j.deferred);
+    }
+    st.set_job_has_hidden(!j.args.hidden.empty());
+    st.set_job_hidden(j.args.hidden.data(), j.args.hidden.size() * 4);
+    st.set_job_query(j.args.query.data(), j.args.query.size() * 4);
+  }
+  st.set_launched_for(s.launched_for);
+  st.set_steps(s.stats.steps);
+  st.set_stalls(s.stats.stalls);
+  st.set_predictions(s.stats.predictions);
+  const std::string blob = st.SerializeAsString();
+  const PageHeaderData h =
+      MakePageHeader(s.id, kStatePage, ModelSpecHash(sp), 1, sp.dtype, blob.data(), blob.size());
+  return store->Put(h, reinterpret_cast<const uint8_t*>(blob.data()));
+}
+
+absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
+                                            const flashmemory::v1::DecodeSessionState& st) {
+  Session& s = *sp;
+  const ModelSpec& spec = s.opt.spec;
+  const uint32_t P = spec.page_tokens;
+  const size_t kb = spec.IndexKeyBytes();
+  s.tokens = st.tokens();
+  s.next_step = st.next_step();
+  s.decoding = st.decoding();
+  s.key_chunks = st.key_chunks();
+  s.sent_chunks = st.sent_chunks();
+  s.sent_pages = s.bound_pages = st.sent_pages();
+  s.registered = s.opt.mode == Mode::kSparse;
+  const uint64_t pending = s.key_chunks - s.sent_chunks;
+  if (st.pending_keys().size() != size_t{spec.index_layers} * pending * kb)
+    return absl::DataLossError("saved state: pending keys do not match their count");
+  for (uint32_t l = 0; l < spec.index_layers; ++l)
+    s.keys[l].assign(st.pending_keys().begin() + l * pending * kb,
+                     st.pending_keys().begin() + (l + 1) * pending * kb);
+  s.partial_prefill = s.tokens % P != 0;
+  s.stats.steps = st.steps();
+  s.stats.stalls = st.stalls();
+  s.stats.predictions = st.predictions();
+  s.stats.tokens = s.tokens;
+  // The open cell Open made for page 0 holds the open page.
+  const uint64_t open = s.open_page();
+  if (open >= s.cell_of.size()) return absl::DataLossError("saved state: tokens beyond max_tokens");
+  if (open != 0) std::swap(s.cell_of[0], s.cell_of[open]);
+  if (s.tokens % P != 0) {
+    auto payload = store->ReadPayload(s.id, open);
+    if (!payload.ok()) return payload.status();
+    if (payload->size() != spec.PageBytes())
+      return absl::DataLossError(
+          absl::StrCat("open page ", open, " has ", payload->size(), " bytes"));
+    std::memcpy(Payload(static_cast<uint32_t>(s.cell_of[open])), payload->data(), payload->size());
+  }
+  // The resident pages: everything (dense), or sink, tail, the serving set and a finished
+  // job's pages (sparse).
+  const uint64_t sealed = s.sealed();
+  s.have_set = st.have_set();
+  s.wanted.assign(st.wanted().begin(), st.wanted().end());
+  std::vector<uint64_t> load;
+  for (uint64_t p = 0; p < sealed; ++p)
+    if (s.opt.mode == Mode::kDense || Pinned(s, p) || Wanted(s, p)) load.push_back(p);
+  std::vector<uint64_t> job_pages(st.job_fetched().begin(), st.job_fetched().end());
+  for (uint64_t p : job_pages)
+    if (p < sealed && !std::binary_search(load.begin(), load.end(), p)) load.push_back(p);
+  std::vector<uint8_t*> dst;
+  for (uint64_t p : load) {
+    auto c = TakeCell(s);
+    if (!c.ok()) return c.status();
+    s.cell_of[p] = *c;
+    dst.push_back(Cell(*c));
+  }
+  if (!load.empty())
+    if (absl::Status r = store->Read(s.id, load, spec.PageBytes(), dst); !r.ok()) return r;
+  s.plan_dirty = true;
+  s.launched_for = st.launched_for();
+  if (st.job()) {
+    s.switch_step = st.switch_step();
+    if (st.job_done()) {
+      auto job = std::make_shared<Job>();
+      job->step = st.job_step();
+      job->done = true;
+      job->wanted.assign(st.job_wanted().begin(), st.job_wanted().end());
+      // Pages the job fetched move from the serving set's cells to the job when the
+      // current set does not hold them itself.
+      for (uint64_t p : job_pages)
+        if (p < sealed && !Pinned(s, p) && !Wanted(s, p) && s.cell_of[p] != kNoCell) {
+          job->fetched.push_back({p, static_cast<uint32_t>(s.cell_of[p])});
+          s.cell_of[p] = kNoCell;
+        }
+      job->deferred = st.job_deferred();
+      s.job = job;
+    } else {
+      indexer::PredictArgs a;
+      a.step = st.job_step();
+      if (st.job_has_hidden()) {
+        a.hidden.resize(st.job_hidden().size() / 4);
+        std::memcpy(a.hidden.data(), st.job_hidden().data(), a.hidden.size() * 4);
+      }
+      a.query.resize(st.job_query().size() / 4);
+      std::memcpy(a.query.data(), st.job_query().data(), a.query.size() * 4);
+      a.budget = s.opt.budget;
+      a.max_pages = s.opt.max_pages;
+      a.policy = s.opt.policy;
+      a.sink = options.sink;
+      a.tail = options.tail;
+      Post(sp, a);
+    }
+  }
+  return absl::OkStatus();
+}
+
 DecodeCore::DecodeCore(const DecodeOptions& options, PageStore* store, Predictor* predictor)
     : impl_(std::make_unique<Impl>(options, store, predictor)) {}
 
@@ -510,6 +664,35 @@ ReserveStats DecodeCore::Reserve() const {
 
 absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   if (absl::Status st = ValidateSessionId(id); !st.ok()) return st;
+  if (o.resume) {
+    auto blob = impl_->store->ReadPayload(id, kStatePage);
+    if (absl::IsNotFound(blob.status()))
+      return absl::NotFoundError(absl::StrCat("no saved state of session \"", id, "\" to resume"));
+    if (!blob.ok()) return blob.status();
+    flashmemory::v1::DecodeSessionState st;
+    if (!st.ParseFromString(*blob))
+      return absl::DataLossError(absl::StrCat("the saved state of \"", id, "\" does not parse"));
+    SessionOptions so;
+    so.spec = SpecFromProto(st.spec());
+    if (o.spec.layers != 0 && ModelSpecHash(o.spec) != ModelSpecHash(so.spec))
+      return absl::InvalidArgumentError(
+          absl::StrCat("session \"", id, "\" was saved with another model spec"));
+    so.mode = st.mode() == flashmemory::v1::DECODE_MODE_DENSE ? Mode::kDense : Mode::kSparse;
+    so.policy = static_cast<indexer::Policy>(st.policy());
+    so.budget = st.budget();
+    so.max_pages = st.max_pages();
+    so.tau = st.tau();
+    so.max_tokens = st.max_tokens();
+    if (absl::Status opened = Open(id, so); !opened.ok()) return opened;
+    auto s = impl_->Find(id);
+    absl::Status restored;
+    {
+      absl::MutexLock l(&s->mu);
+      restored = impl_->RestoreState(s, st);
+    }
+    if (!restored.ok()) (void)Close(id, false, /*save=*/false);
+    return restored;
+  }
   if (absl::Status st = o.spec.Validate(); !st.ok()) return st;
   const ModelSpec& sp = o.spec;
   if (sp.index_layers == 0 || sp.index_dim == 0)
@@ -795,7 +978,9 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     s.plan_dirty = true;
     Trim(s);
     if (absl::Status st = EnsureOpenCell(s); !st.ok()) return st;
-    // Keys and bounds reach the indexer off the critical path, with the next prediction.
+    // The state a resuming worker starts from; a store or indexer that is down only
+    // delays it to the next seal.
+    (void)SaveState(s);
   }
   return absl::OkStatus();
 }
@@ -816,6 +1001,10 @@ std::vector<absl::Status> DecodeCore::Step(absl::Span<const LayerStep> batch) {
 }
 
 absl::Status DecodeCore::Close(const std::string& id, bool drop_history) {
+  return Close(id, drop_history, true);
+}
+
+absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool save) {
   std::shared_ptr<Session> s;
   {
     absl::MutexLock l(&impl_->mu);
@@ -828,21 +1017,23 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history) {
   absl::MutexLock l(&s->mu);
   s->closed = true;
   while (s->job && !s->job->done) s->job_cv.Wait(&s->mu);
-  if (s->job)
-    for (const auto& [p, c] : s->job->fetched) impl_->GiveCell(*s, c);
-  s->job.reset();
   absl::Status st = absl::OkStatus();
   const uint32_t P = s->opt.spec.page_tokens;
   if (drop_history) {
     st = impl_->store->DeleteSession(id);
     if (absl::IsNotFound(st)) st = absl::OkStatus();
     if (s->registered) st.Update(impl_->predictor->Drop(id));
-  } else if (s->tokens % P != 0) {
-    // The open page's tokens so far, so that another worker can resume the session.
+  } else if (save) {
+    // The open page's tokens so far and the decode state, so that any worker can resume.
     const uint64_t open = s->open_page();
-    st = impl_->PutPage(*s, open, impl_->Payload(static_cast<uint32_t>(s->cell_of[open])),
-                        static_cast<uint32_t>(s->tokens % P));
+    if (s->tokens % P != 0)
+      st = impl_->PutPage(*s, open, impl_->Payload(static_cast<uint32_t>(s->cell_of[open])),
+                          static_cast<uint32_t>(s->tokens % P));
+    if (st.ok()) st = impl_->SaveState(*s);
   }
+  if (s->job)
+    for (const auto& [p, c] : s->job->fetched) impl_->GiveCell(*s, c);
+  s->job.reset();
   for (uint64_t p = 0; p < s->cell_of.size(); ++p) impl_->Evict(*s, p);
   absl::MutexLock rl(&impl_->mu);
   impl_->reserved_cells -= s->reserved;
@@ -854,6 +1045,7 @@ absl::StatusOr<SessionStats> DecodeCore::Stats(const std::string& id) const {
   if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
   absl::ReaderMutexLock l(&s->mu);
   SessionStats st = s->stats;
+  st.next_step = s->next_step;
   st.total_pages = s->opt.spec.PagesForTokens(s->tokens);
   st.footprint = st.total_pages ? double(st.peak_resident_pages) / st.total_pages : 0;
   return st;
@@ -905,6 +1097,18 @@ class LocalStore : public PageStore {
       if (!copied.ok()) return copied;
     }
     return absl::OkStatus();
+  }
+  absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) override {
+    std::string out;
+    bool from_spill = false;
+    absl::Status st = s_->Read(
+        {session, page},
+        [&](const uint8_t* rec, size_t len) {
+          out.assign(reinterpret_cast<const char*>(rec) + kPageHeaderBytes, len - kPageHeaderBytes);
+        },
+        &from_spill);
+    if (!st.ok()) return st;
+    return out;
   }
   absl::Status DeleteSession(const std::string& session) override {
     return s_->DeleteSession(session).status();

@@ -64,8 +64,13 @@ class PageStore {
   // for kPageHeaderBytes + payload_bytes, and verifies them (DATA_LOSS on a mismatch).
   virtual absl::Status Read(const std::string& session, const std::vector<uint64_t>& pages,
                             size_t payload_bytes, const std::vector<uint8_t*>& dst) = 0;
+  // The payload of one page (any length): the session's saved decode state.
+  virtual absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) = 0;
   virtual absl::Status DeleteSession(const std::string& session) = 0;
 };
+
+// The kvstore page number under which a session's decode state is saved.
+inline constexpr uint64_t kStatePage = uint64_t{1} << 62;
 
 // The indexer (local or remote): the subset of its API the worker uses.
 class Predictor {
@@ -102,10 +107,14 @@ struct SessionOptions {
   indexer::Policy policy = indexer::Policy::kDefault;
   uint64_t max_tokens = 0;  // the most tokens the session will hold: sizes its reservation
   uint32_t tau = 0;         // decode steps per cycle; 0 = the worker's
+  // Resume a session another worker served (or this one closed) from its state in the
+  // kvstore and the indexer; every other field but spec (checked when given) comes from it.
+  bool resume = false;
 };
 
 struct SessionStats {
   uint64_t tokens = 0, steps = 0;
+  uint64_t next_step = 0;     // the step the session expects
   uint64_t stalls = 0;        // steps that waited for a fetch
   uint64_t warmup_waits = 0;  // first predictions waited for
   uint64_t predictions = 0, prediction_failures = 0, fetched_pages = 0, deferred_pages = 0;
@@ -155,6 +164,8 @@ class DecodeCore {
   // Releases the session's cells. Its history stays in the kvstore and the indexer (the open
   // page is written out) so that any worker can reopen it, unless drop_history.
   absl::Status Close(const std::string& session, bool drop_history = false);
+  // save = false: release the cells only (a failed resume).
+  absl::Status Close(const std::string& session, bool drop_history, bool save);
   absl::StatusOr<SessionStats> Stats(const std::string& session) const;
   absl::StatusOr<ModelSpec> SessionSpec(const std::string& session) const;
   // Whether each page is resident in the reserve now (evaluation: needle hits).

@@ -330,6 +330,67 @@ TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kNotFound);
 }
 
+TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
+  auto g = Generate(4000, 64, 16);
+  const SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  auto ref_core = Core();
+  ASSERT_THAT(ref_core->Open("ref", so), IsOk());
+  Prefill(*ref_core, "ref", *g);
+  auto ref = Decode(*ref_core, "ref", *g, 16);
+
+  auto run = [&](DecodeCore& core, const std::string& id, uint32_t from, uint32_t to,
+                 std::vector<std::vector<std::vector<float>>>* outs) {
+    for (uint32_t st = from; st < to; ++st)
+      for (uint32_t l = 0; l < spec_.layers; ++l) {
+        StepData d = Data(*g, st, l, 16);
+        LayerStep r = Request(id, st, l, d);
+        ASSERT_THAT(core.Step({&r, 1})[0], IsOk()) << "step " << st;
+        (*outs)[st][l] = d.out;
+      }
+  };
+  std::vector<std::vector<std::vector<float>>> outs(64, std::vector<std::vector<float>>(2));
+  // Closed at step 33, between a cycle's prediction (32) and its switch (34); resumed on
+  // another worker.
+  {
+    auto a = Core();
+    ASSERT_THAT(a->Open("s", so), IsOk());
+    Prefill(*a, "s", *g);
+    run(*a, "s", 0, 33, &outs);
+    ASSERT_THAT(a->Close("s"), IsOk());
+  }
+  auto b = Core();
+  SessionOptions resume;
+  resume.resume = true;
+  ASSERT_THAT(b->Open("s", resume), IsOk());
+  auto st = b->Stats("s");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->next_step, 33u);
+  EXPECT_EQ(st->tokens, 4033u);
+  run(*b, "s", 33, 64, &outs);
+  for (uint32_t s = 0; s < 64; ++s)
+    for (uint32_t l = 0; l < spec_.layers; ++l)
+      ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
+
+  // A worker lost without closing: the state saved at the last seal (step 31) resumes and
+  // the client replays the steps since.
+  {
+    auto c = Core();
+    ASSERT_THAT(c->Open("t", so), IsOk());
+    Prefill(*c, "t", *g);
+    run(*c, "t", 0, 50, &outs);
+  }  // destroyed: nothing saved at the end
+  ASSERT_THAT(b->Open("t", resume), IsOk());
+  st = b->Stats("t");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->next_step, 32u);
+  EXPECT_EQ(st->tokens, 4032u);
+  run(*b, "t", 32, 64, &outs);
+  for (uint32_t s = 32; s < 64; ++s)
+    for (uint32_t l = 0; l < spec_.layers; ++l)
+      ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
+  EXPECT_EQ(b->Open("never", resume).code(), StatusCode::kNotFound);
+}
+
 TEST_F(DecodeCoreTest, AdmissionRefusesWhatTheReserveCannotHold) {
   auto g = Generate(8192, 16, 15);
   // 40 cells of 128 KiB pages (+ header): a dense 8K session needs 130, a sparse one at 10 %

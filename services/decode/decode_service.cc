@@ -332,8 +332,6 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
                                                      v1::OpenSessionResponse* resp) {
   if (req->mode() == v1::DECODE_MODE_TRACE)
     return FinishUnary(ctx, absl::UnimplementedError("trace mode is not available yet"));
-  if (req->resume())
-    return FinishUnary(ctx, absl::UnimplementedError("resume is not available yet"));
   if (req->level2_topk() != 0)
     return FinishUnary(ctx, absl::UnimplementedError("level-2 selection is not available yet"));
   SessionOptions o;
@@ -347,10 +345,17 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   o.max_pages = req->max_pages();
   o.tau = req->tau();
   o.max_tokens = req->max_tokens();
+  o.resume = req->resume();
   absl::Status st = core_->Open(req->session_id(), o);
   if (st.ok()) {
     auto stats = core_->Stats(req->session_id());
-    if (stats.ok()) resp->set_reserve_pages(stats->reserved_cells);
+    if (stats.ok()) {
+      resp->set_reserve_pages(stats->reserved_cells);
+      if (o.resume) {
+        resp->set_tokens(stats->tokens);
+        resp->set_next_step(stats->next_step);
+      }
+    }
   }
   return FinishUnary(ctx, st);
 }

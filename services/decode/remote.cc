@@ -31,6 +31,11 @@ class RemoteStore : public PageStore {
     }
     return absl::OkStatus();
   }
+  absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) override {
+    auto recs = kv_->Read({{session, page}});
+    if (!recs.ok()) return recs.status();
+    return std::move((*recs)[0].payload);
+  }
   absl::Status DeleteSession(const std::string& session) override {
     return kv_->DeleteSession(session).status();
   }
