@@ -6,6 +6,7 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <thread>
 
@@ -131,6 +132,9 @@ struct Job {
   std::vector<uint64_t> wanted;                        // sealed pages of the new set, ascending
   std::vector<std::pair<uint64_t, uint32_t>> fetched;  // page -> cell, read for the new set
   uint64_t deferred = 0;                               // missing pages that did not fit
+  // Cells taken at launch (a fixed step, so that every worker makes the same choices);
+  // the fetched pages use the first ones, the rest go back at the switch.
+  std::vector<uint32_t> cells;
 };
 
 struct DecodeCore::Session {
@@ -175,6 +179,19 @@ struct DecodeCore::Session {
   std::vector<float> index_query ABSL_GUARDED_BY(mu);  // [index layer][q_heads][head_dim]
   std::vector<uint8_t> step_keys ABSL_GUARDED_BY(mu);
   bool have_step_keys ABSL_GUARDED_BY(mu) = false;
+
+  // Miss recovery: Quest bounds of the last index layer ([page][kv][min|max][d]) from page
+  // check_first on, and the check in flight.
+  std::vector<float> check_bounds ABSL_GUARDED_BY(mu);
+  uint64_t check_first ABSL_GUARDED_BY(mu) = 0;
+  struct Recovery {
+    bool done = false;
+    uint64_t install_step = 0;
+    std::vector<std::pair<uint64_t, uint32_t>> fetched;
+    std::vector<uint32_t> cells;  // taken at launch; unused ones go back at install
+    std::vector<float> q, lse;    // the check's input (saved with the state)
+  };
+  std::shared_ptr<Recovery> recovery ABSL_GUARDED_BY(mu);
 
   std::shared_ptr<Job> job ABSL_GUARDED_BY(mu);
   uint64_t switch_step ABSL_GUARDED_BY(mu) = 0;
@@ -297,6 +314,118 @@ struct DecodeCore::Impl {
                   all.data() + indexer::ModelLayerOfIndexLayer(sp, l) * per_layer, per_layer * 4);
   }
 
+  // Keeps the last index layer's slice of a page's bounds for the miss check.
+  void KeepCheckBounds(Session& s, const float* bounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const ModelSpec& sp = s.opt.spec;
+    const size_t per_layer = size_t{sp.kv_heads} * 2 * sp.head_dim;
+    const float* last = bounds + (sp.index_layers - 1) * per_layer;
+    s.check_bounds.insert(s.check_bounds.end(), last, last + per_layer);
+  }
+
+  // The miss check of one step (see DecodeOptions::miss_check): pages among `pages` whose
+  // Quest bound of q.k exceeds the resident log-sum-exp by log(miss_ratio) in some head,
+  // most wanted first.
+  std::vector<uint64_t> MissCheck(const ModelSpec& sp, const float* q, const float* lse,
+                                  const std::vector<uint64_t>& pages, const float* bounds,
+                                  uint64_t first) const {
+    const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads;
+    const float scale = sp.Scale(), margin = static_cast<float>(std::log(options.miss_ratio));
+    std::vector<std::pair<float, uint64_t>> hot;
+    for (uint64_t p : pages) {
+      const float* b = bounds + (p - first) * size_t{sp.kv_heads} * 2 * d;
+      float best = -std::numeric_limits<float>::infinity();
+      for (uint32_t h = 0; h < sp.q_heads; ++h) {
+        const float* mn = b + size_t{h / group} * 2 * d;
+        const float* mx = mn + d;
+        const float* qh = q + size_t{h} * d;
+        float ub = 0;
+        for (uint32_t j = 0; j < d; ++j) ub += std::max(qh[j] * mn[j], qh[j] * mx[j]);
+        best = std::max(best, ub * scale - lse[h]);
+      }
+      if (best > margin) hot.push_back({best, p});
+    }
+    std::sort(hot.begin(), hot.end(), std::greater<>());
+    std::vector<uint64_t> out;
+    for (size_t i = 0; i < hot.size() && i < options.miss_max_pages; ++i)
+      out.push_back(hot[i].second);
+    return out;
+  }
+
+  // Launches the miss check of this step's query (off the critical path).
+  void LaunchCheck(const std::shared_ptr<Session>& sp, const float* q, const float* lse)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+    Session& s = *sp;
+    const ModelSpec& spec = s.opt.spec;
+    auto rec = std::make_shared<Session::Recovery>();
+    rec->install_step = s.next_step + std::max<uint32_t>(1, options.miss_lag);
+    rec->q.assign(q, q + size_t{spec.q_heads} * spec.head_dim);
+    rec->lse.assign(lse, lse + spec.q_heads);
+    PostCheck(sp, rec,
+              std::min<uint64_t>(options.miss_max_pages,
+                                 s.reserved > s.in_use + 2 ? s.reserved - s.in_use - 2 : 0));
+  }
+  void PostCheck(const std::shared_ptr<Session>& sp, const std::shared_ptr<Session::Recovery>& rec,
+                 uint64_t cells) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+    Session& s = *sp;
+    const ModelSpec& spec = s.opt.spec;
+    for (uint64_t i = 0; i < cells; ++i) {
+      auto c = TakeCell(s);
+      if (!c.ok()) break;
+      rec->cells.push_back(*c);
+    }
+    s.recovery = rec;
+    std::vector<uint64_t> pages;
+    const uint64_t sealed = s.sealed(),
+                   have = s.check_first +
+                          s.check_bounds.size() / (size_t{spec.kv_heads} * 2 * spec.head_dim);
+    for (uint64_t p = s.check_first; p < std::min(sealed, have); ++p)
+      if (s.cell_of[p] == kNoCell) pages.push_back(p);
+    std::vector<float> qv = rec->q, lv = rec->lse;
+    // The bounds only grow at the end, so the check reads a copy of the part it needs.
+    std::vector<float> bounds(s.check_bounds);
+    const uint64_t first = s.check_first;
+    jobs.Post([this, sp, rec, qv = std::move(qv), lv = std::move(lv), pages = std::move(pages),
+               bounds = std::move(bounds), first] {
+      Session& s = *sp;
+      const std::vector<uint64_t> hot =
+          MissCheck(s.opt.spec, qv.data(), lv.data(), pages, bounds.data(), first);
+      std::vector<uint64_t> got;
+      std::vector<uint8_t*> dst;
+      {
+        absl::MutexLock l(&s.mu);
+        for (uint64_t p : hot) {
+          if (s.closed || rec->fetched.size() == rec->cells.size()) break;
+          const uint32_t c = rec->cells[rec->fetched.size()];
+          rec->fetched.push_back({p, c});
+          got.push_back(p);
+          dst.push_back(Cell(c));
+        }
+      }
+      absl::Status st =
+          got.empty() ? absl::OkStatus() : store->Read(s.id, got, s.opt.spec.PageBytes(), dst);
+      absl::MutexLock l(&s.mu);
+      if (!st.ok()) rec->fetched.clear();  // the cells go back at install
+      rec->done = true;
+      s.job_cv.SignalAll();
+    });
+  }
+
+  // Installs a finished miss check: its pages serve until the next cycle's set.
+  void InstallRecovery(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    std::shared_ptr<Session::Recovery> rec = std::move(s.recovery);
+    ReleaseRecoveryCells(s, *rec, false);
+    for (const auto& [p, c] : rec->fetched) {
+      if (s.cell_of[p] != kNoCell) {
+        GiveCell(s, c);
+        continue;
+      }
+      s.cell_of[p] = c;
+      s.wanted.insert(std::upper_bound(s.wanted.begin(), s.wanted.end(), p), p);
+      ++s.stats.surprise_fetches;
+    }
+    s.plan_dirty = true;
+  }
+
   // Hands the keys and bounds of sealed pages to the indexer (Register the first time).
   absl::Status Flush(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     const ModelSpec& sp = s.opt.spec;
@@ -371,15 +500,34 @@ struct DecodeCore::Impl {
     a.sink = options.sink;
     a.tail = options.tail;
     ++s.stats.predictions;
-    Post(sp, a);
+    // Two cells stay free for pages that seal before the switch, and the miss check's.
+    const uint64_t keep = 2 + (options.miss_check ? options.miss_max_pages : 0);
+    Post(sp, a, s.reserved > s.in_use + keep ? s.reserved - s.in_use - keep : 0);
   }
-  void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a)
+  void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a, uint64_t cells)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
     auto job = std::make_shared<Job>();
     job->step = a.step;
     job->args = a;
+    for (uint64_t i = 0; i < cells; ++i) {
+      auto c = TakeCell(*sp);
+      if (!c.ok()) break;
+      job->cells.push_back(*c);
+    }
     sp->job = job;
     jobs.Post([this, sp, job] { RunJob(sp, job, job->args); });
+  }
+  // Gives back a job's cells: all of them (failed, or the session closing) or the unused.
+  void ReleaseJobCells(Session& s, Job& j, bool all) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    for (size_t i = all ? 0 : j.fetched.size(); i < j.cells.size(); ++i) GiveCell(s, j.cells[i]);
+    j.cells.clear();
+    if (all) j.fetched.clear();
+  }
+  void ReleaseRecoveryCells(Session& s, Session::Recovery& r, bool all)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    for (size_t i = all ? 0 : r.fetched.size(); i < r.cells.size(); ++i) GiveCell(s, r.cells[i]);
+    r.cells.clear();
+    if (all) r.fetched.clear();
   }
 
   absl::Status SaveState(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
@@ -431,9 +579,7 @@ struct DecodeCore::Impl {
                        [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
                          return a.score > b.score;
                        });
-      // Keep two cells spare for pages that seal before the switch.
-      const uint64_t spare = s.reserved > s.in_use + 2 ? s.reserved - s.in_use - 2 : 0;
-      const size_t take = std::min<size_t>(missing.size(), spare);
+      const size_t take = std::min<size_t>(missing.size(), job->cells.size());
       job->deferred = missing.size() - take;
       std::vector<uint64_t> dropped;
       for (size_t i = take; i < missing.size(); ++i) dropped.push_back(missing[i].page);
@@ -444,20 +590,16 @@ struct DecodeCore::Impl {
               [&](uint64_t p) { return std::binary_search(dropped.begin(), dropped.end(), p); }),
           job->wanted.end());
       for (size_t i = 0; i < take; ++i) {
-        auto c = TakeCell(s);
-        if (!c.ok()) break;
-        job->fetched.push_back({missing[i].page, *c});
+        const uint32_t c = job->cells[i];
+        job->fetched.push_back({missing[i].page, c});
         pages.push_back(missing[i].page);
-        dst.push_back(Cell(*c));
+        dst.push_back(Cell(c));
       }
     }
     absl::Status st =
         pages.empty() ? absl::OkStatus() : store->Read(s.id, pages, s.opt.spec.PageBytes(), dst);
     absl::MutexLock l(&s.mu);
-    if (!st.ok()) {
-      for (const auto& [p, c] : job->fetched) GiveCell(s, c);
-      job->fetched.clear();
-    }
+    if (!st.ok()) job->fetched.clear();  // the cells go back with the job
     job->status = st;
     job->done = true;
     s.job_cv.SignalAll();
@@ -467,9 +609,11 @@ struct DecodeCore::Impl {
   void Install(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     std::shared_ptr<Job> job = std::move(s.job);
     if (!job->status.ok()) {
+      ReleaseJobCells(s, *job, true);
       ++s.stats.prediction_failures;
       return;
     }
+    ReleaseJobCells(s, *job, false);
     for (const auto& [p, c] : job->fetched) {
       if (s.cell_of[p] != kNoCell) {
         GiveCell(s, c);
@@ -524,7 +668,20 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     st.set_job_has_hidden(!j.args.hidden.empty());
     st.set_job_hidden(j.args.hidden.data(), j.args.hidden.size() * 4);
     st.set_job_query(j.args.query.data(), j.args.query.size() * 4);
+    st.set_job_cells(j.cells.size());
   }
+  if (s.recovery) {
+    const Session::Recovery& r = *s.recovery;
+    st.set_recovery(true);
+    st.set_recovery_install_step(r.install_step);
+    st.set_recovery_done(r.done);
+    if (r.done)
+      for (const auto& [p, c] : r.fetched) st.add_recovery_fetched(p);
+    st.set_recovery_cells(r.cells.size());
+    st.set_recovery_q(r.q.data(), r.q.size() * 4);
+    st.set_recovery_lse(r.lse.data(), r.lse.size() * 4);
+  }
+  st.set_surprise_fetches(s.stats.surprise_fetches);
   st.set_launched_for(s.launched_for);
   st.set_steps(s.stats.steps);
   st.set_stalls(s.stats.stalls);
@@ -558,6 +715,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
   s.stats.steps = st.steps();
   s.stats.stalls = st.stalls();
   s.stats.predictions = st.predictions();
+  s.stats.surprise_fetches = st.surprise_fetches();
   s.stats.tokens = s.tokens;
   // The open cell Open made for page 0 holds the open page.
   const uint64_t open = s.open_page();
@@ -574,14 +732,36 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
   // The resident pages: everything (dense), or sink, tail, the serving set and a finished
   // job's pages (sparse).
   const uint64_t sealed = s.sealed();
+  if (s.opt.mode == Mode::kSparse && options.miss_check) {
+    // The miss check's bounds of every sealed page, from the pages themselves.
+    constexpr uint64_t kBatch = 32;
+    const size_t rec = kPageHeaderBytes + spec.PageBytes();
+    std::vector<uint8_t> buf(kBatch * rec);
+    std::vector<float> b(indexer::IndexerBoundsFloats(spec));
+    for (uint64_t p0 = 0; p0 < sealed; p0 += kBatch) {
+      std::vector<uint64_t> pages;
+      std::vector<uint8_t*> dst;
+      for (uint64_t p = p0; p < std::min(sealed, p0 + kBatch); ++p) {
+        pages.push_back(p);
+        dst.push_back(buf.data() + (p - p0) * rec);
+      }
+      if (absl::Status r = store->Read(s.id, pages, spec.PageBytes(), dst); !r.ok()) return r;
+      for (size_t i = 0; i < pages.size(); ++i) {
+        PageBounds(s, dst[i] + kPageHeaderBytes, P, b.data());
+        KeepCheckBounds(s, b.data());
+      }
+    }
+  }
   s.have_set = st.have_set();
   s.wanted.assign(st.wanted().begin(), st.wanted().end());
   std::vector<uint64_t> load;
   for (uint64_t p = 0; p < sealed; ++p)
     if (s.opt.mode == Mode::kDense || Pinned(s, p) || Wanted(s, p)) load.push_back(p);
   std::vector<uint64_t> job_pages(st.job_fetched().begin(), st.job_fetched().end());
-  for (uint64_t p : job_pages)
-    if (p < sealed && !std::binary_search(load.begin(), load.end(), p)) load.push_back(p);
+  std::vector<uint64_t> rec_pages(st.recovery_fetched().begin(), st.recovery_fetched().end());
+  for (const auto* v : {&job_pages, &rec_pages})
+    for (uint64_t p : *v)
+      if (p < sealed && std::find(load.begin(), load.end(), p) == load.end()) load.push_back(p);
   std::vector<uint8_t*> dst;
   for (uint64_t p : load) {
     auto c = TakeCell(s);
@@ -593,6 +773,41 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
     if (absl::Status r = store->Read(s.id, load, spec.PageBytes(), dst); !r.ok()) return r;
   s.plan_dirty = true;
   s.launched_for = st.launched_for();
+  // Pages a job or a miss check fetched move from the cells just read to them, and each
+  // takes the cells it held, so that the session goes on exactly as it would have.
+  auto take_back = [&](const std::vector<uint64_t>& pages, uint64_t cells,
+                       std::vector<std::pair<uint64_t, uint32_t>>* fetched,
+                       std::vector<uint32_t>* held) -> absl::Status {
+    for (uint64_t p : pages)
+      if (p < sealed && !Pinned(s, p) && !Wanted(s, p) && s.cell_of[p] != kNoCell) {
+        fetched->push_back({p, static_cast<uint32_t>(s.cell_of[p])});
+        held->push_back(static_cast<uint32_t>(s.cell_of[p]));
+        s.cell_of[p] = kNoCell;
+      }
+    while (held->size() < cells) {
+      auto c = TakeCell(s);
+      if (!c.ok()) return c.status();
+      held->push_back(*c);
+    }
+    return absl::OkStatus();
+  };
+  if (st.recovery()) {
+    auto rec = std::make_shared<Session::Recovery>();
+    rec->install_step = st.recovery_install_step();
+    rec->q.resize(st.recovery_q().size() / 4);
+    std::memcpy(rec->q.data(), st.recovery_q().data(), rec->q.size() * 4);
+    rec->lse.resize(st.recovery_lse().size() / 4);
+    std::memcpy(rec->lse.data(), st.recovery_lse().data(), rec->lse.size() * 4);
+    if (st.recovery_done()) {
+      rec->done = true;
+      if (absl::Status r = take_back(rec_pages, st.recovery_cells(), &rec->fetched, &rec->cells);
+          !r.ok())
+        return r;
+      s.recovery = rec;
+    } else {
+      PostCheck(sp, rec, st.recovery_cells());
+    }
+  }
   if (st.job()) {
     s.switch_step = st.switch_step();
     if (st.job_done()) {
@@ -600,13 +815,9 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       job->step = st.job_step();
       job->done = true;
       job->wanted.assign(st.job_wanted().begin(), st.job_wanted().end());
-      // Pages the job fetched move from the serving set's cells to the job when the
-      // current set does not hold them itself.
-      for (uint64_t p : job_pages)
-        if (p < sealed && !Pinned(s, p) && !Wanted(s, p) && s.cell_of[p] != kNoCell) {
-          job->fetched.push_back({p, static_cast<uint32_t>(s.cell_of[p])});
-          s.cell_of[p] = kNoCell;
-        }
+      if (absl::Status r = take_back(job_pages, st.job_cells(), &job->fetched, &job->cells);
+          !r.ok())
+        return r;
       job->deferred = st.job_deferred();
       s.job = job;
     } else {
@@ -623,7 +834,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       a.policy = s.opt.policy;
       a.sink = options.sink;
       a.tail = options.tail;
-      Post(sp, a);
+      Post(sp, a, st.job_cells());
     }
   }
   return absl::OkStatus();
@@ -642,7 +853,7 @@ DecodeCore::~DecodeCore() {
   for (auto& s : all) {
     absl::MutexLock l(&s->mu);
     s->closed = true;
-    while (s->job && !s->job->done) s->job_cv.Wait(&s->mu);
+    while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done)) s->job_cv.Wait(&s->mu);
   }
 }
 
@@ -713,8 +924,11 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     const uint64_t budget =
         o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages));
     const uint64_t base = std::min(pages, std::max(budget, fixed));
-    cells = base + 1 + static_cast<uint64_t>(std::ceil(opt.headroom * base)) + 2;
-    cells = std::min(cells, pages + 3);
+    // + the open page, the fetch headroom, two cells for pages sealing before a switch, and
+    // the miss check's pages.
+    const uint64_t miss = opt.miss_check ? opt.miss_max_pages : 0;
+    cells = base + 1 + static_cast<uint64_t>(std::ceil(opt.headroom * base)) + 2 + miss;
+    cells = std::min(cells, pages + 3 + miss);
   }
   auto s = std::make_shared<Session>();
   s->id = id;
@@ -817,6 +1031,7 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
     if (s.opt.mode == Mode::kSparse) {
       s.bounds.resize(s.bounds.size() + bf);
       im.PageBounds(s, payload, valid, s.bounds.data() + s.bounds.size() - bf);
+      im.KeepCheckBounds(s, s.bounds.data() + s.bounds.size() - bf);
       s.bound_pages = page + 1;
     }
     im.Trim(s);
@@ -893,6 +1108,10 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
       }
       Install(s);
     }
+    if (s.recovery && r.step >= s.recovery->install_step) {
+      while (!s.recovery->done) s.job_cv.Wait(&s.mu);
+      InstallRecovery(s);
+    }
   }
   if (!r.hidden.empty()) {
     std::copy(r.hidden.begin(), r.hidden.end(), s.hidden.begin());
@@ -948,11 +1167,17 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   if (s.plan_dirty)
     if (absl::Status st = RebuildPlan(s); !st.ok()) return st;
   s.list_valid.back() = static_cast<uint16_t>(row + 1);
-  kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, r.lse};
+  const bool check = options.miss_check && s.opt.mode == Mode::kSparse && s.have_set &&
+                     !s.recovery &&
+                     r.layer == indexer::ModelLayerOfIndexLayer(spec, spec.index_layers - 1);
+  std::vector<float> lse_buf(check && !r.lse ? spec.q_heads : 0);
+  float* lse = r.lse ? r.lse : (check ? lse_buf.data() : nullptr);
+  kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, lse};
   if (kernels::KernelStatus ks = kernels::RunPagedDecode(s.plan, Pool(), &item, 1);
       ks != kernels::KernelStatus::kOk)
     return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
   s.next_layer = r.layer + 1;
+  if (check) LaunchCheck(sp, r.q.data(), lse);
 
   if (!last) return absl::OkStatus();
   // The step is complete.
@@ -973,6 +1198,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
       const size_t bf = indexer::IndexerBoundsFloats(spec);
       s.bounds.resize(s.bounds.size() + bf);
       PageBounds(s, page, P, s.bounds.data() + s.bounds.size() - bf);
+      KeepCheckBounds(s, s.bounds.data() + s.bounds.size() - bf);
       s.bound_pages = open + 1;
     }
     s.plan_dirty = true;
@@ -1016,7 +1242,7 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
   }
   absl::MutexLock l(&s->mu);
   s->closed = true;
-  while (s->job && !s->job->done) s->job_cv.Wait(&s->mu);
+  while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done)) s->job_cv.Wait(&s->mu);
   absl::Status st = absl::OkStatus();
   const uint32_t P = s->opt.spec.page_tokens;
   if (drop_history) {
@@ -1031,9 +1257,10 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
                           static_cast<uint32_t>(s->tokens % P));
     if (st.ok()) st = impl_->SaveState(*s);
   }
-  if (s->job)
-    for (const auto& [p, c] : s->job->fetched) impl_->GiveCell(*s, c);
+  if (s->job) impl_->ReleaseJobCells(*s, *s->job, true);
   s->job.reset();
+  if (s->recovery) impl_->ReleaseRecoveryCells(*s, *s->recovery, true);
+  s->recovery.reset();
   for (uint64_t p = 0; p < s->cell_of.size(); ++p) impl_->Evict(*s, p);
   absl::MutexLock rl(&impl_->mu);
   impl_->reserved_cells -= s->reserved;

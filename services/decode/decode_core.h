@@ -97,6 +97,16 @@ struct DecodeOptions {
                             // pages fetched while the previous set still serves
   uint32_t max_sessions = 1024;
   uint32_t threads = 0;  // attention threads; 0 = the kernel pool's default
+  // Miss recovery between predictions: at every step the last index layer's query is
+  // checked against the Quest bounds of the pages that are not resident; a page whose bound
+  // says it could carry more than miss_ratio times the resident attention mass is fetched
+  // at once and serves from miss_lag steps later until the next cycle's set takes over.
+  // Off by default: on 2 CPU cores the check costs about as much as a sparse step (see
+  // README).
+  bool miss_check = false;
+  double miss_ratio = 1.0;
+  uint32_t miss_max_pages = 4;  // pages fetched per check
+  uint32_t miss_lag = 2;
 };
 
 struct SessionOptions {
@@ -118,6 +128,7 @@ struct SessionStats {
   uint64_t stalls = 0;        // steps that waited for a fetch
   uint64_t warmup_waits = 0;  // first predictions waited for
   uint64_t predictions = 0, prediction_failures = 0, fetched_pages = 0, deferred_pages = 0;
+  uint64_t surprise_fetches = 0;  // pages fetched by the per-step miss check
   uint64_t resident_pages = 0, peak_resident_pages = 0, reserved_cells = 0;
   uint64_t total_pages = 0;
   double footprint = 0;  // peak resident pages / pages of the full history

@@ -48,11 +48,13 @@ class DecodeCoreTest : public ::testing::Test {
     return std::move(*s);
   }
 
-  std::unique_ptr<DecodeCore> Core(uint64_t reserve_bytes = 32 << 20, uint32_t tau = 16) {
+  std::unique_ptr<DecodeCore> Core(uint64_t reserve_bytes = 32 << 20, uint32_t tau = 16,
+                                   bool miss_check = false) {
     DecodeOptions o;
     o.reserve_bytes = reserve_bytes;
     o.tau = tau;
     o.switch_lag = 2;
+    o.miss_check = miss_check;
     return std::make_unique<DecodeCore>(o, store_.get(), predictor_.get());
   }
 
@@ -253,6 +255,20 @@ TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
   EXPECT_GT(dot / std::sqrt(na * nb), 0.9);
 }
 
+TEST_F(DecodeCoreTest, MissCheckFetchesASurpriseWithinTheReservation) {
+  // A needle the 25 % quest set leaves out is found by the per-step check and fetched.
+  auto g = Generate(8192, 64, 13);
+  auto core = Core(32 << 20, 16, /*miss_check=*/true);
+  ASSERT_THAT(core->Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)), IsOk());
+  Prefill(*core, "s", *g);
+  auto outs = Decode(*core, "s", *g, 16);
+  auto st = core->Stats("s");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_GT(st->surprise_fetches, 0u);
+  EXPECT_LE(st->peak_resident_pages, st->reserved_cells);
+  EXPECT_EQ(st->prediction_failures, 0u);
+}
+
 TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   auto g = Generate(2048, 32, 14);
   auto core = Core();
@@ -331,64 +347,69 @@ TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
 }
 
 TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
-  auto g = Generate(4000, 64, 16);
-  const SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
-  auto ref_core = Core();
-  ASSERT_THAT(ref_core->Open("ref", so), IsOk());
-  Prefill(*ref_core, "ref", *g);
-  auto ref = Decode(*ref_core, "ref", *g, 16);
+  // With and without the miss check (whose fetches in flight are part of the state).
+  for (bool mc : {false, true}) {
+    SCOPED_TRACE(mc ? "miss check" : "no miss check");
+    const std::string sfx = mc ? "-mc" : "";
+    auto g = Generate(4000, 64, 16);
+    const SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+    auto ref_core = Core(32 << 20, 16, mc);
+    ASSERT_THAT(ref_core->Open("ref" + sfx, so), IsOk());
+    Prefill(*ref_core, "ref" + sfx, *g);
+    auto ref = Decode(*ref_core, "ref" + sfx, *g, 16);
 
-  auto run = [&](DecodeCore& core, const std::string& id, uint32_t from, uint32_t to,
-                 std::vector<std::vector<std::vector<float>>>* outs) {
-    for (uint32_t st = from; st < to; ++st)
-      for (uint32_t l = 0; l < spec_.layers; ++l) {
-        StepData d = Data(*g, st, l, 16);
-        LayerStep r = Request(id, st, l, d);
-        ASSERT_THAT(core.Step({&r, 1})[0], IsOk()) << "step " << st;
-        (*outs)[st][l] = d.out;
-      }
-  };
-  std::vector<std::vector<std::vector<float>>> outs(64, std::vector<std::vector<float>>(2));
-  // Closed at step 33, between a cycle's prediction (32) and its switch (34); resumed on
-  // another worker.
-  {
-    auto a = Core();
-    ASSERT_THAT(a->Open("s", so), IsOk());
-    Prefill(*a, "s", *g);
-    run(*a, "s", 0, 33, &outs);
-    ASSERT_THAT(a->Close("s"), IsOk());
+    auto run = [&](DecodeCore& core, const std::string& id, uint32_t from, uint32_t to,
+                   std::vector<std::vector<std::vector<float>>>* outs) {
+      for (uint32_t st = from; st < to; ++st)
+        for (uint32_t l = 0; l < spec_.layers; ++l) {
+          StepData d = Data(*g, st, l, 16);
+          LayerStep r = Request(id, st, l, d);
+          ASSERT_THAT(core.Step({&r, 1})[0], IsOk()) << "step " << st;
+          (*outs)[st][l] = d.out;
+        }
+    };
+    std::vector<std::vector<std::vector<float>>> outs(64, std::vector<std::vector<float>>(2));
+    // Closed at step 33, between a cycle's prediction (32) and its switch (34); resumed on
+    // another worker.
+    {
+      auto a = Core(32 << 20, 16, mc);
+      ASSERT_THAT(a->Open("s" + sfx, so), IsOk());
+      Prefill(*a, "s" + sfx, *g);
+      run(*a, "s" + sfx, 0, 33, &outs);
+      ASSERT_THAT(a->Close("s" + sfx), IsOk());
+    }
+    auto b = Core(32 << 20, 16, mc);
+    SessionOptions resume;
+    resume.resume = true;
+    ASSERT_THAT(b->Open("s" + sfx, resume), IsOk());
+    auto st = b->Stats("s" + sfx);
+    ASSERT_THAT(st, IsOk());
+    EXPECT_EQ(st->next_step, 33u);
+    EXPECT_EQ(st->tokens, 4033u);
+    run(*b, "s" + sfx, 33, 64, &outs);
+    for (uint32_t s = 0; s < 64; ++s)
+      for (uint32_t l = 0; l < spec_.layers; ++l)
+        ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
+
+    // A worker lost without closing: the state saved at the last seal (step 31) resumes and
+    // the client replays the steps since.
+    {
+      auto c = Core(32 << 20, 16, mc);
+      ASSERT_THAT(c->Open("t" + sfx, so), IsOk());
+      Prefill(*c, "t" + sfx, *g);
+      run(*c, "t" + sfx, 0, 50, &outs);
+    }  // destroyed: nothing saved at the end
+    ASSERT_THAT(b->Open("t" + sfx, resume), IsOk());
+    st = b->Stats("t" + sfx);
+    ASSERT_THAT(st, IsOk());
+    EXPECT_EQ(st->next_step, 32u);
+    EXPECT_EQ(st->tokens, 4032u);
+    run(*b, "t" + sfx, 32, 64, &outs);
+    for (uint32_t s = 32; s < 64; ++s)
+      for (uint32_t l = 0; l < spec_.layers; ++l)
+        ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
+    EXPECT_EQ(b->Open("never" + sfx, resume).code(), StatusCode::kNotFound);
   }
-  auto b = Core();
-  SessionOptions resume;
-  resume.resume = true;
-  ASSERT_THAT(b->Open("s", resume), IsOk());
-  auto st = b->Stats("s");
-  ASSERT_THAT(st, IsOk());
-  EXPECT_EQ(st->next_step, 33u);
-  EXPECT_EQ(st->tokens, 4033u);
-  run(*b, "s", 33, 64, &outs);
-  for (uint32_t s = 0; s < 64; ++s)
-    for (uint32_t l = 0; l < spec_.layers; ++l)
-      ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
-
-  // A worker lost without closing: the state saved at the last seal (step 31) resumes and
-  // the client replays the steps since.
-  {
-    auto c = Core();
-    ASSERT_THAT(c->Open("t", so), IsOk());
-    Prefill(*c, "t", *g);
-    run(*c, "t", 0, 50, &outs);
-  }  // destroyed: nothing saved at the end
-  ASSERT_THAT(b->Open("t", resume), IsOk());
-  st = b->Stats("t");
-  ASSERT_THAT(st, IsOk());
-  EXPECT_EQ(st->next_step, 32u);
-  EXPECT_EQ(st->tokens, 4032u);
-  run(*b, "t", 32, 64, &outs);
-  for (uint32_t s = 32; s < 64; ++s)
-    for (uint32_t l = 0; l < spec_.layers; ++l)
-      ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
-  EXPECT_EQ(b->Open("never", resume).code(), StatusCode::kNotFound);
 }
 
 TEST_F(DecodeCoreTest, AdmissionRefusesWhatTheReserveCannotHold) {

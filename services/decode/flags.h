@@ -23,6 +23,12 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
   app.add_option("--tail", o->tail, "Always-resident last sealed pages")->capture_default_str();
   app.add_option("--max_decode_sessions", o->max_sessions, "Sessions a worker holds")
       ->capture_default_str();
+  app.add_option("--miss_check", o->miss_check,
+                 "Check every step for a wanted page that is not resident and fetch it at once")
+      ->capture_default_str();
+  app.add_option("--miss_ratio", o->miss_ratio,
+                 "Miss check: fetch a page whose Quest bound exceeds this times the resident mass")
+      ->capture_default_str();
 }
 
 // Exports the reserve's occupancy on the server's /metrics.
