@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/codecs.h"
+#include "common/log.h"
 #include "common/spec_proto.h"
 #include "flashmemory/kernels/attention.h"
 #include "flashmemory/kernels/quest.h"
@@ -611,6 +612,10 @@ struct DecodeCore::Impl {
     if (!job->status.ok()) {
       ReleaseJobCells(s, *job, true);
       ++s.stats.prediction_failures;
+      FM_LOG_WARN(
+          "decode: session \"%s\": the prediction of step %llu failed (%s); the "
+          "current set keeps serving",
+          s.id.c_str(), static_cast<unsigned long long>(job->step), job->status.ToString().c_str());
       return;
     }
     ReleaseJobCells(s, *job, false);
