@@ -133,6 +133,11 @@ struct Job {
   std::vector<uint64_t> wanted;                        // sealed pages of the new set, ascending
   std::vector<std::pair<uint64_t, uint32_t>> fetched;  // page -> cell, read for the new set
   uint64_t deferred = 0;                               // missing pages that did not fit
+  std::vector<uint64_t> deferred_pages;                // them, most wanted first
+  // A catch-up: fetches pages a switch deferred (no prediction); its set adds to the
+  // serving one.
+  bool catch_up = false;
+  std::vector<uint64_t> pages;
   // Cells taken at launch (a fixed step, so that every worker makes the same choices);
   // the fetched pages use the first ones, the rest go back at the switch.
   std::vector<uint32_t> cells;
@@ -505,11 +510,16 @@ struct DecodeCore::Impl {
     const uint64_t keep = 2 + (options.miss_check ? options.miss_max_pages : 0);
     Post(sp, a, s.reserved > s.in_use + keep ? s.reserved - s.in_use - keep : 0);
   }
-  void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a, uint64_t cells)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+  // catch_up: the pages of a catch-up job (no prediction), else null.
+  void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a, uint64_t cells,
+            const std::vector<uint64_t>* catch_up = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
     auto job = std::make_shared<Job>();
     job->step = a.step;
     job->args = a;
+    if (catch_up) {
+      job->catch_up = true;
+      job->pages = *catch_up;
+    }
     for (uint64_t i = 0; i < cells; ++i) {
       auto c = TakeCell(*sp);
       if (!c.ok()) break;
@@ -545,16 +555,22 @@ struct DecodeCore::Impl {
       job->done = true;
       s.job_cv.SignalAll();
     };
-    if (absl::Status flushed =
-            [&] {
-              absl::MutexLock l(&s.mu);
-              return Flush(s);
-            }();
-        !flushed.ok()) {
+    absl::StatusOr<indexer::Prediction> pred;
+    if (job->catch_up) {
+      pred = indexer::Prediction{};
+      float score = static_cast<float>(job->pages.size());
+      for (uint64_t p : job->pages) pred->pages.push_back({p, score--});
+    } else if (absl::Status flushed =
+                   [&] {
+                     absl::MutexLock l(&s.mu);
+                     return Flush(s);
+                   }();
+               !flushed.ok()) {
       finish(flushed);
       return;
+    } else {
+      pred = predictor->Predict(s.id, args);
     }
-    auto pred = predictor->Predict(s.id, args);
     if (!pred.ok()) {
       finish(pred.status());
       return;
@@ -584,6 +600,7 @@ struct DecodeCore::Impl {
       job->deferred = missing.size() - take;
       std::vector<uint64_t> dropped;
       for (size_t i = take; i < missing.size(); ++i) dropped.push_back(missing[i].page);
+      job->deferred_pages = dropped;
       std::sort(dropped.begin(), dropped.end());
       job->wanted.erase(
           std::remove_if(
@@ -606,8 +623,10 @@ struct DecodeCore::Impl {
     s.job_cv.SignalAll();
   }
 
-  // Installs a finished job's set; a failed job leaves the current set serving.
-  void Install(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+  // Installs a finished job's set at `step`; a failed job leaves the current set serving.
+  void Install(const std::shared_ptr<Session>& sp, uint64_t step)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+    Session& s = *sp;
     std::shared_ptr<Job> job = std::move(s.job);
     if (!job->status.ok()) {
       ReleaseJobCells(s, *job, true);
@@ -627,11 +646,37 @@ struct DecodeCore::Impl {
       s.cell_of[p] = c;
     }
     s.stats.fetched_pages += job->fetched.size();
-    s.stats.deferred_pages += job->deferred;
-    s.wanted = std::move(job->wanted);
+    if (!job->catch_up) s.stats.deferred_pages += job->deferred;
+    if (job->catch_up) {
+      std::vector<uint64_t> merged;
+      std::set_union(s.wanted.begin(), s.wanted.end(), job->wanted.begin(), job->wanted.end(),
+                     std::back_inserter(merged));
+      s.wanted = std::move(merged);
+    } else {
+      s.wanted = std::move(job->wanted);
+    }
     s.have_set = true;
     s.plan_dirty = true;
     Trim(s);
+    // Pages that did not fit while the previous set served come now, into the cells it left,
+    // if they can arrive before the next cycle's switch.
+    const uint64_t at = step + std::max<uint32_t>(1, options.switch_lag);
+    if (!job->deferred_pages.empty() && at < (step / s.tau + 1) * s.tau) {
+      const uint64_t keep = 2 + (options.miss_check ? options.miss_max_pages : 0);
+      const uint64_t n =
+          std::min<uint64_t>(job->deferred_pages.size(),
+                             s.reserved > s.in_use + keep ? s.reserved - s.in_use - keep : 0);
+      if (n > 0) PostCatchUp(sp, job->deferred_pages, n, at);
+    }
+  }
+
+  // Fetches `pages` (most wanted first; as many as `cells` allow) to serve from step `at`.
+  void PostCatchUp(const std::shared_ptr<Session>& sp, const std::vector<uint64_t>& pages,
+                   uint64_t cells, uint64_t at) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+    indexer::PredictArgs none;
+    none.step = at;
+    sp->switch_step = at;
+    Post(sp, none, cells, &pages);
   }
 
   absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r);
@@ -674,6 +719,10 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     st.set_job_hidden(j.args.hidden.data(), j.args.hidden.size() * 4);
     st.set_job_query(j.args.query.data(), j.args.query.size() * 4);
     st.set_job_cells(j.cells.size());
+    st.set_job_catch_up(j.catch_up);
+    for (uint64_t p : j.pages) st.add_job_pages(p);
+    if (j.done && j.status.ok())
+      for (uint64_t p : j.deferred_pages) st.add_job_deferred_pages(p);
   }
   if (s.recovery) {
     const Session::Recovery& r = *s.recovery;
@@ -824,6 +873,9 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
           !r.ok())
         return r;
       job->deferred = st.job_deferred();
+      job->catch_up = st.job_catch_up();
+      job->pages.assign(st.job_pages().begin(), st.job_pages().end());
+      job->deferred_pages.assign(st.job_deferred_pages().begin(), st.job_deferred_pages().end());
       s.job = job;
     } else {
       indexer::PredictArgs a;
@@ -839,7 +891,8 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       a.policy = s.opt.policy;
       a.sink = options.sink;
       a.tail = options.tail;
-      Post(sp, a, st.job_cells());
+      const std::vector<uint64_t> pages(st.job_pages().begin(), st.job_pages().end());
+      Post(sp, a, st.job_cells(), st.job_catch_up() ? &pages : nullptr);
     }
   }
   return absl::OkStatus();
@@ -1111,7 +1164,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
         }
         while (!s.job->done) s.job_cv.Wait(&s.mu);
       }
-      Install(s);
+      Install(sp, r.step);
     }
     if (s.recovery && r.step >= s.recovery->install_step) {
       while (!s.recovery->done) s.job_cv.Wait(&s.mu);
@@ -1166,7 +1219,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     if (!s.have_set) {  // the session's first prediction: wait for it (warm-up)
       ++s.stats.warmup_waits;
       while (!s.job->done) s.job_cv.Wait(&s.mu);
-      Install(s);
+      Install(sp, r.step);
     }
   }
   if (s.plan_dirty)
