@@ -116,7 +116,18 @@ absl::Status RocksTier::DeleteSession(absl::string_view sid) {
   if (!s.ok()) return FromRocks(s, "batch");
   rocksdb::WriteOptions wo;
   wo.sync = options_.sync_writes;
-  return FromRocks(db_->Write(wo, &batch), "RocksDB delete range");
+  if (absl::Status st = FromRocks(db_->Write(wo, &batch), "RocksDB delete range"); !st.ok())
+    return st;
+  // Give the disk back now: a range tombstone alone frees nothing until compaction reaches
+  // it, and long-context sessions are gigabytes.
+  rocksdb::Slice b(begin), e(end);
+  rocksdb::CompactRangeOptions co;
+  co.bottommost_level_compaction = rocksdb::BottommostLevelCompaction::kForce;
+  for (auto* cf : {pages_cf_, meta_cf_}) {
+    rocksdb::Status cs = db_->CompactRange(co, cf, &b, &e);
+    (void)cs;  // the delete itself is durable; compaction is housekeeping
+  }
+  return absl::OkStatus();
 }
 
 absl::Status RocksTier::ScanHeaders(

@@ -193,7 +193,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
     }
 
     // Concurrency: sessions per context, capped by the KV the machine holds per mode.
-    const int cap = std::max<int>(2, static_cast<int>(o.ram_cap / (kv_gib * (1ull << 30))));
+    const int cap = std::max<int>(
+        2, static_cast<int>(o.ram_cap / (double(spec.KvBytesPerToken()) * context)));
     std::vector<int> ns;
     for (int n : o.sessions)
       if (n <= cap) ns.push_back(n);
