@@ -48,7 +48,13 @@ void ThreadPool::ParallelFor(uint32_t n, const std::function<void(uint32_t)>& fn
     for (uint32_t i = 0; i < n; ++i) fn(i);
     return;
   }
-  std::lock_guard<std::mutex> call(call_mu_);
+  // Another caller holds the pool (concurrent sessions): run inline on this thread rather
+  // than queue behind it; every caller then keeps a core busy instead of convoying.
+  std::unique_lock<std::mutex> call(call_mu_, std::try_to_lock);
+  if (!call.owns_lock()) {
+    for (uint32_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
   std::unique_lock<std::mutex> lock(mu_);
   fn_ = &fn;
   n_ = n;

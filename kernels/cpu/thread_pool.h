@@ -17,6 +17,8 @@ class ThreadPool {
   explicit ThreadPool(uint32_t threads);  // total threads including the caller
   ~ThreadPool();
   uint32_t size() const { return static_cast<uint32_t>(workers_.size()) + 1; }
+  // Runs fn(0..n-1) on the pool and the caller; when another caller holds the pool, runs
+  // them inline on the calling thread.
   void ParallelFor(uint32_t n, const std::function<void(uint32_t)>& fn);
 
   // A process-wide pool sized to the machine's cores.

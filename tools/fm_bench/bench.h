@@ -38,6 +38,7 @@ struct E2eBenchOptions {
   std::vector<int> sessions = {1, 4, 16};  // concurrent sessions (capped per context)
   uint64_t ram_cap = 8ull << 30;           // KV bytes the concurrency runs may hold per mode
   double budget = 0.10;                    // sparse resident fraction
+  std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
   uint64_t seed = 777001;
   uint64_t server_ram = 8ull << 30;      // kvstore RAM tier of the started server
   uint64_t server_reserve = 9ull << 30;  // device reserve of the started server

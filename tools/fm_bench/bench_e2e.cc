@@ -31,8 +31,8 @@ struct ConcResult {
 // then conc_steps in whole steps, and deletes them.
 absl::StatusOr<ConcResult> Concurrent(decode::DecodeClient& client, const workload::Session& g,
                                       const replay::PrefillData& prefill, decode::Mode mode,
-                                      double budget, int n, uint32_t conc_steps,
-                                      const std::string& prefix) {
+                                      double budget, indexer::Policy policy, int n,
+                                      uint32_t conc_steps, const std::string& prefix) {
   std::vector<replay::ReplayResult> res(n);
   std::vector<std::string> ids;
   for (int i = 0; i < n; ++i) {
@@ -41,6 +41,7 @@ absl::StatusOr<ConcResult> Concurrent(decode::DecodeClient& client, const worklo
     ro.session_id = ids.back();
     ro.mode = mode;
     ro.budget = static_cast<float>(budget);
+    ro.policy = policy;
     if (absl::Status st = replay::OpenAndPrefill(client, g, prefill, ro, &res[i]); !st.ok())
       return st;
   }
@@ -118,6 +119,12 @@ int RunE2eBench(const E2eBenchOptions& o) {
   if (!client.ok()) return 1;
   std::printf("fm-bench e2e: decode worker %s%s; sparse budget %.0f %% (sink and tail included)\n",
               target.c_str(), server ? " (flashmemory started by the bench)" : "", 100 * o.budget);
+  auto parsed = indexer::ParsePolicy(o.policy);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "fm-bench e2e: %s\n", parsed.status().ToString().c_str());
+    return 1;
+  }
+  const indexer::Policy policy = *parsed;
   std::vector<std::string> rows;
   int failures = 0;
   for (size_t ci = 0; ci < o.contexts.size(); ++ci) {
@@ -152,6 +159,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       ro.session_id = absl::StrCat("e2e-", context, m ? "-sparse" : "-dense");
       ro.mode = m ? decode::Mode::kSparse : decode::Mode::kDense;
       ro.budget = static_cast<float>(o.budget);
+      ro.policy = policy;
       replay::ReplayResult& r = one[m];
       absl::Status st = replay::OpenAndPrefill(**client, g, prefill, ro, &r);
       auto stream = (*client)->OpenStream();
@@ -193,8 +201,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
     }
 
     // Concurrency: sessions per context, capped by the KV the machine holds per mode.
-    const int cap = std::max<int>(
-        2, static_cast<int>(o.ram_cap / (double(spec.KvBytesPerToken()) * context)));
+    const int cap =
+        std::max<int>(2, static_cast<int>(o.ram_cap / (double(spec.KvBytesPerToken()) * context)));
     std::vector<int> ns;
     for (int n : o.sessions)
       if (n <= cap) ns.push_back(n);
@@ -217,9 +225,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
           cr.stalled = r.stalled_steps;
           cr.steps = r.step_ms.size();
         } else {
-          auto r =
-              Concurrent(**client, g, prefill, m ? decode::Mode::kSparse : decode::Mode::kDense,
-                         o.budget, n, o.conc_steps, absl::StrCat("e2e-", context, "-", m, "-", n));
+          auto r = Concurrent(**client, g, prefill,
+                              m ? decode::Mode::kSparse : decode::Mode::kDense, o.budget, policy, n,
+                              o.conc_steps, absl::StrCat("e2e-", context, "-", m, "-", n));
           if (!r.ok()) {
             std::fprintf(stderr, "fm-bench e2e: %d concurrent %s sessions: %s\n", n,
                          m ? "sparse" : "dense", r.status().ToString().c_str());

@@ -53,6 +53,9 @@ int main(int argc, char** argv) {
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
   ec->add_option("--budget", eb.budget, "Sparse resident fraction")->capture_default_str();
+  ec->add_option("--policy", eb.policy,
+                 "Sparse policy (default: the worker's, lsa where weights fit the spec)")
+      ->capture_default_str();
   ec->add_option("--seed", eb.seed, "First session seed")->capture_default_str();
   ec->add_option("--server_ram", eb.server_ram, "kvstore RAM tier of the started server")
       ->transform(CLI::AsSizeValue(false))
