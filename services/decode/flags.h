@@ -19,6 +19,10 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
   app.add_option("--switch_lag", o->switch_lag,
                  "Steps after a cycle start at which its resident set takes over")
       ->capture_default_str();
+  app.add_option("--fetch_headroom", o->headroom,
+                 "Extra cells per sparse session, as a fraction of its budget, for pages fetched "
+                 "while the previous set serves")
+      ->capture_default_str();
   app.add_option("--sink", o->sink, "Always-resident first pages")->capture_default_str();
   app.add_option("--tail", o->tail, "Always-resident last sealed pages")->capture_default_str();
   app.add_option("--max_decode_sessions", o->max_sessions, "Sessions a worker holds")
