@@ -76,9 +76,10 @@ int DecodeDemo(const DecodeDemoOptions& o) {
   row("cosine vs dense (min)", "1", fmt("%.5f", f.cosine_min));
   row("relative L2 vs dense (mean)", "0", fmt("%.5f", f.rel_l2_mean));
   row("mass recall", "1", fmt("%.4f", f.mass_recall));
-  row("predictions / pages fetched", "-",
+  row("predictions / fetched / deferred", "-",
       std::to_string(res[1].stats.predictions()) + " / " +
-          std::to_string(res[1].stats.pages_fetched()));
+          std::to_string(res[1].stats.pages_fetched()) + " / " +
+          std::to_string(res[1].stats.pages_deferred()));
   row("stalled steps", std::to_string(res[0].stalled_steps), std::to_string(res[1].stalled_steps));
   row("prefill (s)", fmt("%.2f", res[0].prefill_s), fmt("%.2f", res[1].prefill_s));
   row("step p50 (ms)", fmt("%.2f", Percentile(res[0].step_ms, 0.5)),
