@@ -592,6 +592,7 @@ struct DecodeCore::Impl {
         job->wanted.push_back(p.page);
         if (s.cell_of[p.page] == kNoCell) missing.push_back(p);
       }
+      std::sort(job->wanted.begin(), job->wanted.end());  // a catch-up's come by score
       std::stable_sort(missing.begin(), missing.end(),
                        [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
                          return a.score > b.score;
