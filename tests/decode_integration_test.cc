@@ -226,6 +226,62 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
   EXPECT_THAT(stream->Finish(), IsOk());
 }
 
+TEST_F(DecodeProcessTest, IndexerUnreachableMidSession) {
+  auto one = AllInOne("one");
+  ASSERT_NE(one, nullptr);
+  auto dense = Run(one->target(), "d", Mode::kDense, 1.0f, indexer::Policy::kDefault);
+  ASSERT_THAT(dense, IsOk());
+  auto kv =
+      Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  auto dec = Start("fm-decode", {"--kvstore", kv->target(), "--indexer", ix->target(),
+                                 "--reserve_bytes", "64MiB", "--indexer_deadline_ms", "300"});
+  ASSERT_NE(dec, nullptr);
+  auto client = DecodeClient::Connect(dec->target(), 10000).value();
+  const ModelSpec& sp = g_->spec();
+  SessionOptions so;
+  so.spec = sp;
+  so.mode = Mode::kSparse;
+  so.budget = 0.25f;
+  so.policy = indexer::Policy::kQuest;
+  so.tau = 16;
+  so.max_tokens = 4064;
+  ASSERT_THAT(client->Open("x", so), IsOk());
+  ASSERT_THAT(client->Prefill("x", sp, prefill_.pages.data(), prefill_.n_pages, 4000,
+                              prefill_.keys.data(), prefill_.chunks),
+              IsOk());
+  replay::StepSource src(*g_, "x", 16);
+  auto stream = client->OpenStream();
+  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  replay::ReplayResult got;
+  got.out.resize(dense->out.size());
+  got.lse.resize(dense->lse.size());
+  for (uint32_t st = 0; st < 64; ++st) {
+    // Unreachable (stopped) from step 21 to step 40: the prediction of step 32 times out.
+    if (st == 21) ASSERT_EQ(kill(ix->pid(), SIGSTOP), 0);
+    if (st == 40) ASSERT_EQ(kill(ix->pid(), SIGCONT), 0);
+    v1::DecodeBatch b;
+    *b.add_requests() = src.Request(st, 0, sp.layers);
+    auto r = stream->Run(b);
+    ASSERT_THAT(r, IsOk());
+    ASSERT_EQ(r->results(0).code(), 0) << "step " << st << ": " << r->results(0).message();
+    std::memcpy(got.out.data() + size_t{st} * sp.layers * qs, r->results(0).out().data(),
+                sp.layers * qs * 4);
+    std::memcpy(got.lse.data() + size_t{st} * sp.layers * sp.q_heads, r->results(0).lse().data(),
+                sp.layers * sp.q_heads * 4);
+  }
+  EXPECT_THAT(stream->Finish(), IsOk());
+  auto stats = client->Stats("x");
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_EQ(stats->steps(), 64u);
+  EXPECT_EQ(stats->prediction_failures(), 1u);  // step 32's; the set of step 16 kept serving
+  EXPECT_EQ(stats->predictions(), 4u);          // step 48's went through again
+  const replay::Fidelity f = replay::Compare(sp, got, *dense);
+  EXPECT_GT(f.cosine_mean, 0.95);
+  EXPECT_GT(f.mass_recall, 0.8);
+}
+
 TEST_F(DecodeProcessTest, ReopenedOnASecondWorkerContinuesWithIdenticalOutputs) {
   auto one = AllInOne("one");
   ASSERT_NE(one, nullptr);

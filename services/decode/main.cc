@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   fm::decode::DecodeOptions options;
   std::string kvstore = "127.0.0.1:50052", indexer = "127.0.0.1:50053";
   bool use_ucx = true, verbose = false;
+  int indexer_deadline_ms = 10000;
   fm::AddServerFlags(app, &server);
   fm::decode::AddDecodeFlags(app, &options);
   app.add_option("--kvstore", kvstore, "kvstore replicas: h:p,h:p or dns:NAME:PORT")
@@ -22,6 +23,10 @@ int main(int argc, char** argv) {
   app.add_option("--indexer", indexer, "indexer replicas: h:p,h:p or dns:NAME:PORT")
       ->capture_default_str();
   app.add_flag("!--no_ucx", use_ucx, "Read pages over gRPC instead of UCX");
+  app.add_option("--indexer_deadline_ms", indexer_deadline_ms,
+                 "Deadline of an indexer call (a prediction past it fails; the set serving keeps "
+                 "serving)")
+      ->capture_default_str();
   fm::AddLogFlags(app, &verbose);
   CLI11_PARSE(app, argc, argv);
   if (verbose) fm::SetLogLevel(fm::LogLevel::kDebug);
@@ -38,7 +43,7 @@ int main(int argc, char** argv) {
     FM_LOG_ERROR("decode: kvstore: %s", kv.status().ToString().c_str());
     return 1;
   }
-  auto ix = fm::indexer::IndexerClient::Connect(indexer);
+  auto ix = fm::indexer::IndexerClient::Connect(indexer, indexer_deadline_ms);
   if (!ix.ok()) {
     FM_LOG_ERROR("decode: indexer: %s", ix.status().ToString().c_str());
     return 1;

@@ -225,8 +225,26 @@ absl::Status IndexerCore::Append(const std::string& session, const uint8_t* keys
                                  const float* bounds, uint64_t first_page, uint64_t bound_pages) {
   auto s = Find(session);
   if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
-  absl::MutexLock lock(&s->mu);
+  absl::ReleasableMutexLock lock(&s->mu);
   const ModelSpec& sp = s->spec;
+  // A retry of an append that landed after its caller gave up overlaps what the session
+  // holds: the overlap is skipped (appends are idempotent), a gap is refused.
+  if (first_chunk < s->chunks && first_chunk + chunks >= s->chunks) {
+    const uint64_t skip = s->chunks - first_chunk;
+    std::vector<uint8_t> rest;
+    const size_t kb = sp.IndexKeyBytes();
+    for (uint32_t l = 0; l < sp.index_layers; ++l)
+      rest.insert(rest.end(), keys + (size_t{l} * chunks + skip) * kb,
+                  keys + (size_t{l} * chunks + chunks) * kb);
+    uint64_t bskip = 0;
+    if (bound_pages > 0 && first_page < s->bound_pages)
+      bskip = std::min(bound_pages, s->bound_pages - first_page);
+    const float* b = bounds ? bounds + bskip * IndexerBoundsFloats(sp) : nullptr;
+    const uint64_t held = s->chunks;
+    lock.Release();
+    return Append(session, rest.data(), held, chunks - skip, tokens, b, first_page + bskip,
+                  bound_pages - bskip);
+  }
   if (first_chunk != s->chunks)
     return absl::FailedPreconditionError(absl::StrCat(
         "keys start at chunk ", first_chunk, " but the session expects chunk ", s->chunks));

@@ -217,6 +217,9 @@ TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
   // Appends: out of order, beyond the history, unknown session.
   EXPECT_THAT(core.Append("good", keys.data(), 5, 1, 46 * 64),
               StatusIs(StatusCode::kFailedPrecondition));
+  // A retry of the last append (it landed after its caller gave up) is accepted as a no-op.
+  EXPECT_THAT(core.Append("good", keys.data(), chunks - 16, 16, 46 * 64), IsOk());
+  EXPECT_EQ(core.Stats().chunks, chunks);
   EXPECT_THAT(core.Append("good", keys.data(), chunks, 16, 46 * 64),
               StatusIs(StatusCode::kInvalidArgument));
   EXPECT_THAT(core.Append("nope", keys.data(), 0, 1, 64), StatusIs(StatusCode::kNotFound));
