@@ -1,11 +1,36 @@
 #include "common/model_spec.h"
 
 #include <cmath>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/checksum.h"
+#include "common/codecs.h"
 
 namespace fm {
+
+void StoreFloats(DType t, const float* in, uint8_t* out, size_t n) {
+  if (t == DType::kFp32) {
+    std::memcpy(out, in, n * 4);
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t h = t == DType::kBf16 ? FloatToBf16(in[i]) : FloatToFp16(in[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
+}
+
+void LoadFloats(DType t, const uint8_t* in, float* out, size_t n) {
+  if (t == DType::kFp32) {
+    std::memcpy(out, in, n * 4);
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * i, 2);
+    out[i] = t == DType::kBf16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
+  }
+}
 
 size_t DTypeSize(DType t) {
   switch (t) {

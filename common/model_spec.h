@@ -18,6 +18,9 @@ enum class DType : uint8_t { kFp32 = 1, kFp16 = 2, kBf16 = 3 };
 // Bytes per element; 0 for an unknown value.
 size_t DTypeSize(DType t);
 const char* DTypeName(DType t);
+// n page elements in dtype t from / to fp32 (bf16 and fp16 round to nearest even).
+void StoreFloats(DType t, const float* in, uint8_t* out, size_t n);
+void LoadFloats(DType t, const uint8_t* in, float* out, size_t n);
 absl::StatusOr<DType> ParseDType(const std::string& name);
 
 struct ModelSpec {

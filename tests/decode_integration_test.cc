@@ -65,6 +65,16 @@ class DecodeProcessTest : public ::testing::Test {
     return replay::Replay(**client, *g_, prefill_, o);
   }
 
+  // Opens `id` (sparse, quest at 25 %) on a worker and prefills the generated history.
+  absl::Status OpenQuest(DecodeClient& client, const std::string& id) {
+    replay::ReplayOptions o;
+    o.session_id = id;
+    o.budget = 0.25f;
+    o.policy = indexer::Policy::kQuest;
+    replay::ReplayResult unused;
+    return replay::OpenAndPrefill(client, *g_, prefill_, o, &unused);
+  }
+
   std::string dir_;
   std::unique_ptr<workload::Session> g_;
   replay::PrefillData prefill_;
@@ -84,18 +94,13 @@ TEST_F(DecodeProcessTest, AllInOneDenseMatchesTheModelAndSparseWithEveryPageMatc
   EXPECT_GT(f.mass_recall, 0.99999);
   // Dense outputs equal the model's exact attention.
   const ModelSpec& sp = g_->spec();
-  std::vector<float> ref(sp.head_dim);
-  double worst = 0;
-  for (uint32_t st = 0; st < 64; st += 7)
-    for (uint32_t l = 0; l < sp.layers; ++l)
-      for (uint32_t h = 0; h < sp.q_heads; ++h) {
-        g_->DenseOutput(st, l, h, ref.data());
-        const float* o =
-            dense->out.data() + ((size_t{st} * sp.layers + l) * sp.q_heads + h) * sp.head_dim;
-        for (uint32_t i = 0; i < sp.head_dim; ++i)
-          worst = std::max(worst, double(std::abs(o[i] - ref[i])));
-      }
-  EXPECT_LT(worst, 1e-4);
+  EXPECT_LT(replay::CompareToModel(*g_, 64, 7,
+                                   [&](uint32_t st, uint32_t l) {
+                                     return dense->out.data() +
+                                            (size_t{st} * sp.layers + l) * sp.q_heads * sp.head_dim;
+                                   })
+                .max_abs,
+            1e-4);
   EXPECT_EQ(dense->stats.tokens(), 4064u);
   EXPECT_EQ(dense->stats.stalls(), 0u);
   EXPECT_EQ(all->stats.predictions(), 4u);
@@ -158,17 +163,7 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
                                  "--reserve_bytes", "64MiB", "--no_ucx"});
   ASSERT_NE(dec, nullptr);
   auto client = DecodeClient::Connect(dec->target(), 5000).value();
-  SessionOptions so;
-  so.spec = g_->spec();
-  so.mode = Mode::kSparse;
-  so.budget = 0.25f;
-  so.policy = indexer::Policy::kQuest;
-  so.tau = 16;
-  so.max_tokens = 4064;
-  ASSERT_THAT(client->Open("r", so), IsOk());
-  ASSERT_THAT(client->Prefill("r", so.spec, prefill_.pages.data(), prefill_.n_pages, 4000,
-                              prefill_.keys.data(), prefill_.chunks),
-              IsOk());
+  ASSERT_THAT(OpenQuest(*client, "r"), IsOk());
   replay::StepSource src(*g_, "r", 16);
   auto stream = client->OpenStream();
   const ModelSpec& sp = g_->spec();
@@ -240,17 +235,7 @@ TEST_F(DecodeProcessTest, IndexerUnreachableMidSession) {
   ASSERT_NE(dec, nullptr);
   auto client = DecodeClient::Connect(dec->target(), 10000).value();
   const ModelSpec& sp = g_->spec();
-  SessionOptions so;
-  so.spec = sp;
-  so.mode = Mode::kSparse;
-  so.budget = 0.25f;
-  so.policy = indexer::Policy::kQuest;
-  so.tau = 16;
-  so.max_tokens = 4064;
-  ASSERT_THAT(client->Open("x", so), IsOk());
-  ASSERT_THAT(client->Prefill("x", sp, prefill_.pages.data(), prefill_.n_pages, 4000,
-                              prefill_.keys.data(), prefill_.chunks),
-              IsOk());
+  ASSERT_THAT(OpenQuest(*client, "x"), IsOk());
   replay::StepSource src(*g_, "x", 16);
   auto stream = client->OpenStream();
   const size_t qs = size_t{sp.q_heads} * sp.head_dim;
@@ -315,17 +300,7 @@ TEST_F(DecodeProcessTest, ReopenedOnASecondWorkerContinuesWithIdenticalOutputs) 
     EXPECT_THAT(stream->Finish(), IsOk());
   };
   auto ca = DecodeClient::Connect(a->target(), 10000).value();
-  SessionOptions so;
-  so.spec = sp;
-  so.mode = Mode::kSparse;
-  so.budget = 0.25f;
-  so.policy = indexer::Policy::kQuest;
-  so.tau = 16;
-  so.max_tokens = 4064;
-  ASSERT_THAT(ca->Open("r", so), IsOk());
-  ASSERT_THAT(ca->Prefill("r", sp, prefill_.pages.data(), prefill_.n_pages, 4000,
-                          prefill_.keys.data(), prefill_.chunks),
-              IsOk());
+  ASSERT_THAT(OpenQuest(*ca, "r"), IsOk());
   steps(*ca, 0, 41);
   ASSERT_THAT(ca->Close("r"), IsOk());
   // The client reopens the session on the other worker and goes on.

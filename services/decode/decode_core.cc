@@ -43,27 +43,6 @@ kernels::AttentionShape ShapeOf(const ModelSpec& s) {
   return a;
 }
 
-// Writes n floats into a page in the spec's dtype.
-void StoreRow(DType t, const float* in, uint8_t* out, size_t n) {
-  switch (t) {
-    case DType::kFp32:
-      std::memcpy(out, in, n * 4);
-      break;
-    case DType::kBf16:
-      for (size_t i = 0; i < n; ++i) {
-        const uint16_t h = FloatToBf16(in[i]);
-        std::memcpy(out + 2 * i, &h, 2);
-      }
-      break;
-    case DType::kFp16:
-      for (size_t i = 0; i < n; ++i) {
-        const uint16_t h = FloatToFp16(in[i]);
-        std::memcpy(out + 2 * i, &h, 2);
-      }
-      break;
-  }
-}
-
 bool AllFinite(absl::Span<const float> v) {
   for (float x : v)
     if (!std::isfinite(x)) return false;
@@ -124,23 +103,26 @@ absl::StatusOr<Mode> ParseMode(const std::string& name) {
       absl::StrCat("unknown mode \"", name, "\"; want sparse or dense"));
 }
 
-// A prediction in flight: its answer, and the pages it read into cells.
-struct Job {
+// Pages read into cells taken at a fixed step (so that every worker makes the same
+// choices): `fetched` uses the first of `cells`, the rest go back when it is installed.
+struct CellFetch {
+  std::vector<uint32_t> cells;
+  std::vector<std::pair<uint64_t, uint32_t>> fetched;  // page -> cell
+};
+
+// A prediction (or a catch-up) in flight: its answer, and the pages it read into cells.
+struct Job : CellFetch {
   uint64_t step = 0;
   indexer::PredictArgs args;  // kept so that a resumed session can run it again
   bool done = false;
   absl::Status status;
-  std::vector<uint64_t> wanted;                        // sealed pages of the new set, ascending
-  std::vector<std::pair<uint64_t, uint32_t>> fetched;  // page -> cell, read for the new set
-  uint64_t deferred = 0;                               // missing pages that did not fit
-  std::vector<uint64_t> deferred_pages;                // them, most wanted first
+  std::vector<uint64_t> wanted;          // sealed pages of the new set, ascending
+  uint64_t deferred = 0;                 // missing pages that did not fit
+  std::vector<uint64_t> deferred_pages;  // them, most wanted first
   // A catch-up: fetches pages a switch deferred (no prediction); its set adds to the
   // serving one.
   bool catch_up = false;
   std::vector<uint64_t> pages;
-  // Cells taken at launch (a fixed step, so that every worker makes the same choices);
-  // the fetched pages use the first ones, the rest go back at the switch.
-  std::vector<uint32_t> cells;
 };
 
 struct DecodeCore::Session {
@@ -187,15 +169,13 @@ struct DecodeCore::Session {
   bool have_step_keys ABSL_GUARDED_BY(mu) = false;
 
   // Miss recovery: Quest bounds of the last index layer ([page][kv][min|max][d]) from page
-  // check_first on, and the check in flight.
+  // page 0 on (capacity for every page of max_tokens, reserved at Open, so that a check in
+  // flight reads them in place while sealing appends), and the check in flight.
   std::vector<float> check_bounds ABSL_GUARDED_BY(mu);
-  uint64_t check_first ABSL_GUARDED_BY(mu) = 0;
-  struct Recovery {
+  struct Recovery : CellFetch {
     bool done = false;
     uint64_t install_step = 0;
-    std::vector<std::pair<uint64_t, uint32_t>> fetched;
-    std::vector<uint32_t> cells;  // taken at launch; unused ones go back at install
-    std::vector<float> q, lse;    // the check's input (saved with the state)
+    std::vector<float> q, lse;  // the check's input (saved with the state)
   };
   std::shared_ptr<Recovery> recovery ABSL_GUARDED_BY(mu);
 
@@ -322,6 +302,7 @@ struct DecodeCore::Impl {
 
   // Keeps the last index layer's slice of a page's bounds for the miss check.
   void KeepCheckBounds(Session& s, const float* bounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (!options.miss_check) return;
     const ModelSpec& sp = s.opt.spec;
     const size_t per_layer = size_t{sp.kv_heads} * 2 * sp.head_dim;
     const float* last = bounds + (sp.index_layers - 1) * per_layer;
@@ -332,13 +313,12 @@ struct DecodeCore::Impl {
   // Quest bound of q.k exceeds the resident log-sum-exp by log(miss_ratio) in some head,
   // most wanted first.
   std::vector<uint64_t> MissCheck(const ModelSpec& sp, const float* q, const float* lse,
-                                  const std::vector<uint64_t>& pages, const float* bounds,
-                                  uint64_t first) const {
+                                  const std::vector<uint64_t>& pages, const float* bounds) const {
     const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads;
     const float scale = sp.Scale(), margin = static_cast<float>(std::log(options.miss_ratio));
     std::vector<std::pair<float, uint64_t>> hot;
     for (uint64_t p : pages) {
-      const float* b = bounds + (p - first) * size_t{sp.kv_heads} * 2 * d;
+      const float* b = bounds + p * size_t{sp.kv_heads} * 2 * d;
       float best = -std::numeric_limits<float>::infinity();
       for (uint32_t h = 0; h < sp.q_heads; ++h) {
         const float* mn = b + size_t{h / group} * 2 * d;
@@ -381,20 +361,15 @@ struct DecodeCore::Impl {
     }
     s.recovery = rec;
     std::vector<uint64_t> pages;
-    const uint64_t sealed = s.sealed(),
-                   have = s.check_first +
-                          s.check_bounds.size() / (size_t{spec.kv_heads} * 2 * spec.head_dim);
-    for (uint64_t p = s.check_first; p < std::min(sealed, have); ++p)
+    const uint64_t have = s.check_bounds.size() / (size_t{spec.kv_heads} * 2 * spec.head_dim);
+    for (uint64_t p = 0; p < std::min(s.sealed(), have); ++p)
       if (s.cell_of[p] == kNoCell) pages.push_back(p);
-    std::vector<float> qv = rec->q, lv = rec->lse;
-    // The bounds only grow at the end, so the check reads a copy of the part it needs.
-    std::vector<float> bounds(s.check_bounds);
-    const uint64_t first = s.check_first;
-    jobs.Post([this, sp, rec, qv = std::move(qv), lv = std::move(lv), pages = std::move(pages),
-               bounds = std::move(bounds), first] {
+    // The pages checked have their bounds already; later seals only append (in capacity).
+    const float* bounds = s.check_bounds.data();
+    jobs.Post([this, sp, rec, pages = std::move(pages), bounds] {
       Session& s = *sp;
       const std::vector<uint64_t> hot =
-          MissCheck(s.opt.spec, qv.data(), lv.data(), pages, bounds.data(), first);
+          MissCheck(s.opt.spec, rec->q.data(), rec->lse.data(), pages, bounds);
       std::vector<uint64_t> got;
       std::vector<uint8_t*> dst;
       {
@@ -419,17 +394,10 @@ struct DecodeCore::Impl {
   // Installs a finished miss check: its pages serve until the next cycle's set.
   void InstallRecovery(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     std::shared_ptr<Session::Recovery> rec = std::move(s.recovery);
-    ReleaseRecoveryCells(s, *rec, false);
-    for (const auto& [p, c] : rec->fetched) {
-      if (s.cell_of[p] != kNoCell) {
-        GiveCell(s, c);
-        continue;
-      }
-      s.cell_of[p] = c;
+    for (uint64_t p : Place(s, *rec)) {
       s.wanted.insert(std::upper_bound(s.wanted.begin(), s.wanted.end(), p), p);
       ++s.stats.surprise_fetches;
     }
-    s.plan_dirty = true;
   }
 
   // Hands the keys and bounds of sealed pages to the indexer (Register the first time).
@@ -528,17 +496,27 @@ struct DecodeCore::Impl {
     sp->job = job;
     jobs.Post([this, sp, job] { RunJob(sp, job, job->args); });
   }
-  // Gives back a job's cells: all of them (failed, or the session closing) or the unused.
-  void ReleaseJobCells(Session& s, Job& j, bool all) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
-    for (size_t i = all ? 0 : j.fetched.size(); i < j.cells.size(); ++i) GiveCell(s, j.cells[i]);
-    j.cells.clear();
-    if (all) j.fetched.clear();
+  // Gives back a fetch's cells: all of them (failed, or the session closing) or the unused.
+  void ReleaseCells(Session& s, CellFetch& f, bool all) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    for (size_t i = all ? 0 : f.fetched.size(); i < f.cells.size(); ++i) GiveCell(s, f.cells[i]);
+    f.cells.clear();
+    if (all) f.fetched.clear();
   }
-  void ReleaseRecoveryCells(Session& s, Session::Recovery& r, bool all)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
-    for (size_t i = all ? 0 : r.fetched.size(); i < r.cells.size(); ++i) GiveCell(s, r.cells[i]);
-    r.cells.clear();
-    if (all) r.fetched.clear();
+  // Puts a finished fetch's pages in the page table (a page already resident gives its new
+  // cell back) after releasing the unused cells; returns the pages placed.
+  std::vector<uint64_t> Place(Session& s, CellFetch& f) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    ReleaseCells(s, f, false);
+    std::vector<uint64_t> placed;
+    for (const auto& [p, c] : f.fetched) {
+      if (s.cell_of[p] != kNoCell) {
+        GiveCell(s, c);
+        continue;
+      }
+      s.cell_of[p] = c;
+      placed.push_back(p);
+    }
+    s.plan_dirty = true;
+    return placed;
   }
 
   absl::Status SaveState(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
@@ -630,7 +608,7 @@ struct DecodeCore::Impl {
     Session& s = *sp;
     std::shared_ptr<Job> job = std::move(s.job);
     if (!job->status.ok()) {
-      ReleaseJobCells(s, *job, true);
+      ReleaseCells(s, *job, true);
       ++s.stats.prediction_failures;
       FM_LOG_WARN(
           "decode: session \"%s\": the prediction of step %llu failed (%s); the "
@@ -638,14 +616,7 @@ struct DecodeCore::Impl {
           s.id.c_str(), static_cast<unsigned long long>(job->step), job->status.ToString().c_str());
       return;
     }
-    ReleaseJobCells(s, *job, false);
-    for (const auto& [p, c] : job->fetched) {
-      if (s.cell_of[p] != kNoCell) {
-        GiveCell(s, c);
-        continue;
-      }
-      s.cell_of[p] = c;
-    }
+    Place(s, *job);
     s.stats.fetched_pages += job->fetched.size();
     if (!job->catch_up) s.stats.deferred_pages += job->deferred;
     if (job->catch_up) {
@@ -1029,6 +1000,8 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   }
   absl::MutexLock l(&s->mu);
   s->cell_of.assign(pages + 1, kNoCell);
+  if (o.mode == Mode::kSparse && impl_->options.miss_check)
+    s->check_bounds.reserve((pages + 1) * sp.kv_heads * 2 * sp.head_dim);
   s->keys.assign(sp.index_layers, {});
   s->hidden.assign(sp.hidden_dim, 0.0f);
   s->index_query.assign(size_t{sp.index_layers} * sp.q_heads * sp.head_dim, 0.0f);
@@ -1190,10 +1163,10 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   const uint32_t row = static_cast<uint32_t>(s.tokens % P);
   const size_t es = DTypeSize(spec.dtype);
   for (uint32_t h = 0; h < spec.kv_heads; ++h) {
-    StoreRow(spec.dtype, r.k.data() + size_t{h} * d,
-             page + spec.ElemOffset(r.layer, 0, h, row) * es, d);
-    StoreRow(spec.dtype, r.v.data() + size_t{h} * d,
-             page + spec.ElemOffset(r.layer, 1, h, row) * es, d);
+    StoreFloats(spec.dtype, r.k.data() + size_t{h} * d,
+                page + spec.ElemOffset(r.layer, 0, h, row) * es, d);
+    StoreFloats(spec.dtype, r.v.data() + size_t{h} * d,
+                page + spec.ElemOffset(r.layer, 1, h, row) * es, d);
   }
   if (seals) {
     // The page is complete once this layer's row is in: store it before anything changes,
@@ -1316,9 +1289,9 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
                           static_cast<uint32_t>(s->tokens % P));
     if (st.ok()) st = impl_->SaveState(*s);
   }
-  if (s->job) impl_->ReleaseJobCells(*s, *s->job, true);
+  if (s->job) impl_->ReleaseCells(*s, *s->job, true);
   s->job.reset();
-  if (s->recovery) impl_->ReleaseRecoveryCells(*s, *s->recovery, true);
+  if (s->recovery) impl_->ReleaseCells(*s, *s->recovery, true);
   s->recovery.reset();
   for (uint64_t p = 0; p < s->cell_of.size(); ++p) impl_->Evict(*s, p);
   absl::MutexLock rl(&impl_->mu);

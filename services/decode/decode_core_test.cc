@@ -9,6 +9,7 @@
 #include "common/status_matchers.h"
 #include "services/kvstore/kv_store.h"
 #include "tests/process_util.h"
+#include "tools/replay/replay.h"
 #include "workload/generator.h"
 
 namespace fm::decode {
@@ -180,16 +181,10 @@ TEST_F(DecodeCoreTest, DenseOutputsEqualTheModelsAttention) {
   ASSERT_THAT(core->Open("d", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault)), IsOk());
   Prefill(*core, "d", *g);
   auto outs = Decode(*core, "d", *g, 16);
-  std::vector<float> ref(spec_.head_dim);
-  double worst = 0;
-  for (uint32_t st = 0; st < 32; st += 5)
-    for (uint32_t l = 0; l < spec_.layers; ++l)
-      for (uint32_t h = 0; h < spec_.q_heads; ++h) {
-        g->DenseOutput(st, l, h, ref.data());
-        for (uint32_t i = 0; i < spec_.head_dim; ++i)
-          worst = std::max(worst, double(std::abs(outs[st][l][h * spec_.head_dim + i] - ref[i])));
-      }
-  EXPECT_LT(worst, 1e-4);
+  EXPECT_LT(
+      replay::CompareToModel(*g, 32, 5, [&](uint32_t st, uint32_t l) { return outs[st][l].data(); })
+          .max_abs,
+      1e-4);
   auto st = core->Stats("d");
   ASSERT_THAT(st.status(), IsOk());
   EXPECT_EQ(st->tokens, 2032u);
@@ -241,18 +236,10 @@ TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
   EXPECT_LE(st->peak_resident_pages, st->reserved_cells);
   EXPECT_LT(st->footprint, 0.36);
   // The sparse outputs are close to the model's dense attention (quest at 25 %).
-  std::vector<float> ref(spec_.head_dim);
-  double dot = 0, na = 0, nb = 0;
-  for (uint32_t s = 0; s < 64; s += 3)
-    for (uint32_t l = 0; l < spec_.layers; ++l)
-      for (uint32_t h = 0; h < spec_.q_heads; ++h) {
-        g->DenseOutput(s, l, h, ref.data());
-        for (uint32_t i = 0; i < spec_.head_dim; ++i) {
-          const double a = outs[s][l][h * spec_.head_dim + i];
-          dot += a * ref[i], na += a * a, nb += double(ref[i]) * ref[i];
-        }
-      }
-  EXPECT_GT(dot / std::sqrt(na * nb), 0.9);
+  EXPECT_GT(
+      replay::CompareToModel(*g, 64, 3, [&](uint32_t st, uint32_t l) { return outs[st][l].data(); })
+          .cosine,
+      0.9);
 }
 
 TEST_F(DecodeCoreTest, MissCheckFetchesASurpriseWithinTheReservation) {

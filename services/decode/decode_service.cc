@@ -14,29 +14,6 @@ namespace fm::decode {
 namespace v1 = flashmemory::v1;
 namespace {
 
-// fp32 values of a tensor sent in the spec dtype.
-void ToFloats(DType t, const uint8_t* in, size_t n, float* out) {
-  switch (t) {
-    case DType::kFp32:
-      std::memcpy(out, in, n * 4);
-      break;
-    case DType::kBf16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, in + 2 * i, 2);
-        out[i] = Bf16ToFloat(h);
-      }
-      break;
-    case DType::kFp16:
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h;
-        std::memcpy(&h, in + 2 * i, 2);
-        out[i] = Fp16ToFloat(h);
-      }
-      break;
-  }
-}
-
 // Pages a prefill stream: raw K/V token ranges into whole pages, keys into chunks.
 class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
  public:
@@ -249,8 +226,8 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
     std::memcpy(it.q.data(), r.q().data(), qn * 4);
     it.k.resize(kn);
     it.v.resize(kn);
-    ToFloats(s.dtype, reinterpret_cast<const uint8_t*>(r.k().data()), kn, it.k.data());
-    ToFloats(s.dtype, reinterpret_cast<const uint8_t*>(r.v().data()), kn, it.v.data());
+    LoadFloats(s.dtype, reinterpret_cast<const uint8_t*>(r.k().data()), it.k.data(), kn);
+    LoadFloats(s.dtype, reinterpret_cast<const uint8_t*>(r.v().data()), it.v.data(), kn);
     it.hidden.resize(r.hidden().size() / 4);
     std::memcpy(it.hidden.data(), r.hidden().data(), r.hidden().size());
     it.out.assign(qn, 0.0f);

@@ -188,4 +188,24 @@ Fidelity Compare(const ModelSpec& sp, const ReplayResult& a, const ReplayResult&
   return f;
 }
 
+ModelFit CompareToModel(const workload::Session& g, uint32_t steps, uint32_t stride,
+                        const std::function<const float*(uint32_t, uint32_t)>& out) {
+  const ModelSpec& sp = g.spec();
+  ModelFit f;
+  std::vector<float> ref(sp.head_dim);
+  double dot = 0, na = 0, nb = 0;
+  for (uint32_t st = 0; st < steps; st += stride)
+    for (uint32_t l = 0; l < sp.layers; ++l)
+      for (uint32_t h = 0; h < sp.q_heads; ++h) {
+        g.DenseOutput(st, l, h, ref.data());
+        const float* o = out(st, l) + size_t{h} * sp.head_dim;
+        for (uint32_t i = 0; i < sp.head_dim; ++i) {
+          f.max_abs = std::max(f.max_abs, double(std::abs(o[i] - ref[i])));
+          dot += double(o[i]) * ref[i], na += double(o[i]) * o[i], nb += double(ref[i]) * ref[i];
+        }
+      }
+  f.cosine = na > 0 && nb > 0 ? dot / std::sqrt(na * nb) : 0;
+  return f;
+}
+
 }  // namespace fm::replay

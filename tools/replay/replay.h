@@ -4,6 +4,7 @@
 // every query up front). Shared by fmctl demo, fm-bench e2e and the integration tests.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -78,5 +79,14 @@ struct Fidelity {
   double cosine_mean = 0, cosine_min = 1, rel_l2_mean = 0, mass_recall = 0;
 };
 Fidelity Compare(const ModelSpec& spec, const ReplayResult& sparse, const ReplayResult& dense);
+
+// Outputs against the generator's exact dense attention, every `stride`-th step from 0 to
+// `steps`, every layer and head (a pass over the history per head: small sessions); out(step,
+// layer) gives that request's [q_heads][head_dim] output.
+struct ModelFit {
+  double max_abs = 0, cosine = 0;  // largest elementwise error; cosine over all the samples
+};
+ModelFit CompareToModel(const workload::Session& g, uint32_t steps, uint32_t stride,
+                        const std::function<const float*(uint32_t, uint32_t)>& out);
 
 }  // namespace fm::replay
