@@ -130,6 +130,7 @@ struct DecodeCore::Session {
   SessionOptions opt;
   kernels::AttentionShape shape;
   uint64_t reserved = 0;  // cells the admission granted
+  float predict_budget = 1;  // the share of the pages each prediction asks for
   uint32_t tau = 64;
 
   absl::Mutex mu;
@@ -468,8 +469,7 @@ struct DecodeCore::Impl {
     a.step = s.next_step;
     if (s.have_hidden) a.hidden = s.hidden;
     a.query = s.index_query;
-    a.budget = s.opt.budget;
-    a.max_pages = s.opt.max_pages;
+    a.budget = s.predict_budget;
     a.policy = s.opt.policy;
     a.sink = options.sink;
     a.tail = options.tail;
@@ -858,8 +858,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       }
       a.query.resize(st.job_query().size() / 4);
       std::memcpy(a.query.data(), st.job_query().data(), a.query.size() * 4);
-      a.budget = s.opt.budget;
-      a.max_pages = s.opt.max_pages;
+      a.budget = s.predict_budget;
       a.policy = s.opt.policy;
       a.sink = options.sink;
       a.tail = options.tail;
@@ -947,24 +946,37 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   const DecodeOptions& opt = impl_->options;
   const uint64_t pages = sp.PagesForTokens(o.max_tokens);
   uint64_t cells;
+  float predict_budget = 1.0f;
   if (o.mode == Mode::kDense) {
     cells = pages + 1;
   } else {
-    const uint64_t fixed = uint64_t{opt.sink} + opt.tail;
-    const uint64_t budget =
-        o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages));
-    const uint64_t base = std::min(pages, std::max(budget, fixed));
-    // + the open page, the fetch headroom, two cells for pages sealing before a switch, and
-    // the miss check's pages.
+    // The budget caps the cells the session holds (its footprint): the predicted set, the
+    // open page, the fetch headroom, two cells for pages sealing before a switch and the miss
+    // check's pages all come out of it. Below the minimum that serves sink + tail, the
+    // minimum.
     const uint64_t miss = opt.miss_check ? opt.miss_max_pages : 0;
-    cells = base + 1 + static_cast<uint64_t>(std::ceil(opt.headroom * base)) + 2 + miss;
-    cells = std::min(cells, pages + 3 + miss);
+    const uint64_t fixed = std::min<uint64_t>(pages, uint64_t{opt.sink} + opt.tail + 1);
+    const uint64_t extra = 3 + miss;
+    const uint64_t least =
+        fixed + static_cast<uint64_t>(std::ceil(opt.headroom * double(fixed))) + extra;
+    const uint64_t cap =
+        o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages));
+    // A cap of every page keeps every page resident, the extra cells on top.
+    cells = cap >= pages ? pages + extra : std::min(std::max(cap, least), pages + extra);
+    const uint64_t predicted =
+        cap >= pages ? pages
+                     : std::min<uint64_t>(pages, static_cast<uint64_t>(double(cells - extra) /
+                                                                       (1.0 + opt.headroom)));
+    // As a fraction of the most pages, so that a history still growing gets its share.
+    predict_budget = static_cast<float>(double(std::max<uint64_t>(predicted, 1)) / pages *
+                                        (1.0 - 1e-6));
   }
   auto s = std::make_shared<Session>();
   s->id = id;
   s->opt = o;
   s->shape = ShapeOf(sp);
   s->reserved = cells;
+  s->predict_budget = predict_budget;
   s->tau = o.tau ? o.tau : opt.tau;
   {
     absl::MutexLock l(&impl_->mu);

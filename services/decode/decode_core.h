@@ -93,8 +93,8 @@ struct DecodeOptions {
   uint32_t tau = 64;                           // decode steps per cycle
   uint32_t sink = 1, tail = 2;                 // always-resident pages (DESIGN §1)
   uint32_t switch_lag = 4;  // steps after a cycle start at which its resident set takes over
-  double headroom = 0.25;   // extra cells per sparse session (fraction of its budget) for
-                            // pages fetched while the previous set still serves
+  double headroom = 0.25;   // cells of a sparse session's cap kept for pages fetched while
+                            // the previous set still serves, per predicted page
   uint32_t max_sessions = 1024;
   uint32_t threads = 0;  // attention threads; 0 = the kernel pool's default
   // Miss recovery between predictions: at every step the last index layer's query is
@@ -112,8 +112,13 @@ struct DecodeOptions {
 struct SessionOptions {
   ModelSpec spec;
   Mode mode = Mode::kSparse;
-  float budget = 0.1f;     // resident fraction of the pages, sink and tail included
-  uint32_t max_pages = 0;  // absolute page budget instead (0 = use budget)
+  // The footprint cap: the most of the session's pages (of max_tokens) its reservation
+  // holds, everything included — sink, tail, open page, the predicted set and the headroom
+  // for pages fetched while the previous set serves. The indexer is asked for
+  // (cap - 3 - miss pages) / (1 + headroom) pages. A cap below what sink + tail need is
+  // raised to that minimum.
+  float budget = 0.1f;
+  uint32_t max_pages = 0;  // the cap in pages instead (0 = use budget)
   indexer::Policy policy = indexer::Policy::kDefault;
   uint64_t max_tokens = 0;  // the most tokens the session will hold: sizes its reservation
   uint32_t tau = 0;         // decode steps per cycle; 0 = the worker's

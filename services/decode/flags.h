@@ -20,8 +20,8 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
                  "Steps after a cycle start at which its resident set takes over")
       ->capture_default_str();
   app.add_option("--fetch_headroom", o->headroom,
-                 "Extra cells per sparse session, as a fraction of its budget, for pages fetched "
-                 "while the previous set serves")
+                 "Share of a sparse session's budget kept, on top of its predicted set, for "
+                 "pages fetched while the previous set serves")
       ->capture_default_str();
   app.add_option("--sink", o->sink, "Always-resident first pages")->capture_default_str();
   app.add_option("--tail", o->tail, "Always-resident last sealed pages")->capture_default_str();

@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
   ec->add_option("--ram_cap", eb.ram_cap, "KV bytes the concurrent sessions of a mode may hold")
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
-  ec->add_option("--budget", eb.budget, "Sparse resident fraction")->capture_default_str();
+  ec->add_option("--budget", eb.budget, "Sparse footprint cap: the most of a session's pages it holds")->capture_default_str();
   ec->add_option("--policy", eb.policy,
                  "Sparse policy (default: the worker's, lsa where weights fit the spec)")
       ->capture_default_str();
