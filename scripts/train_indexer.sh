@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Trains the shipped indexer checkpoint for the bench spec (models/lsa-bench.safetensors):
-# generates training traces (seeds 1000.. and 3000..) and validation traces (seeds 2000..)
-# with fmctl gen, then runs the PyTorch trainer. About 20 minutes on 2 cores.
+# Trains a shipped indexer checkpoint: SPEC=bench (default) -> models/lsa-bench.safetensors,
+# SPEC=long -> models/lsa-long.safetensors. Generates training traces (seeds 1000.. and
+# 3000..) and validation traces (seeds 2000..) with fmctl gen, then runs the PyTorch
+# trainer. About 20 minutes on 2 cores.
 # Evaluation (fm-bench indexer) uses other seeds (900001..). WORK=DIR keeps the traces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-models/lsa-bench.safetensors}
+SPEC=${SPEC:-bench}
+OUT=${1:-models/lsa-$SPEC.safetensors}
 if [[ -n "${WORK:-}" ]]; then mkdir -p "$WORK"; KEEP=1; else WORK=$(mktemp -d); KEEP=0; fi
 bash scripts/build.sh >/dev/null
-build/bin/fmctl gen --spec bench --tokens 16384 --steps 512 --seed 1000 --count 160 \
+build/bin/fmctl gen --spec "$SPEC" --tokens 16384 --steps 512 --seed 1000 --count 160 \
   --focus-steps 120 --needles 12 --out "$WORK" | tail -1
-build/bin/fmctl gen --spec bench --tokens 65536 --steps 512 --seed 3000 --count 40 \
+build/bin/fmctl gen --spec "$SPEC" --tokens 65536 --steps 512 --seed 3000 --count 40 \
   --focus-steps 120 --needles 12 --out "$WORK" | tail -1
-build/bin/fmctl gen --spec bench --tokens 32768 --steps 512 --seed 2000 --count 6 \
+build/bin/fmctl gen --spec "$SPEC" --tokens 32768 --steps 512 --seed 2000 --count 6 \
   --out "$WORK" | tail -1
-/usr/bin/python3 trainer/train_indexer.py --train "$WORK/bench-*-s[13]*.safetensors" \
-  --val "$WORK/bench-*-s2*.safetensors" --out "$OUT" --epochs 8 --loss focal --page-loss 2.0
+/usr/bin/python3 trainer/train_indexer.py --train "$WORK/$SPEC-*-s[13]*.safetensors" \
+  --val "$WORK/$SPEC-*-s2*.safetensors" --out "$OUT" --epochs 8 --loss focal --page-loss 2.0
 ((KEEP)) || rm -rf "$WORK"

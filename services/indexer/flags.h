@@ -2,7 +2,13 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <filesystem>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 #include "common/metrics.h"
 #include "services/indexer/indexer_core.h"
@@ -16,12 +22,21 @@ struct IndexerFlags {
 };
 
 inline void AddIndexerFlags(CLI::App& app, IndexerFlags* f) {
-#ifdef FM_DEFAULT_WEIGHTS
-  // The checkpoint shipped in the source tree, when it is there.
-  if (std::filesystem::exists(FM_DEFAULT_WEIGHTS)) f->weights = FM_DEFAULT_WEIGHTS;
+#ifdef FM_MODELS_DIR
+  // The checkpoints shipped in the source tree (models/lsa-*.safetensors), when there.
+  std::vector<std::string> shipped;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(FM_MODELS_DIR, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.starts_with("lsa-") && name.ends_with(".safetensors"))
+      shipped.push_back(e.path().string());
+  }
+  std::sort(shipped.begin(), shipped.end());
+  f->weights = absl::StrJoin(shipped, ",");
 #endif
   app.add_option("--weights", f->weights,
-                 "Indexer weights to load at start (safetensors; empty = none)")
+                 "Indexer weights to load at start: safetensors files, comma-separated, one per "
+                 "index shape (empty = none)")
       ->capture_default_str();
   app.add_option("--indexer_max_bytes", f->core.max_bytes, "Index keys and bounds of all sessions")
       ->transform(CLI::AsSizeValue(false))
@@ -40,8 +55,9 @@ inline absl::StatusOr<std::unique_ptr<IndexerCore>> MakeIndexerCore(IndexerFlags
   if (!p.ok()) return p.status();
   f.core.default_policy = *p;
   auto core = std::make_unique<IndexerCore>(f.core);
-  if (!f.weights.empty())
-    if (absl::Status st = core->LoadWeights(f.weights); !st.ok()) return st;
+  for (const std::string& path :
+       std::vector<std::string>(absl::StrSplit(f.weights, ',', absl::SkipEmpty())))
+    if (absl::Status st = core->LoadWeights(path); !st.ok()) return st;
   return core;
 }
 

@@ -314,12 +314,24 @@ absl::Status IndexerCore::LoadWeights(const std::string& path, uint64_t* hash) {
 
 void IndexerCore::SetWeights(std::shared_ptr<const Weights> w) {
   absl::MutexLock lock(&mu_);
-  weights_ = std::move(w);
+  const kernels::IndexerShape& a = w->shape;
+  std::erase_if(weights_, [&](const std::shared_ptr<const Weights>& h) {
+    const kernels::IndexerShape& b = h->shape;
+    return a.layers == b.layers && a.heads == b.heads && a.dim == b.dim && a.hidden == b.hidden;
+  });
+  weights_.push_back(std::move(w));
 }
 
 std::shared_ptr<const Weights> IndexerCore::weights() const {
   absl::ReaderMutexLock lock(&mu_);
-  return weights_;
+  return weights_.empty() ? nullptr : weights_.back();
+}
+
+std::shared_ptr<const Weights> IndexerCore::WeightsFor(const ModelSpec& spec) const {
+  absl::ReaderMutexLock lock(&mu_);
+  for (const auto& w : weights_)
+    if (w->Matches(spec).ok()) return w;
+  return nullptr;
 }
 
 CoreStats IndexerCore::Stats() const {
@@ -332,7 +344,8 @@ CoreStats IndexerCore::Stats() const {
   }
   st.bytes = bytes_.load();
   st.predictions = predictions_.load();
-  st.weights_hash = weights_ ? weights_->hash : 0;
+  st.weights_hash = weights_.empty() ? 0 : weights_.back()->hash;
+  st.weight_sets = static_cast<uint32_t>(weights_.size());
   return st;
 }
 
@@ -340,7 +353,8 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
   const auto t0 = std::chrono::steady_clock::now();
   auto s = Find(session);
   if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
-  const std::shared_ptr<const Weights> w = weights();  // before the session lock (lock order)
+  // Before the session lock (lock order); the spec is fixed at registration.
+  const std::shared_ptr<const Weights> w = WeightsFor(s->spec), last = weights();
   absl::ReaderMutexLock lock(&s->mu);
   const ModelSpec& sp = s->spec;
   Prediction out;
@@ -370,10 +384,12 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
   std::vector<float> score(total, 0.0f);
   switch (policy) {
     case Policy::kLsa: {
-      if (!w)
-        return absl::FailedPreconditionError("policy lsa needs indexer weights; call LoadWeights");
-      if (absl::Status st = w->Matches(sp); !st.ok())
-        return absl::FailedPreconditionError(st.message());
+      if (!w) {
+        if (!last)
+          return absl::FailedPreconditionError(
+              "policy lsa needs indexer weights; call LoadWeights");
+        return absl::FailedPreconditionError(last->Matches(sp).message());
+      }
       if (a.hidden.size() != sp.hidden_dim)
         return absl::InvalidArgumentError(absl::StrCat(
             "hidden has ", a.hidden.size(), " floats; expected hidden_dim = ", sp.hidden_dim));

@@ -79,7 +79,9 @@ struct CoreOptions {
 };
 
 struct CoreStats {
-  uint64_t sessions = 0, chunks = 0, bytes = 0, predictions = 0, weights_hash = 0;
+  uint64_t sessions = 0, chunks = 0, bytes = 0, predictions = 0;
+  uint64_t weights_hash = 0;  // of the weights loaded last
+  uint32_t weight_sets = 0;
 };
 
 class IndexerCore {
@@ -101,9 +103,15 @@ class IndexerCore {
   absl::Status Drop(const std::string& session);
   absl::StatusOr<ModelSpec> SessionSpec(const std::string& session) const;
 
+  // The core holds one set of weights per index shape (layers, heads, dim, hidden), so one
+  // indexer serves models of several specs; loading weights of a shape it holds replaces
+  // them (reload without restart).
   absl::Status LoadWeights(const std::string& path, uint64_t* hash = nullptr);
   void SetWeights(std::shared_ptr<const Weights> w);
+  // The weights loaded last (null when none).
   std::shared_ptr<const Weights> weights() const;
+  // The weights that fit the spec (null when none do).
+  std::shared_ptr<const Weights> WeightsFor(const ModelSpec& spec) const;
   CoreStats Stats() const;
 
  private:
@@ -113,7 +121,7 @@ class IndexerCore {
   CoreOptions options_;
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
-  std::shared_ptr<const Weights> weights_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::shared_ptr<const Weights>> weights_ ABSL_GUARDED_BY(mu_);  // last loaded last
   std::atomic<uint64_t> bytes_{0}, predictions_{0};
 };
 

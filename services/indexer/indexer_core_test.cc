@@ -199,15 +199,18 @@ TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
   a.max_pages = 0;
   a.policy = Policy::kLsa;
   EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kFailedPrecondition));
+  // Weights of another spec only.
+  core.SetWeights(RandomWeights(*PresetSpec("bench"), 16, 3));
+  a.hidden.assign(sp.hidden_dim, 0.0f);
+  auto st = core.Predict("good", a).status();
+  EXPECT_THAT(st, StatusIs(StatusCode::kFailedPrecondition));
+  EXPECT_NE(st.message().find("indexer weights have index_layers = 3"), std::string::npos) << st;
   core.SetWeights(RandomWeights(sp, 16, 3));
   a.hidden.assign(sp.hidden_dim - 1, 0.0f);
-  auto st = core.Predict("good", a).status();
+  st = core.Predict("good", a).status();
   EXPECT_THAT(st, StatusIs(StatusCode::kInvalidArgument));
   EXPECT_NE(st.message().find("expected hidden_dim = 256"), std::string::npos) << st;
-  ModelSpec other = *PresetSpec("bench");
-  core.SetWeights(RandomWeights(other, 16, 3));
   a.hidden.assign(sp.hidden_dim, 0.0f);
-  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kFailedPrecondition));
   a.policy = Policy::kQuest;
   EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
   a.query.assign(sp.q_heads * sp.head_dim, 0.0f);
@@ -272,6 +275,23 @@ TEST(IndexerCore, WeightsRoundTripThroughSafetensors) {
   EXPECT_EQ(core.weights()->w_b[0], w->w_b[0]);
   EXPECT_THAT(core.weights()->Matches(s->spec()), IsOk());
   EXPECT_EQ(core.Stats().weights_hash, hash);
+  EXPECT_EQ(core.Stats().weight_sets, 1u);
+  // One set per index shape: weights for another spec join, weights for a held shape
+  // replace it.
+  const ModelSpec bench = *PresetSpec("bench");
+  core.SetWeights(RandomWeights(bench, 8, 6));
+  EXPECT_EQ(core.Stats().weight_sets, 2u);
+  ASSERT_NE(core.WeightsFor(s->spec()), nullptr);
+  EXPECT_EQ(core.WeightsFor(s->spec())->w_b[0], w->w_b[0]);
+  ASSERT_NE(core.WeightsFor(bench), nullptr);
+  EXPECT_THAT(core.WeightsFor(bench)->Matches(bench), IsOk());
+  auto w2 = RandomWeights(s->spec(), 8, 9);
+  core.SetWeights(w2);
+  EXPECT_EQ(core.Stats().weight_sets, 2u);
+  EXPECT_EQ(core.WeightsFor(s->spec()), w2);
+  ModelSpec none = bench;
+  none.index_heads = 4;
+  EXPECT_EQ(core.WeightsFor(none), nullptr);
 }
 
 }  // namespace

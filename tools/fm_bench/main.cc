@@ -26,10 +26,10 @@ int main(int argc, char** argv) {
   kc->add_option("--json", kb.json, "Write figures as JSON");
   kc->add_flag("!--no_huge_pages", kb.huge_pages, "Back the page pool with 4 KiB pages only");
   fm::bench::IndexerBenchOptions ib;
-  ib.weights = FM_DEFAULT_WEIGHTS;
   auto* ic = app.add_subcommand(
       "indexer", "Mass recall, label recall/precision, needle hits and Predict latency per policy");
-  ic->add_option("--weights", ib.weights, "Indexer weights (safetensors)")->capture_default_str();
+  ic->add_option("--weights", ib.weights,
+                 "Indexer weights (safetensors; default: the shipped models/lsa-SPEC)");
   ic->add_option("--spec", ib.spec, "Model spec preset")->capture_default_str();
   ic->add_option("--contexts", ib.contexts, "Context lengths in tokens")->capture_default_str();
   ic->add_option("--sessions", ib.sessions, "Held-out sessions per context")->capture_default_str();
@@ -68,7 +68,10 @@ int main(int argc, char** argv) {
   ec->add_option("--plots", eb.plots, "Directory for PNG plots (with --json)");
   CLI11_PARSE(app, argc, argv);
   if (ec->parsed()) return fm::bench::RunE2eBench(eb);
-  if (ic->parsed()) return fm::bench::RunIndexerBench(ib);
+  if (ic->parsed()) {
+    if (ib.weights.empty()) ib.weights = std::string(FM_MODELS_DIR) + "/lsa-" + ib.spec + ".safetensors";
+    return fm::bench::RunIndexerBench(ib);
+  }
   if (kvc->parsed()) return fm::bench::RunKvStoreBench(kv);
   if (kc->parsed()) return fm::bench::RunKernelsBench(kb);
   return 2;
