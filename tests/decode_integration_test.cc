@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include "common/status_matchers.h"
+#include "services/indexer/indexer_client.h"
 #include "services/kvstore/kv_client.h"
 #include "tests/process_util.h"
 #include "tools/replay/replay.h"
@@ -184,9 +185,15 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
   };
   uint32_t failed_at = 0;
   for (uint32_t st = 0; st < 64; ++st) {
-    // Down from step 21: after the cycle of step 16 switched (step 20, switch lag 4), so that
-    // only the sealing step meets the dead store.
+    // Down from step 21: after the cycle of step 16 switched (step 20, switch lag 4) and its
+    // catch-up fetch is done, so that only the sealing step meets the dead store.
     if (st == 21) {
+      for (int tries = 0; tries < 200; ++tries) {
+        auto s = client->Stats("r");
+        ASSERT_THAT(s, IsOk());
+        if (!s->fetching()) break;
+        usleep(50000);
+      }
       ASSERT_TRUE(WIFSIGNALED(kv->Stop(SIGKILL)));
       kv.reset();
     }
@@ -246,6 +253,14 @@ TEST_F(DecodeProcessTest, IndexerUnreachableMidSession) {
     // Unreachable (stopped) from step 21 to step 40: the prediction of step 32 times out.
     if (st == 21) ASSERT_EQ(kill(ix->pid(), SIGSTOP), 0);
     if (st == 40) ASSERT_EQ(kill(ix->pid(), SIGCONT), 0);
+    // Killed at step 44 and restarted empty on its port: the prediction of step 48 finds the
+    // session gone and the worker registers it again from the kvstore.
+    if (st == 44) {
+      const int port = ix->port();
+      ix.reset();  // SIGKILL
+      ix = Start("fm-indexer", {"--port", std::to_string(port)});
+      ASSERT_NE(ix, nullptr);
+    }
     v1::DecodeBatch b;
     *b.add_requests() = src.Request(st, 0, sp.layers);
     auto r = stream->Run(b);
@@ -262,6 +277,14 @@ TEST_F(DecodeProcessTest, IndexerUnreachableMidSession) {
   EXPECT_EQ(stats->steps(), 64u);
   EXPECT_EQ(stats->prediction_failures(), 1u);  // step 32's; the set of step 16 kept serving
   EXPECT_EQ(stats->predictions(), 4u);          // step 48's went through again
+  EXPECT_EQ(stats->reregistrations(), 1u);
+  // The restarted indexer holds the session's whole sealed history again.
+  auto ixc = indexer::IndexerClient::Connect(ix->target(), 10000);
+  ASSERT_THAT(ixc, IsOk());
+  auto ixs = (*ixc)->Stats(0);
+  ASSERT_THAT(ixs, IsOk());
+  EXPECT_EQ(ixs->sessions(), 1u);
+  EXPECT_EQ(ixs->chunks(), (stats->tokens() / sp.page_tokens) * sp.ChunksPerPage());
   const replay::Fidelity f = replay::Compare(sp, got, *dense);
   EXPECT_GT(f.cosine_mean, 0.95);
   EXPECT_GT(f.mass_recall, 0.8);

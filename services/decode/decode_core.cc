@@ -96,6 +96,11 @@ class JobRunner {
 
 const char* ModeName(Mode m) { return m == Mode::kDense ? "dense" : "sparse"; }
 
+size_t KeysRecordBytes(const ModelSpec& spec) {
+  return size_t{spec.index_layers} * spec.ChunksPerPage() * spec.IndexKeyBytes() +
+         indexer::IndexerBoundsFloats(spec) * 4;
+}
+
 absl::StatusOr<Mode> ParseMode(const std::string& name) {
   if (name == "sparse") return Mode::kSparse;
   if (name == "dense") return Mode::kDense;
@@ -401,23 +406,45 @@ struct DecodeCore::Impl {
     }
   }
 
-  // Hands the keys and bounds of sealed pages to the indexer (Register the first time).
+  // Hands the keys and bounds of sealed pages to the indexer (Register the first time),
+  // whole pages whose keys and bounds are both in. Each page's keys and bounds go to the
+  // kvstore first (kKeysPage + page), so that an indexer that lost the session (restarted
+  // empty, or a replica that took its place) can be given it again: when the indexer answers
+  // NOT_FOUND the worker re-registers the history from those records.
   absl::Status Flush(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     const ModelSpec& sp = s.opt.spec;
-    const uint64_t sealed = s.sealed();
-    const uint64_t chunks = std::min(s.key_chunks, sealed * sp.ChunksPerPage()) - s.sent_chunks;
-    const uint64_t pages = std::min(s.bound_pages, sealed) - s.sent_pages;
-    if (s.registered && chunks == 0 && pages == 0) return absl::OkStatus();
+    const uint64_t cpp = sp.ChunksPerPage();
+    const uint64_t ready = std::min({s.key_chunks / cpp, s.bound_pages, s.sealed()});
+    const uint64_t pages = ready > s.sent_pages ? ready - s.sent_pages : 0;
+    const uint64_t chunks = pages * cpp;
+    if (s.registered && pages == 0) return absl::OkStatus();
     const size_t kb = sp.IndexKeyBytes(), bf = indexer::IndexerBoundsFloats(sp);
     std::vector<uint8_t> keys;
     keys.reserve(sp.index_layers * chunks * kb);
     for (uint32_t l = 0; l < sp.index_layers; ++l)
       keys.insert(keys.end(), s.keys[l].begin(), s.keys[l].begin() + chunks * kb);
-    absl::Status st =
-        s.registered
-            ? predictor->Append(s.id, sp, keys.data(), s.sent_chunks, chunks, s.tokens,
-                                s.bounds.data(), s.sent_pages, pages)
-            : predictor->Register(s.id, sp, keys.data(), chunks, s.tokens, s.bounds.data(), pages);
+    std::vector<uint8_t> rec(KeysRecordBytes(sp));
+    for (uint64_t i = 0; i < pages; ++i) {
+      uint8_t* o = rec.data();
+      for (uint32_t l = 0; l < sp.index_layers; ++l, o += cpp * kb)
+        std::memcpy(o, s.keys[l].data() + i * cpp * kb, cpp * kb);
+      std::memcpy(o, s.bounds.data() + i * bf, bf * 4);
+      const uint64_t page = kKeysPage + s.sent_pages + i;
+      const PageHeaderData h = MakePageHeader(s.id, page, ModelSpecHash(sp), sp.page_tokens,
+                                              DType::kFp32, rec.data(), rec.size());
+      if (absl::Status st = store->Put(h, rec.data()); !st.ok()) return st;
+    }
+    auto send = [&] {
+      return s.registered ? predictor->Append(s.id, sp, keys.data(), s.sent_chunks, chunks,
+                                              s.tokens, s.bounds.data(), s.sent_pages, pages)
+                          : predictor->Register(s.id, sp, keys.data(), chunks, s.tokens,
+                                                s.bounds.data(), pages);
+    };
+    absl::Status st = send();
+    if (absl::IsNotFound(st) && s.registered) {
+      if (absl::Status r = Reregister(s); !r.ok()) return r;
+      st = send();
+    }
     if (!st.ok()) return st;
     s.registered = true;
     for (uint32_t l = 0; l < sp.index_layers; ++l)
@@ -425,6 +452,43 @@ struct DecodeCore::Impl {
     s.bounds.erase(s.bounds.begin(), s.bounds.begin() + pages * bf);
     s.sent_chunks += chunks;
     s.sent_pages += pages;
+    return absl::OkStatus();
+  }
+
+  // Gives the indexer the session's history again (the pages it was sent) from the keys
+  // records in the kvstore.
+  absl::Status Reregister(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const ModelSpec& sp = s.opt.spec;
+    const uint64_t cpp = sp.ChunksPerPage(), n = s.sent_pages;
+    const size_t kb = sp.IndexKeyBytes(), bf = indexer::IndexerBoundsFloats(sp);
+    const size_t rb = KeysRecordBytes(sp);
+    std::vector<uint8_t> keys(size_t{sp.index_layers} * n * cpp * kb);
+    std::vector<float> bounds(n * bf);
+    constexpr uint64_t kBatch = 256;
+    std::vector<uint8_t> buf(kBatch * (kPageHeaderBytes + rb));
+    for (uint64_t p0 = 0; p0 < n; p0 += kBatch) {
+      std::vector<uint64_t> pages;
+      std::vector<uint8_t*> dst;
+      for (uint64_t p = p0; p < std::min(n, p0 + kBatch); ++p) {
+        pages.push_back(kKeysPage + p);
+        dst.push_back(buf.data() + (p - p0) * (kPageHeaderBytes + rb));
+      }
+      if (absl::Status r = store->Read(s.id, pages, rb, dst); !r.ok())
+        return absl::Status(r.code(), absl::StrCat("re-registering session \"", s.id,
+                                                   "\" with the indexer: ", r.message()));
+      for (size_t i = 0; i < pages.size(); ++i) {
+        const uint64_t p = p0 + i;
+        const uint8_t* in = dst[i] + kPageHeaderBytes;
+        for (uint32_t l = 0; l < sp.index_layers; ++l, in += cpp * kb)
+          std::memcpy(keys.data() + (size_t{l} * n * cpp + p * cpp) * kb, in, cpp * kb);
+        std::memcpy(bounds.data() + p * bf, in, bf * 4);
+      }
+    }
+    if (absl::Status st =
+            predictor->Register(s.id, sp, keys.data(), n * cpp, s.tokens, bounds.data(), n);
+        !st.ok())
+      return st;
+    ++s.stats.reregistrations;
     return absl::OkStatus();
   }
 
@@ -548,6 +612,13 @@ struct DecodeCore::Impl {
       return;
     } else {
       pred = predictor->Predict(s.id, args);
+      if (absl::IsNotFound(pred.status())) {  // the indexer lost the session: give it again
+        absl::Status again = [&] {
+          absl::MutexLock l(&s.mu);
+          return s.closed ? pred.status() : Reregister(s);
+        }();
+        pred = again.ok() ? predictor->Predict(s.id, args) : again;
+      }
     }
     if (!pred.ok()) {
       finish(pred.status());
@@ -1317,6 +1388,7 @@ absl::StatusOr<SessionStats> DecodeCore::Stats(const std::string& id) const {
   absl::ReaderMutexLock l(&s->mu);
   SessionStats st = s->stats;
   st.next_step = s->next_step;
+  st.fetching = s->job && !s->job->done;
   st.total_pages = s->opt.spec.PagesForTokens(s->tokens);
   st.footprint = st.total_pages ? double(st.peak_resident_pages) / st.total_pages : 0;
   return st;

@@ -71,6 +71,11 @@ class PageStore {
 
 // The kvstore page number under which a session's decode state is saved.
 inline constexpr uint64_t kStatePage = uint64_t{1} << 62;
+// The kvstore page number kKeysPage + p holds page p's index keys and Quest bounds
+// ([index layer][chunk of the page][di + 4], then IndexerBoundsFloats fp32), from which the
+// worker re-registers a session with an indexer that lost it.
+inline constexpr uint64_t kKeysPage = uint64_t{1} << 61;
+size_t KeysRecordBytes(const ModelSpec& spec);
 
 // The indexer (local or remote): the subset of its API the worker uses.
 class Predictor {
@@ -134,6 +139,8 @@ struct SessionStats {
   uint64_t warmup_waits = 0;  // first predictions waited for
   uint64_t predictions = 0, prediction_failures = 0, fetched_pages = 0, deferred_pages = 0;
   uint64_t surprise_fetches = 0;  // pages fetched by the per-step miss check
+  uint64_t reregistrations = 0;   // times the indexer had lost the session and got it again
+  bool fetching = false;          // a prediction or catch-up is in flight
   uint64_t resident_pages = 0, peak_resident_pages = 0, reserved_cells = 0;
   uint64_t total_pages = 0;
   double footprint = 0;  // peak resident pages / pages of the full history

@@ -335,6 +335,37 @@ TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kNotFound);
 }
 
+TEST_F(DecodeCoreTest, AnIndexerThatLostTheSessionIsGivenItAgain) {
+  // An indexer restarted empty (here: the session dropped from it) answers NOT_FOUND; the
+  // worker re-registers the history from the keys records in the kvstore and the outputs
+  // stay those of an undisturbed session.
+  auto g = Generate(4000, 64, 17);
+  // Quest: its page scores come from the Quest bounds, which the records carry too.
+  const SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  auto core = Core();
+  ASSERT_THAT(core->Open("ref", so), IsOk());
+  Prefill(*core, "ref", *g);
+  auto ref = Decode(*core, "ref", *g, 16);
+  ASSERT_THAT(core->Open("s", so), IsOk());
+  Prefill(*core, "s", *g);
+  for (uint32_t st = 0; st < 64; ++st) {
+    // Lost before the predictions of steps 16 (nothing to append: Predict finds it gone),
+    // 32 (page 62 sealed at step 31: the append finds it gone) and 48.
+    if (st == 10 || st == 20 || st == 40) ASSERT_THAT(indexer_.Drop("s"), IsOk());
+    for (uint32_t l = 0; l < spec_.layers; ++l) {
+      StepData d = Data(*g, st, l, 16);
+      LayerStep r = Request("s", st, l, d);
+      ASSERT_THAT(core->Step({&r, 1})[0], IsOk()) << "step " << st;
+      ASSERT_LT(MaxAbsDiff(d.out, ref[st][l]), 1e-6) << "step " << st << " layer " << l;
+    }
+  }
+  auto st = core->Stats("s");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->reregistrations, 3u);
+  EXPECT_EQ(st->prediction_failures, 0u);
+  EXPECT_EQ(st->predictions, 4u);
+}
+
 TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
   // With and without the miss check (whose fetches in flight are part of the state).
   for (bool mc : {false, true}) {

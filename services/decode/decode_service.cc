@@ -368,6 +368,9 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_footprint(st->footprint);
   resp->set_stalls(st->stalls);
   resp->set_pages_fetched(st->fetched_pages);
+  resp->set_surprise_fetches(st->surprise_fetches);
+  resp->set_reregistrations(st->reregistrations);
+  resp->set_fetching(st->fetching);
   resp->set_predictions(st->predictions);
   resp->set_prediction_failures(st->prediction_failures);
   resp->set_pages_deferred(st->deferred_pages);
