@@ -21,7 +21,8 @@ from flashmemory.v1 import common_pb2, decode_pb2, decode_pb2_grpc, indexer_pb2 
 
 _DTYPES = {"fp32": (common_pb2.DTYPE_FP32, 4), "fp16": (common_pb2.DTYPE_FP16, 2),
            "bf16": (common_pb2.DTYPE_BF16, 2)}
-_MODES = {"sparse": decode_pb2.DECODE_MODE_SPARSE, "dense": decode_pb2.DECODE_MODE_DENSE}
+_MODES = {"sparse": decode_pb2.DECODE_MODE_SPARSE, "dense": decode_pb2.DECODE_MODE_DENSE,
+          "trace": decode_pb2.DECODE_MODE_TRACE}
 _POLICIES = {"default": 0, "lsa": 1, "quest": 2, "recency": 3, "random": 4, "sink_recency": 5,
              "oracle": 6, "dense": 7}
 

@@ -32,7 +32,9 @@ absl::StatusOr<uint64_t> DecodeClient::Open(const std::string& session, const Se
   v1::OpenSessionRequest req;
   req.set_session_id(session);
   SpecToProto(o.spec, req.mutable_spec());
-  req.set_mode(o.mode == Mode::kDense ? v1::DECODE_MODE_DENSE : v1::DECODE_MODE_SPARSE);
+  req.set_mode(o.mode == Mode::kDense   ? v1::DECODE_MODE_DENSE
+               : o.mode == Mode::kTrace ? v1::DECODE_MODE_TRACE
+                                        : v1::DECODE_MODE_SPARSE);
   req.set_policy(static_cast<v1::Policy>(o.policy));
   req.set_budget(o.budget);
   req.set_max_pages(o.max_pages);

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <map>
@@ -94,7 +95,9 @@ class JobRunner {
 
 }  // namespace
 
-const char* ModeName(Mode m) { return m == Mode::kDense ? "dense" : "sparse"; }
+const char* ModeName(Mode m) {
+  return m == Mode::kDense ? "dense" : m == Mode::kTrace ? "trace" : "sparse";
+}
 
 size_t KeysRecordBytes(const ModelSpec& spec) {
   return size_t{spec.index_layers} * spec.ChunksPerPage() * spec.IndexKeyBytes() +
@@ -104,8 +107,9 @@ size_t KeysRecordBytes(const ModelSpec& spec) {
 absl::StatusOr<Mode> ParseMode(const std::string& name) {
   if (name == "sparse") return Mode::kSparse;
   if (name == "dense") return Mode::kDense;
+  if (name == "trace") return Mode::kTrace;
   return absl::InvalidArgumentError(
-      absl::StrCat("unknown mode \"", name, "\"; want sparse or dense"));
+      absl::StrCat("unknown mode \"", name, "\"; want sparse, dense or trace"));
 }
 
 // Pages read into cells taken at a fixed step (so that every worker makes the same
@@ -171,6 +175,7 @@ struct DecodeCore::Session {
   std::vector<float> hidden ABSL_GUARDED_BY(mu);
   bool have_hidden ABSL_GUARDED_BY(mu) = false;
   std::vector<float> index_query ABSL_GUARDED_BY(mu);  // [index layer][q_heads][head_dim]
+  std::unique_ptr<TraceRecorder> trace ABSL_GUARDED_BY(mu);  // trace mode
   std::vector<uint8_t> step_keys ABSL_GUARDED_BY(mu);
   bool have_step_keys ABSL_GUARDED_BY(mu) = false;
 
@@ -726,6 +731,7 @@ struct DecodeCore::Impl {
 };
 
 absl::Status DecodeCore::Impl::SaveState(Session& s) {
+  if (s.trace) return absl::OkStatus();  // a trace lives in its worker: nothing to resume
   if (s.opt.mode == Mode::kSparse)  // the indexer first holds what the state says it holds
     if (absl::Status st = Flush(s); !st.ok()) return st;
   namespace v1 = flashmemory::v1;
@@ -1015,10 +1021,13 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle)
     return absl::InvalidArgumentError("policy oracle needs the future attention: evaluation only");
   const DecodeOptions& opt = impl_->options;
+  if (o.mode == Mode::kTrace && opt.trace_dir.empty())
+    return absl::FailedPreconditionError(
+        "this worker writes no traces: start it with a trace directory (--trace_dir)");
   const uint64_t pages = sp.PagesForTokens(o.max_tokens);
   uint64_t cells;
   float predict_budget = 1.0f;
-  if (o.mode == Mode::kDense) {
+  if (o.mode != Mode::kSparse) {
     cells = pages + 1;
   } else {
     // The budget caps the cells the session holds (its footprint): the predicted set, the
@@ -1089,6 +1098,8 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->hidden.assign(sp.hidden_dim, 0.0f);
   s->index_query.assign(size_t{sp.index_layers} * sp.q_heads * sp.head_dim, 0.0f);
   s->stats.reserved_cells = cells;
+  if (o.mode == Mode::kTrace)
+    s->trace = std::make_unique<TraceRecorder>(sp, s->tau, impl_->options.trace_labels);
   return impl_->EnsureOpenCell(*s);
 }
 
@@ -1152,6 +1163,7 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
     im.Trim(s);
     if (absl::Status st = im.EnsureOpenCell(s); !st.ok()) return st;
   }
+  if (s.trace) s.trace->AddKeys(index_keys, chunks);
   if (s.opt.mode == Mode::kSparse)  // dense sessions never ask the indexer
     for (uint32_t l = 0; l < spec.index_layers; ++l)
       s.keys[l].insert(s.keys[l].end(), index_keys + (size_t{l} * chunks) * kb,
@@ -1285,14 +1297,22 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   const bool check = options.miss_check && s.opt.mode == Mode::kSparse && s.have_set &&
                      !s.recovery &&
                      r.layer == indexer::ModelLayerOfIndexLayer(spec, spec.index_layers - 1);
-  std::vector<float> lse_buf(check && !r.lse ? spec.q_heads : 0);
-  float* lse = r.lse ? r.lse : (check ? lse_buf.data() : nullptr);
+  const bool need_lse = check || s.trace;
+  std::vector<float> lse_buf(need_lse && !r.lse ? spec.q_heads : 0);
+  float* lse = r.lse ? r.lse : (need_lse ? lse_buf.data() : nullptr);
   kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, lse};
   if (kernels::KernelStatus ks = kernels::RunPagedDecode(s.plan, Pool(), &item, 1);
       ks != kernels::KernelStatus::kOk)
     return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
   s.next_layer = r.layer + 1;
   if (check) LaunchCheck(sp, r.q.data(), lse);
+  if (s.trace) {  // the history's pages in order: a trace session holds them all
+    if (r.layer == 0) s.trace->StartDecoding(s.tokens);
+    if (!r.hidden.empty()) s.trace->SetHidden(static_cast<uint32_t>(r.step), r.hidden);
+    std::vector<const uint8_t*> pages;
+    for (uint32_t c : s.list_cells) pages.push_back(Payload(c));
+    s.trace->AddLayer(static_cast<uint32_t>(r.step), r.layer, r.q.data(), lse, pages, row + 1);
+  }
 
   if (!last) return absl::OkStatus();
   // The step is complete.
@@ -1303,6 +1323,10 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
                        s.step_keys.begin() + (l + 1) * kb);
   }
   if (completes_chunk) ++s.key_chunks;
+  if (s.trace) {
+    if (completes_chunk) s.trace->AddKeys(s.step_keys.data(), 1);
+    s.trace->EndStep(static_cast<uint32_t>(r.step));
+  }
   ++s.tokens;
   ++s.next_step;
   s.next_layer = 0;
@@ -1371,6 +1395,9 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
       st = impl_->PutPage(*s, open, impl_->Payload(static_cast<uint32_t>(s->cell_of[open])),
                           static_cast<uint32_t>(s->tokens % P));
     if (st.ok()) st = impl_->SaveState(*s);
+    if (st.ok() && s->trace)
+      st = s->trace->Write(
+          (std::filesystem::path(impl_->options.trace_dir) / TraceFileName(id)).string());
   }
   if (s->job) impl_->ReleaseCells(*s, *s->job, true);
   s->job.reset();

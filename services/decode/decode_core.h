@@ -41,6 +41,7 @@
 #include "absl/types/span.h"
 #include "common/model_spec.h"
 #include "common/page_format.h"
+#include "services/decode/trace_recorder.h"
 #include "services/indexer/indexer_core.h"
 
 namespace fm {
@@ -50,8 +51,10 @@ class KvStore;
 namespace fm::decode {
 
 // sparse: the indexer's resident set (the product); dense: the whole history resident (the
-// baseline).
-enum class Mode : uint8_t { kSparse = 1, kDense = 2 };
+// baseline); trace: dense, and the worker writes the session's trace (index keys, hidden
+// states, queries, golden labels; services/decode/trace_recorder.h) into its trace
+// directory at close, to train an indexer for the deployment's own model.
+enum class Mode : uint8_t { kSparse = 1, kDense = 2, kTrace = 3 };
 const char* ModeName(Mode m);
 absl::StatusOr<Mode> ParseMode(const std::string& name);
 
@@ -112,6 +115,10 @@ struct DecodeOptions {
   double miss_ratio = 1.0;
   uint32_t miss_max_pages = 4;  // pages fetched per check
   uint32_t miss_lag = 2;
+  // Trace mode: where traces go (empty: the worker refuses trace sessions) and how their
+  // golden labels are drawn.
+  std::string trace_dir;
+  TraceLabelOptions trace_labels;
 };
 
 struct SessionOptions {
@@ -185,7 +192,9 @@ class DecodeCore {
   // request; a bad request leaves its session as it was.
   std::vector<absl::Status> Step(absl::Span<const LayerStep> batch);
   // Releases the session's cells. Its history stays in the kvstore and the indexer (the open
-  // page is written out) so that any worker can reopen it, unless drop_history.
+  // page is written out) so that any worker can reopen it, unless drop_history. A trace
+  // session writes its trace (whole cycles) to <trace_dir>/TraceFileName(session); a trace
+  // session cannot be resumed elsewhere.
   absl::Status Close(const std::string& session, bool drop_history = false);
   // save = false: release the cells only (a failed resume).
   absl::Status Close(const std::string& session, bool drop_history, bool save);

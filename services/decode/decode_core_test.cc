@@ -11,6 +11,7 @@
 #include "tests/process_util.h"
 #include "tools/replay/replay.h"
 #include "workload/generator.h"
+#include "workload/trace.h"
 
 namespace fm::decode {
 namespace {
@@ -50,8 +51,9 @@ class DecodeCoreTest : public ::testing::Test {
   }
 
   std::unique_ptr<DecodeCore> Core(uint64_t reserve_bytes = 32 << 20, uint32_t tau = 16,
-                                   bool miss_check = false) {
+                                   bool miss_check = false, const std::string& trace_dir = "") {
     DecodeOptions o;
+    o.trace_dir = trace_dir;
     o.reserve_bytes = reserve_bytes;
     o.tau = tau;
     o.switch_lag = 2;
@@ -364,6 +366,56 @@ TEST_F(DecodeCoreTest, AnIndexerThatLostTheSessionIsGivenItAgain) {
   EXPECT_EQ(st->reregistrations, 3u);
   EXPECT_EQ(st->prediction_failures, 0u);
   EXPECT_EQ(st->predictions, 4u);
+}
+
+TEST_F(DecodeCoreTest, TraceModeWritesTheModelsTraceWithItsGoldenLabels) {
+  // A trace session decodes dense and, at close, writes the trace a trainer reads: on a
+  // generated session its index keys, hidden states, page masses and golden labels are the
+  // generator's own.
+  auto g = Generate(4000, 48, 18);
+  EXPECT_EQ(Core()->Open("t", Options(*g, Mode::kTrace, 1.0f, indexer::Policy::kDefault)).code(),
+            StatusCode::kFailedPrecondition);  // no trace directory
+  const std::string traces = dir_ + "/traces";
+  std::filesystem::create_directories(traces);
+  auto core = Core(32 << 20, 16, false, traces);
+  ASSERT_THAT(core->Open("d", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault)), IsOk());
+  const std::string id = "trace/1";  // not a plain file name
+  ASSERT_THAT(core->Open(id, Options(*g, Mode::kTrace, 1.0f, indexer::Policy::kDefault)), IsOk());
+  Prefill(*core, "d", *g);
+  Prefill(*core, id, *g);
+  auto dense = Decode(*core, "d", *g, 16);
+  auto traced = Decode(*core, id, *g, 16);
+  for (size_t st = 0; st < dense.size(); ++st)
+    for (size_t l = 0; l < dense[st].size(); ++l)
+      ASSERT_EQ(MaxAbsDiff(dense[st][l], traced[st][l]), 0.0) << "step " << st;
+  ASSERT_THAT(core->Close(id), IsOk());
+  EXPECT_EQ(TraceFileName(id), "=74726163652f31.safetensors");
+  auto t = workload::ReadTrace(traces + "/" + TraceFileName(id));
+  ASSERT_THAT(t, IsOk());
+  EXPECT_EQ(t->prefill_tokens, 4000u);
+  EXPECT_EQ(t->steps, 48u);
+  EXPECT_EQ(t->tau, 16u);
+  ASSERT_EQ(t->cycles, 3u);
+  ASSERT_EQ(t->chunks, (4000u + 48) / spec_.chunk_tokens);
+  const size_t kb = spec_.IndexKeyBytes();
+  for (uint32_t l = 0; l < spec_.index_layers; ++l)
+    EXPECT_EQ(std::memcmp(t->keys(l), g->index_keys(l).data(), t->chunks * kb), 0);
+  for (uint32_t c = 0; c < t->cycles; ++c)
+    EXPECT_EQ(std::memcmp(t->hidden_at(c * 16), g->hidden(c * 16), spec_.hidden_dim * 4), 0);
+  double worst = 0;
+  for (uint32_t st = 0; st < t->steps; ++st)
+    for (uint64_t p = 0; p < t->pages_at(st); ++p)
+      worst = std::max(worst, std::abs(double(t->page_mass_at(st)[p]) - g->page_mass(st)[p]));
+  EXPECT_LT(worst, 1e-4);
+  uint64_t agree = 0, total = 0, labelled = 0;
+  for (uint32_t c = 0; c < t->cycles; ++c)
+    for (uint64_t j = 0; j < t->chunks; ++j) {
+      agree += t->labels_at(c)[j] == g->labels(c)[j];
+      labelled += t->labels_at(c)[j];
+      ++total;
+    }
+  EXPECT_GT(labelled, 2u * t->cycles);
+  EXPECT_GE(double(agree) / total, 0.999) << agree << " of " << total;
 }
 
 TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {

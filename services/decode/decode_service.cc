@@ -307,13 +307,13 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
 grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext* ctx,
                                                      const v1::OpenSessionRequest* req,
                                                      v1::OpenSessionResponse* resp) {
-  if (req->mode() == v1::DECODE_MODE_TRACE)
-    return FinishUnary(ctx, absl::UnimplementedError("trace mode is not available yet"));
   if (req->level2_topk() != 0)
     return FinishUnary(ctx, absl::UnimplementedError("level-2 selection is not available yet"));
   SessionOptions o;
   o.spec = SpecFromProto(req->spec());
-  o.mode = req->mode() == v1::DECODE_MODE_DENSE ? Mode::kDense : Mode::kSparse;
+  o.mode = req->mode() == v1::DECODE_MODE_DENSE   ? Mode::kDense
+           : req->mode() == v1::DECODE_MODE_TRACE ? Mode::kTrace
+                                                  : Mode::kSparse;
   o.policy = static_cast<indexer::Policy>(req->policy());
   if (req->policy() < 0 || req->policy() > static_cast<int>(indexer::Policy::kDense))
     return FinishUnary(ctx, absl::InvalidArgumentError(

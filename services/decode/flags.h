@@ -23,6 +23,8 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
                  "Share of a sparse session's budget kept, on top of its predicted set, for "
                  "pages fetched while the previous set serves")
       ->capture_default_str();
+  app.add_option("--trace_dir", o->trace_dir,
+                 "Directory for the traces of trace-mode sessions (empty: refuse them)");
   app.add_option("--sink", o->sink, "Always-resident first pages")->capture_default_str();
   app.add_option("--tail", o->tail, "Always-resident last sealed pages")->capture_default_str();
   app.add_option("--max_decode_sessions", o->max_sessions, "Sessions a worker holds")
