@@ -18,6 +18,7 @@
 #include "common/log.h"
 #include "common/spec_proto.h"
 #include "flashmemory/kernels/attention.h"
+#include "flashmemory/kernels/level2.h"
 #include "flashmemory/kernels/quest.h"
 #include "flashmemory/v1/decode.pb.h"
 #include "kernels/cpu/cpu_kernels.h"
@@ -743,6 +744,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
   st.set_budget(s.opt.budget);
   st.set_max_pages(s.opt.max_pages);
   st.set_tau(s.tau);
+  st.set_level2_topk(s.opt.level2_topk);
   st.set_max_tokens(s.opt.max_tokens);
   st.set_tokens(s.tokens);
   st.set_next_step(s.next_step);
@@ -999,6 +1001,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     so.budget = st.budget();
     so.max_pages = st.max_pages();
     so.tau = st.tau();
+    so.level2_topk = st.level2_topk();
     so.max_tokens = st.max_tokens();
     if (absl::Status opened = Open(id, so); !opened.ok()) return opened;
     auto s = impl_->Find(id);
@@ -1020,6 +1023,12 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat("budget must be in (0, 1], got ", o.budget));
   if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle)
     return absl::InvalidArgumentError("policy oracle needs the future attention: evaluation only");
+  if (o.level2_topk > kernels::kMaxLevel2TopK)
+    return absl::InvalidArgumentError(absl::StrCat("level2_topk must be in [0, ",
+                                                   kernels::kMaxLevel2TopK, "], got ",
+                                                   o.level2_topk));
+  if (o.level2_topk > 0 && o.mode == Mode::kTrace)
+    return absl::InvalidArgumentError("trace mode records dense attention: level2_topk must be 0");
   const DecodeOptions& opt = impl_->options;
   if (o.mode == Mode::kTrace && opt.trace_dir.empty())
     return absl::FailedPreconditionError(
@@ -1301,8 +1310,14 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   std::vector<float> lse_buf(need_lse && !r.lse ? spec.q_heads : 0);
   float* lse = r.lse ? r.lse : (need_lse ? lse_buf.data() : nullptr);
   kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, lse};
-  if (kernels::KernelStatus ks = kernels::RunPagedDecode(s.plan, Pool(), &item, 1);
-      ks != kernels::KernelStatus::kOk)
+  const kernels::KernelStatus ks =
+      s.opt.level2_topk == 0
+          ? kernels::RunPagedDecode(s.plan, Pool(), &item, 1)
+          : kernels::TopKDecode(s.shape, Pool(),
+                                kernels::PageList{s.list_cells.data(), s.list_valid.data(),
+                                                  static_cast<uint32_t>(s.list_cells.size())},
+                                r.layer, s.opt.level2_topk, r.q.data(), r.out, lse);
+  if (ks != kernels::KernelStatus::kOk)
     return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
   s.next_layer = r.layer + 1;
   if (check) LaunchCheck(sp, r.q.data(), lse);

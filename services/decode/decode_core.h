@@ -134,6 +134,9 @@ struct SessionOptions {
   indexer::Policy policy = indexer::Policy::kDefault;
   uint64_t max_tokens = 0;  // the most tokens the session will hold: sizes its reservation
   uint32_t tau = 0;         // decode steps per cycle; 0 = the worker's
+  // Level 2: each layer attends only to the top-k tokens of the resident set (scored per KV
+  // head group by max_h q_h . k); 0 = off, else 1..2048. Not in trace mode.
+  uint32_t level2_topk = 0;
   // Resume a session another worker served (or this one closed) from its state in the
   // kvstore and the indexer; every other field but spec (checked when given) comes from it.
   bool resume = false;

@@ -418,6 +418,37 @@ TEST_F(DecodeCoreTest, TraceModeWritesTheModelsTraceWithItsGoldenLabels) {
   EXPECT_GE(double(agree) / total, 0.999) << agree << " of " << total;
 }
 
+TEST_F(DecodeCoreTest, LevelTwoAttendsToTheTopKTokensOfTheResidentSet) {
+  auto g = Generate(4000, 32, 19);
+  auto core = Core();
+  SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  SessionOptions bad = so;
+  bad.level2_topk = 2049;
+  EXPECT_EQ(core->Open("bad", bad).code(), StatusCode::kInvalidArgument);
+  std::vector<std::vector<std::vector<float>>> outs[3];
+  const uint32_t topk[3] = {0, 2048, 64};  // off; above the resident tokens; 64 of them
+  for (int i = 0; i < 3; ++i) {
+    so.level2_topk = topk[i];
+    const std::string id = "l2-" + std::to_string(topk[i]);
+    ASSERT_THAT(core->Open(id, so), IsOk());
+    Prefill(*core, id, *g);
+    outs[i] = Decode(*core, id, *g, 16);
+  }
+  double same = 0, apart = 0;
+  for (size_t st = 0; st < outs[0].size(); ++st)
+    for (size_t l = 0; l < outs[0][st].size(); ++l) {
+      same = std::max(same, MaxAbsDiff(outs[0][st][l], outs[1][st][l]));
+      apart = std::max(apart, MaxAbsDiff(outs[0][st][l], outs[2][st][l]));
+    }
+  EXPECT_LT(same, 1e-5);  // top-k of every resident token is the plain sparse attention
+  EXPECT_GT(apart, 1e-3);
+  // 64 tokens per layer still carry most of what the model attends to.
+  EXPECT_GT(replay::CompareToModel(*g, 32, 3,
+                                   [&](uint32_t st, uint32_t l) { return outs[2][st][l].data(); })
+                .cosine,
+            0.8);
+}
+
 TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
   // With and without the miss check (whose fetches in flight are part of the state).
   for (bool mc : {false, true}) {

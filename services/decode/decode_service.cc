@@ -307,8 +307,6 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
 grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext* ctx,
                                                      const v1::OpenSessionRequest* req,
                                                      v1::OpenSessionResponse* resp) {
-  if (req->level2_topk() != 0)
-    return FinishUnary(ctx, absl::UnimplementedError("level-2 selection is not available yet"));
   SessionOptions o;
   o.spec = SpecFromProto(req->spec());
   o.mode = req->mode() == v1::DECODE_MODE_DENSE   ? Mode::kDense
@@ -321,6 +319,7 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   o.budget = req->budget() == 0.0f ? 0.1f : req->budget();
   o.max_pages = req->max_pages();
   o.tau = req->tau();
+  o.level2_topk = req->level2_topk();
   o.max_tokens = req->max_tokens();
   o.resume = req->resume();
   absl::Status st = core_->Open(req->session_id(), o);
