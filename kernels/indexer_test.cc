@@ -290,5 +290,32 @@ TEST(SelectPages, SinkTailAndTopPagesByKeptChunks) {
   EXPECT_EQ(SelectPages(2, logits.data(), chunks, p, &out), KernelStatus::kInvalidShape);
 }
 
+TEST(SelectPages, ABestChunkShareKeepsALoneSharpChunk) {
+  // 8 pages of 4 chunks, one layer: page 1 holds one sharply wanted chunk (a needle), pages
+  // 2, 3 and 5 several mildly wanted ones.
+  const uint64_t chunks = 32;
+  std::vector<float> logits(chunks, -10.0f);
+  logits[4 * 1 + 2] = 8;
+  for (uint64_t c : {8, 9, 12, 13, 14, 20, 21}) logits[c] = 1;
+  SelectParams p;
+  p.chunk_tokens = 4;
+  p.page_tokens = 16;
+  p.total_pages = 8;
+  p.kmax = 3;
+  auto picked = [&] {
+    std::vector<ScoredPageOut> out;
+    EXPECT_EQ(SelectPages(1, logits.data(), chunks, p, &out), KernelStatus::kOk);
+    std::vector<uint64_t> pages;
+    for (auto& o : out) pages.push_back(o.page);
+    return pages;
+  };
+  // Kept count: 3 (3 kept), then 5 and 2 (2 each; the newer first); the needle's page loses.
+  EXPECT_EQ(picked(), (std::vector<uint64_t>{0, 2, 3, 5, 6, 7}));
+  p.best_share = 0.34f;  // one of the three by best chunk: the needle's page, then 3 and 5
+  EXPECT_EQ(picked(), (std::vector<uint64_t>{0, 1, 3, 5, 6, 7}));
+  p.best_share = 1.0f;  // all by best chunk: 1 (sigmoid 8), then 3 (3 kept), then 5
+  EXPECT_EQ(picked(), (std::vector<uint64_t>{0, 1, 3, 5, 6, 7}));
+}
+
 }  // namespace
 }  // namespace fm::kernels

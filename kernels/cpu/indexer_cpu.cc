@@ -246,7 +246,15 @@ KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks,
     return a > b;
   };
   const size_t k = std::min<size_t>(p.kmax, cand.size());
-  std::partial_sort(cand.begin(), cand.begin() + k, cand.end(), better);
+  const size_t kb = std::min<size_t>(k, static_cast<size_t>(double(p.kmax) * p.best_share));
+  if (kb > 0) {
+    std::partial_sort(cand.begin(), cand.begin() + kb, cand.end(), [&](uint64_t a, uint64_t b) {
+      if (best[a] != best[b]) return best[a] > best[b];
+      if (kept[a] != kept[b]) return kept[a] > kept[b];
+      return a > b;
+    });
+  }
+  std::partial_sort(cand.begin() + kb, cand.begin() + k, cand.end(), better);
   cand.resize(k);
   const float inf = std::numeric_limits<float>::infinity();
   for (uint64_t pg = 0; pg < sink; ++pg) out->push_back({pg, inf});

@@ -41,6 +41,11 @@ inline void AddIndexerFlags(CLI::App& app, IndexerFlags* f) {
   app.add_option("--indexer_max_bytes", f->core.max_bytes, "Index keys and bounds of all sessions")
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
+  app.add_option("--lsa_best_share", f->core.lsa_best_share,
+                 "lsa: share of the predicted pages chosen by their best chunk (needles) before "
+                 "the rest by kept-chunk count")
+      ->check(CLI::Range(0.0f, 1.0f))
+      ->capture_default_str();
   app.add_option("--indexer_max_sessions", f->core.max_sessions, "Sessions held")
       ->capture_default_str();
   app.add_option("--default_policy", f->default_policy,

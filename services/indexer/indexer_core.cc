@@ -416,6 +416,7 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
       p.kmax = static_cast<uint32_t>(kmax);
       p.sink = sink;
       p.tail = tail;
+      p.best_share = options_.lsa_best_share;
       std::vector<kernels::ScoredPageOut> picked;
       if (kernels::SelectPages(is.layers, logits.data(), s->chunks, p, &picked) !=
           kernels::KernelStatus::kOk)

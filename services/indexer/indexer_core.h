@@ -76,6 +76,9 @@ struct CoreOptions {
   uint64_t max_bytes = uint64_t{8} << 30;  // keys and bounds of every session
   uint32_t max_sessions = 4096;
   Policy default_policy = Policy::kLsa;
+  // lsa: the share of the predicted pages chosen by their best chunk score before the rest
+  // by kept-chunk count (kernels::SelectParams::best_share).
+  float lsa_best_share = 0.125f;
 };
 
 struct CoreStats {

@@ -61,6 +61,7 @@ struct IndexerBenchOptions {
   uint32_t steps_1m = 256;  // at 1M tokens
   uint32_t tau = 64;
   double budget = 0.10;    // resident pages / context pages, sink and tail included
+  float best_share = 0.125f;  // lsa: share of the pages chosen by best chunk (CoreOptions)
   uint64_t seed = 900001;  // held out: training uses other seeds
   bool verbose = false;    // per-cycle mass of every policy on stderr
   std::string json;

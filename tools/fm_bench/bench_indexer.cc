@@ -33,7 +33,9 @@ int RunIndexerBench(const IndexerBenchOptions& o) {
     std::fprintf(stderr, "fm-bench indexer: %s\n", spec.status().ToString().c_str());
     return 1;
   }
-  indexer::IndexerCore core;
+  indexer::CoreOptions co;
+  co.lsa_best_share = o.best_share;
+  indexer::IndexerCore core(co);
   uint64_t hash = 0;
   if (absl::Status st = core.LoadWeights(o.weights, &hash); !st.ok()) {
     std::fprintf(stderr, "fm-bench indexer: %s\n", st.ToString().c_str());

@@ -31,6 +31,9 @@ int main(int argc, char** argv) {
   ic->add_option("--weights", ib.weights,
                  "Indexer weights (safetensors; default: the shipped models/lsa-SPEC)");
   ic->add_option("--spec", ib.spec, "Model spec preset")->capture_default_str();
+  ic->add_option("--best_share", ib.best_share,
+                 "lsa: share of the pages chosen by best chunk score")
+      ->capture_default_str();
   ic->add_option("--contexts", ib.contexts, "Context lengths in tokens")->capture_default_str();
   ic->add_option("--sessions", ib.sessions, "Held-out sessions per context")->capture_default_str();
   ic->add_option("--steps", ib.steps, "Decode steps per session")->capture_default_str();

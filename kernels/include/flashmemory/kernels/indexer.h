@@ -111,6 +111,10 @@ struct SelectParams {
   uint32_t kmax = 0;  // pages beyond sink and tail
   uint32_t sink = 1, tail = 2;
   LayerCombine combine = LayerCombine::kMax;
+  // Share of kmax given first to the pages with the best single chunk (a lone sharply
+  // wanted chunk — a needle — loses to topic pages in the kept-count order); the rest by
+  // kept count as above. 0 = kept count only (DESIGN §3).
+  float best_share = 0.0f;
 };
 
 struct ScoredPageOut {
@@ -119,7 +123,9 @@ struct ScoredPageOut {
 };
 
 // Combines layer logits, counts kept chunks per page and picks the resident set, ascending
-// by page number.
+// by page number: sink, tail, floor(kmax * best_share) pages by best chunk score (ties: kept
+// count, then the newer page), then the rest by kept count (ties: best chunk score, then the
+// newer page).
 KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks,
                          const SelectParams& p, std::vector<ScoredPageOut>* out);
 
