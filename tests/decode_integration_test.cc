@@ -1,6 +1,7 @@
 // Integration tests of the decode worker: real flashmemory, fm-decode, fm-kvstore and
 // fm-indexer processes on loopback, driven by the replay client.
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -124,10 +125,19 @@ TEST_F(DecodeProcessTest, ThreeProcessesWithTwoKvstoreReplicasMatchTheAllInOne) 
   auto ix = Start("fm-indexer", {});
   ASSERT_TRUE(kv_a && kv_b && ix);
   auto dec = Start("fm-decode", {"--kvstore", kv_a->target() + "," + kv_b->target(), "--indexer",
-                                 ix->target(), "--reserve_bytes", "64MiB"});
+                                 ix->target(), "--reserve_bytes", "64MiB", "--metrics_port", "0"});
   ASSERT_NE(dec, nullptr);
   auto got = Run(dec->target(), "q", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
   ASSERT_THAT(got, IsOk());
+  {  // The reserve is mapped for UCX: fetched pages landed in their cells in place.
+    httplib::Client http("127.0.0.1", dec->metrics_port());
+    auto res = http.Get("/metrics");
+    ASSERT_TRUE(res && res->status == 200);
+    const std::string key = "\nfm_decode_pages_read_in_place_total ";
+    const size_t at = res->body.find(key);
+    ASSERT_NE(at, std::string::npos) << res->body;
+    EXPECT_GE(std::stod(res->body.substr(at + key.size())), double(got->stats.pages_fetched()));
+  }
   // The same session, options and deterministic cycle switches: the same outputs.
   EXPECT_LT(MaxDiff(got->out, ref->out), 1e-6);
   EXPECT_EQ(got->stats.pages_fetched(), ref->stats.pages_fetched());

@@ -212,6 +212,7 @@ struct DecodeCore::Impl {
   std::map<std::string, std::shared_ptr<Session>> sessions ABSL_GUARDED_BY(mu);
   uint8_t* arena ABSL_GUARDED_BY(mu) = nullptr;
   size_t arena_bytes ABSL_GUARDED_BY(mu) = 0;
+  bool store_arena ABSL_GUARDED_BY(mu) = false;  // the store's memory (fetches land in place)
   uint64_t payload_bytes ABSL_GUARDED_BY(mu) = 0;  // page payload per cell
   size_t cell_stride ABSL_GUARDED_BY(mu) = 0;
   uint32_t num_cells ABSL_GUARDED_BY(mu) = 0;
@@ -220,7 +221,7 @@ struct DecodeCore::Impl {
 
   Impl(const DecodeOptions& o, PageStore* s, Predictor* p) : options(o), store(s), predictor(p) {}
   ~Impl() {
-    if (arena) kernels::FreePagePoolMemory(arena, arena_bytes);
+    if (arena && !store_arena) kernels::FreePagePoolMemory(arena, arena_bytes);
   }
 
   std::shared_ptr<Session> Find(const std::string& id) const {
@@ -1083,7 +1084,9 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
         return absl::ResourceExhaustedError(absl::StrCat(
             "a reserve of ", opt.reserve_bytes, " bytes holds no page of ", im.cell_stride));
       im.arena_bytes = size_t{im.num_cells} * im.cell_stride;
-      im.arena = kernels::AllocatePagePoolMemory(im.arena_bytes);
+      im.arena = im.store->AllocateReserve(im.arena_bytes);
+      im.store_arena = im.arena != nullptr;
+      if (!im.arena) im.arena = kernels::AllocatePagePoolMemory(im.arena_bytes);
       im.free_cells.resize(im.num_cells);
       for (uint32_t c = 0; c < im.num_cells; ++c) im.free_cells[c] = im.num_cells - 1 - c;
     } else if (sp.PageBytes() != im.payload_bytes) {

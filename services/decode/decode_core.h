@@ -70,6 +70,12 @@ class PageStore {
   // The payload of one page (any length): the session's saved decode state.
   virtual absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) = 0;
   virtual absl::Status DeleteSession(const std::string& session) = 0;
+  // Memory for the worker's reserve, registered with the store's transport so that Read
+  // lands pages in their cells in place (null: the worker allocates its own). Called at most
+  // once; the store owns the memory and outlives the worker.
+  virtual uint8_t* AllocateReserve(size_t bytes) { return nullptr; }
+  // Pages Read landed in place in the reserve (no copy), for the worker's metrics.
+  virtual uint64_t pages_read_in_place() const { return 0; }
 };
 
 // The kvstore page number under which a session's decode state is saved.

@@ -38,8 +38,13 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
 }
 
 // Exports the reserve's occupancy on the server's /metrics.
-inline void AddDecodeMetrics(const DecodeCore* core, MetricsRegistry* metrics) {
-  metrics->AddCollector([core](std::string* out) {
+inline void AddDecodeMetrics(const DecodeCore* core, MetricsRegistry* metrics,
+                             const PageStore* store = nullptr) {
+  metrics->AddCollector([core, store](std::string* out) {
+    if (store)
+      AppendMetricFamily(out, "fm_decode_pages_read_in_place_total",
+                         "Pages fetched straight into their reserve cells (UCX, no copy).",
+                         "counter", {{"", double(store->pages_read_in_place())}});
     const ReserveStats r = core->Reserve();
     AppendMetricFamily(out, "fm_decode_sessions", "Decode sessions open.", "gauge",
                        {{"", double(r.sessions)}});

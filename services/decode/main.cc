@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
   fm::decode::DecodeCore core(options, store.get(), predictor.get());
   fm::MetricsRegistry metrics;
   fm::decode::DecodeService service(&core);
-  fm::decode::AddDecodeMetrics(&core, &metrics);
+  fm::decode::AddDecodeMetrics(&core, &metrics, store.get());
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.Decode");
   return runner.ServeUntilSignal("decode");

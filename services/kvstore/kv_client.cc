@@ -354,6 +354,57 @@ absl::StatusOr<std::vector<PageRecord>> ShardedKvClient::Read(const std::vector<
   return out;
 }
 
+absl::Status ShardedKvClient::ReadInto(const std::vector<PageRef>& keys, const UcxRegion& dst,
+                                       const std::vector<uint64_t>& offsets, uint64_t room,
+                                       std::vector<PageHeaderData>* headers) {
+  if (offsets.size() != keys.size())
+    return absl::InvalidArgumentError("one destination offset per key");
+  for (uint64_t off : offsets)
+    if (off + room > dst.size())
+      return absl::InvalidArgumentError("destination offset beyond the region");
+  if (headers) headers->assign(keys.size(), PageHeaderData{});
+  std::map<size_t, std::vector<size_t>> by_replica;
+  for (size_t i = 0; i < keys.size(); ++i)
+    by_replica[ReplicaFor(keys[i].session_id, keys[i].page)].push_back(i);
+  auto too_large = [&](const PageRef& k, uint64_t len) {
+    return absl::DataLossError(absl::StrCat("page ", k.page, " of \"", k.session_id,
+                                            "\": a record of ", len,
+                                            " bytes does not fit its destination of ", room));
+  };
+  for (auto& [r, idx] : by_replica) {
+    KvClient* c = clients_[r].get();
+    std::vector<PageRef> sub;
+    std::vector<uint64_t> off;
+    for (size_t i : idx) {
+      sub.push_back(keys[i]);
+      off.push_back(offsets[i]);
+    }
+    std::vector<PageHeaderData> h;
+    if (c->has_ucx()) {
+      FM_ASSIGN_OR_RETURN(KvClient::Resolved res, c->Resolve(sub));
+      for (size_t j = 0; j < sub.size(); ++j)
+        if (res.lengths[j] > room) {
+          (void)c->Release(res.lease_id);
+          return too_large(sub[j], res.lengths[j]);
+        }
+      FM_RETURN_IF_ERROR(c->ReadResolved(res, dst, off, &h));
+    } else {
+      FM_ASSIGN_OR_RETURN(auto recs, c->Get(sub));  // verified
+      for (size_t j = 0; j < sub.size(); ++j) {
+        const uint64_t len = kPageHeaderBytes + recs[j].payload.size();
+        if (len > room) return too_large(sub[j], len);
+        EncodePageHeader(recs[j].header, dst.data() + off[j]);
+        std::memcpy(dst.data() + off[j] + kPageHeaderBytes, recs[j].payload.data(),
+                    recs[j].payload.size());
+        h.push_back(std::move(recs[j].header));
+      }
+    }
+    if (headers)
+      for (size_t j = 0; j < idx.size(); ++j) (*headers)[idx[j]] = std::move(h[j]);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<uint64_t> ShardedKvClient::DeleteSession(const std::string& session_id) {
   uint64_t total = 0;
   bool found = false;

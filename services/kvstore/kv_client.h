@@ -113,6 +113,16 @@ class ShardedKvClient {
   absl::Status Put(const PageHeaderData& header, const void* payload);
   // Reads pages from their replicas (UCX when available), in request order.
   absl::StatusOr<std::vector<PageRecord>> Read(const std::vector<PageRef>& keys);
+  // The UCX engine the replicas share (null without UCX): regions mapped with it can be read
+  // into in place.
+  UcxEngine* engine() const { return engine_.get(); }
+  // Reads each page's record (header + payload, verified) into dst at offsets[i], where
+  // `room` bytes are free: one-sided UCX reads straight into dst from replicas that offer
+  // UCX, the gRPC byte path copied in from the others. DATA_LOSS for a record larger than
+  // `room`. headers (optional) receives each record's header.
+  absl::Status ReadInto(const std::vector<PageRef>& keys, const UcxRegion& dst,
+                        const std::vector<uint64_t>& offsets, uint64_t room,
+                        std::vector<PageHeaderData>* headers = nullptr);
   // Deletes the session on every replica; NOT_FOUND only if no replica knew it.
   absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
 

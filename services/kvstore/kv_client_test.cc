@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <map>
 
@@ -94,6 +95,44 @@ TEST(KvClient, GrpcAndUcxPathsAgree) {
   ASSERT_THAT(stats, IsOk());
   EXPECT_EQ(stats->sessions(0).pages(), 6u);
   EXPECT_EQ(stats->active_leases(), 0u);
+
+  // Straight into a mapped region at given offsets (the decode worker's cells): over UCX,
+  // and over gRPC from a client without UCX; a record larger than its room is DATA_LOSS.
+  for (bool ucx : {true, false}) {
+    SCOPED_TRACE(ucx ? "ucx" : "grpc");
+    KvClientOptions ko;
+    ko.use_ucx = ucx;
+    auto sharded = ShardedKvClient::Connect({target}, ko);
+    ASSERT_THAT(sharded, IsOk());
+    auto engine = ucx ? nullptr : UcxEngine::Create(false);
+    UcxEngine* e = ucx ? (*sharded)->engine() : engine->get();
+    ASSERT_NE(e, nullptr);
+    auto region = e->MapRegion(1 << 20);
+    ASSERT_THAT(region, IsOk());
+    const uint64_t room = 120000;
+    std::vector<uint64_t> offsets;
+    for (size_t i = 0; i < keys.size(); ++i) offsets.push_back((keys.size() - 1 - i) * room);
+    std::vector<PageHeaderData> headers;
+    ASSERT_THAT((*sharded)->ReadInto(keys, **region, offsets, room, &headers), IsOk());
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const std::string& want = payloads[keys[i].page];
+      EXPECT_EQ(headers[i].page, keys[i].page);
+      EXPECT_EQ(headers[i].payload_bytes, want.size());
+      EXPECT_EQ(std::memcmp((*region)->data() + offsets[i] + kPageHeaderBytes, want.data(),
+                            want.size()),
+                0);
+      PageHeaderData h;
+      ASSERT_THAT(DecodePageHeader((*region)->data() + offsets[i], &h), IsOk());
+      EXPECT_EQ(h.page, keys[i].page);
+    }
+    EXPECT_THAT((*sharded)->ReadInto(keys, **region, offsets, 100000, nullptr),
+                StatusIs(absl::StatusCode::kDataLoss));
+    EXPECT_THAT((*sharded)->ReadInto(keys, **region, {0}, room, nullptr),
+                StatusIs(absl::StatusCode::kInvalidArgument));
+  }
+  stats = (*client)->Stats("s");
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_EQ(stats->active_leases(), 0u);  // the refused read ended its lease
   client->reset();
   runner.Shutdown();
   store->reset();

@@ -37,7 +37,8 @@ struct E2eBenchOptions {
   uint32_t conc_steps = 64;                // steps per streaming style in the concurrency runs
   std::vector<int> sessions = {1, 4, 16};  // concurrent sessions (capped per context)
   uint64_t ram_cap = 8ull << 30;           // KV bytes the concurrency runs may hold per mode
-  double budget = 0.10;                    // sparse resident fraction
+  double budget = 0.10;       // sparse footprint cap, bench spec (contexts below 512K)
+  double long_budget = 0.05;  // the same, long spec (512K and up)
   std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
   uint64_t seed = 777001;
   uint64_t server_ram = 8ull << 30;      // kvstore RAM tier of the started server

@@ -101,24 +101,44 @@ absl::StatusOr<int> Ceiling(decode::DecodeClient& client, const ModelSpec& spec,
 }  // namespace
 
 int RunE2eBench(const E2eBenchOptions& o) {
+  // A worker's reserve holds pages of one size, so the bench starts a fresh flashmemory per
+  // model spec (a --target worker serves the contexts of one spec).
   std::unique_ptr<ServerProcess> server;
-  std::string target = o.target, dir;
-  if (target.empty()) {
-    dir = MakeTempDir("fm_e2e");
-    auto s = ServerProcess::Start("flashmemory",
-                                  {"--data_dir", dir, "--ram_bytes", std::to_string(o.server_ram),
-                                   "--reserve_bytes", std::to_string(o.server_reserve)});
-    if (!s.ok()) {
-      std::fprintf(stderr, "fm-bench e2e: %s\n", s.status().ToString().c_str());
-      return 1;
+  std::string target = o.target, dir, served_spec;
+  std::unique_ptr<decode::DecodeClient> client;
+  auto start = [&](const std::string& spec_name) -> bool {
+    if (!o.target.empty() && client) return true;
+    if (!o.target.empty() || spec_name != served_spec) {
+      client.reset();
+      server.reset();
+      if (!dir.empty()) std::filesystem::remove_all(dir);
+      if (o.target.empty()) {
+        dir = MakeTempDir("fm_e2e");
+        auto s = ServerProcess::Start(
+            "flashmemory", {"--data_dir", dir, "--ram_bytes", std::to_string(o.server_ram),
+                            "--reserve_bytes", std::to_string(o.server_reserve)});
+        if (!s.ok()) {
+          std::fprintf(stderr, "fm-bench e2e: %s\n", s.status().ToString().c_str());
+          return false;
+        }
+        server = std::move(*s);
+        target = server->target();
+      }
+      auto c = decode::DecodeClient::Connect(target, 600000);
+      if (!c.ok()) {
+        std::fprintf(stderr, "fm-bench e2e: %s\n", c.status().ToString().c_str());
+        return false;
+      }
+      client = std::move(*c);
+      served_spec = spec_name;
+      std::printf("fm-bench e2e: decode worker %s%s for the %s spec\n", target.c_str(),
+                  server ? " (flashmemory started by the bench)" : "", spec_name.c_str());
     }
-    server = std::move(*s);
-    target = server->target();
-  }
-  auto client = decode::DecodeClient::Connect(target, 600000);
-  if (!client.ok()) return 1;
-  std::printf("fm-bench e2e: decode worker %s%s; sparse budget %.0f %% (sink and tail included)\n",
-              target.c_str(), server ? " (flashmemory started by the bench)" : "", 100 * o.budget);
+    return true;
+  };
+  std::printf("fm-bench e2e: sparse budget (footprint cap) %.0f %% (bench spec), %.0f %% (long "
+              "spec)\n",
+              100 * o.budget, 100 * o.long_budget);
   auto parsed = indexer::ParsePolicy(o.policy);
   if (!parsed.ok()) {
     std::fprintf(stderr, "fm-bench e2e: %s\n", parsed.status().ToString().c_str());
@@ -129,7 +149,10 @@ int RunE2eBench(const E2eBenchOptions& o) {
   int failures = 0;
   for (size_t ci = 0; ci < o.contexts.size(); ++ci) {
     const uint64_t context = o.contexts[ci];
-    const ModelSpec spec = *PresetSpec(context >= (512u << 10) ? "long" : "bench");
+    const bool long_spec = context >= (512u << 10);
+    const ModelSpec spec = *PresetSpec(long_spec ? "long" : "bench");
+    const double budget = long_spec ? o.long_budget : o.budget;
+    if (!start(spec.name)) return 1;
     workload::SessionConfig c;
     c.spec = spec;
     c.seed = o.seed + ci;
@@ -158,24 +181,24 @@ int RunE2eBench(const E2eBenchOptions& o) {
       replay::ReplayOptions ro;
       ro.session_id = absl::StrCat("e2e-", context, m ? "-sparse" : "-dense");
       ro.mode = m ? decode::Mode::kSparse : decode::Mode::kDense;
-      ro.budget = static_cast<float>(o.budget);
+      ro.budget = static_cast<float>(budget);
       ro.policy = policy;
       replay::ReplayResult& r = one[m];
-      absl::Status st = replay::OpenAndPrefill(**client, g, prefill, ro, &r);
-      auto stream = (*client)->OpenStream();
+      absl::Status st = replay::OpenAndPrefill(*client, g, prefill, ro, &r);
+      auto stream = client->OpenStream();
       const uint32_t split = c.steps - o.conc_steps;
       if (st.ok())
-        st = replay::DecodeSteps(**client, *stream, g, ro.session_id, 0, split, false, &r);
+        st = replay::DecodeSteps(*client, *stream, g, ro.session_id, 0, split, false, &r);
       layer_s[m] = r.decode_s;
       if (st.ok())
-        st = replay::DecodeSteps(**client, *stream, g, ro.session_id, split, c.steps, true, &r);
+        st = replay::DecodeSteps(*client, *stream, g, ro.session_id, split, c.steps, true, &r);
       if (st.ok()) st = stream->Finish();
       if (st.ok()) {
-        auto stats = (*client)->Stats(ro.session_id);
+        auto stats = client->Stats(ro.session_id);
         st = stats.status();
         if (stats.ok()) r.stats = *stats;
       }
-      if (st.ok()) st = (*client)->Close(ro.session_id, true);
+      if (st.ok()) st = client->Close(ro.session_id, true);
       if (!st.ok()) {
         std::fprintf(stderr, "fm-bench e2e: %s: %s\n", ro.session_id.c_str(),
                      st.ToString().c_str());
@@ -225,8 +248,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
           cr.stalled = r.stalled_steps;
           cr.steps = r.step_ms.size();
         } else {
-          auto r = Concurrent(**client, g, prefill,
-                              m ? decode::Mode::kSparse : decode::Mode::kDense, o.budget, policy, n,
+          auto r = Concurrent(*client, g, prefill,
+                              m ? decode::Mode::kSparse : decode::Mode::kDense, budget, policy, n,
                               o.conc_steps, absl::StrCat("e2e-", context, "-", m, "-", n));
           if (!r.ok()) {
             std::fprintf(stderr, "fm-bench e2e: %d concurrent %s sessions: %s\n", n,
@@ -246,7 +269,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     // The concurrency ceiling of the worker's reserve.
     int ceiling[2] = {0, 0};
     for (int m = 0; m < 2; ++m) {
-      auto r = Ceiling(**client, spec, m ? decode::Mode::kSparse : decode::Mode::kDense, o.budget,
+      auto r = Ceiling(*client, spec, m ? decode::Mode::kSparse : decode::Mode::kDense, budget,
                        context + c.steps, absl::StrCat("ceil-", context, "-", m));
       if (!r.ok()) {
         std::fprintf(stderr, "fm-bench e2e: ceiling: %s\n", r.status().ToString().c_str());
@@ -272,13 +295,14 @@ int RunE2eBench(const E2eBenchOptions& o) {
         char row[1024];
         std::snprintf(
             row, sizeof(row),
-            "{\"context\": %llu, \"mode\": \"%s\", \"sessions\": %d, \"footprint\": %.6f, "
+            "{\"context\": %llu, \"mode\": \"%s\", \"sessions\": %d, \"budget\": %.4f, "
+            "\"footprint\": %.6f, "
             "\"cosine\": %.6f, \"cosine_min\": %.6f, \"rel_l2\": %.6f, \"mass_recall\": %.6f, "
             "\"needle_hit\": %.6f, \"stall_fraction\": %.6f, \"step_p50_ms\": %.4f, "
             "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
             "\"concurrency_dense\": %d, \"concurrency_sparse\": %d}",
             static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
-            r.stats.footprint(), m ? f.cosine_mean : 1.0, m ? f.cosine_min : 1.0,
+            m ? budget : 1.0, r.stats.footprint(), m ? f.cosine_mean : 1.0, m ? f.cosine_min : 1.0,
             m ? f.rel_l2_mean : 0.0, m ? f.mass_recall : 1.0,
             r.needles ? double(r.needle_hits) / r.needles : 1.0,
             cr.steps ? double(cr.stalled) / cr.steps : 0.0, cr.p50, cr.p99, cr.tps_layer,

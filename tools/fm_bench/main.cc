@@ -55,7 +55,11 @@ int main(int argc, char** argv) {
   ec->add_option("--ram_cap", eb.ram_cap, "KV bytes the concurrent sessions of a mode may hold")
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
-  ec->add_option("--budget", eb.budget, "Sparse footprint cap: the most of a session's pages it holds")->capture_default_str();
+  ec->add_option("--budget", eb.budget,
+                 "Sparse footprint cap (the most of a session's pages it holds), bench spec")
+      ->capture_default_str();
+  ec->add_option("--long_budget", eb.long_budget, "The same for the long spec (512K and up)")
+      ->capture_default_str();
   ec->add_option("--policy", eb.policy,
                  "Sparse policy (default: the worker's, lsa where weights fit the spec)")
       ->capture_default_str();

@@ -253,7 +253,9 @@ int main(int argc, char** argv) {
   ddemo->add_option("--tokens", dd.tokens, "Prefill tokens")->capture_default_str();
   ddemo->add_option("--steps", dd.steps, "Decode steps (whole cycles of 64)")
       ->capture_default_str();
-  ddemo->add_option("--budget", dd.budget, "Sparse footprint cap: the most of a session's pages it holds")->capture_default_str();
+  ddemo->add_option("--budget", dd.budget,
+                    "Sparse footprint cap: the most of a session's pages it holds")
+      ->capture_default_str();
   ddemo->add_option("--seed", dd.seed, "Session seed")->capture_default_str();
   ddemo->add_option("--session", dd.session, "Session id prefix")->capture_default_str();
   ddemo->add_flag("--whole_step", dd.whole_step,
