@@ -170,6 +170,7 @@ struct DecodeCore::Session {
   std::vector<float> bounds ABSL_GUARDED_BY(mu);  // [page][bounds floats] from sent_pages
   uint64_t bound_pages ABSL_GUARDED_BY(mu) = 0;   // pages whose bounds the worker has
   uint64_t sent_pages ABSL_GUARDED_BY(mu) = 0;
+  uint64_t persisted_pages ABSL_GUARDED_BY(mu) = 0;  // keys records stored (kKeysPage + p)
   bool registered ABSL_GUARDED_BY(mu) = false;
 
   // The step being assembled.
@@ -430,17 +431,7 @@ struct DecodeCore::Impl {
     keys.reserve(sp.index_layers * chunks * kb);
     for (uint32_t l = 0; l < sp.index_layers; ++l)
       keys.insert(keys.end(), s.keys[l].begin(), s.keys[l].begin() + chunks * kb);
-    std::vector<uint8_t> rec(KeysRecordBytes(sp));
-    for (uint64_t i = 0; i < pages; ++i) {
-      uint8_t* o = rec.data();
-      for (uint32_t l = 0; l < sp.index_layers; ++l, o += cpp * kb)
-        std::memcpy(o, s.keys[l].data() + i * cpp * kb, cpp * kb);
-      std::memcpy(o, s.bounds.data() + i * bf, bf * 4);
-      const uint64_t page = kKeysPage + s.sent_pages + i;
-      const PageHeaderData h = MakePageHeader(s.id, page, ModelSpecHash(sp), sp.page_tokens,
-                                              DType::kFp32, rec.data(), rec.size());
-      if (absl::Status st = store->Put(h, rec.data()); !st.ok()) return st;
-    }
+    if (absl::Status st = PersistKeys(s); !st.ok()) return st;
     auto send = [&] {
       return s.registered ? predictor->Append(s.id, sp, keys.data(), s.sent_chunks, chunks,
                                               s.tokens, s.bounds.data(), s.sent_pages, pages)
@@ -459,6 +450,29 @@ struct DecodeCore::Impl {
     s.bounds.erase(s.bounds.begin(), s.bounds.begin() + pages * bf);
     s.sent_chunks += chunks;
     s.sent_pages += pages;
+    return absl::OkStatus();
+  }
+
+  // Writes the keys records (kKeysPage + p) of the sealed pages whose keys and bounds are in
+  // and that are not stored yet: at prefill, so that the first steps do not pay for them,
+  // and before each flush to the indexer.
+  absl::Status PersistKeys(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const ModelSpec& sp = s.opt.spec;
+    const uint64_t cpp = sp.ChunksPerPage();
+    const uint64_t ready = std::min({s.key_chunks / cpp, s.bound_pages, s.sealed()});
+    const size_t kb = sp.IndexKeyBytes(), bf = indexer::IndexerBoundsFloats(sp);
+    std::vector<uint8_t> rec(KeysRecordBytes(sp));
+    for (uint64_t p = std::max(s.persisted_pages, s.sent_pages); p < ready; ++p) {
+      const uint64_t i = p - s.sent_pages;  // s.keys and s.bounds start at sent_pages
+      uint8_t* o = rec.data();
+      for (uint32_t l = 0; l < sp.index_layers; ++l, o += cpp * kb)
+        std::memcpy(o, s.keys[l].data() + i * cpp * kb, cpp * kb);
+      std::memcpy(o, s.bounds.data() + i * bf, bf * 4);
+      const PageHeaderData h = MakePageHeader(s.id, kKeysPage + p, ModelSpecHash(sp),
+                                              sp.page_tokens, DType::kFp32, rec.data(), rec.size());
+      if (absl::Status st = store->Put(h, rec.data()); !st.ok()) return st;
+      s.persisted_pages = p + 1;
+    }
     return absl::OkStatus();
   }
 
@@ -1181,6 +1195,8 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
       s.keys[l].insert(s.keys[l].end(), index_keys + (size_t{l} * chunks) * kb,
                        index_keys + (size_t{l} * chunks + chunks) * kb);
   s.key_chunks += chunks;
+  // The keys records of the prefill (a failure leaves them to the first flush).
+  if (s.opt.mode == Mode::kSparse) (void)im.PersistKeys(s);
   s.stats.tokens = s.tokens;
   // Keys and bounds reach the indexer with the first decode step.
   return absl::OkStatus();
