@@ -45,6 +45,8 @@ class DecodeProcessTest : public ::testing::Test {
   void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::unique_ptr<ServerProcess> Start(const std::string& bin, std::vector<std::string> args) {
+    // The tests' step numbers assume a set switch 4 steps after each cycle start.
+    if (bin == "flashmemory" || bin == "fm-decode") args.insert(args.end(), {"--switch_lag", "4"});
     auto p = ServerProcess::Start(bin, std::move(args));
     EXPECT_THAT(p, IsOk());
     return p.ok() ? std::move(*p) : nullptr;

@@ -106,7 +106,7 @@ struct DecodeOptions {
   uint64_t reserve_bytes = uint64_t{1} << 30;  // the device reserve shared by all sessions
   uint32_t tau = 64;                           // decode steps per cycle
   uint32_t sink = 1, tail = 2;                 // always-resident pages (DESIGN §1)
-  uint32_t switch_lag = 4;  // steps after a cycle start at which its resident set takes over
+  uint32_t switch_lag = 8;  // steps after a cycle start at which its resident set takes over
   double headroom = 0.25;   // cells of a sparse session's cap kept for pages fetched while
                             // the previous set still serves, per predicted page
   uint32_t max_sessions = 1024;

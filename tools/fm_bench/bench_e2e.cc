@@ -155,7 +155,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     if (!start(spec.name)) return 1;
     workload::SessionConfig c;
     c.spec = spec;
-    c.seed = o.seed + ci;
+    c.seed = o.seed + context / 32768 - 1;  // per context, whatever the list
     c.prefill_tokens = context;
     const uint32_t tau = c.knobs.tau;
     c.steps = (std::max(o.steps, 2 * o.conc_steps) + tau - 1) / tau * tau;
