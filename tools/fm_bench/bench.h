@@ -41,6 +41,8 @@ struct E2eBenchOptions {
   double long_budget = 0.05;  // the same, long spec (512K and up)
   std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
   uint64_t seed = 777001;
+  int fidelity_sessions = 3;  // sessions per context in the fidelity figures (the first also
+                              // runs the concurrency figures)
   uint64_t server_ram = 8ull << 30;      // kvstore RAM tier of the started server
   uint64_t server_reserve = 9ull << 30;  // device reserve of the started server
   std::string json;

@@ -175,43 +175,47 @@ int RunE2eBench(const E2eBenchOptions& o) {
 
     // One session per mode: fidelity, footprint, needles, stalls; per layer, then the last
     // conc_steps in whole steps.
+    const uint32_t split = c.steps - o.conc_steps;
+    auto run_pair = [&](const workload::Session& gg, const replay::PrefillData& pf,
+                        replay::ReplayResult* pair, double* secs) -> bool {
+      for (int m = 0; m < 2; ++m) {
+        replay::ReplayOptions ro;
+        ro.session_id = absl::StrCat("e2e-", context, m ? "-sparse" : "-dense");
+        ro.mode = m ? decode::Mode::kSparse : decode::Mode::kDense;
+        ro.budget = static_cast<float>(budget);
+        ro.policy = policy;
+        replay::ReplayResult& r = pair[m];
+        absl::Status st = replay::OpenAndPrefill(*client, gg, pf, ro, &r);
+        auto stream = client->OpenStream();
+        if (st.ok())
+          st = replay::DecodeSteps(*client, *stream, gg, ro.session_id, 0, split, false, &r);
+        secs[m] = r.decode_s;
+        if (st.ok())
+          st = replay::DecodeSteps(*client, *stream, gg, ro.session_id, split, c.steps, true, &r);
+        if (st.ok()) st = stream->Finish();
+        if (st.ok()) {
+          auto stats = client->Stats(ro.session_id);
+          st = stats.status();
+          if (stats.ok()) r.stats = *stats;
+        }
+        if (st.ok()) st = client->Close(ro.session_id, true);
+        if (!st.ok()) {
+          std::fprintf(stderr, "fm-bench e2e: %s: %s\n", ro.session_id.c_str(),
+                       st.ToString().c_str());
+          return false;
+        }
+      }
+      return true;
+    };
     replay::ReplayResult one[2];
     double layer_s[2] = {0, 0};  // decode time of the per-layer steps
-    for (int m = 0; m < 2; ++m) {
-      replay::ReplayOptions ro;
-      ro.session_id = absl::StrCat("e2e-", context, m ? "-sparse" : "-dense");
-      ro.mode = m ? decode::Mode::kSparse : decode::Mode::kDense;
-      ro.budget = static_cast<float>(budget);
-      ro.policy = policy;
-      replay::ReplayResult& r = one[m];
-      absl::Status st = replay::OpenAndPrefill(*client, g, prefill, ro, &r);
-      auto stream = client->OpenStream();
-      const uint32_t split = c.steps - o.conc_steps;
-      if (st.ok())
-        st = replay::DecodeSteps(*client, *stream, g, ro.session_id, 0, split, false, &r);
-      layer_s[m] = r.decode_s;
-      if (st.ok())
-        st = replay::DecodeSteps(*client, *stream, g, ro.session_id, split, c.steps, true, &r);
-      if (st.ok()) st = stream->Finish();
-      if (st.ok()) {
-        auto stats = client->Stats(ro.session_id);
-        st = stats.status();
-        if (stats.ok()) r.stats = *stats;
-      }
-      if (st.ok()) st = client->Close(ro.session_id, true);
-      if (!st.ok()) {
-        std::fprintf(stderr, "fm-bench e2e: %s: %s\n", ro.session_id.c_str(),
-                     st.ToString().c_str());
-        return 1;
-      }
-    }
+    if (!run_pair(g, prefill, one, layer_s)) return 1;
     const replay::Fidelity f = replay::Compare(spec, one[1], one[0]);
     std::printf("\n%llu tokens (%s spec): %.2f GiB of KV per session\n",
                 static_cast<unsigned long long>(context), spec.name.c_str(), kv_gib);
     std::printf("  %-8s %9s %8s %8s %8s %8s %9s %9s %9s %10s %10s\n", "mode", "footprint", "cosine",
                 "cos_min", "rel_l2", "mass_rec", "needles", "stall_fr", "p50_ms", "p99_ms",
                 "tok/s");
-    const uint32_t split = c.steps - o.conc_steps;
     for (int m = 0; m < 2; ++m) {
       const replay::ReplayResult& r = one[m];
       std::vector<double> lat(r.step_ms.begin(), r.step_ms.begin() + split);
@@ -287,12 +291,67 @@ int RunE2eBench(const E2eBenchOptions& o) {
                   conc[{1, ns.back()}].tps_whole / conc[{0, ns.back()}].tps_whole);
     std::fflush(stdout);
 
+    // Fidelity over more sessions of the same context (one session says little: their
+    // structure varies), one pair at a time.
+    struct Agg {
+      double cos_sum = 0, cos_min = 1, rel_sum = 0, mass_sum = 0;
+      uint64_t hits = 0, needles = 0, stalls = 0, steps = 0;
+      double footprint = 0;
+      std::vector<double> mass;
+    } agg;
+    auto add = [&](const replay::Fidelity& fk, const replay::ReplayResult& sparse) {
+      agg.cos_sum += fk.cosine_mean;
+      agg.cos_min = std::min(agg.cos_min, fk.cosine_min);
+      agg.rel_sum += fk.rel_l2_mean;
+      agg.mass_sum += fk.mass_recall;
+      agg.mass.push_back(fk.mass_recall);
+      agg.hits += sparse.needle_hits;
+      agg.needles += sparse.needles;
+      agg.stalls += sparse.stalled_steps;
+      agg.steps += sparse.step_ms.size();
+      agg.footprint = std::max(agg.footprint, sparse.stats.footprint());
+    };
+    add(f, one[1]);
+    for (int k = 1; k < o.fidelity_sessions; ++k) {
+      workload::SessionConfig ck = c;
+      ck.seed = c.seed + 1000003ull * k;
+      auto gk = workload::Session::Generate(ck);
+      if (!gk.ok()) {
+        std::fprintf(stderr, "fm-bench e2e: %s\n", gk.status().ToString().c_str());
+        return 1;
+      }
+      const replay::PrefillData pk = replay::MakePrefill(**gk);
+      replay::ReplayResult pair[2];
+      double secs[2];
+      if (!run_pair(**gk, pk, pair, secs)) return 1;
+      const replay::Fidelity fk = replay::Compare(spec, pair[1], pair[0]);
+      add(fk, pair[1]);
+      std::printf("  session %d (seed %llu): footprint %.2f%%, cosine %.5f, mass recall %.4f, "
+                  "needles %llu/%llu, stalls %llu\n",
+                  k + 1, static_cast<unsigned long long>(ck.seed), 100 * pair[1].stats.footprint(),
+                  fk.cosine_mean, fk.mass_recall,
+                  static_cast<unsigned long long>(pair[1].needle_hits),
+                  static_cast<unsigned long long>(pair[1].needles),
+                  static_cast<unsigned long long>(pair[1].stalled_steps));
+      std::fflush(stdout);
+    }
+    const double nf = static_cast<double>(agg.mass.size());
+    std::string per_session;
+    for (double v : agg.mass) absl::StrAppend(&per_session, per_session.empty() ? "" : ", ", v);
+    std::printf("  sparse over %d sessions: footprint <= %.2f%%, cosine %.5f (min %.5f), mass "
+                "recall %.4f (%s), needles %llu/%llu, stall fraction %.4f\n",
+                static_cast<int>(nf), 100 * agg.footprint, agg.cos_sum / nf, agg.cos_min,
+                agg.mass_sum / nf, per_session.c_str(), static_cast<unsigned long long>(agg.hits),
+                static_cast<unsigned long long>(agg.needles),
+                agg.steps ? double(agg.stalls) / agg.steps : 0.0);
+    std::fflush(stdout);
+
     for (int m = 0; m < 2; ++m)
       for (int n : ns) {
         if (!conc.count({m, n})) continue;
         const ConcResult& cr = conc[{m, n}];
         const replay::ReplayResult& r = one[m];
-        char row[1024];
+        char row[2048];
         std::snprintf(
             row, sizeof(row),
             "{\"context\": %llu, \"mode\": \"%s\", \"sessions\": %d, \"budget\": %.4f, "
@@ -300,13 +359,17 @@ int RunE2eBench(const E2eBenchOptions& o) {
             "\"cosine\": %.6f, \"cosine_min\": %.6f, \"rel_l2\": %.6f, \"mass_recall\": %.6f, "
             "\"needle_hit\": %.6f, \"stall_fraction\": %.6f, \"step_p50_ms\": %.4f, "
             "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
-            "\"concurrency_dense\": %d, \"concurrency_sparse\": %d}",
+            "\"concurrency_dense\": %d, \"concurrency_sparse\": %d, \"fidelity_sessions\": %d, "
+            "\"mass_recall_sessions\": [%s]}",
             static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
-            m ? budget : 1.0, r.stats.footprint(), m ? f.cosine_mean : 1.0, m ? f.cosine_min : 1.0,
-            m ? f.rel_l2_mean : 0.0, m ? f.mass_recall : 1.0,
-            r.needles ? double(r.needle_hits) / r.needles : 1.0,
+            m ? budget : 1.0, m ? agg.footprint : r.stats.footprint(),
+            m ? agg.cos_sum / nf : 1.0, m ? agg.cos_min : 1.0, m ? agg.rel_sum / nf : 0.0,
+            m ? agg.mass_sum / nf : 1.0,
+            m ? (agg.needles ? double(agg.hits) / agg.needles : 1.0)
+              : (r.needles ? double(r.needle_hits) / r.needles : 1.0),
             cr.steps ? double(cr.stalled) / cr.steps : 0.0, cr.p50, cr.p99, cr.tps_layer,
-            cr.tps_whole, ceiling[0], ceiling[1]);
+            cr.tps_whole, ceiling[0], ceiling[1], static_cast<int>(nf),
+            m ? per_session.c_str() : "1");
         rows.push_back(row);
       }
     if (!o.json.empty()) WriteJsonRows(o.json, rows);  // after every context: long runs

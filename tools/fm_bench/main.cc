@@ -63,6 +63,10 @@ int main(int argc, char** argv) {
   ec->add_option("--policy", eb.policy,
                  "Sparse policy (default: the worker's, lsa where weights fit the spec)")
       ->capture_default_str();
+  ec->add_option("--fidelity_sessions", eb.fidelity_sessions,
+                 "Sessions per context whose fidelity is averaged")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   ec->add_option("--seed", eb.seed, "Session seed: a context of n x 32K tokens uses seed + n - 1")
       ->capture_default_str();
   ec->add_option("--server_ram", eb.server_ram, "kvstore RAM tier of the started server")
