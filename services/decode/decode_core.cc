@@ -1045,6 +1045,10 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   if (o.level2_topk > 0 && o.mode == Mode::kTrace)
     return absl::InvalidArgumentError("trace mode records dense attention: level2_topk must be 0");
   const DecodeOptions& opt = impl_->options;
+  if (!o.trace_name.empty() && (o.mode != Mode::kTrace || !IsPlainFileName(o.trace_name)))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "trace_path \"", o.trace_name,
+        "\" must be a plain file name ([A-Za-z0-9._-]) of a trace-mode session"));
   if (o.mode == Mode::kTrace && opt.trace_dir.empty())
     return absl::FailedPreconditionError(
         "this worker writes no traces: start it with a trace directory (--trace_dir)");
@@ -1431,7 +1435,9 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
     if (st.ok()) st = impl_->SaveState(*s);
     if (st.ok() && s->trace)
       st = s->trace->Write(
-          (std::filesystem::path(impl_->options.trace_dir) / TraceFileName(id)).string());
+          (std::filesystem::path(impl_->options.trace_dir) /
+           (s->opt.trace_name.empty() ? TraceFileName(id) : s->opt.trace_name))
+              .string());
   }
   if (s->job) impl_->ReleaseCells(*s, *s->job, true);
   s->job.reset();

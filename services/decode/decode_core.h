@@ -143,6 +143,9 @@ struct SessionOptions {
   // Level 2: each layer attends only to the top-k tokens of the resident set (scored per KV
   // head group by max_h q_h . k); 0 = off, else 1..2048. Not in trace mode.
   uint32_t level2_topk = 0;
+  // Trace mode: the trace's file name in the worker's trace directory (a plain name,
+  // [A-Za-z0-9._-]); empty = TraceFileName(session).
+  std::string trace_name;
   // Resume a session another worker served (or this one closed) from its state in the
   // kvstore and the indexer; every other field but spec (checked when given) comes from it.
   bool resume = false;

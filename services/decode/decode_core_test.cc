@@ -390,6 +390,16 @@ TEST_F(DecodeCoreTest, TraceModeWritesTheModelsTraceWithItsGoldenLabels) {
       ASSERT_EQ(MaxAbsDiff(dense[st][l], traced[st][l]), 0.0) << "step " << st;
   ASSERT_THAT(core->Close(id), IsOk());
   EXPECT_EQ(TraceFileName(id), "=74726163652f31.safetensors");
+  // A client may name the file, inside the trace directory only.
+  SessionOptions named = Options(*g, Mode::kTrace, 1.0f, indexer::Policy::kDefault);
+  named.trace_name = "../escape.safetensors";
+  EXPECT_EQ(core->Open("named", named).code(), StatusCode::kInvalidArgument);
+  named.trace_name = "named.safetensors";
+  ASSERT_THAT(core->Open("named", named), IsOk());
+  Prefill(*core, "named", *g);
+  Decode(*core, "named", *g, 16);
+  ASSERT_THAT(core->Close("named"), IsOk());
+  EXPECT_TRUE(std::filesystem::exists(traces + "/named.safetensors"));
   auto t = workload::ReadTrace(traces + "/" + TraceFileName(id));
   ASSERT_THAT(t, IsOk());
   EXPECT_EQ(t->prefill_tokens, 4000u);

@@ -320,6 +320,7 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   o.max_pages = req->max_pages();
   o.tau = req->tau();
   o.level2_topk = req->level2_topk();
+  o.trace_name = req->trace_path();
   o.max_tokens = req->max_tokens();
   o.resume = req->resume();
   absl::Status st = core_->Open(req->session_id(), o);

@@ -170,11 +170,16 @@ absl::Status TraceRecorder::Write(const std::string& path) const {
                         {"label_layers", absl::StrCat(lo_.label_layers)}});
 }
 
-std::string TraceFileName(const std::string& session) {
-  bool plain = session != "." && session != "..";
-  for (char c : session)
+bool IsPlainFileName(const std::string& name) {
+  bool plain = !name.empty() && name != "." && name != "..";
+  for (char c : name)
     plain = plain && (std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
                       c == '-');
+  return plain;
+}
+
+std::string TraceFileName(const std::string& session) {
+  const bool plain = IsPlainFileName(session);
   std::string name = "=";  // not in plain names
   if (plain) {
     name = session;

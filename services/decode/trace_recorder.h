@@ -63,5 +63,7 @@ class TraceRecorder {
 // The file name a session's trace gets in the worker's trace directory: the id when it is
 // made of [A-Za-z0-9._-] (and is not "." or ".."), else "=" + its hex; ".safetensors".
 std::string TraceFileName(const std::string& session);
+// Whether `name` is a plain file name: [A-Za-z0-9._-]+, not "." or "..".
+bool IsPlainFileName(const std::string& name);
 
 }  // namespace fm::decode
