@@ -139,6 +139,10 @@ TEST_F(DecodeProcessTest, ThreeProcessesWithTwoKvstoreReplicasMatchTheAllInOne) 
     const size_t at = res->body.find(key);
     ASSERT_NE(at, std::string::npos) << res->body;
     EXPECT_GE(std::stod(res->body.substr(at + key.size())), double(got->stats.pages_fetched()));
+    const std::string steps = "\nfm_decode_steps_total ";  // the worker's totals
+    const size_t st = res->body.find(steps);
+    ASSERT_NE(st, std::string::npos) << res->body;
+    EXPECT_EQ(std::stod(res->body.substr(st + steps.size())), double(got->stats.steps()));
   }
   // The same session, options and deterministic cycle switches: the same outputs.
   EXPECT_LT(MaxDiff(got->out, ref->out), 1e-6);

@@ -1,6 +1,7 @@
 #include "services/decode/decode_core.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -214,6 +215,11 @@ struct DecodeCore::Impl {
   uint8_t* arena ABSL_GUARDED_BY(mu) = nullptr;
   size_t arena_bytes ABSL_GUARDED_BY(mu) = 0;
   bool store_arena ABSL_GUARDED_BY(mu) = false;  // the store's memory (fetches land in place)
+  // Totals since the worker started, for its metrics.
+  struct Totals {
+    std::atomic<uint64_t> steps{0}, stalls{0}, predictions{0}, prediction_failures{0},
+        fetched_pages{0}, surprise_fetches{0}, reregistrations{0};
+  } totals;
   uint64_t payload_bytes ABSL_GUARDED_BY(mu) = 0;  // page payload per cell
   size_t cell_stride ABSL_GUARDED_BY(mu) = 0;
   uint32_t num_cells ABSL_GUARDED_BY(mu) = 0;
@@ -411,6 +417,7 @@ struct DecodeCore::Impl {
     for (uint64_t p : Place(s, *rec)) {
       s.wanted.insert(std::upper_bound(s.wanted.begin(), s.wanted.end(), p), p);
       ++s.stats.surprise_fetches;
+      ++totals.surprise_fetches;
     }
   }
 
@@ -510,6 +517,7 @@ struct DecodeCore::Impl {
         !st.ok())
       return st;
     ++s.stats.reregistrations;
+    ++totals.reregistrations;
     return absl::OkStatus();
   }
 
@@ -559,6 +567,7 @@ struct DecodeCore::Impl {
     a.sink = options.sink;
     a.tail = options.tail;
     ++s.stats.predictions;
+    ++totals.predictions;
     // Two cells stay free for pages that seal before the switch, and the miss check's.
     const uint64_t keep = 2 + (options.miss_check ? options.miss_max_pages : 0);
     Post(sp, a, s.reserved > s.in_use + keep ? s.reserved - s.in_use - keep : 0);
@@ -702,6 +711,7 @@ struct DecodeCore::Impl {
     if (!job->status.ok()) {
       ReleaseCells(s, *job, true);
       ++s.stats.prediction_failures;
+      ++totals.prediction_failures;
       FM_LOG_WARN(
           "decode: session \"%s\": the prediction of step %llu failed (%s); the "
           "current set keeps serving",
@@ -710,6 +720,7 @@ struct DecodeCore::Impl {
     }
     Place(s, *job);
     s.stats.fetched_pages += job->fetched.size();
+    totals.fetched_pages += job->fetched.size();
     if (!job->catch_up) s.stats.deferred_pages += job->deferred;
     if (job->catch_up) {
       std::vector<uint64_t> merged;
@@ -993,6 +1004,14 @@ ReserveStats DecodeCore::Reserve() const {
   r.reserved_cells = impl_->reserved_cells;
   r.used_cells = impl_->num_cells - impl_->free_cells.size();
   r.sessions = impl_->sessions.size();
+  const Impl::Totals& t = impl_->totals;
+  r.steps = t.steps.load();
+  r.stalls = t.stalls.load();
+  r.predictions = t.predictions.load();
+  r.prediction_failures = t.prediction_failures.load();
+  r.fetched_pages = t.fetched_pages.load();
+  r.surprise_fetches = t.surprise_fetches.load();
+  r.reregistrations = t.reregistrations.load();
   return r;
 }
 
@@ -1259,6 +1278,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
       if (!s.job->done) {
         if (s.have_set) {
           ++s.stats.stalls;
+          ++totals.stalls;
           if (r.stalled) *r.stalled = true;
         } else {
           ++s.stats.warmup_waits;
@@ -1369,6 +1389,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   ++s.next_step;
   s.next_layer = 0;
   ++s.stats.steps;
+  ++totals.steps;
   s.stats.tokens = s.tokens;
   if (seals) {
     if (s.opt.mode == Mode::kSparse) {

@@ -165,8 +165,11 @@ struct SessionStats {
   double footprint = 0;  // peak resident pages / pages of the full history
 };
 
+// The worker's reserve now, and totals over every session since it started.
 struct ReserveStats {
   uint64_t cells = 0, cell_bytes = 0, reserved_cells = 0, used_cells = 0, sessions = 0;
+  uint64_t steps = 0, stalls = 0, predictions = 0, prediction_failures = 0, fetched_pages = 0,
+           surprise_fetches = 0, reregistrations = 0;
 };
 
 // One (session, step, layer) request. Spans point into the caller's memory for the call.

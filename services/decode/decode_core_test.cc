@@ -366,6 +366,12 @@ TEST_F(DecodeCoreTest, AnIndexerThatLostTheSessionIsGivenItAgain) {
   EXPECT_EQ(st->reregistrations, 3u);
   EXPECT_EQ(st->prediction_failures, 0u);
   EXPECT_EQ(st->predictions, 4u);
+  // The worker's totals: both sessions.
+  const ReserveStats r = core->Reserve();
+  EXPECT_EQ(r.steps, 128u);
+  EXPECT_EQ(r.predictions, 8u);
+  EXPECT_EQ(r.reregistrations, 3u);
+  EXPECT_EQ(r.prediction_failures, 0u);
 }
 
 TEST_F(DecodeCoreTest, TraceModeWritesTheModelsTraceWithItsGoldenLabels) {

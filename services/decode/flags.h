@@ -3,6 +3,8 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <iterator>
+#include <utility>
 
 #include "common/metrics.h"
 #include "services/decode/decode_core.h"
@@ -54,6 +56,20 @@ inline void AddDecodeMetrics(const DecodeCore* core, MetricsRegistry* metrics,
                        "gauge", {{"", double(r.reserved_cells)}});
     AppendMetricFamily(out, "fm_decode_used_cells", "Cells holding pages.", "gauge",
                        {{"", double(r.used_cells)}});
+    const std::pair<const char*, const char*> counters[] = {
+        {"fm_decode_steps_total", "Decode steps completed."},
+        {"fm_decode_stalls_total", "Steps that waited for a fetch."},
+        {"fm_decode_predictions_total", "Resident-set predictions launched."},
+        {"fm_decode_prediction_failures_total", "Predictions that failed (the set kept serving)."},
+        {"fm_decode_pages_fetched_total", "Pages fetched by predictions and catch-ups."},
+        {"fm_decode_surprise_fetches_total", "Pages fetched by the per-step miss check."},
+        {"fm_decode_reregistrations_total", "Sessions given again to an indexer that lost them."}};
+    const uint64_t values[] = {r.steps,         r.stalls,           r.predictions,
+                               r.prediction_failures, r.fetched_pages, r.surprise_fetches,
+                               r.reregistrations};
+    for (size_t i = 0; i < std::size(values); ++i)
+      AppendMetricFamily(out, counters[i].first, counters[i].second, "counter",
+                         {{"", double(values[i])}});
   });
 }
 
