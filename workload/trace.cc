@@ -57,7 +57,13 @@ absl::Status WriteTrace(const Session& s, const std::string& path, const TraceOp
   w.Add("chunk_topic", StDType::kI32, {C}, topics);
   if (with_pages) w.Add("pages", StDType::kU8, {P, int64_t(sp.PageBytes())}, pages);
   const SessionConfig& c = s.config();
-  std::map<std::string, std::string> meta = {
+  return w.Write(path, TraceMetadata(sp, {c.prefill_tokens, c.steps, c.knobs.tau, c.seed,
+                                          c.knobs.world_seed, c.knobs.top_p,
+                                          c.knobs.label_layers}));
+}
+
+std::map<std::string, std::string> TraceMetadata(const ModelSpec& sp, const TraceGeometry& g) {
+  return {
       {"format", kTraceFormat},
       {"spec_name", sp.name},
       {"layers", absl::StrCat(sp.layers)},
@@ -72,15 +78,14 @@ absl::Status WriteTrace(const Session& s, const std::string& path, const TraceOp
       {"chunk_tokens", absl::StrCat(sp.chunk_tokens)},
       {"hidden_dim", absl::StrCat(sp.hidden_dim)},
       {"rope_dims", absl::StrCat(IndexerShapeFor(sp, 1).rope_dims)},
-      {"prefill_tokens", absl::StrCat(c.prefill_tokens)},
-      {"steps", absl::StrCat(c.steps)},
-      {"tau", absl::StrCat(c.knobs.tau)},
-      {"seed", absl::StrCat(c.seed)},
-      {"world_seed", absl::StrCat(c.knobs.world_seed)},
-      {"top_p", absl::StrCat(c.knobs.top_p)},
-      {"label_layers", absl::StrCat(c.knobs.label_layers)},
+      {"prefill_tokens", absl::StrCat(g.prefill_tokens)},
+      {"steps", absl::StrCat(g.steps)},
+      {"tau", absl::StrCat(g.tau)},
+      {"seed", absl::StrCat(g.seed)},
+      {"world_seed", absl::StrCat(g.world_seed)},
+      {"top_p", absl::StrCat(g.top_p)},
+      {"label_layers", absl::StrCat(g.label_layers)},
   };
-  return w.Write(path, meta);
 }
 
 absl::StatusOr<Trace> ReadTrace(const std::string& path) {

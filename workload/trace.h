@@ -15,6 +15,7 @@
 // tau, seed, world_seed. trainer/fm_trace.py reads the same files with NumPy.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 
@@ -32,6 +33,16 @@ struct TraceOptions {
   bool step_queries = false;
   bool outputs = false;
 };
+
+// The metadata block every trace carries: format, the spec's fields and the geometry.
+struct TraceGeometry {
+  uint64_t prefill_tokens = 0;
+  uint32_t steps = 0, tau = 0;
+  uint64_t seed = 0, world_seed = 0;
+  double top_p = 0.6;
+  uint32_t label_layers = 1;
+};
+std::map<std::string, std::string> TraceMetadata(const ModelSpec& spec, const TraceGeometry& g);
 
 absl::Status WriteTrace(const Session& session, const std::string& path,
                         const TraceOptions& options = {});

@@ -128,8 +128,7 @@ struct Job : CellFetch {
   bool done = false;
   absl::Status status;
   std::vector<uint64_t> wanted;          // sealed pages of the new set, ascending
-  uint64_t deferred = 0;                 // missing pages that did not fit
-  std::vector<uint64_t> deferred_pages;  // them, most wanted first
+  std::vector<uint64_t> deferred_pages;  // missing pages that did not fit, most wanted first
   // A catch-up: fetches pages a switch deferred (no prediction); its set adds to the
   // serving one.
   bool catch_up = false;
@@ -366,9 +365,7 @@ struct DecodeCore::Impl {
     rec->install_step = s.next_step + std::max<uint32_t>(1, options.miss_lag);
     rec->q.assign(q, q + size_t{spec.q_heads} * spec.head_dim);
     rec->lse.assign(lse, lse + spec.q_heads);
-    PostCheck(sp, rec,
-              std::min<uint64_t>(options.miss_max_pages,
-                                 s.reserved > s.in_use + 2 ? s.reserved - s.in_use - 2 : 0));
+    PostCheck(sp, rec, std::min<uint64_t>(options.miss_max_pages, Spare(s, 2)));
   }
   void PostCheck(const std::shared_ptr<Session>& sp, const std::shared_ptr<Session::Recovery>& rec,
                  uint64_t cells) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
@@ -429,7 +426,7 @@ struct DecodeCore::Impl {
   absl::Status Flush(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     const ModelSpec& sp = s.opt.spec;
     const uint64_t cpp = sp.ChunksPerPage();
-    const uint64_t ready = std::min({s.key_chunks / cpp, s.bound_pages, s.sealed()});
+    const uint64_t ready = ReadyPages(s);
     const uint64_t pages = ready > s.sent_pages ? ready - s.sent_pages : 0;
     const uint64_t chunks = pages * cpp;
     if (s.registered && pages == 0) return absl::OkStatus();
@@ -460,13 +457,24 @@ struct DecodeCore::Impl {
     return absl::OkStatus();
   }
 
+  // Sealed pages whose index keys and bounds are both in.
+  uint64_t ReadyPages(const Session& s) const ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+    return std::min({s.key_chunks / s.opt.spec.ChunksPerPage(), s.bound_pages, s.sealed()});
+  }
+  // Cells of the reservation not in use, less `keep`.
+  static uint64_t Spare(const Session& s, uint64_t keep) ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+    return s.reserved > s.in_use + keep ? s.reserved - s.in_use - keep : 0;
+  }
+  // Cells a prediction or catch-up leaves free: two for pages that seal before the switch,
+  // and the miss check's.
+  uint64_t KeepFree() const { return 2 + (options.miss_check ? options.miss_max_pages : 0); }
+
   // Writes the keys records (kKeysPage + p) of the sealed pages whose keys and bounds are in
   // and that are not stored yet: at prefill, so that the first steps do not pay for them,
   // and before each flush to the indexer.
   absl::Status PersistKeys(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     const ModelSpec& sp = s.opt.spec;
-    const uint64_t cpp = sp.ChunksPerPage();
-    const uint64_t ready = std::min({s.key_chunks / cpp, s.bound_pages, s.sealed()});
+    const uint64_t cpp = sp.ChunksPerPage(), ready = ReadyPages(s);
     const size_t kb = sp.IndexKeyBytes(), bf = indexer::IndexerBoundsFloats(sp);
     std::vector<uint8_t> rec(KeysRecordBytes(sp));
     for (uint64_t p = std::max(s.persisted_pages, s.sent_pages); p < ready; ++p) {
@@ -568,9 +576,7 @@ struct DecodeCore::Impl {
     a.tail = options.tail;
     ++s.stats.predictions;
     ++totals.predictions;
-    // Two cells stay free for pages that seal before the switch, and the miss check's.
-    const uint64_t keep = 2 + (options.miss_check ? options.miss_max_pages : 0);
-    Post(sp, a, s.reserved > s.in_use + keep ? s.reserved - s.in_use - keep : 0);
+    Post(sp, a, Spare(s, KeepFree()));
   }
   // catch_up: the pages of a catch-up job (no prediction), else null.
   void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a, uint64_t cells,
@@ -677,7 +683,6 @@ struct DecodeCore::Impl {
                          return a.score > b.score;
                        });
       const size_t take = std::min<size_t>(missing.size(), job->cells.size());
-      job->deferred = missing.size() - take;
       std::vector<uint64_t> dropped;
       for (size_t i = take; i < missing.size(); ++i) dropped.push_back(missing[i].page);
       job->deferred_pages = dropped;
@@ -721,7 +726,7 @@ struct DecodeCore::Impl {
     Place(s, *job);
     s.stats.fetched_pages += job->fetched.size();
     totals.fetched_pages += job->fetched.size();
-    if (!job->catch_up) s.stats.deferred_pages += job->deferred;
+    if (!job->catch_up) s.stats.deferred_pages += job->deferred_pages.size();
     if (job->catch_up) {
       std::vector<uint64_t> merged;
       std::set_union(s.wanted.begin(), s.wanted.end(), job->wanted.begin(), job->wanted.end(),
@@ -737,10 +742,7 @@ struct DecodeCore::Impl {
     // if they can arrive before the next cycle's switch.
     const uint64_t at = step + std::max<uint32_t>(1, options.switch_lag);
     if (!job->deferred_pages.empty() && at < (step / s.tau + 1) * s.tau) {
-      const uint64_t keep = 2 + (options.miss_check ? options.miss_max_pages : 0);
-      const uint64_t n =
-          std::min<uint64_t>(job->deferred_pages.size(),
-                             s.reserved > s.in_use + keep ? s.reserved - s.in_use - keep : 0);
+      const uint64_t n = std::min<uint64_t>(job->deferred_pages.size(), Spare(s, KeepFree()));
       if (n > 0) PostCatchUp(sp, job->deferred_pages, n, at);
     }
   }
@@ -790,7 +792,6 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     if (j.done && j.status.ok()) {
       for (uint64_t p : j.wanted) st.add_job_wanted(p);
       for (const auto& [p, c] : j.fetched) st.add_job_fetched(p);
-      st.set_job_deferred(j.deferred);
     }
     st.set_job_has_hidden(!j.args.hidden.empty());
     st.set_job_hidden(j.args.hidden.data(), j.args.hidden.size() * 4);
@@ -949,7 +950,6 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       if (absl::Status r = take_back(job_pages, st.job_cells(), &job->fetched, &job->cells);
           !r.ok())
         return r;
-      job->deferred = st.job_deferred();
       job->catch_up = st.job_catch_up();
       job->pages.assign(st.job_pages().begin(), st.job_pages().end());
       job->deferred_pages.assign(st.job_deferred_pages().begin(), st.job_deferred_pages().end());

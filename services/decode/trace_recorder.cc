@@ -7,7 +7,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/safetensors.h"
-#include "workload/generator.h"
 #include "workload/trace.h"
 
 namespace fm::decode {
@@ -146,28 +145,10 @@ absl::Status TraceRecorder::Write(const std::string& path) const {
   w.Add("page_mass", StDType::kF32, {S, P}, page_mass);
   w.Add("needles", StDType::kI64, {0, 2}, needles);
   w.Add("chunk_topic", StDType::kI32, {C}, topics);
-  return w.Write(path, {{"format", workload::kTraceFormat},
-                        {"source", "decode worker (trace mode)"},
-                        {"spec_name", sp.name},
-                        {"layers", absl::StrCat(sp.layers)},
-                        {"q_heads", absl::StrCat(sp.q_heads)},
-                        {"kv_heads", absl::StrCat(sp.kv_heads)},
-                        {"head_dim", absl::StrCat(sp.head_dim)},
-                        {"dtype", DTypeName(sp.dtype)},
-                        {"page_tokens", absl::StrCat(sp.page_tokens)},
-                        {"index_layers", absl::StrCat(sp.index_layers)},
-                        {"index_heads", absl::StrCat(sp.index_heads)},
-                        {"index_dim", absl::StrCat(sp.index_dim)},
-                        {"chunk_tokens", absl::StrCat(sp.chunk_tokens)},
-                        {"hidden_dim", absl::StrCat(sp.hidden_dim)},
-                        {"rope_dims", absl::StrCat(workload::IndexerShapeFor(sp, 1).rope_dims)},
-                        {"prefill_tokens", absl::StrCat(prefill_tokens_)},
-                        {"steps", absl::StrCat(S)},
-                        {"tau", absl::StrCat(tau_)},
-                        {"seed", "0"},
-                        {"world_seed", "0"},
-                        {"top_p", absl::StrCat(lo_.top_p)},
-                        {"label_layers", absl::StrCat(lo_.label_layers)}});
+  std::map<std::string, std::string> meta = workload::TraceMetadata(
+      sp, {prefill_tokens_, static_cast<uint32_t>(S), tau_, 0, 0, lo_.top_p, lo_.label_layers});
+  meta["source"] = "decode worker (trace mode)";
+  return w.Write(path, meta);
 }
 
 bool IsPlainFileName(const std::string& name) {

@@ -107,33 +107,31 @@ int RunE2eBench(const E2eBenchOptions& o) {
   std::string target = o.target, dir, served_spec;
   std::unique_ptr<decode::DecodeClient> client;
   auto start = [&](const std::string& spec_name) -> bool {
-    if (!o.target.empty() && client) return true;
-    if (!o.target.empty() || spec_name != served_spec) {
-      client.reset();
+    if (client && (!o.target.empty() || spec_name == served_spec)) return true;
+    client.reset();
+    if (o.target.empty()) {
       server.reset();
       if (!dir.empty()) std::filesystem::remove_all(dir);
-      if (o.target.empty()) {
-        dir = MakeTempDir("fm_e2e");
-        auto s = ServerProcess::Start(
-            "flashmemory", {"--data_dir", dir, "--ram_bytes", std::to_string(o.server_ram),
-                            "--reserve_bytes", std::to_string(o.server_reserve)});
-        if (!s.ok()) {
-          std::fprintf(stderr, "fm-bench e2e: %s\n", s.status().ToString().c_str());
-          return false;
-        }
-        server = std::move(*s);
-        target = server->target();
-      }
-      auto c = decode::DecodeClient::Connect(target, 600000);
-      if (!c.ok()) {
-        std::fprintf(stderr, "fm-bench e2e: %s\n", c.status().ToString().c_str());
+      dir = MakeTempDir("fm_e2e");
+      auto s = ServerProcess::Start(
+          "flashmemory", {"--data_dir", dir, "--ram_bytes", std::to_string(o.server_ram),
+                          "--reserve_bytes", std::to_string(o.server_reserve)});
+      if (!s.ok()) {
+        std::fprintf(stderr, "fm-bench e2e: %s\n", s.status().ToString().c_str());
         return false;
       }
-      client = std::move(*c);
-      served_spec = spec_name;
-      std::printf("fm-bench e2e: decode worker %s%s for the %s spec\n", target.c_str(),
-                  server ? " (flashmemory started by the bench)" : "", spec_name.c_str());
+      server = std::move(*s);
+      target = server->target();
     }
+    auto c = decode::DecodeClient::Connect(target, 600000);
+    if (!c.ok()) {
+      std::fprintf(stderr, "fm-bench e2e: %s\n", c.status().ToString().c_str());
+      return false;
+    }
+    client = std::move(*c);
+    served_spec = spec_name;
+    std::printf("fm-bench e2e: decode worker %s%s for the %s spec\n", target.c_str(),
+                server ? " (flashmemory started by the bench)" : "", spec_name.c_str());
     return true;
   };
   std::printf("fm-bench e2e: sparse budget (footprint cap) %.0f %% (bench spec), %.0f %% (long "
