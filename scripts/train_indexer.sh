@@ -11,10 +11,10 @@ OUT=${1:-models/lsa-$SPEC.safetensors}
 if [[ -n "${WORK:-}" ]]; then mkdir -p "$WORK"; KEEP=1; else WORK=$(mktemp -d); KEEP=0; fi
 bash scripts/build.sh >/dev/null
 build/bin/fmctl gen --spec "$SPEC" --tokens 16384 --steps 512 --seed 1000 --count 160 \
-  --focus-steps 120 --needles 12 --out "$WORK" | tail -1
+  --focus-steps 120 --needles 12 --tau 64 --out "$WORK" | tail -1
 build/bin/fmctl gen --spec "$SPEC" --tokens 65536 --steps 512 --seed 3000 --count 40 \
-  --focus-steps 120 --needles 12 --out "$WORK" | tail -1
-build/bin/fmctl gen --spec "$SPEC" --tokens 32768 --steps 512 --seed 2000 --count 6 \
+  --focus-steps 120 --needles 12 --tau 64 --out "$WORK" | tail -1
+build/bin/fmctl gen --spec "$SPEC" --tokens 32768 --steps 512 --seed 2000 --count 6 --tau 64 \
   --out "$WORK" | tail -1
 /usr/bin/python3 trainer/train_indexer.py --train "$WORK/$SPEC-*-s[13]*.safetensors" \
   --val "$WORK/$SPEC-*-s2*.safetensors" --out "$OUT" --epochs 8 --loss focal --page-loss 2.0

@@ -23,7 +23,8 @@ class TrainerTest(unittest.TestCase):
         cls.dir = tempfile.mkdtemp(prefix="fm_trainer_test")
         for seed in (11, 12):
             subprocess.run([os.path.join(BIN, "fmctl"), "gen", "--spec", "tiny", "--tokens", "4096",
-                            "--steps", "128", "--seed", str(seed), "--out", cls.dir],
+                            "--steps", "128", "--tau", "64", "--seed", str(seed), "--out",
+                            cls.dir],
                            check=True, stdout=subprocess.DEVNULL)
         cls.paths = sorted(os.path.join(cls.dir, f) for f in os.listdir(cls.dir))
 

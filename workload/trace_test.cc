@@ -15,6 +15,7 @@ TEST(Trace, WritesAndReadsBackEveryTensor) {
   c.seed = 3;
   c.prefill_tokens = 2000;
   c.steps = 128;
+  c.knobs.tau = 64;
   auto s = Session::Generate(c);
   ASSERT_THAT(s.status(), IsOk());
   const std::string path = ::testing::TempDir() + "/trace.safetensors";

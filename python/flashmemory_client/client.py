@@ -158,18 +158,21 @@ class DecodeClient:
         self._timeout = timeout
 
     def open(self, session_id, spec, mode="sparse", budget=0.1, policy="default", max_tokens=0,
-             tau=0, max_pages=0, level2_topk=0):
+             tau=0, max_pages=0, level2_topk=0, switch_lag=0):
         """Opens a session; returns the page cells the admission reserved.
 
         mode: "sparse", "dense" or "trace" (dense, and the worker writes the session's trace
         to its --trace_dir at close). budget: the footprint cap (share of the session's pages
         its reservation holds). level2_topk: each layer attends to the top-k resident tokens.
+        tau, switch_lag: steps per cycle and steps after a cycle start before its set serves
+        (0 = the worker's).
         """
         try:
             r = self._stub.OpenSession(decode_pb2.OpenSessionRequest(
                 session_id=session_id, spec=spec.to_proto(), mode=_MODES[mode],
                 policy=_POLICIES[policy], budget=budget, max_pages=max_pages, tau=tau,
-                max_tokens=max_tokens, level2_topk=level2_topk), timeout=self._timeout)
+                max_tokens=max_tokens, level2_topk=level2_topk, switch_lag=switch_lag),
+                timeout=self._timeout)
         except grpc.RpcError as e:
             _raise(e)
         return r.reserve_pages

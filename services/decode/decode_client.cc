@@ -39,6 +39,7 @@ absl::StatusOr<uint64_t> DecodeClient::Open(const std::string& session, const Se
   req.set_budget(o.budget);
   req.set_max_pages(o.max_pages);
   req.set_tau(o.tau);
+  req.set_switch_lag(o.switch_lag);
   req.set_level2_topk(o.level2_topk);
   req.set_max_tokens(o.max_tokens);
   req.set_resume(o.resume);

@@ -141,7 +141,8 @@ struct DecodeCore::Session {
   kernels::AttentionShape shape;
   uint64_t reserved = 0;  // cells the admission granted
   float predict_budget = 1;  // the share of the pages each prediction asks for
-  uint32_t tau = 64;
+  uint32_t tau = 16;
+  uint32_t lag = 8;  // steps after a cycle start at which its set takes over (< tau)
 
   absl::Mutex mu;
   bool closed ABSL_GUARDED_BY(mu) = false;
@@ -566,7 +567,7 @@ struct DecodeCore::Impl {
     Session& s = *sp;
     indexer::PredictArgs a;
     s.launched_for = s.next_step;
-    s.switch_step = s.next_step + std::max<uint32_t>(1, options.switch_lag);
+    s.switch_step = s.next_step + s.lag;
     a.step = s.next_step;
     if (s.have_hidden) a.hidden = s.hidden;
     a.query = s.index_query;
@@ -740,7 +741,7 @@ struct DecodeCore::Impl {
     Trim(s);
     // Pages that did not fit while the previous set served come now, into the cells it left,
     // if they can arrive before the next cycle's switch.
-    const uint64_t at = step + std::max<uint32_t>(1, options.switch_lag);
+    const uint64_t at = step + s.lag;
     if (!job->deferred_pages.empty() && at < (step / s.tau + 1) * s.tau) {
       const uint64_t n = std::min<uint64_t>(job->deferred_pages.size(), Spare(s, KeepFree()));
       if (n > 0) PostCatchUp(sp, job->deferred_pages, n, at);
@@ -772,6 +773,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
   st.set_budget(s.opt.budget);
   st.set_max_pages(s.opt.max_pages);
   st.set_tau(s.tau);
+  st.set_switch_lag(s.lag);
   st.set_level2_topk(s.opt.level2_topk);
   st.set_max_tokens(s.opt.max_tokens);
   st.set_tokens(s.tokens);
@@ -1015,6 +1017,13 @@ ReserveStats DecodeCore::Reserve() const {
   return r;
 }
 
+uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
+  const double scan = double(sp.ChunksPerPage()) * sp.index_layers * sp.index_heads * sp.index_dim;
+  const double attend = double(sp.page_tokens) * sp.layers * sp.q_heads * sp.head_dim * 2 *
+                        std::max(predicted_share, 1e-6);
+  return static_cast<uint32_t>(std::clamp(1 + std::ceil(2 * scan / attend), 2.0, 8.0));
+}
+
 absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   if (absl::Status st = ValidateSessionId(id); !st.ok()) return st;
   if (o.resume) {
@@ -1035,6 +1044,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     so.budget = st.budget();
     so.max_pages = st.max_pages();
     so.tau = st.tau();
+    so.switch_lag = st.switch_lag();
     so.level2_topk = st.level2_topk();
     so.max_tokens = st.max_tokens();
     if (absl::Status opened = Open(id, so); !opened.ok()) return opened;
@@ -1057,6 +1067,10 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat("budget must be in (0, 1], got ", o.budget));
   if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle)
     return absl::InvalidArgumentError("policy oracle needs the future attention: evaluation only");
+  if (const uint32_t tau = o.tau ? o.tau : impl_->options.tau;
+      o.switch_lag > std::max<uint32_t>(1, tau - 1))
+    return absl::InvalidArgumentError(absl::StrCat("switch_lag must be below tau (", tau,
+                                                   "), got ", o.switch_lag));
   if (o.level2_topk > kernels::kMaxLevel2TopK)
     return absl::InvalidArgumentError(absl::StrCat("level2_topk must be in [0, ",
                                                    kernels::kMaxLevel2TopK, "], got ",
@@ -1105,6 +1119,12 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->reserved = cells;
   s->predict_budget = predict_budget;
   s->tau = o.tau ? o.tau : opt.tau;
+  {
+    const uint32_t lag = o.switch_lag     ? o.switch_lag
+                         : opt.switch_lag ? opt.switch_lag
+                                          : AutoSwitchLag(sp, predict_budget);
+    s->lag = std::max<uint32_t>(1, std::min<uint32_t>(lag, s->tau > 1 ? s->tau - 1 : 1));
+  }
   {
     absl::MutexLock l(&impl_->mu);
     Impl& im = *impl_;
@@ -1477,6 +1497,8 @@ absl::StatusOr<SessionStats> DecodeCore::Stats(const std::string& id) const {
   SessionStats st = s->stats;
   st.next_step = s->next_step;
   st.fetching = s->job && !s->job->done;
+  st.tau = s->tau;
+  st.switch_lag = s->lag;
   st.total_pages = s->opt.spec.PagesForTokens(s->tokens);
   st.footprint = st.total_pages ? double(st.peak_resident_pages) / st.total_pages : 0;
   return st;

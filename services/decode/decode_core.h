@@ -102,11 +102,22 @@ class Predictor {
   virtual absl::Status Drop(const std::string& session) = 0;
 };
 
+// The switch lag of a sparse session when neither it nor the worker sets one: the steps its
+// prediction and fetch take. The prediction: twice the ratio of the indexer's scan work per
+// history page (chunks x index layers x heads x dims) to a sparse step's attention work per
+// history page (tokens x layers x query heads x head dim x 2 x the predicted share of the
+// pages); the fetch: one step (a focus switch moves fewer bytes than a step reads). Between
+// 2 and 8 steps. On the CPU backends: 3 for the bench spec at a 10 % cap, 8 for the long
+// spec at 5 %.
+uint32_t AutoSwitchLag(const ModelSpec& spec, double predicted_share);
+
 struct DecodeOptions {
   uint64_t reserve_bytes = uint64_t{1} << 30;  // the device reserve shared by all sessions
-  uint32_t tau = 64;                           // decode steps per cycle
+  uint32_t tau = 16;                           // decode steps per cycle
   uint32_t sink = 1, tail = 2;                 // always-resident pages (DESIGN §1)
-  uint32_t switch_lag = 8;  // steps after a cycle start at which its resident set takes over
+  // Steps after a cycle start at which its resident set takes over; 0 = per session from
+  // its spec's costs (AutoSwitchLag).
+  uint32_t switch_lag = 0;
   double headroom = 0.25;   // cells of a sparse session's cap kept for pages fetched while
                             // the previous set still serves, per predicted page
   uint32_t max_sessions = 1024;
@@ -140,6 +151,8 @@ struct SessionOptions {
   indexer::Policy policy = indexer::Policy::kDefault;
   uint64_t max_tokens = 0;  // the most tokens the session will hold: sizes its reservation
   uint32_t tau = 0;         // decode steps per cycle; 0 = the worker's
+  uint32_t switch_lag = 0;  // steps after a cycle start before its set serves (< tau); 0 = the
+                            // worker's
   // Level 2: each layer attends only to the top-k tokens of the resident set (scored per KV
   // head group by max_h q_h . k); 0 = off, else 1..2048. Not in trace mode.
   uint32_t level2_topk = 0;
@@ -160,6 +173,7 @@ struct SessionStats {
   uint64_t surprise_fetches = 0;  // pages fetched by the per-step miss check
   uint64_t reregistrations = 0;   // times the indexer had lost the session and got it again
   bool fetching = false;          // a prediction or catch-up is in flight
+  uint32_t tau = 0, switch_lag = 0;
   uint64_t resident_pages = 0, peak_resident_pages = 0, reserved_cells = 0;
   uint64_t total_pages = 0;
   double footprint = 0;  // peak resident pages / pages of the full history

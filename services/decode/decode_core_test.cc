@@ -239,6 +239,8 @@ TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
   EXPECT_LE(st->peak_resident_pages, 33u);
   EXPECT_LE(st->footprint, 33.0 / 129);
   EXPECT_GT(st->peak_resident_pages, 24u);  // the set (24 pages) and fetches in flight
+  EXPECT_EQ(st->tau, 16u);
+  EXPECT_EQ(st->switch_lag, 2u);  // the worker's
   // The sparse outputs are close to the model's dense attention (quest at 25 %).
   EXPECT_GT(
       replay::CompareToModel(*g, 64, 3, [&](uint32_t st, uint32_t l) { return outs[st][l].data(); })
@@ -271,6 +273,15 @@ TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   bad.budget = 0.1f;
   bad.max_tokens = 0;
   EXPECT_EQ(core->Open("b", bad).code(), StatusCode::kInvalidArgument);
+  bad.max_tokens = 4096;
+  bad.switch_lag = 16;  // the set of a cycle must take over within it (tau 16)
+  auto lag = core->Open("b", bad);
+  EXPECT_EQ(lag.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(lag.message().find("switch_lag must be below tau (16), got 16"), std::string::npos)
+      << lag;
+  bad.tau = 32;  // its own tau
+  EXPECT_THAT(core->Open("b", bad), IsOk());
+  ASSERT_THAT(core->Close("b", false), IsOk());
   SessionOptions other = Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault);
   other.spec.head_dim = 128;  // pages of another size than the reserve's
   EXPECT_EQ(core->Open("b", other).code(), StatusCode::kInvalidArgument);
@@ -529,6 +540,17 @@ TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
         ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
     EXPECT_EQ(b->Open("never" + sfx, resume).code(), StatusCode::kNotFound);
   }
+}
+
+TEST(AutoSwitchLag, FollowsTheIndexerToAttentionWorkRatio) {
+  // bench: 16 chunks x 3 x 16 x 128 scanned vs 64 x 4 x 32 x 128 x 2 x 0.075 attended per
+  // page: ratio 0.63, lag 1 + 2. long: 16 x 3 x 8 x 128 vs 64 x 2 x 8 x 128 x 2 x 0.04:
+  // ratio 4.7, lag 8 (the most). A denser set is cheaper to predict for relative to its steps.
+  EXPECT_EQ(AutoSwitchLag(*PresetSpec("bench"), 0.075), 3u);
+  EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 0.04), 8u);
+  EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 0.25), 3u);
+  EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 0.1), 5u);
+  EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 1.0), 2u);
 }
 
 TEST_F(DecodeCoreTest, AdmissionRefusesWhatTheReserveCannotHold) {

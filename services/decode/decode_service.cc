@@ -319,6 +319,7 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   o.budget = req->budget() == 0.0f ? 0.1f : req->budget();
   o.max_pages = req->max_pages();
   o.tau = req->tau();
+  o.switch_lag = req->switch_lag();
   o.level2_topk = req->level2_topk();
   o.trace_name = req->trace_path();
   o.max_tokens = req->max_tokens();
@@ -371,6 +372,8 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_surprise_fetches(st->surprise_fetches);
   resp->set_reregistrations(st->reregistrations);
   resp->set_fetching(st->fetching);
+  resp->set_tau(st->tau);
+  resp->set_switch_lag(st->switch_lag);
   resp->set_predictions(st->predictions);
   resp->set_prediction_failures(st->prediction_failures);
   resp->set_pages_deferred(st->deferred_pages);

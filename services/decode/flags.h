@@ -19,7 +19,8 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
   app.add_option("--tau", o->tau, "Decode steps per cycle (sessions may set their own)")
       ->capture_default_str();
   app.add_option("--switch_lag", o->switch_lag,
-                 "Steps after a cycle start at which its resident set takes over")
+                 "Steps after a cycle start at which its resident set takes over (sessions may "
+                 "set their own); 0 = per session from its spec's costs")
       ->capture_default_str();
   app.add_option("--fetch_headroom", o->headroom,
                  "Share of a sparse session's budget kept, on top of its predicted set, for "

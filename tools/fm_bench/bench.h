@@ -62,7 +62,7 @@ struct IndexerBenchOptions {
   int sessions = 2;         // held-out sessions per context (1 at 1M tokens)
   uint32_t steps = 512;     // decode steps per session (whole cycles)
   uint32_t steps_1m = 256;  // at 1M tokens
-  uint32_t tau = 64;
+  uint32_t tau = 16;
   double budget = 0.10;    // resident pages / context pages, sink and tail included
   float best_share = 0.125f;  // lsa: share of the pages chosen by best chunk (CoreOptions)
   uint64_t seed = 900001;  // held out: training uses other seeds

@@ -209,8 +209,10 @@ int RunE2eBench(const E2eBenchOptions& o) {
     double layer_s[2] = {0, 0};  // decode time of the per-layer steps
     if (!run_pair(g, prefill, one, layer_s)) return 1;
     const replay::Fidelity f = replay::Compare(spec, one[1], one[0]);
-    std::printf("\n%llu tokens (%s spec): %.2f GiB of KV per session\n",
-                static_cast<unsigned long long>(context), spec.name.c_str(), kv_gib);
+    std::printf("\n%llu tokens (%s spec): %.2f GiB of KV per session; sparse cycles of %u steps, "
+                "switch lag %u\n",
+                static_cast<unsigned long long>(context), spec.name.c_str(), kv_gib,
+                one[1].stats.tau(), one[1].stats.switch_lag());
     std::printf("  %-8s %9s %8s %8s %8s %8s %9s %9s %9s %10s %10s\n", "mode", "footprint", "cosine",
                 "cos_min", "rel_l2", "mass_rec", "needles", "stall_fr", "p50_ms", "p99_ms",
                 "tok/s");
@@ -358,7 +360,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
             "\"needle_hit\": %.6f, \"stall_fraction\": %.6f, \"step_p50_ms\": %.4f, "
             "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
             "\"concurrency_dense\": %d, \"concurrency_sparse\": %d, \"fidelity_sessions\": %d, "
-            "\"mass_recall_sessions\": [%s]}",
+            "\"mass_recall_sessions\": [%s], \"tau\": %u, \"switch_lag\": %u}",
             static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
             m ? budget : 1.0, m ? agg.footprint : r.stats.footprint(),
             m ? agg.cos_sum / nf : 1.0, m ? agg.cos_min : 1.0, m ? agg.rel_sum / nf : 0.0,
@@ -367,7 +369,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
               : (r.needles ? double(r.needle_hits) / r.needles : 1.0),
             cr.steps ? double(cr.stalled) / cr.steps : 0.0, cr.p50, cr.p99, cr.tps_layer,
             cr.tps_whole, ceiling[0], ceiling[1], static_cast<int>(nf),
-            m ? per_session.c_str() : "1");
+            m ? per_session.c_str() : "1", r.stats.tau(), r.stats.switch_lag());
         rows.push_back(row);
       }
     if (!o.json.empty()) WriteJsonRows(o.json, rows);  // after every context: long runs

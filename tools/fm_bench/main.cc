@@ -40,6 +40,9 @@ int main(int argc, char** argv) {
   ic->add_option("--steps_1m", ib.steps_1m, "Decode steps at 1M tokens")->capture_default_str();
   ic->add_option("--budget", ib.budget, "Resident fraction of the pages")->capture_default_str();
   ic->add_option("--seed", ib.seed, "First held-out session seed")->capture_default_str();
+  ic->add_option("--tau", ib.tau, "Decode steps per cycle (one Predict each)")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
   ic->add_option("--json", ib.json, "Write the rows as JSON");
   ic->add_flag("--verbose", ib.verbose, "Per-cycle mass recall of every policy on stderr");
   fm::bench::E2eBenchOptions eb;
