@@ -290,6 +290,68 @@ TEST(SelectPages, SinkTailAndTopPagesByKeptChunks) {
   EXPECT_EQ(SelectPages(2, logits.data(), chunks, p, &out), KernelStatus::kInvalidShape);
 }
 
+// Selection by the definition: per chunk the max over layers of the sigmoid, kept above
+// theta, pages by kept count then best chunk (then the newer page).
+std::vector<uint64_t> SelectByDefinition(uint32_t layers, const std::vector<float>& logits,
+                                         uint64_t chunks, const SelectParams& p) {
+  const uint64_t per_page = p.page_tokens / p.chunk_tokens;
+  std::vector<uint32_t> kept(p.total_pages, 0);
+  std::vector<float> best(p.total_pages, 0.0f);
+  for (uint64_t c = 0; c < chunks; ++c) {
+    float sc = 0;
+    for (uint32_t l = 0; l < layers; ++l)
+      sc = std::max(sc, 1.0f / (1.0f + std::exp(-logits[l * chunks + c])));
+    kept[c / per_page] += sc > p.theta;
+    best[c / per_page] = std::max(best[c / per_page], sc);
+  }
+  std::vector<uint64_t> mid;
+  for (uint64_t pg = p.sink; pg < p.total_pages - p.tail; ++pg) mid.push_back(pg);
+  std::sort(mid.begin(), mid.end(), [&](uint64_t a, uint64_t b) {
+    if (kept[a] != kept[b]) return kept[a] > kept[b];
+    if (best[a] != best[b]) return best[a] > best[b];
+    return a > b;
+  });
+  mid.resize(std::min<size_t>(mid.size(), p.kmax));
+  for (uint64_t pg = 0; pg < p.sink; ++pg) mid.push_back(pg);
+  for (uint64_t pg = p.total_pages - p.tail; pg < p.total_pages; ++pg) mid.push_back(pg);
+  std::sort(mid.begin(), mid.end());
+  return mid;
+}
+
+TEST(SelectPages, EqualsTheDefinitionAtEveryThreshold) {
+  // Logits around each threshold's boundary (and saturated ones): the kept test on the
+  // largest logit and one sigmoid per page give the definition's selection exactly.
+  std::mt19937 rng(5);
+  const uint32_t layers = 3;
+  const uint64_t chunks = 16 * 300 - 5;  // a partial last page
+  for (float theta : {0.5f, 0.3f, 0.9f, 0.999f, 0.0f}) {
+    const float t = std::log(theta / (1 - theta));
+    std::normal_distribution<float> near(std::isfinite(t) ? t : -90.0f, 0.01f), wide(0, 20);
+    std::vector<float> logits(layers * chunks);
+    for (size_t i = 0; i < logits.size(); ++i) logits[i] = i % 3 ? near(rng) : wide(rng);
+    // And the floats right at the boundary: t and its neighbours, a few ulps each way.
+    if (std::isfinite(t)) {
+      std::vector<float> edge = {t};
+      for (int k = 0; k < 3; ++k) {
+        edge.push_back(std::nextafter(edge[2 * k], 1e9f));
+        edge.push_back(std::nextafter(edge[k == 0 ? 0 : 2 * k - 1], -1e9f));
+      }
+      for (size_t i = 0; i < logits.size(); i += 7) logits[i] = edge[(i / 7) % edge.size()];
+    }
+    SelectParams p;
+    p.chunk_tokens = 4;
+    p.page_tokens = 64;
+    p.total_pages = 300;
+    p.kmax = 37;
+    p.theta = theta;
+    std::vector<ScoredPageOut> out;
+    ASSERT_EQ(SelectPages(layers, logits.data(), chunks, p, &out), KernelStatus::kOk);
+    std::vector<uint64_t> pages;
+    for (const auto& o : out) pages.push_back(o.page);
+    EXPECT_EQ(pages, SelectByDefinition(layers, logits, chunks, p)) << "theta " << theta;
+  }
+}
+
 TEST(SelectPages, ABestChunkShareKeepsALoneSharpChunk) {
   // 8 pages of 4 chunks, one layer: page 1 holds one sharply wanted chunk (a needle), pages
   // 2, 3 and 5 several mildly wanted ones.

@@ -155,6 +155,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     c.spec = spec;
     c.seed = o.seed + context / 32768 - 1;  // per context, whatever the list
     c.prefill_tokens = context;
+    c.knobs.tau = long_spec ? o.long_tau : o.tau;  // the sessions' cycles (replay passes it)
     const uint32_t tau = c.knobs.tau;
     c.steps = (std::max(o.steps, 2 * o.conc_steps) + tau - 1) / tau * tau;
     const auto g0 = std::chrono::steady_clock::now();

@@ -63,6 +63,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   ec->add_option("--long_budget", eb.long_budget, "The same for the long spec (512K and up)")
       ->capture_default_str();
+  ec->add_option("--tau", eb.tau, "Decode steps per cycle, bench spec")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
+  ec->add_option("--long_tau", eb.long_tau, "The same for the long spec")
+      ->check(CLI::Range(1u, 4096u))
+      ->capture_default_str();
   ec->add_option("--policy", eb.policy,
                  "Sparse policy (default: the worker's, lsa where weights fit the spec)")
       ->capture_default_str();
