@@ -740,11 +740,14 @@ struct DecodeCore::Impl {
     s.plan_dirty = true;
     Trim(s);
     // Pages that did not fit while the previous set served come now, into the cells it left,
-    // if they can arrive before the next cycle's switch.
-    const uint64_t at = step + s.lag;
-    if (!job->deferred_pages.empty() && at < (step / s.tau + 1) * s.tau) {
+    // with one lag per fetch's worth of pages (what a lag was sized for: a focus switch at 1M
+    // defers ~490 pages behind a 163-page fetch), serving before the next cycle starts.
+    const uint64_t next = (step / s.tau + 1) * s.tau;
+    if (!job->deferred_pages.empty() && step + s.lag < next) {
       const uint64_t n = std::min<uint64_t>(job->deferred_pages.size(), Spare(s, KeepFree()));
-      if (n > 0) PostCatchUp(sp, job->deferred_pages, n, at);
+      const uint64_t per_lag = std::max<uint64_t>(1, job->fetched.size());
+      const uint64_t at = std::min(step + s.lag * ((n + per_lag - 1) / per_lag), next - 1);
+      if (n > 0) PostCatchUp(sp, job->deferred_pages, n, std::max(at, step + s.lag));
     }
   }
 
