@@ -746,8 +746,9 @@ struct DecodeCore::Impl {
     if (!job->deferred_pages.empty() && step + s.lag < next) {
       const uint64_t n = std::min<uint64_t>(job->deferred_pages.size(), Spare(s, KeepFree()));
       const uint64_t per_lag = std::max<uint64_t>(1, job->fetched.size());
-      const uint64_t at = std::min(step + s.lag * ((n + per_lag - 1) / per_lag), next - 1);
-      if (n > 0) PostCatchUp(sp, job->deferred_pages, n, std::max(at, step + s.lag));
+      if (n > 0)
+        PostCatchUp(sp, job->deferred_pages, n,
+                    std::min(step + s.lag * ((n + per_lag - 1) / per_lag), next - 1));
     }
   }
 

@@ -340,12 +340,17 @@ absl::Status ShardedKvClient::Put(const PageHeaderData& header, const void* payl
   return clients_[ReplicaFor(header.session_id, header.page)]->Put(header, payload);
 }
 
-absl::StatusOr<std::vector<PageRecord>> ShardedKvClient::Read(const std::vector<PageRef>& keys) {
+std::map<size_t, std::vector<size_t>> ShardedKvClient::ByReplica(
+    const std::vector<PageRef>& keys) const {
   std::map<size_t, std::vector<size_t>> by_replica;
   for (size_t i = 0; i < keys.size(); ++i)
     by_replica[ReplicaFor(keys[i].session_id, keys[i].page)].push_back(i);
+  return by_replica;
+}
+
+absl::StatusOr<std::vector<PageRecord>> ShardedKvClient::Read(const std::vector<PageRef>& keys) {
   std::vector<PageRecord> out(keys.size());
-  for (auto& [r, idx] : by_replica) {
+  for (auto& [r, idx] : ByReplica(keys)) {
     std::vector<PageRef> sub;
     for (size_t i : idx) sub.push_back(keys[i]);
     FM_ASSIGN_OR_RETURN(auto recs, clients_[r]->Read(sub));
@@ -363,15 +368,12 @@ absl::Status ShardedKvClient::ReadInto(const std::vector<PageRef>& keys, const U
     if (off + room > dst.size())
       return absl::InvalidArgumentError("destination offset beyond the region");
   if (headers) headers->assign(keys.size(), PageHeaderData{});
-  std::map<size_t, std::vector<size_t>> by_replica;
-  for (size_t i = 0; i < keys.size(); ++i)
-    by_replica[ReplicaFor(keys[i].session_id, keys[i].page)].push_back(i);
   auto too_large = [&](const PageRef& k, uint64_t len) {
     return absl::DataLossError(absl::StrCat("page ", k.page, " of \"", k.session_id,
                                             "\": a record of ", len,
                                             " bytes does not fit its destination of ", room));
   };
-  for (auto& [r, idx] : by_replica) {
+  for (auto& [r, idx] : ByReplica(keys)) {
     KvClient* c = clients_[r].get();
     std::vector<PageRef> sub;
     std::vector<uint64_t> off;

@@ -8,6 +8,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -127,6 +128,9 @@ class ShardedKvClient {
   absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
 
  private:
+  // Indices of keys per replica that holds them.
+  std::map<size_t, std::vector<size_t>> ByReplica(const std::vector<PageRef>& keys) const;
+
   std::vector<std::string> names_;
   std::unique_ptr<UcxEngine> engine_;
   std::vector<std::unique_ptr<KvClient>> clients_;
