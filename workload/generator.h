@@ -57,7 +57,7 @@ struct Knobs {
   double diffuse_heads = 0.25;   // fraction of diffuse heads
   double needle_gain = 28;       // lambda: logit of the needle at its retrieval step
   double hidden_noise = 0.05;    // noise of the hidden state, relative
-  uint32_t tau = 16;             // cycle length in decode steps
+  uint32_t tau = 8;              // cycle length in decode steps
   double top_p = 0.6;            // label: chunks carrying the top-p mass ...
   uint32_t label_layers = 1;     // ... in at least this many layers (m)
 };

@@ -86,7 +86,7 @@ def main():
     spec = Spec.preset("tiny")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([os.path.join(bin_dir(), "fmctl"), "gen", "--spec", "tiny", "--tokens",
-                        str(a.tokens), "--steps", str(a.steps), "--tau", "16", "--seed", "77",
+                        str(a.tokens), "--steps", str(a.steps), "--tau", "8", "--seed", "77",
                         "--pages", "--step-queries", "--outputs", "--out", tmp],
                        check=True, stdout=subprocess.DEVNULL)
         tens, meta = load_safetensors(os.path.join(tmp, f"tiny-{a.tokens}-s77.safetensors"))
@@ -116,7 +116,7 @@ def main():
             if a.check:
                 assert model_err < 1e-4, model_err
                 assert cos.mean() > 0.95 and recall > 0.8, (cos.mean(), recall)
-                assert sstats["footprint"] < 0.45 and sstats["predictions"] == a.steps // 16
+                assert sstats["footprint"] < 0.45 and sstats["predictions"] == a.steps // t["tau"]
                 # Bad input comes back as DecodeError with the worker's code.
                 try:
                     c.open("py-bad", spec, max_tokens=0)

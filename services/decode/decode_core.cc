@@ -1028,6 +1028,12 @@ uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
   return static_cast<uint32_t>(std::clamp(1 + std::ceil(2 * scan / attend), 2.0, 8.0));
 }
 
+uint32_t AutoCycle(uint32_t switch_lag) {
+  uint32_t tau = 8;
+  while (tau < 64 && 2 * tau < 5 * switch_lag) tau *= 2;
+  return tau;
+}
+
 absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   if (absl::Status st = ValidateSessionId(id); !st.ok()) return st;
   if (o.resume) {
@@ -1072,7 +1078,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle)
     return absl::InvalidArgumentError("policy oracle needs the future attention: evaluation only");
   if (const uint32_t tau = o.tau ? o.tau : impl_->options.tau;
-      o.switch_lag > std::max<uint32_t>(1, tau - 1))
+      tau != 0 && o.switch_lag > std::max<uint32_t>(1, tau - 1))
     return absl::InvalidArgumentError(absl::StrCat("switch_lag must be below tau (", tau,
                                                    "), got ", o.switch_lag));
   if (o.level2_topk > kernels::kMaxLevel2TopK)
@@ -1122,11 +1128,11 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->shape = ShapeOf(sp);
   s->reserved = cells;
   s->predict_budget = predict_budget;
-  s->tau = o.tau ? o.tau : opt.tau;
   {
     const uint32_t lag = o.switch_lag     ? o.switch_lag
                          : opt.switch_lag ? opt.switch_lag
                                           : AutoSwitchLag(sp, predict_budget);
+    s->tau = o.tau ? o.tau : opt.tau ? opt.tau : AutoCycle(lag);
     s->lag = std::max<uint32_t>(1, std::min<uint32_t>(lag, s->tau > 1 ? s->tau - 1 : 1));
   }
   {

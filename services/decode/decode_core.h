@@ -111,9 +111,17 @@ class Predictor {
 // spec at 5 %.
 uint32_t AutoSwitchLag(const ModelSpec& spec, double predicted_share);
 
+// The cycle length of a session when neither it nor the worker sets one: the smallest power
+// of two at least 2.5 times its switch lag, between 8 and 64 steps. The set predicted at a
+// cycle start serves from `lag` steps later, so a cycle of 2.5 lags or more keeps the
+// steps a stale set serves under 40 % of it, and a short cycle keeps the hidden state that
+// predicts it fresh. On the CPU backends: 8 for the bench spec at a 10 % cap (lag 3), 32
+// for the long spec at 5 % (lag 8).
+uint32_t AutoCycle(uint32_t switch_lag);
+
 struct DecodeOptions {
   uint64_t reserve_bytes = uint64_t{1} << 30;  // the device reserve shared by all sessions
-  uint32_t tau = 16;                           // decode steps per cycle
+  uint32_t tau = 0;  // decode steps per cycle; 0 = per session from its switch lag (AutoCycle)
   uint32_t sink = 1, tail = 2;                 // always-resident pages (DESIGN §1)
   // Steps after a cycle start at which its resident set takes over; 0 = per session from
   // its spec's costs (AutoSwitchLag).
@@ -150,7 +158,7 @@ struct SessionOptions {
   uint32_t max_pages = 0;  // the cap in pages instead (0 = use budget)
   indexer::Policy policy = indexer::Policy::kDefault;
   uint64_t max_tokens = 0;  // the most tokens the session will hold: sizes its reservation
-  uint32_t tau = 0;         // decode steps per cycle; 0 = the worker's
+  uint32_t tau = 0;         // decode steps per cycle; 0 = the worker's (or AutoCycle)
   uint32_t switch_lag = 0;  // steps after a cycle start before its set serves (< tau); 0 = the
                             // worker's
   // Level 2: each layer attends only to the top-k tokens of the resident set (scored per KV

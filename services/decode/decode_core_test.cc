@@ -553,6 +553,43 @@ TEST(AutoSwitchLag, FollowsTheIndexerToAttentionWorkRatio) {
   EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 1.0), 2u);
 }
 
+TEST(AutoCycle, IsTheSmallestPowerOfTwoOfTwoAndAHalfLags) {
+  EXPECT_EQ(AutoCycle(1), 8u);
+  EXPECT_EQ(AutoCycle(2), 8u);
+  EXPECT_EQ(AutoCycle(3), 8u);  // the bench spec at a 10 % cap
+  EXPECT_EQ(AutoCycle(4), 16u);
+  EXPECT_EQ(AutoCycle(6), 16u);
+  EXPECT_EQ(AutoCycle(7), 32u);
+  EXPECT_EQ(AutoCycle(8), 32u);  // the long spec at 5 %
+  EXPECT_EQ(AutoCycle(13), 64u);
+  EXPECT_EQ(AutoCycle(100), 64u);  // the most
+}
+
+TEST_F(DecodeCoreTest, CycleFollowsTheSwitchLagWhenNobodySetsIt) {
+  auto g = Generate(2048, 32, 16);
+  DecodeOptions o;
+  o.reserve_bytes = 32 << 20;
+  o.tau = 0;
+  o.switch_lag = 0;
+  DecodeCore core(o, store_.get(), predictor_.get());
+  SessionOptions so = Options(*g, Mode::kSparse, 0.5f, indexer::Policy::kQuest);
+  so.tau = 0;
+  so.switch_lag = 5;  // its own lag: a cycle of 16
+  ASSERT_THAT(core.Open("a", so), IsOk());
+  so.switch_lag = 0;  // the spec's lag at half the pages (2): a cycle of 8
+  ASSERT_THAT(core.Open("b", so), IsOk());
+  so.switch_lag = 9;  // its own lag: a cycle of 32
+  ASSERT_THAT(core.Open("c", so), IsOk());
+  const std::vector<std::pair<std::string, std::pair<uint32_t, uint32_t>>> want = {
+      {"a", {16, 5}}, {"b", {8, 2}}, {"c", {32, 9}}};
+  for (const auto& [id, tl] : want) {
+    auto st = core.Stats(id);
+    ASSERT_THAT(st.status(), IsOk());
+    EXPECT_EQ(st->tau, tl.first) << id;
+    EXPECT_EQ(st->switch_lag, tl.second) << id;
+  }
+}
+
 TEST_F(DecodeCoreTest, AdmissionRefusesWhatTheReserveCannotHold) {
   auto g = Generate(8192, 16, 15);
   // 40 cells of 128 KiB pages (+ header): a dense 8K session needs 130, a sparse one at 10 %

@@ -39,7 +39,7 @@ struct E2eBenchOptions {
   uint64_t ram_cap = 8ull << 30;           // KV bytes the concurrency runs may hold per mode
   double budget = 0.10;       // sparse footprint cap, bench spec (contexts below 512K)
   double long_budget = 0.05;  // the same, long spec (512K and up)
-  uint32_t tau = 16;          // decode steps per cycle, bench spec
+  uint32_t tau = 8;           // decode steps per cycle, bench spec: its switch lag is 3
   uint32_t long_tau = 32;     // the same, long spec: its switch lag is 8
   std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
   uint64_t seed = 777001;
@@ -61,10 +61,10 @@ struct IndexerBenchOptions {
   std::string spec = "bench";
   std::string weights;  // indexer weights (safetensors)
   std::vector<uint64_t> contexts = {32768, 131072, 1048576};
-  int sessions = 2;         // held-out sessions per context (1 at 1M tokens)
+  int sessions = 8;         // held-out sessions per context (1 at 1M tokens)
   uint32_t steps = 512;     // decode steps per session (whole cycles)
   uint32_t steps_1m = 256;  // at 1M tokens
-  uint32_t tau = 16;
+  uint32_t tau = 8;
   double budget = 0.10;    // resident pages / context pages, sink and tail included
   float best_share = 0.125f;  // lsa: share of the pages chosen by best chunk (CoreOptions)
   uint64_t seed = 900001;  // held out: training uses other seeds
