@@ -42,6 +42,7 @@ struct E2eBenchOptions {
   uint32_t tau = 8;           // decode steps per cycle, bench spec: its switch lag is 3
   uint32_t long_tau = 32;     // the same, long spec: its switch lag is 8
   std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
+  bool miss_check = false;         // start the server with the per-step miss check
   uint64_t seed = 777001;
   int fidelity_sessions = 3;  // sessions per context in the fidelity figures (the first also
                               // runs the concurrency figures)

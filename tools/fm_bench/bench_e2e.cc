@@ -113,9 +113,11 @@ int RunE2eBench(const E2eBenchOptions& o) {
       server.reset();
       if (!dir.empty()) std::filesystem::remove_all(dir);
       dir = MakeTempDir("fm_e2e");
-      auto s = ServerProcess::Start(
-          "flashmemory", {"--data_dir", dir, "--ram_bytes", std::to_string(o.server_ram),
-                          "--reserve_bytes", std::to_string(o.server_reserve)});
+      std::vector<std::string> args = {"--data_dir", dir, "--ram_bytes",
+                                       std::to_string(o.server_ram), "--reserve_bytes",
+                                       std::to_string(o.server_reserve)};
+      if (o.miss_check) args.insert(args.end(), {"--miss_check", "true"});
+      auto s = ServerProcess::Start("flashmemory", args);
       if (!s.ok()) {
         std::fprintf(stderr, "fm-bench e2e: %s\n", s.status().ToString().c_str());
         return false;
@@ -299,6 +301,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       uint64_t hits = 0, needles = 0, stalls = 0, steps = 0;
       double footprint = 0;
       std::vector<double> mass;
+      std::vector<int> recovery;  // steps until a missed needle's page was resident (-1: not)
     } agg;
     auto add = [&](const replay::Fidelity& fk, const replay::ReplayResult& sparse) {
       agg.cos_sum += fk.cosine_mean;
@@ -311,6 +314,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
       agg.stalls += sparse.stalled_steps;
       agg.steps += sparse.step_ms.size();
       agg.footprint = std::max(agg.footprint, sparse.stats.footprint());
+      agg.recovery.insert(agg.recovery.end(), sparse.needle_recovery_steps.begin(),
+                          sparse.needle_recovery_steps.end());
     };
     add(f, one[1]);
     for (int k = 1; k < o.fidelity_sessions; ++k) {
@@ -345,6 +350,11 @@ int RunE2eBench(const E2eBenchOptions& o) {
                 agg.mass_sum / nf, per_session.c_str(), static_cast<unsigned long long>(agg.hits),
                 static_cast<unsigned long long>(agg.needles),
                 agg.steps ? double(agg.stalls) / agg.steps : 0.0);
+    std::string recovery;
+    for (int v : agg.recovery) absl::StrAppend(&recovery, recovery.empty() ? "" : ", ", v);
+    if (!agg.recovery.empty())
+      std::printf("  missed needles: page resident after [%s] steps (-1: not within %u)\n",
+                  recovery.c_str(), replay::kNeedleWatchSteps);
     std::fflush(stdout);
 
     for (int m = 0; m < 2; ++m)
@@ -361,7 +371,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
             "\"needle_hit\": %.6f, \"stall_fraction\": %.6f, \"step_p50_ms\": %.4f, "
             "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
             "\"concurrency_dense\": %d, \"concurrency_sparse\": %d, \"fidelity_sessions\": %d, "
-            "\"mass_recall_sessions\": [%s], \"tau\": %u, \"switch_lag\": %u}",
+            "\"mass_recall_sessions\": [%s], \"tau\": %u, \"switch_lag\": %u, "
+            "\"miss_check\": %s, \"needle_recovery_steps\": [%s]}",
             static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
             m ? budget : 1.0, m ? agg.footprint : r.stats.footprint(),
             m ? agg.cos_sum / nf : 1.0, m ? agg.cos_min : 1.0, m ? agg.rel_sum / nf : 0.0,
@@ -370,7 +381,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
               : (r.needles ? double(r.needle_hits) / r.needles : 1.0),
             cr.steps ? double(cr.stalled) / cr.steps : 0.0, cr.p50, cr.p99, cr.tps_layer,
             cr.tps_whole, ceiling[0], ceiling[1], static_cast<int>(nf),
-            m ? per_session.c_str() : "1", r.stats.tau(), r.stats.switch_lag());
+            m ? per_session.c_str() : "1", r.stats.tau(), r.stats.switch_lag(),
+            o.miss_check ? "true" : "false", m ? recovery.c_str() : "");
         rows.push_back(row);
       }
     if (!o.json.empty()) WriteJsonRows(o.json, rows);  // after every context: long runs

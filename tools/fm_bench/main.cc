@@ -69,6 +69,8 @@ int main(int argc, char** argv) {
   ec->add_option("--long_tau", eb.long_tau, "The same for the long spec")
       ->check(CLI::Range(1u, 4096u))
       ->capture_default_str();
+  ec->add_flag("--miss_check", eb.miss_check,
+              "Start the server with the per-step miss check (miss recovery) on");
   ec->add_option("--policy", eb.policy,
                  "Sparse policy (default: the worker's, lsa where weights fit the spec)")
       ->capture_default_str();

@@ -136,13 +136,40 @@ absl::Status DecodeSteps(decode::DecodeClient& client, decode::DecodeClient::Str
     res->step_ms.push_back(ms);
     decode_ms += ms;
     res->stalled_steps += stalled;
+    // Needles retrieved at this step, then the missed ones still watched: one probe.
+    std::vector<uint64_t> probe_pages;
     for (const auto& n : g.needles())
-      if (n.step == st) {
-        auto probe = client.Stats(id, {n.chunk / sp.ChunksPerPage()});
-        if (!probe.ok()) return probe.status();
-        ++res->needles;
-        res->needle_hits += probe->probe_resident_size() == 1 && probe->probe_resident(0);
+      if (n.step == st) probe_pages.push_back(n.chunk / sp.ChunksPerPage());
+    const size_t fresh = probe_pages.size();
+    for (const auto& [page, step] : res->watching) probe_pages.push_back(page);
+    if (!probe_pages.empty()) {
+      auto probe = client.Stats(id, probe_pages);
+      if (!probe.ok()) return probe.status();
+      if (static_cast<size_t>(probe->probe_resident_size()) != probe_pages.size())
+        return absl::InternalError("the worker answered a probe with another page count");
+      std::vector<std::pair<uint64_t, uint32_t>> still;
+      for (size_t i = 0; i < probe_pages.size(); ++i) {
+        const bool resident = probe->probe_resident(static_cast<int>(i));
+        if (i < fresh) {
+          ++res->needles;
+          res->needle_hits += resident;
+          if (!resident) still.push_back({probe_pages[i], st});
+          continue;
+        }
+        const uint32_t since = res->watching[i - fresh].second;
+        if (resident)
+          res->needle_recovery_steps.push_back(static_cast<int>(st - since));
+        else if (st - since >= kNeedleWatchSteps)
+          res->needle_recovery_steps.push_back(-1);
+        else
+          still.push_back(res->watching[i - fresh]);
       }
+      res->watching = std::move(still);
+    }
+  }
+  if (end == g.config().steps) {  // the session ends: what is still watched was not recovered
+    for (size_t i = 0; i < res->watching.size(); ++i) res->needle_recovery_steps.push_back(-1);
+    res->watching.clear();
   }
   res->decode_s += decode_ms / 1000;
   return absl::OkStatus();

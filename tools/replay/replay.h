@@ -23,6 +23,8 @@ struct ReplayOptions {
   bool close = true;        // close the session at the end (history kept)
 };
 
+inline constexpr uint32_t kNeedleWatchSteps = 32;
+
 struct ReplayResult {
   std::vector<float> out;       // [step][layer][q_heads][head_dim]
   std::vector<float> lse;       // [step][layer][q_heads]
@@ -30,6 +32,11 @@ struct ReplayResult {
   double prefill_s = 0, decode_s = 0;
   uint64_t stalled_steps = 0;
   uint64_t needles = 0, needle_hits = 0;  // needle pages resident at their retrieval steps
+  // A needle whose page was not resident at its retrieval step is watched for
+  // kNeedleWatchSteps more steps: how many steps later its page was resident (probed after
+  // each step), -1 when it was not within the watch (or the session ended first).
+  std::vector<int> needle_recovery_steps;
+  std::vector<std::pair<uint64_t, uint32_t>> watching;  // (page, retrieval step), in progress
   flashmemory::v1::SessionStatsResponse stats;
 };
 
