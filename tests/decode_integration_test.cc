@@ -107,6 +107,10 @@ TEST_F(DecodeProcessTest, AllInOneDenseMatchesTheModelAndSparseWithEveryPageMatc
             1e-4);
   EXPECT_EQ(dense->stats.tokens(), 4064u);
   EXPECT_EQ(dense->stats.stalls(), 0u);
+  // Dense holds every page: every needle's page is resident at its retrieval step.
+  EXPECT_GT(dense->needles, 0u);
+  EXPECT_EQ(dense->needle_hits, dense->needles);
+  EXPECT_TRUE(dense->needle_recovery_steps.empty());
   EXPECT_EQ(all->stats.predictions(), 4u);
   EXPECT_EQ(all->stats.prediction_failures(), 0u);
   EXPECT_EQ(server->Stop(SIGTERM), 0);
@@ -131,6 +135,14 @@ TEST_F(DecodeProcessTest, ThreeProcessesWithTwoKvstoreReplicasMatchTheAllInOne) 
   ASSERT_NE(dec, nullptr);
   auto got = Run(dec->target(), "q", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
   ASSERT_THAT(got, IsOk());
+  // Each needle missed at its retrieval step has one recovery entry: the steps until its page
+  // was resident (1 to the watch) or -1; the same on both clusters (the same sets).
+  EXPECT_LT(ref->needle_hits, ref->needles);  // quest at 25 % misses some of this session's
+  EXPECT_EQ(ref->needle_recovery_steps.size(), ref->needles - ref->needle_hits);
+  for (int v : ref->needle_recovery_steps)
+    EXPECT_TRUE(v == -1 || (v >= 1 && v <= static_cast<int>(replay::kNeedleWatchSteps))) << v;
+  EXPECT_EQ(got->needle_recovery_steps, ref->needle_recovery_steps);
+  EXPECT_EQ(got->needle_hits, ref->needle_hits);
   {  // The reserve is mapped for UCX: fetched pages landed in their cells in place.
     httplib::Client http("127.0.0.1", dec->metrics_port());
     auto res = http.Get("/metrics");

@@ -16,8 +16,9 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
                  "Device reserve shared by all sessions (page cells)")
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
-  app.add_option("--tau", o->tau, "Decode steps per cycle (sessions may set their own); 0 = per session, the smallest "
-                 "power of two at least 2.5 switch lags (8 to 64)")
+  app.add_option("--tau", o->tau,
+                 "Decode steps per cycle (sessions may set their own); 0 = per session, the "
+                 "smallest power of two at least 2.5 switch lags (8 to 64)")
       ->capture_default_str();
   app.add_option("--switch_lag", o->switch_lag,
                  "Steps after a cycle start at which its resident set takes over (sessions may "
