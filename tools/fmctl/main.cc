@@ -251,7 +251,8 @@ int main(int argc, char** argv) {
   ddemo->add_option("--spec", dd.spec, "Model spec preset: tiny, bench, long")
       ->capture_default_str();
   ddemo->add_option("--tokens", dd.tokens, "Prefill tokens")->capture_default_str();
-  ddemo->add_option("--steps", dd.steps, "Decode steps (whole cycles of 8)")
+  ddemo->add_option("--steps", dd.steps,
+                    absl::StrFormat("Decode steps (whole cycles of %u)", fm::workload::Knobs{}.tau))
       ->capture_default_str();
   ddemo->add_option("--budget", dd.budget,
                     "Sparse footprint cap: the most of a session's pages it holds")
