@@ -375,6 +375,15 @@ TEST(SelectPages, ABestChunkShareKeepsALoneSharpChunk) {
   EXPECT_EQ(picked(), (std::vector<uint64_t>{0, 2, 3, 5, 6, 7}));
   p.best_share = 0.34f;  // one of the three by best chunk: the needle's page, then 3 and 5
   EXPECT_EQ(picked(), (std::vector<uint64_t>{0, 1, 3, 5, 6, 7}));
+  {
+    // The quota's page scores above every kept count (4 chunks per page + sigmoid(8)), so a
+    // worker fetches it first; the others score their kept counts.
+    std::vector<ScoredPageOut> out;
+    ASSERT_EQ(SelectPages(1, logits.data(), chunks, p, &out), KernelStatus::kOk);
+    EXPECT_FLOAT_EQ(out[1].score, 4.0f + 1.0f / (1.0f + std::exp(-8.0f)));
+    EXPECT_EQ(out[2].score, 3.0f);
+    EXPECT_EQ(out[3].score, 2.0f);
+  }
   p.best_share = 1.0f;  // all by best chunk: 1 (sigmoid 8), then 3 (3 kept), then 5
   EXPECT_EQ(picked(), (std::vector<uint64_t>{0, 1, 3, 5, 6, 7}));
 }

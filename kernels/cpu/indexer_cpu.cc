@@ -296,7 +296,10 @@ KernelStatus SelectPages(uint32_t layers, const float* logits, uint64_t chunks,
   cand.resize(k);
   const float inf = std::numeric_limits<float>::infinity();
   for (uint64_t pg = 0; pg < sink; ++pg) out->push_back({pg, inf});
-  for (uint64_t pg : cand) out->push_back({pg, static_cast<float>(kept[pg])});
+  // The quota's pages score above every kept count: chunks per page + their best chunk.
+  for (size_t i = 0; i < cand.size(); ++i)
+    out->push_back({cand[i], i < kb ? static_cast<float>(per_page) + best[cand[i]]
+                                    : static_cast<float>(kept[cand[i]])});
   for (uint64_t pg = tail_begin; pg < p.total_pages; ++pg) out->push_back({pg, inf});
   std::sort(out->begin(), out->end(),
             [](const ScoredPageOut& a, const ScoredPageOut& b) { return a.page < b.page; });

@@ -141,6 +141,7 @@ struct DecodeCore::Session {
   kernels::AttentionShape shape;
   uint64_t reserved = 0;  // cells the admission granted
   float predict_budget = 1;  // the share of the pages each prediction asks for
+  uint64_t lag_pages = 1;    // pages one switch lag is sized to fetch
   uint32_t tau = 16;
   uint32_t lag = 8;  // steps after a cycle start at which its set takes over (< tau)
 
@@ -740,15 +741,13 @@ struct DecodeCore::Impl {
     s.plan_dirty = true;
     Trim(s);
     // Pages that did not fit while the previous set served come now, into the cells it left,
-    // with one lag per fetch's worth of pages (what a lag was sized for: a focus switch at 1M
-    // defers ~490 pages behind a 163-page fetch), serving before the next cycle starts.
+    // most wanted first, a lag's worth of pages per lag (a catch-up that leaves pages over
+    // posts the next), serving before the next cycle starts.
     const uint64_t next = (step / s.tau + 1) * s.tau;
     if (!job->deferred_pages.empty() && step + s.lag < next) {
-      const uint64_t n = std::min<uint64_t>(job->deferred_pages.size(), Spare(s, KeepFree()));
-      const uint64_t per_lag = std::max<uint64_t>(1, job->fetched.size());
-      if (n > 0)
-        PostCatchUp(sp, job->deferred_pages, n,
-                    std::min(step + s.lag * ((n + per_lag - 1) / per_lag), next - 1));
+      const uint64_t n = std::min<uint64_t>(
+          {job->deferred_pages.size(), Spare(s, KeepFree()), s.lag_pages});
+      if (n > 0) PostCatchUp(sp, job->deferred_pages, n, step + s.lag);
     }
   }
 
@@ -1021,6 +1020,8 @@ ReserveStats DecodeCore::Reserve() const {
   return r;
 }
 
+constexpr double kLagFetchShare = 0.25;
+
 uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
   const double scan = double(sp.ChunksPerPage()) * sp.index_layers * sp.index_heads * sp.index_dim;
   const double attend = double(sp.page_tokens) * sp.layers * sp.q_heads * sp.head_dim * 2 *
@@ -1128,6 +1129,10 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->shape = ShapeOf(sp);
   s->reserved = cells;
   s->predict_budget = predict_budget;
+  // A lag is sized to fetch a quarter of the predicted set: the churn of a cycle without a
+  // focus switch.
+  s->lag_pages = std::max<uint64_t>(
+      1, static_cast<uint64_t>(std::ceil(kLagFetchShare * double(predict_budget) * pages)));
   {
     const uint32_t lag = o.switch_lag     ? o.switch_lag
                          : opt.switch_lag ? opt.switch_lag

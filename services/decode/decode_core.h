@@ -126,8 +126,11 @@ struct DecodeOptions {
   // Steps after a cycle start at which its resident set takes over; 0 = per session from
   // its spec's costs (AutoSwitchLag).
   uint32_t switch_lag = 0;
-  double headroom = 0.25;   // cells of a sparse session's cap kept for pages fetched while
-                            // the previous set still serves, per predicted page
+  // Cells of a sparse session's cap kept for pages fetched while the previous set still
+  // serves, per predicted page. 0: the whole cap holds the predicted set; what a prediction
+  // adds beyond the spare cells comes in a catch-up fetch after the switch, into the cells
+  // of the pages it drops (measured at 32K: mass recall 0.886 vs 0.852 at 0.25).
+  double headroom = 0.0;
   uint32_t max_sessions = 1024;
   uint32_t threads = 0;  // attention threads; 0 = the kernel pool's default
   // Miss recovery between predictions: at every step the last index layer's query is
@@ -151,8 +154,8 @@ struct SessionOptions {
   Mode mode = Mode::kSparse;
   // The footprint cap: the most of the session's pages (of max_tokens) its reservation
   // holds, everything included — sink, tail, open page, the predicted set and the headroom
-  // for pages fetched while the previous set serves. The indexer is asked for
-  // (cap - 3 - miss pages) / (1 + headroom) pages. A cap below what sink + tail need is
+  // for pages fetched while the previous set serves (none by default). The indexer is asked
+  // for (cap - 3 - miss pages) / (1 + headroom) pages. A cap below what sink + tail need is
   // raised to that minimum.
   float budget = 0.1f;
   uint32_t max_pages = 0;  // the cap in pages instead (0 = use budget)

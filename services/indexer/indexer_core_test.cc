@@ -128,6 +128,7 @@ TEST(IndexerCore, LsaMatchesTheKernelPipelineAcrossAppends) {
   kernels::SelectParams sel;
   sel.total_pages = 47;
   sel.kmax = 12 - 3;  // ceil(0.25 * 47) = 12 pages in all
+  sel.best_share = CoreOptions{}.lsa_best_share;
   std::vector<kernels::ScoredPageOut> want;
   kernels::SelectPages(1, logits.data(), chunks, sel, &want);
   ASSERT_EQ(p->pages.size(), want.size());

@@ -117,6 +117,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
                                        std::to_string(o.server_ram), "--reserve_bytes",
                                        std::to_string(o.server_reserve)};
       if (o.miss_check) args.insert(args.end(), {"--miss_check", "true"});
+      args.insert(args.end(), o.server_flags.begin(), o.server_flags.end());
       auto s = ServerProcess::Start("flashmemory", args);
       if (!s.ok()) {
         std::fprintf(stderr, "fm-bench e2e: %s\n", s.status().ToString().c_str());

@@ -71,6 +71,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   ec->add_flag("--miss_check", eb.miss_check,
               "Start the server with the per-step miss check (miss recovery) on");
+  ec->add_option("--server_flag", eb.server_flags,
+                 "A flag for the started server, as --name=value (repeatable), e.g. "
+                 "--server_flag=--fetch_headroom=0")
+      ->allow_extra_args(false);
   ec->add_option("--policy", eb.policy,
                  "Sparse policy (default: the worker's, lsa where weights fit the spec)")
       ->capture_default_str();

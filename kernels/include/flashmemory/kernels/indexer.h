@@ -119,7 +119,8 @@ struct SelectParams {
 
 struct ScoredPageOut {
   uint64_t page;
-  float score;  // kept-chunk count; sink and tail pages carry +inf
+  float score;  // kept-chunk count; a best-chunk quota page: chunks per page + its best
+                // chunk's score (above every count: fetched first); sink and tail: +inf
 };
 
 // Combines layer logits, counts kept chunks per page and picks the resident set, ascending
