@@ -1029,6 +1029,8 @@ uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
   return static_cast<uint32_t>(std::clamp(1 + std::ceil(2 * scan / attend), 2.0, 8.0));
 }
 
+double AutoHeadroom(uint32_t switch_lag) { return switch_lag >= 4 ? 0.05 : 0.0; }
+
 uint32_t AutoCycle(uint32_t switch_lag) {
   uint32_t tau = 8;
   while (tau < 64 && 2 * tau < 5 * switch_lag) tau *= 2;
@@ -1097,20 +1099,17 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     return absl::FailedPreconditionError(
         "this worker writes no traces: start it with a trace directory (--trace_dir)");
   const uint64_t pages = sp.PagesForTokens(o.max_tokens);
-  uint64_t cells;
+  uint64_t cells = pages + 1;
   float predict_budget = 1.0f;
-  if (o.mode != Mode::kSparse) {
-    cells = pages + 1;
-  } else {
-    // The budget caps the cells the session holds (its footprint): the predicted set, the
-    // open page, the fetch headroom, two cells for pages sealing before a switch and the miss
-    // check's pages all come out of it. Below the minimum that serves sink + tail, the
-    // minimum.
+  // The budget caps the cells a sparse session holds (its footprint): the predicted set, the
+  // open page, the fetch headroom, two cells for pages sealing before a switch and the miss
+  // check's pages all come out of it. Below the minimum that serves sink + tail, the minimum.
+  auto size_sparse = [&](double headroom) {
     const uint64_t miss = opt.miss_check ? opt.miss_max_pages : 0;
     const uint64_t fixed = std::min<uint64_t>(pages, uint64_t{opt.sink} + opt.tail + 1);
     const uint64_t extra = 3 + miss;
     const uint64_t least =
-        fixed + static_cast<uint64_t>(std::ceil(opt.headroom * double(fixed))) + extra;
+        fixed + static_cast<uint64_t>(std::ceil(headroom * double(fixed))) + extra;
     const uint64_t cap =
         o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages));
     // A cap of every page keeps every page resident, the extra cells on top.
@@ -1118,10 +1117,18 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     const uint64_t predicted =
         cap >= pages ? pages
                      : std::min<uint64_t>(pages, static_cast<uint64_t>(double(cells - extra) /
-                                                                       (1.0 + opt.headroom)));
+                                                                       (1.0 + headroom)));
     // As a fraction of the most pages, so that a history still growing gets its share.
     predict_budget = static_cast<float>(double(std::max<uint64_t>(predicted, 1)) / pages *
                                         (1.0 - 1e-6));
+  };
+  uint32_t lag = o.switch_lag ? o.switch_lag : opt.switch_lag;
+  if (o.mode == Mode::kSparse) {
+    size_sparse(std::max(opt.headroom, 0.0));
+    if (lag == 0) lag = AutoSwitchLag(sp, predict_budget);
+    if (opt.headroom < 0) size_sparse(AutoHeadroom(lag));  // the lag stays
+  } else if (lag == 0) {
+    lag = AutoSwitchLag(sp, predict_budget);
   }
   auto s = std::make_shared<Session>();
   s->id = id;
@@ -1133,13 +1140,8 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   // focus switch.
   s->lag_pages = std::max<uint64_t>(
       1, static_cast<uint64_t>(std::ceil(kLagFetchShare * double(predict_budget) * pages)));
-  {
-    const uint32_t lag = o.switch_lag     ? o.switch_lag
-                         : opt.switch_lag ? opt.switch_lag
-                                          : AutoSwitchLag(sp, predict_budget);
-    s->tau = o.tau ? o.tau : opt.tau ? opt.tau : AutoCycle(lag);
-    s->lag = std::max<uint32_t>(1, std::min<uint32_t>(lag, s->tau > 1 ? s->tau - 1 : 1));
-  }
+  s->tau = o.tau ? o.tau : opt.tau ? opt.tau : AutoCycle(lag);
+  s->lag = std::max<uint32_t>(1, std::min<uint32_t>(lag, s->tau > 1 ? s->tau - 1 : 1));
   {
     absl::MutexLock l(&impl_->mu);
     Impl& im = *impl_;

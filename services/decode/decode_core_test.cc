@@ -290,6 +290,22 @@ TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsOneLagApart) {
     }
     EXPECT_EQ(resident[(cycle + 1) * 16 - 1], full) << "cycle " << cycle << " is whole";
   }
+  // With a lag of 4 steps the session keeps a headroom of 5 % of its set: 30 / 1.05 = 28
+  // pages.
+  SessionOptions slow = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom);
+  slow.switch_lag = 4;
+  ASSERT_THAT(core->Open("h", slow), IsOk());
+  Prefill(*core, "h", *g);
+  for (uint32_t step = 0; step < 16; ++step)
+    for (uint32_t l = 0; l < spec_.layers; ++l) {
+      StepData d = Data(*g, step, l, 16);
+      LayerStep r = Request("h", step, l, d);
+      ASSERT_THAT(core->Step({&r, 1})[0], IsOk());
+    }
+  auto h = core->Stats("h");
+  ASSERT_THAT(h.status(), IsOk());
+  EXPECT_EQ(h->resident_pages, 29u);  // the set and the open page
+  EXPECT_EQ(h->reserved_cells, 33u);
 }
 
 TEST_F(DecodeCoreTest, MissCheckFetchesASurpriseWithinTheReservation) {
@@ -595,6 +611,17 @@ TEST(AutoSwitchLag, FollowsTheIndexerToAttentionWorkRatio) {
   EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 0.25), 3u);
   EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 0.1), 5u);
   EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 1.0), 2u);
+}
+
+TEST(AutoHeadroom, IsNoneBelowFourStepsOfLag) {
+  // The bench spec at a 10 % cap predicts 9.6 % of the pages (lag 2): no headroom. The long
+  // spec at 5 % (lag 8) keeps 5 % of its set free for pages that serve from the switch.
+  EXPECT_EQ(AutoSwitchLag(*PresetSpec("bench"), 0.096), 2u);
+  EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 0.0497), 8u);
+  EXPECT_EQ(AutoHeadroom(1), 0.0);
+  EXPECT_EQ(AutoHeadroom(3), 0.0);
+  EXPECT_EQ(AutoHeadroom(4), 0.05);
+  EXPECT_EQ(AutoHeadroom(8), 0.05);
 }
 
 TEST(AutoCycle, IsTheSmallestPowerOfTwoOfTwoAndAHalfLags) {

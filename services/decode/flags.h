@@ -26,7 +26,8 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
       ->capture_default_str();
   app.add_option("--fetch_headroom", o->headroom,
                  "Share of a sparse session's budget kept, on top of its predicted set, for "
-                 "pages fetched while the previous set serves")
+                 "pages fetched while the previous set serves; < 0 = per session from its "
+                 "switch lag (0 below 4 steps, else 0.05)")
       ->capture_default_str();
   app.add_option("--trace_dir", o->trace_dir,
                  "Directory for the traces of trace-mode sessions (empty: refuse them)");
