@@ -578,7 +578,11 @@ struct DecodeCore::Impl {
     a.tail = options.tail;
     ++s.stats.predictions;
     ++totals.predictions;
-    Post(sp, a, Spare(s, KeepFree()));
+    // At most a lag's worth of pages before the switch (cells a short catch-up left free
+    // would otherwise make the fetch longer than the lag); the rest come in catch-ups. The
+    // first prediction is waited for: all of it.
+    const uint64_t spare = Spare(s, KeepFree());
+    Post(sp, a, s.have_set ? std::min(spare, s.lag_pages) : spare);
   }
   // catch_up: the pages of a catch-up job (no prediction), else null.
   void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a, uint64_t cells,
