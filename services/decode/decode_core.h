@@ -161,8 +161,8 @@ struct SessionOptions {
   Mode mode = Mode::kSparse;
   // The footprint cap: the most of the session's pages (of max_tokens) its reservation
   // holds, everything included — sink, tail, open page, the predicted set and the headroom
-  // for pages fetched while the previous set serves (none by default). The indexer is asked
-  // for (cap - 3 - miss pages) / (1 + headroom) pages. A cap below what sink + tail need is
+  // for pages fetched while the previous set serves (by default from the switch lag:
+  // AutoHeadroom). The indexer is asked for (cap - 3 - miss pages) / (1 + headroom) pages. A cap below what sink + tail need is
   // raised to that minimum.
   float budget = 0.1f;
   uint32_t max_pages = 0;  // the cap in pages instead (0 = use budget)
