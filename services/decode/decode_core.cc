@@ -1126,14 +1126,12 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     predict_budget = static_cast<float>(double(std::max<uint64_t>(predicted, 1)) / pages *
                                         (1.0 - 1e-6));
   };
-  uint32_t lag = o.switch_lag ? o.switch_lag : opt.switch_lag;
-  if (o.mode == Mode::kSparse) {
-    size_sparse(std::max(opt.headroom, 0.0));
-    if (lag == 0) lag = AutoSwitchLag(sp, predict_budget);
-    if (opt.headroom < 0) size_sparse(AutoHeadroom(lag));  // the lag stays
-  } else if (lag == 0) {
-    lag = AutoSwitchLag(sp, predict_budget);
-  }
+  const bool sparse = o.mode == Mode::kSparse;
+  if (sparse) size_sparse(std::max(opt.headroom, 0.0));
+  uint32_t lag = o.switch_lag     ? o.switch_lag
+                 : opt.switch_lag ? opt.switch_lag
+                                  : AutoSwitchLag(sp, predict_budget);
+  if (sparse && opt.headroom < 0) size_sparse(AutoHeadroom(lag));  // the lag stays
   auto s = std::make_shared<Session>();
   s->id = id;
   s->opt = o;

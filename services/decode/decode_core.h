@@ -107,7 +107,7 @@ class Predictor {
 // history page (chunks x index layers x heads x dims) to a sparse step's attention work per
 // history page (tokens x layers x query heads x head dim x 2 x the predicted share of the
 // pages); the fetch: one step (a focus switch moves fewer bytes than a step reads). Between
-// 2 and 8 steps. On the CPU backends: 3 for the bench spec at a 10 % cap, 8 for the long
+// 2 and 8 steps. On the CPU backends: 2 for the bench spec at a 10 % cap, 8 for the long
 // spec at 5 %.
 uint32_t AutoSwitchLag(const ModelSpec& spec, double predicted_share);
 
@@ -115,7 +115,7 @@ uint32_t AutoSwitchLag(const ModelSpec& spec, double predicted_share);
 // of two at least 2.5 times its switch lag, between 8 and 64 steps. The set predicted at a
 // cycle start serves from `lag` steps later, so a cycle of 2.5 lags or more keeps the
 // steps a stale set serves under 40 % of it, and a short cycle keeps the hidden state that
-// predicts it fresh. On the CPU backends: 8 for the bench spec at a 10 % cap (lag 3), 32
+// predicts it fresh. On the CPU backends: 8 for the bench spec at a 10 % cap (lag 2), 32
 // for the long spec at 5 % (lag 8).
 uint32_t AutoCycle(uint32_t switch_lag);
 
@@ -162,8 +162,8 @@ struct SessionOptions {
   // The footprint cap: the most of the session's pages (of max_tokens) its reservation
   // holds, everything included — sink, tail, open page, the predicted set and the headroom
   // for pages fetched while the previous set serves (by default from the switch lag:
-  // AutoHeadroom). The indexer is asked for (cap - 3 - miss pages) / (1 + headroom) pages. A cap below what sink + tail need is
-  // raised to that minimum.
+  // AutoHeadroom). The indexer is asked for (cap - 3 - miss pages) / (1 + headroom) pages.
+  // A cap below what sink + tail need is raised to that minimum.
   float budget = 0.1f;
   uint32_t max_pages = 0;  // the cap in pages instead (0 = use budget)
   indexer::Policy policy = indexer::Policy::kDefault;

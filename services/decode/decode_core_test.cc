@@ -146,20 +146,26 @@ class DecodeCoreTest : public ::testing::Test {
     return r;
   }
 
+  // Decodes every layer of one step; returns its outputs [layer][q_heads * head_dim].
+  std::vector<std::vector<float>> DecodeStep(DecodeCore& core, const std::string& id,
+                                             const workload::Session& g, uint32_t st,
+                                             uint32_t tau) {
+    std::vector<std::vector<float>> outs;
+    for (uint32_t l = 0; l < spec_.layers; ++l) {
+      StepData d = Data(g, st, l, tau);
+      LayerStep r = Request(id, st, l, d);
+      EXPECT_THAT(core.Step({&r, 1})[0], IsOk()) << "step " << st << " layer " << l;
+      outs.push_back(std::move(d.out));
+    }
+    return outs;
+  }
+
   // Decodes every step; returns the outputs [step][layer][q_heads * head_dim].
   std::vector<std::vector<std::vector<float>>> Decode(DecodeCore& core, const std::string& id,
                                                       const workload::Session& g, uint32_t tau) {
     std::vector<std::vector<std::vector<float>>> outs;
-    for (uint32_t st = 0; st < g.config().steps; ++st) {
-      outs.emplace_back();
-      for (uint32_t l = 0; l < spec_.layers; ++l) {
-        StepData d = Data(g, st, l, tau);
-        LayerStep r = Request(id, st, l, d);
-        auto res = core.Step({&r, 1});
-        EXPECT_THAT(res[0], IsOk()) << "step " << st << " layer " << l;
-        outs.back().push_back(d.out);
-      }
-    }
+    for (uint32_t st = 0; st < g.config().steps; ++st)
+      outs.push_back(DecodeStep(core, id, g, st, tau));
     return outs;
   }
 
@@ -261,11 +267,7 @@ TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsOneLagApart) {
   Prefill(*core, "s", *g);
   std::vector<uint64_t> resident;
   for (uint32_t step = 0; step < g->config().steps; ++step) {
-    for (uint32_t l = 0; l < spec_.layers; ++l) {
-      StepData d = Data(*g, step, l, 16);
-      LayerStep r = Request("s", step, l, d);
-      ASSERT_THAT(core->Step({&r, 1})[0], IsOk());
-    }
+    DecodeStep(*core, "s", *g, step, 16);
     auto st = core->Stats("s");
     ASSERT_THAT(st.status(), IsOk());
     resident.push_back(st->resident_pages);
@@ -296,12 +298,7 @@ TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsOneLagApart) {
   slow.switch_lag = 4;
   ASSERT_THAT(core->Open("h", slow), IsOk());
   Prefill(*core, "h", *g);
-  for (uint32_t step = 0; step < 16; ++step)
-    for (uint32_t l = 0; l < spec_.layers; ++l) {
-      StepData d = Data(*g, step, l, 16);
-      LayerStep r = Request("h", step, l, d);
-      ASSERT_THAT(core->Step({&r, 1})[0], IsOk());
-    }
+  for (uint32_t step = 0; step < 16; ++step) DecodeStep(*core, "h", *g, step, 16);
   auto h = core->Stats("h");
   ASSERT_THAT(h.status(), IsOk());
   EXPECT_EQ(h->resident_pages, 29u);  // the set and the open page
@@ -371,12 +368,7 @@ TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   EXPECT_EQ(core->Step({&r, 1})[0].code(), StatusCode::kInvalidArgument);
 
   // Step 3 completes a chunk: its last layer must bring (or follow) the chunk's keys.
-  for (uint32_t st = 0; st < 3; ++st)
-    for (uint32_t l = 0; l < spec_.layers; ++l) {
-      StepData x = Data(*g, st, l, 16);
-      LayerStep q = Request("a", st, l, x);
-      ASSERT_THAT(core->Step({&q, 1})[0], IsOk());
-    }
+  for (uint32_t st = 0; st < 3; ++st) DecodeStep(*core, "a", *g, st, 16);
   StepData s3 = Data(*g, 3, 0, 16), s3b = Data(*g, 3, 1, 16);
   s3.keys.clear();
   s3b.keys.clear();

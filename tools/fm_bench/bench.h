@@ -39,7 +39,7 @@ struct E2eBenchOptions {
   uint64_t ram_cap = 8ull << 30;           // KV bytes the concurrency runs may hold per mode
   double budget = 0.10;       // sparse footprint cap, bench spec (contexts below 512K)
   double long_budget = 0.05;  // the same, long spec (512K and up)
-  uint32_t tau = 8;           // decode steps per cycle, bench spec: its switch lag is 3
+  uint32_t tau = 8;           // decode steps per cycle, bench spec: its switch lag is 2
   uint32_t long_tau = 32;     // the same, long spec: its switch lag is 8
   std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
   bool miss_check = false;         // start the server with the per-step miss check
