@@ -197,12 +197,32 @@ struct DecodeCore::Session {
   std::shared_ptr<Job> job ABSL_GUARDED_BY(mu);
   uint64_t switch_step ABSL_GUARDED_BY(mu) = 0;
   uint64_t launched_for ABSL_GUARDED_BY(mu) = UINT64_MAX;  // cycle start of the last launch
-  absl::CondVar job_cv;
+  absl::CondVar job_cv;  // a job or miss check finished; the attention kernel returned
+  // A step runs its attention kernel with mu released, so that the cycle's prediction and
+  // fetch do not wait on it (they take mu to read the page table and to finish). The
+  // kernel reads the plan, the page table and the cells of resident pages, which only a
+  // step, a prefill or a close change: those wait for in_kernel to clear (WaitIdle).
+  bool in_kernel ABSL_GUARDED_BY(mu) = false;
 
   SessionStats stats ABSL_GUARDED_BY(mu);
 
   uint64_t sealed() const ABSL_SHARED_LOCKS_REQUIRED(mu) { return tokens / opt.spec.page_tokens; }
   uint64_t open_page() const ABSL_SHARED_LOCKS_REQUIRED(mu) { return sealed(); }
+
+  // Waits until no step of the session is inside its attention kernel.
+  void WaitIdle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    while (in_kernel) job_cv.Wait(&mu);
+  }
+  // Runs `kernel` with mu released and in_kernel set.
+  template <typename F>
+  void WithoutLock(F&& kernel) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+    in_kernel = true;
+    mu.Unlock();
+    kernel();
+    mu.Lock();
+    in_kernel = false;
+    job_cv.SignalAll();
+  }
 };
 
 struct DecodeCore::Impl {
@@ -996,7 +1016,8 @@ DecodeCore::~DecodeCore() {
   for (auto& s : all) {
     absl::MutexLock l(&s->mu);
     s->closed = true;
-    while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done)) s->job_cv.Wait(&s->mu);
+    while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done) || s->in_kernel)
+      s->job_cv.Wait(&s->mu);
   }
 }
 
@@ -1199,6 +1220,7 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
   Session& s = *sp;
   Impl& im = *impl_;
   absl::MutexLock l(&s.mu);
+  s.WaitIdle();
   const ModelSpec& spec = s.opt.spec;
   const uint32_t P = spec.page_tokens;
   if (s.decoding) return absl::FailedPreconditionError("prefill after the first decode step");
@@ -1392,13 +1414,15 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   std::vector<float> lse_buf(need_lse && !r.lse ? spec.q_heads : 0);
   float* lse = r.lse ? r.lse : (need_lse ? lse_buf.data() : nullptr);
   kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, lse};
-  const kernels::KernelStatus ks =
-      s.opt.level2_topk == 0
-          ? kernels::RunPagedDecode(s.plan, Pool(), &item, 1)
-          : kernels::TopKDecode(s.shape, Pool(),
-                                kernels::PageList{s.list_cells.data(), s.list_valid.data(),
-                                                  static_cast<uint32_t>(s.list_cells.size())},
-                                r.layer, s.opt.level2_topk, r.q.data(), r.out, lse);
+  kernels::KernelStatus ks;
+  s.WithoutLock([&] {
+    ks = s.opt.level2_topk == 0
+             ? kernels::RunPagedDecode(s.plan, Pool(), &item, 1)
+             : kernels::TopKDecode(s.shape, Pool(),
+                                   kernels::PageList{s.list_cells.data(), s.list_valid.data(),
+                                                     static_cast<uint32_t>(s.list_cells.size())},
+                                   r.layer, s.opt.level2_topk, r.q.data(), r.out, lse);
+  });
   if (ks != kernels::KernelStatus::kOk)
     return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
   s.next_layer = r.layer + 1;
@@ -1458,6 +1482,7 @@ std::vector<absl::Status> DecodeCore::Step(absl::Span<const LayerStep> batch) {
       continue;
     }
     absl::MutexLock l(&s->mu);
+    s->WaitIdle();
     out.push_back(impl_->StepOne(s, r));
   }
   return out;
@@ -1479,7 +1504,8 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
   }
   absl::MutexLock l(&s->mu);
   s->closed = true;
-  while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done)) s->job_cv.Wait(&s->mu);
+  while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done) || s->in_kernel)
+    s->job_cv.Wait(&s->mu);
   absl::Status st = absl::OkStatus();
   const uint32_t P = s->opt.spec.page_tokens;
   if (drop_history) {

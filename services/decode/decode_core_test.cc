@@ -4,7 +4,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <filesystem>
+#include <thread>
 
 #include "common/status_matchers.h"
 #include "services/kvstore/kv_store.h"
@@ -225,6 +227,69 @@ TEST_F(DecodeCoreTest, SparseWithEveryPageEqualsDense) {
   EXPECT_EQ(st->prediction_failures, 0u);
   EXPECT_EQ(st->deferred_pages, 0u);
   EXPECT_EQ(st->resident_pages, 65u);  // 64 sealed + the open page
+}
+
+// Steps run their attention kernel without the session's lock: readers, the cycle's jobs
+// and a close on other threads meet them only between kernels.
+TEST_F(DecodeCoreTest, StepsMeetReadersAndACloseOnOtherThreadsOnlyBetweenKernels) {
+  auto g = Generate(4096, 48, 12);
+  auto core = Core();
+  for (const char* id : {"serial", "watched"}) {
+    ASSERT_THAT(core->Open(id, Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)), IsOk());
+    Prefill(*core, id, *g);
+  }
+  auto want = Decode(*core, "serial", *g, 16);
+  std::atomic<bool> done{false};
+  std::atomic<uint64_t> reads{0};
+  std::thread reader([&] {
+    while (!done) {
+      auto st = core->Stats("watched");
+      auto res = core->Resident("watched", {0, 1, 2, 3});
+      EXPECT_THAT(st.status(), IsOk());
+      EXPECT_THAT(res.status(), IsOk());
+      ++reads;
+    }
+  });
+  auto got = Decode(*core, "watched", *g, 16);
+  done = true;
+  reader.join();
+  EXPECT_GT(reads.load(), 0u);
+  auto stats = core->Stats("watched");
+  ASSERT_THAT(stats.status(), IsOk());
+  EXPECT_EQ(stats->predictions, 3u);
+  EXPECT_EQ(stats->prediction_failures, 0u);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t st = 0; st < got.size(); ++st)
+    for (size_t l = 0; l < got[st].size(); ++l) ASSERT_EQ(got[st][l], want[st][l]) << st << " " << l;
+
+  // A close while another thread streams steps: the steps after it get NOT_FOUND and the
+  // session's cells all go back.
+  ASSERT_THAT(core->Open("closed", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)),
+              IsOk());
+  Prefill(*core, "closed", *g);
+  const uint64_t used_before = core->Reserve().used_cells;
+  std::atomic<uint32_t> steps_ok{0};
+  std::atomic<bool> saw_not_found{false};
+  std::thread stepper([&] {
+    for (uint32_t st = 0; st < g->config().steps && !saw_not_found; ++st)
+      for (uint32_t l = 0; l < spec_.layers; ++l) {
+        StepData d = Data(*g, st, l, 16);
+        LayerStep r = Request("closed", st, l, d);
+        absl::Status s = core->Step({&r, 1})[0];
+        if (s.code() == StatusCode::kNotFound) {
+          saw_not_found = true;
+          break;
+        }
+        EXPECT_THAT(s, IsOk());
+        if (l == 0 && st == 8) steps_ok = 1;
+      }
+  });
+  while (steps_ok == 0 && !saw_not_found) std::this_thread::yield();
+  ASSERT_THAT(core->Close("closed", /*drop_history=*/true), IsOk());
+  stepper.join();
+  EXPECT_TRUE(saw_not_found);
+  EXPECT_LT(core->Reserve().used_cells, used_before);
+  EXPECT_EQ(core->Stats("closed").status().code(), StatusCode::kNotFound);
 }
 
 TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
