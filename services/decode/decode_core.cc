@@ -1045,7 +1045,6 @@ ReserveStats DecodeCore::Reserve() const {
   return r;
 }
 
-constexpr double kLagFetchShare = 0.25;
 
 uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
   const double scan = double(sp.ChunksPerPage()) * sp.index_layers * sp.index_heads * sp.index_dim;
@@ -1055,6 +1054,8 @@ uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
 }
 
 double AutoHeadroom(uint32_t switch_lag) { return switch_lag >= 4 ? 0.05 : 0.0; }
+
+double AutoCatchUpShare(uint32_t switch_lag) { return std::min(1.0, switch_lag / 8.0); }
 
 uint32_t AutoCycle(uint32_t switch_lag) {
   uint32_t tau = 8;
@@ -1159,10 +1160,12 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->shape = ShapeOf(sp);
   s->reserved = cells;
   s->predict_budget = predict_budget;
-  // A lag is sized to fetch a quarter of the predicted set: the churn of a cycle without a
-  // focus switch.
+  // A lag is sized to fetch a share of the predicted set (AutoCatchUpShare: a quarter at the
+  // bench spec's lag of 2, the churn of a cycle without a focus switch; all of it from a lag
+  // of 8).
+  const double share = opt.catch_up_share > 0 ? opt.catch_up_share : AutoCatchUpShare(lag);
   s->lag_pages = std::max<uint64_t>(
-      1, static_cast<uint64_t>(std::ceil(kLagFetchShare * double(predict_budget) * pages)));
+      1, static_cast<uint64_t>(std::ceil(std::min(1.0, share) * double(predict_budget) * pages)));
   s->tau = o.tau ? o.tau : opt.tau ? opt.tau : AutoCycle(lag);
   s->lag = std::max<uint32_t>(1, std::min<uint32_t>(lag, s->tau > 1 ? s->tau - 1 : 1));
   {

@@ -368,6 +368,24 @@ TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsOneLagApart) {
   ASSERT_THAT(h.status(), IsOk());
   EXPECT_EQ(h->resident_pages, 29u);  // the set and the open page
   EXPECT_EQ(h->reserved_cells, 33u);
+
+  // --catch_up_share 0.5: half of the set (15 pages) per lag.
+  DecodeOptions o;
+  o.reserve_bytes = 32 << 20;
+  o.tau = 16;
+  o.switch_lag = 2;
+  o.catch_up_share = 0.5;
+  DecodeCore halves(o, store_.get(), predictor_.get());
+  ASSERT_THAT(halves.Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom)),
+              IsOk());
+  Prefill(halves, "s", *g);
+  std::vector<uint64_t> res;
+  for (uint32_t step = 0; step < 21; ++step) {
+    DecodeStep(halves, "s", *g, step, 16);
+    res.push_back(halves.Stats("s")->resident_pages);
+  }
+  EXPECT_LT(res[18], full - 15) << "most of the set comes later";
+  EXPECT_EQ(res[20], res[18] + 15) << "the first catch-up";
 }
 
 TEST_F(DecodeCoreTest, MissCheckFetchesASurpriseWithinTheReservation) {
@@ -679,6 +697,14 @@ TEST(AutoHeadroom, IsNoneBelowFourStepsOfLag) {
   EXPECT_EQ(AutoHeadroom(3), 0.0);
   EXPECT_EQ(AutoHeadroom(4), 0.05);
   EXPECT_EQ(AutoHeadroom(8), 0.05);
+}
+
+TEST(AutoCatchUpShare, IsAnEighthOfTheSetPerStepOfLagUpToAll) {
+  EXPECT_EQ(AutoCatchUpShare(1), 0.125);
+  EXPECT_EQ(AutoCatchUpShare(2), 0.25);
+  EXPECT_EQ(AutoCatchUpShare(4), 0.5);
+  EXPECT_EQ(AutoCatchUpShare(8), 1.0);
+  EXPECT_EQ(AutoCatchUpShare(12), 1.0);
 }
 
 TEST(AutoCycle, IsTheSmallestPowerOfTwoOfTwoAndAHalfLags) {

@@ -29,6 +29,11 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
                  "pages fetched while the previous set serves; < 0 = per session from its "
                  "switch lag (0 below 4 steps, else 0.05)")
       ->capture_default_str();
+  app.add_option("--catch_up_share", o->catch_up_share,
+                 "Share of a sparse session's predicted set fetched per switch lag after its "
+                 "switch (and by the prediction itself before it); <= 0 = per session from its "
+                 "switch lag")
+      ->capture_default_str();
   app.add_option("--trace_dir", o->trace_dir,
                  "Directory for the traces of trace-mode sessions (empty: refuse them)");
   app.add_option("--sink", o->sink, "Always-resident first pages")->capture_default_str();
