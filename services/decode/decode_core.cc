@@ -1426,6 +1426,8 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
                                                      static_cast<uint32_t>(s.list_cells.size())},
                                    r.layer, s.opt.level2_topk, r.q.data(), r.out, lse);
   });
+  // A close that came while the kernel ran wins: the step leaves no job or state behind.
+  if (s.closed) return absl::NotFoundError(absl::StrCat("session \"", s.id, "\" was closed"));
   if (ks != kernels::KernelStatus::kOk)
     return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
   s.next_layer = r.layer + 1;
