@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -238,6 +239,7 @@ struct DecodeCore::Impl {
   bool store_arena ABSL_GUARDED_BY(mu) = false;  // the store's memory (fetches land in place)
   // Totals since the worker started, for its metrics.
   struct Totals {
+    std::atomic<uint64_t> stall_us{0};
     std::atomic<uint64_t> steps{0}, stalls{0}, predictions{0}, prediction_failures{0},
         fetched_pages{0}, surprise_fetches{0}, reregistrations{0};
   } totals;
@@ -846,6 +848,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
   st.set_launched_for(s.launched_for);
   st.set_steps(s.stats.steps);
   st.set_stalls(s.stats.stalls);
+  st.set_stall_ms(s.stats.stall_ms);
   st.set_predictions(s.stats.predictions);
   const std::string blob = st.SerializeAsString();
   const PageHeaderData h =
@@ -875,6 +878,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
   s.partial_prefill = s.tokens % P != 0;
   s.stats.steps = st.steps();
   s.stats.stalls = st.stalls();
+  s.stats.stall_ms = st.stall_ms();
   s.stats.predictions = st.predictions();
   s.stats.surprise_fetches = st.surprise_fetches();
   s.stats.tokens = s.tokens;
@@ -1037,6 +1041,7 @@ ReserveStats DecodeCore::Reserve() const {
   const Impl::Totals& t = impl_->totals;
   r.steps = t.steps.load();
   r.stalls = t.stalls.load();
+  r.stall_us = t.stall_us.load();
   r.predictions = t.predictions.load();
   r.prediction_failures = t.prediction_failures.load();
   r.fetched_pages = t.fetched_pages.load();
@@ -1347,7 +1352,15 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
         } else {
           ++s.stats.warmup_waits;
         }
+        const auto t0 = std::chrono::steady_clock::now();
         while (!s.job->done) s.job_cv.Wait(&s.mu);
+        if (s.have_set) {
+          const double ms =
+              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                  .count();
+          s.stats.stall_ms += ms;
+          totals.stall_us += static_cast<uint64_t>(ms * 1000);
+        }
       }
       Install(sp, r.step);
     }

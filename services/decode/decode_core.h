@@ -197,6 +197,7 @@ struct SessionStats {
   uint64_t tokens = 0, steps = 0;
   uint64_t next_step = 0;     // the step the session expects
   uint64_t stalls = 0;        // steps that waited for a fetch
+  double stall_ms = 0;        // the time they waited, in all
   uint64_t warmup_waits = 0;  // first predictions waited for
   uint64_t predictions = 0, prediction_failures = 0, fetched_pages = 0, deferred_pages = 0;
   uint64_t surprise_fetches = 0;  // pages fetched by the per-step miss check
@@ -213,6 +214,7 @@ struct ReserveStats {
   uint64_t cells = 0, cell_bytes = 0, reserved_cells = 0, used_cells = 0, sessions = 0;
   uint64_t steps = 0, stalls = 0, predictions = 0, prediction_failures = 0, fetched_pages = 0,
            surprise_fetches = 0, reregistrations = 0;
+  uint64_t stall_us = 0;  // the time stalled steps waited
 };
 
 // One (session, step, layer) request. Spans point into the caller's memory for the call.

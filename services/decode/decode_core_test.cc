@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <thread>
 
@@ -290,6 +291,56 @@ TEST_F(DecodeCoreTest, StepsMeetReadersAndACloseOnOtherThreadsOnlyBetweenKernels
   EXPECT_TRUE(saw_not_found);
   EXPECT_LT(core->Reserve().used_cells, used_before);
   EXPECT_EQ(core->Stats("closed").status().code(), StatusCode::kNotFound);
+}
+
+// A predictor whose Predict takes `delay` longer than the indexer's.
+class SlowPredictor : public Predictor {
+ public:
+  SlowPredictor(Predictor* inner, std::chrono::milliseconds delay) : in_(inner), delay_(delay) {}
+  absl::Status Register(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
+                        uint64_t chunks, uint64_t tokens, const float* bounds,
+                        uint64_t bound_pages) override {
+    return in_->Register(session, spec, keys, chunks, tokens, bounds, bound_pages);
+  }
+  absl::Status Append(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
+                      uint64_t first_chunk, uint64_t chunks, uint64_t tokens, const float* bounds,
+                      uint64_t first_page, uint64_t bound_pages) override {
+    return in_->Append(session, spec, keys, first_chunk, chunks, tokens, bounds, first_page,
+                       bound_pages);
+  }
+  absl::StatusOr<indexer::Prediction> Predict(const std::string& session,
+                                              const indexer::PredictArgs& args) override {
+    std::this_thread::sleep_for(delay_);
+    return in_->Predict(session, args);
+  }
+  absl::Status Drop(const std::string& session) override { return in_->Drop(session); }
+
+ private:
+  Predictor* in_;
+  std::chrono::milliseconds delay_;
+};
+
+TEST_F(DecodeCoreTest, StalledStepsReportTheTimeTheyWaited) {
+  // A 60 ms Predict against a 2-step lag of sub-millisecond steps: the switches of the
+  // cycles at steps 16 and 32 wait for most of it (the first prediction is the warm-up).
+  auto g = Generate(4096, 48, 12);
+  SlowPredictor slow(predictor_.get(), std::chrono::milliseconds(60));
+  DecodeOptions o;
+  o.reserve_bytes = 32 << 20;
+  o.tau = 16;
+  o.switch_lag = 2;
+  DecodeCore core(o, store_.get(), &slow);
+  ASSERT_THAT(core.Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)), IsOk());
+  Prefill(core, "s", *g);
+  Decode(core, "s", *g, 16);
+  auto st = core.Stats("s");
+  ASSERT_THAT(st.status(), IsOk());
+  EXPECT_EQ(st->predictions, 3u);
+  EXPECT_EQ(st->warmup_waits, 1u);
+  EXPECT_GE(st->stalls, 2u);
+  EXPECT_GE(st->stall_ms, 2 * 30.0);
+  EXPECT_GE(core.Reserve().stall_us, static_cast<uint64_t>(st->stall_ms * 1000) - st->stalls);
+  EXPECT_EQ(core.Reserve().stalls, st->stalls);
 }
 
 TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {

@@ -79,6 +79,9 @@ inline void AddDecodeMetrics(const DecodeCore* core, MetricsRegistry* metrics,
     for (size_t i = 0; i < std::size(values); ++i)
       AppendMetricFamily(out, counters[i].first, counters[i].second, "counter",
                          {{"", double(values[i])}});
+    AppendMetricFamily(out, "fm_decode_stall_seconds_total",
+                       "Time the stalled steps waited for their fetch.", "counter",
+                       {{"", r.stall_us / 1e6}});
   });
 }
 

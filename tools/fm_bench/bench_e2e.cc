@@ -25,6 +25,7 @@ namespace {
 struct ConcResult {
   double tps_layer = 0, tps_whole = 0, p50 = 0, p99 = 0;
   uint64_t stalled = 0, steps = 0;
+  double stall_ms = 0;  // the time the stalled steps waited, in all
 };
 
 // Opens and prefills n sessions of one mode, decodes conc_steps per layer on n threads and
@@ -69,6 +70,9 @@ absl::StatusOr<ConcResult> Concurrent(decode::DecodeClient& client, const worklo
     lat.insert(lat.end(), res[i].step_ms.begin(), res[i].step_ms.begin() + conc_steps);
     out.stalled += res[i].stalled_steps;
     out.steps += res[i].step_ms.size();
+    auto stats = client.Stats(ids[i]);
+    if (!stats.ok()) return stats.status();
+    out.stall_ms += stats->stall_ms();
     if (absl::Status st = client.Close(ids[i], true); !st.ok()) return st;
   }
   out.p50 = Percentile(lat, 0.5);
@@ -238,8 +242,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
     for (int n : o.sessions)
       if (n <= cap) ns.push_back(n);
     if (cap < o.sessions.back() && (ns.empty() || ns.back() != cap)) ns.push_back(cap);
-    std::printf("  %-8s %8s %12s %14s %10s %10s %8s\n", "mode", "sessions", "tok/s(layer)",
-                "tok/s(whole)", "p50_ms", "p99_ms", "stalls");
+    std::printf("  %-8s %8s %12s %14s %10s %10s %8s %9s\n", "mode", "sessions", "tok/s(layer)",
+                "tok/s(whole)", "p50_ms", "p99_ms", "stalls", "stall_ms");
     std::map<std::pair<int, int>, ConcResult> conc;
     for (int m = 0; m < 2; ++m)
       for (int n : ns) {
@@ -254,6 +258,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
           cr.p50 = Percentile(lat, 0.5);
           cr.p99 = Percentile(lat, 0.99);
           cr.stalled = r.stalled_steps;
+          cr.stall_ms = r.stats.stall_ms();
           cr.steps = r.step_ms.size();
         } else {
           auto r = Concurrent(*client, g, prefill,
@@ -268,9 +273,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
           cr = *r;
         }
         conc[{m, n}] = cr;
-        std::printf("  %-8s %8d %12.2f %14.2f %10.2f %10.2f %8llu\n", m ? "sparse" : "dense", n,
-                    cr.tps_layer, cr.tps_whole, cr.p50, cr.p99,
-                    static_cast<unsigned long long>(cr.stalled));
+        std::printf("  %-8s %8d %12.2f %14.2f %10.2f %10.2f %8llu %9.1f\n", m ? "sparse" : "dense",
+                    n, cr.tps_layer, cr.tps_whole, cr.p50, cr.p99,
+                    static_cast<unsigned long long>(cr.stalled), cr.stall_ms);
         std::fflush(stdout);
       }
 
@@ -300,7 +305,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     struct Agg {
       double cos_sum = 0, cos_min = 1, rel_sum = 0, mass_sum = 0;
       uint64_t hits = 0, needles = 0, stalls = 0, steps = 0;
-      double footprint = 0;
+      double footprint = 0, stall_ms = 0;
       std::vector<double> mass;
       std::vector<int> recovery;  // steps until a missed needle's page was resident (-1: not)
     } agg;
@@ -313,6 +318,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       agg.hits += sparse.needle_hits;
       agg.needles += sparse.needles;
       agg.stalls += sparse.stalled_steps;
+      agg.stall_ms += sparse.stats.stall_ms();
       agg.steps += sparse.step_ms.size();
       agg.footprint = std::max(agg.footprint, sparse.stats.footprint());
       agg.recovery.insert(agg.recovery.end(), sparse.needle_recovery_steps.begin(),
@@ -334,23 +340,23 @@ int RunE2eBench(const E2eBenchOptions& o) {
       const replay::Fidelity fk = replay::Compare(spec, pair[1], pair[0]);
       add(fk, pair[1]);
       std::printf("  session %d (seed %llu): footprint %.2f%%, cosine %.5f, mass recall %.4f, "
-                  "needles %llu/%llu, stalls %llu\n",
+                  "needles %llu/%llu, stalls %llu (%.1f ms waited)\n",
                   k + 1, static_cast<unsigned long long>(ck.seed), 100 * pair[1].stats.footprint(),
                   fk.cosine_mean, fk.mass_recall,
                   static_cast<unsigned long long>(pair[1].needle_hits),
                   static_cast<unsigned long long>(pair[1].needles),
-                  static_cast<unsigned long long>(pair[1].stalled_steps));
+                  static_cast<unsigned long long>(pair[1].stalled_steps), pair[1].stats.stall_ms());
       std::fflush(stdout);
     }
     const double nf = static_cast<double>(agg.mass.size());
     std::string per_session;
     for (double v : agg.mass) absl::StrAppend(&per_session, per_session.empty() ? "" : ", ", v);
     std::printf("  sparse over %d sessions: footprint <= %.2f%%, cosine %.5f (min %.5f), mass "
-                "recall %.4f (%s), needles %llu/%llu, stall fraction %.4f\n",
+                "recall %.4f (%s), needles %llu/%llu, stall fraction %.4f (%.1f ms waited)\n",
                 static_cast<int>(nf), 100 * agg.footprint, agg.cos_sum / nf, agg.cos_min,
                 agg.mass_sum / nf, per_session.c_str(), static_cast<unsigned long long>(agg.hits),
                 static_cast<unsigned long long>(agg.needles),
-                agg.steps ? double(agg.stalls) / agg.steps : 0.0);
+                agg.steps ? double(agg.stalls) / agg.steps : 0.0, agg.stall_ms);
     std::string recovery;
     for (int v : agg.recovery) absl::StrAppend(&recovery, recovery.empty() ? "" : ", ", v);
     if (!agg.recovery.empty())
@@ -373,7 +379,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
             "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
             "\"concurrency_dense\": %d, \"concurrency_sparse\": %d, \"fidelity_sessions\": %d, "
             "\"mass_recall_sessions\": [%s], \"tau\": %u, \"switch_lag\": %u, "
-            "\"miss_check\": %s, \"needle_recovery_steps\": [%s]}",
+            "\"miss_check\": %s, \"needle_recovery_steps\": [%s], \"fidelity_stall_ms\": %.3f, \"stall_ms\": %.3f}",
             static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
             m ? budget : 1.0, m ? agg.footprint : r.stats.footprint(),
             m ? agg.cos_sum / nf : 1.0, m ? agg.cos_min : 1.0, m ? agg.rel_sum / nf : 0.0,
@@ -383,7 +389,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
             cr.steps ? double(cr.stalled) / cr.steps : 0.0, cr.p50, cr.p99, cr.tps_layer,
             cr.tps_whole, ceiling[0], ceiling[1], static_cast<int>(nf),
             m ? per_session.c_str() : "1", r.stats.tau(), r.stats.switch_lag(),
-            o.miss_check ? "true" : "false", m ? recovery.c_str() : "");
+            o.miss_check ? "true" : "false", m ? recovery.c_str() : "", m ? agg.stall_ms : 0.0,
+            cr.stall_ms);
         rows.push_back(row);
       }
     if (!o.json.empty()) WriteJsonRows(o.json, rows);  // after every context: long runs
