@@ -214,6 +214,10 @@ struct DecodeCore::Session {
   void WaitIdle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     while (in_kernel) job_cv.Wait(&mu);
   }
+  // Waits until nothing of the session runs: no job, miss check or attention kernel.
+  void WaitQuiet() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    while ((job && !job->done) || (recovery && !recovery->done) || in_kernel) job_cv.Wait(&mu);
+  }
   // Runs `kernel` with mu released and in_kernel set.
   template <typename F>
   void WithoutLock(F&& kernel) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -239,9 +243,8 @@ struct DecodeCore::Impl {
   bool store_arena ABSL_GUARDED_BY(mu) = false;  // the store's memory (fetches land in place)
   // Totals since the worker started, for its metrics.
   struct Totals {
-    std::atomic<uint64_t> stall_us{0};
-    std::atomic<uint64_t> steps{0}, stalls{0}, predictions{0}, prediction_failures{0},
-        fetched_pages{0}, surprise_fetches{0}, reregistrations{0};
+    std::atomic<uint64_t> steps{0}, stalls{0}, stall_us{0}, predictions{0},
+        prediction_failures{0}, fetched_pages{0}, surprise_fetches{0}, reregistrations{0};
   } totals;
   uint64_t payload_bytes ABSL_GUARDED_BY(mu) = 0;  // page payload per cell
   size_t cell_stride ABSL_GUARDED_BY(mu) = 0;
@@ -1020,8 +1023,7 @@ DecodeCore::~DecodeCore() {
   for (auto& s : all) {
     absl::MutexLock l(&s->mu);
     s->closed = true;
-    while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done) || s->in_kernel)
-      s->job_cv.Wait(&s->mu);
+    s->WaitQuiet();
   }
 }
 
@@ -1049,7 +1051,6 @@ ReserveStats DecodeCore::Reserve() const {
   r.reregistrations = t.reregistrations.load();
   return r;
 }
-
 
 uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
   const double scan = double(sp.ChunksPerPage()) * sp.index_layers * sp.index_heads * sp.index_dim;
@@ -1345,21 +1346,20 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     s.decoding = true;
     if (s.opt.mode == Mode::kSparse && s.job && (r.step >= s.switch_step || !s.have_set)) {
       if (!s.job->done) {
-        if (s.have_set) {
-          ++s.stats.stalls;
-          ++totals.stalls;
-          if (r.stalled) *r.stalled = true;
-        } else {
-          ++s.stats.warmup_waits;
-        }
+        const bool stall = s.have_set;  // else the warm-up
         const auto t0 = std::chrono::steady_clock::now();
         while (!s.job->done) s.job_cv.Wait(&s.mu);
-        if (s.have_set) {
+        if (stall) {
           const double ms =
               std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
                   .count();
+          ++s.stats.stalls;
+          ++totals.stalls;
           s.stats.stall_ms += ms;
           totals.stall_us += static_cast<uint64_t>(ms * 1000);
+          if (r.stalled) *r.stalled = true;
+        } else {
+          ++s.stats.warmup_waits;
         }
       }
       Install(sp, r.step);
@@ -1522,8 +1522,7 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
   }
   absl::MutexLock l(&s->mu);
   s->closed = true;
-  while ((s->job && !s->job->done) || (s->recovery && !s->recovery->done) || s->in_kernel)
-    s->job_cv.Wait(&s->mu);
+  s->WaitQuiet();
   absl::Status st = absl::OkStatus();
   const uint32_t P = s->opt.spec.page_tokens;
   if (drop_history) {
