@@ -130,6 +130,7 @@ struct Job : CellFetch {
   absl::Status status;
   std::vector<uint64_t> wanted;          // sealed pages of the new set, ascending
   std::vector<uint64_t> deferred_pages;  // missing pages that did not fit, most wanted first
+  std::vector<uint64_t> ranked;          // a prediction's sealed pages, most wanted first
   // A catch-up: fetches pages a switch deferred (no prediction); its set adds to the
   // serving one.
   bool catch_up = false;
@@ -142,9 +143,13 @@ struct DecodeCore::Session {
   kernels::AttentionShape shape;
   uint64_t reserved = 0;  // cells the admission granted
   float predict_budget = 1;  // the share of the pages each prediction asks for
-  uint64_t lag_pages = 1;    // pages one switch lag is sized to fetch
+  uint64_t lag_pages = 1;    // pages one catch-up (or a prediction before its switch) fetches
+  // Cells the predicted set holds between switches and frees at each cycle start (its
+  // least wanted pages) for the pages that must serve from the switch.
+  uint64_t headroom_pages = 0;
   uint32_t tau = 16;
   uint32_t lag = 8;  // steps after a cycle start at which its set takes over (< tau)
+  uint32_t catch_up_lag = 2;  // steps after a switch or catch-up at which the next serves
 
   absl::Mutex mu;
   bool closed ABSL_GUARDED_BY(mu) = false;
@@ -158,6 +163,7 @@ struct DecodeCore::Session {
   std::vector<int64_t> cell_of ABSL_GUARDED_BY(mu);
   uint64_t in_use ABSL_GUARDED_BY(mu) = 0;
   std::vector<uint64_t> wanted ABSL_GUARDED_BY(mu);  // the current predicted set (sealed pages)
+  std::vector<uint64_t> ranked ABSL_GUARDED_BY(mu);  // its prediction, most wanted first
   bool have_set ABSL_GUARDED_BY(mu) = false;
 
   // The attention plan over the resident pages + the open page (last).
@@ -603,11 +609,30 @@ struct DecodeCore::Impl {
     a.tail = options.tail;
     ++s.stats.predictions;
     ++totals.predictions;
+    if (s.have_set) MakeRoom(s);
     // At most a lag's worth of pages before the switch (cells a short catch-up left free
     // would otherwise make the fetch longer than the lag); the rest come in catch-ups. The
     // first prediction is waited for: all of it.
     const uint64_t spare = Spare(s, KeepFree());
     Post(sp, a, s.have_set ? std::min(spare, s.lag_pages) : spare);
+  }
+  // Frees the headroom the set held since its switch: its least wanted resident pages go,
+  // so that the new prediction's most wanted pages can serve from its switch. At a cycle
+  // start, a fixed step, so that outputs do not depend on timing.
+  void MakeRoom(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    uint64_t spare = Spare(s, KeepFree());
+    std::vector<uint64_t> gone;
+    for (auto it = s.ranked.rbegin(); it != s.ranked.rend() && spare < s.headroom_pages; ++it)
+      if (*it < s.sealed() && s.cell_of[*it] != kNoCell && !Pinned(s, *it)) {
+        Evict(s, *it);
+        gone.push_back(*it);
+        ++spare;
+      }
+    std::sort(gone.begin(), gone.end());
+    std::vector<uint64_t> kept;
+    std::set_difference(s.wanted.begin(), s.wanted.end(), gone.begin(), gone.end(),
+                        std::back_inserter(kept));
+    s.wanted = std::move(kept);
   }
   // catch_up: the pages of a catch-up job (no prediction), else null.
   void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a, uint64_t cells,
@@ -702,17 +727,20 @@ struct DecodeCore::Impl {
         return;
       }
       const uint64_t sealed = s.sealed();
-      std::vector<indexer::ScoredPage> missing;
+      std::vector<indexer::ScoredPage> missing, ranked;
       for (const auto& p : pred->pages) {
         if (p.page >= sealed) continue;  // the open page is always resident
         job->wanted.push_back(p.page);
+        if (!job->catch_up) ranked.push_back(p);
         if (s.cell_of[p.page] == kNoCell) missing.push_back(p);
       }
+      const auto by_score = [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
+        return a.score > b.score;
+      };
+      std::stable_sort(ranked.begin(), ranked.end(), by_score);
+      for (const auto& p : ranked) job->ranked.push_back(p.page);
       std::sort(job->wanted.begin(), job->wanted.end());  // a catch-up's come by score
-      std::stable_sort(missing.begin(), missing.end(),
-                       [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
-                         return a.score > b.score;
-                       });
+      std::stable_sort(missing.begin(), missing.end(), by_score);
       const size_t take = std::min<size_t>(missing.size(), job->cells.size());
       std::vector<uint64_t> dropped;
       for (size_t i = take; i < missing.size(); ++i) dropped.push_back(missing[i].page);
@@ -765,18 +793,19 @@ struct DecodeCore::Impl {
       s.wanted = std::move(merged);
     } else {
       s.wanted = std::move(job->wanted);
+      s.ranked = std::move(job->ranked);
     }
     s.have_set = true;
     s.plan_dirty = true;
     Trim(s);
     // Pages that did not fit while the previous set served come now, into the cells it left,
-    // most wanted first, a lag's worth of pages per lag (a catch-up that leaves pages over
-    // posts the next), serving before the next cycle starts.
+    // most wanted first, lag_pages per catch-up lag (a catch-up that leaves pages over posts
+    // the next), serving before the next cycle starts.
     const uint64_t next = (step / s.tau + 1) * s.tau;
-    if (!job->deferred_pages.empty() && step + s.lag < next) {
+    if (!job->deferred_pages.empty() && step + s.catch_up_lag < next) {
       const uint64_t n = std::min<uint64_t>(
           {job->deferred_pages.size(), Spare(s, KeepFree()), s.lag_pages});
-      if (n > 0) PostCatchUp(sp, job->deferred_pages, n, step + s.lag);
+      if (n > 0) PostCatchUp(sp, job->deferred_pages, n, step + s.catch_up_lag);
     }
   }
 
@@ -817,6 +846,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
   for (const auto& k : s.keys) st.mutable_pending_keys()->append(k.begin(), k.end());
   st.set_have_set(s.have_set);
   for (uint64_t p : s.wanted) st.add_wanted(p);
+  for (uint64_t p : s.ranked) st.add_ranked(p);
   if (s.job) {
     const Job& j = *s.job;
     st.set_job(true);
@@ -825,6 +855,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     st.set_job_done(j.done && j.status.ok());
     if (j.done && j.status.ok()) {
       for (uint64_t p : j.wanted) st.add_job_wanted(p);
+      for (uint64_t p : j.ranked) st.add_job_ranked(p);
       for (const auto& [p, c] : j.fetched) st.add_job_fetched(p);
     }
     st.set_job_has_hidden(!j.args.hidden.empty());
@@ -922,6 +953,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
   }
   s.have_set = st.have_set();
   s.wanted.assign(st.wanted().begin(), st.wanted().end());
+  s.ranked.assign(st.ranked().begin(), st.ranked().end());
   std::vector<uint64_t> load;
   for (uint64_t p = 0; p < sealed; ++p)
     if (s.opt.mode == Mode::kDense || Pinned(s, p) || Wanted(s, p)) load.push_back(p);
@@ -983,6 +1015,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       job->step = st.job_step();
       job->done = true;
       job->wanted.assign(st.job_wanted().begin(), st.job_wanted().end());
+      job->ranked.assign(st.job_ranked().begin(), st.job_ranked().end());
       if (absl::Status r = take_back(job_pages, st.job_cells(), &job->fetched, &job->cells);
           !r.ok())
         return r;
@@ -1133,9 +1166,11 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   const uint64_t pages = sp.PagesForTokens(o.max_tokens);
   uint64_t cells = pages + 1;
   float predict_budget = 1.0f;
+  uint64_t headroom_pages = 0;
   // The budget caps the cells a sparse session holds (its footprint): the predicted set, the
-  // open page, the fetch headroom, two cells for pages sealing before a switch and the miss
-  // check's pages all come out of it. Below the minimum that serves sink + tail, the minimum.
+  // open page, two cells for pages sealing before a switch and the miss check's pages all
+  // come out of it. Below the minimum that serves sink + tail, the minimum. The fetch
+  // headroom is a share of the set that each cycle start frees (MakeRoom).
   auto size_sparse = [&](double headroom) {
     const uint64_t miss = opt.miss_check ? opt.miss_max_pages : 0;
     const uint64_t fixed = std::min<uint64_t>(pages, uint64_t{opt.sink} + opt.tail + 1);
@@ -1146,10 +1181,10 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
         o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages));
     // A cap of every page keeps every page resident, the extra cells on top.
     cells = cap >= pages ? pages + extra : std::min(std::max(cap, least), pages + extra);
-    const uint64_t predicted =
-        cap >= pages ? pages
-                     : std::min<uint64_t>(pages, static_cast<uint64_t>(double(cells - extra) /
-                                                                       (1.0 + headroom)));
+    const uint64_t predicted = cap >= pages ? pages : std::min<uint64_t>(pages, cells - extra);
+    headroom_pages =
+        cap >= pages ? 0
+                     : predicted - static_cast<uint64_t>(double(predicted) / (1.0 + headroom));
     // As a fraction of the most pages, so that a history still growing gets its share.
     predict_budget = static_cast<float>(double(std::max<uint64_t>(predicted, 1)) / pages *
                                         (1.0 - 1e-6));
@@ -1166,14 +1201,16 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->shape = ShapeOf(sp);
   s->reserved = cells;
   s->predict_budget = predict_budget;
-  // A lag is sized to fetch a share of the predicted set (AutoCatchUpShare: a quarter at the
-  // bench spec's lag of 2, the churn of a cycle without a focus switch; all of it from a lag
-  // of 8).
-  const double share = opt.catch_up_share > 0 ? opt.catch_up_share : AutoCatchUpShare(lag);
-  s->lag_pages = std::max<uint64_t>(
-      1, static_cast<uint64_t>(std::ceil(std::min(1.0, share) * double(predict_budget) * pages)));
+  s->headroom_pages = headroom_pages;
   s->tau = o.tau ? o.tau : opt.tau ? opt.tau : AutoCycle(lag);
   s->lag = std::max<uint32_t>(1, std::min<uint32_t>(lag, s->tau > 1 ? s->tau - 1 : 1));
+  s->catch_up_lag = opt.catch_up_lag ? opt.catch_up_lag : std::min<uint32_t>(2, s->lag);
+  // A catch-up fetches a share of the predicted set (AutoCatchUpShare: an eighth per step of
+  // its lag, a quarter every 2 steps by default).
+  const double share =
+      opt.catch_up_share > 0 ? opt.catch_up_share : AutoCatchUpShare(s->catch_up_lag);
+  s->lag_pages = std::max<uint64_t>(
+      1, static_cast<uint64_t>(std::ceil(std::min(1.0, share) * double(predict_budget) * pages)));
   {
     absl::MutexLock l(&impl_->mu);
     Impl& im = *impl_;

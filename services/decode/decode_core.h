@@ -120,19 +120,20 @@ uint32_t AutoSwitchLag(const ModelSpec& spec, double predicted_share);
 uint32_t AutoCycle(uint32_t switch_lag);
 
 // The fetch headroom for a switch lag: none below 4 steps, where a catch-up lands soon after
-// the switch (bench spec at 32K: mass recall 0.895 with none, 0.875 at 0.05); 0.05 from 4
-// steps on, so that the most wanted new pages (needles first) serve from the switch instead
-// of a lag later (long spec at 1M, lag 8: needles 12/12 vs 8/12, cosine 0.9999 vs 0.998, mass
-// recall 0.932 vs 0.934).
+// the switch (bench spec at 32K, when the headroom came on top of the set: mass recall 0.895
+// with none, 0.875 at 0.05); 0.05 from 4 steps on, so that the most wanted new pages
+// (needles first) serve from the switch instead of a catch-up later (512K at a 6.3 % cap,
+// lag 7: needles 10/12 vs 6/12). Since the set holds the headroom between a switch and the
+// next cycle start, it costs little: 512K mass recall 0.947 with it vs 0.9466 with none and
+// 0.939 with the headroom on top of the set.
 double AutoHeadroom(uint32_t switch_lag);
 
-// The default share of the predicted set fetched per switch lag: an eighth per step of lag,
-// the whole set from 8 steps on. The bench spec (lag 2) fetches a quarter per lag: a fetch
-// of 17-33 pages there outlasted the lag on 2 cores. The long spec (lag 8, pages of 32 KiB
-// instead of 256 KiB) brings a whole new set in one catch-up: 1M mass recall 0.943 vs 0.932
-// at a quarter, 512K 0.849 vs 0.836, the same 0-1 stalled steps in 768 for one session; 8
-// concurrent 512K sessions stalled 6 of 1,024 steps (none at a quarter).
-double AutoCatchUpShare(uint32_t switch_lag);
+// The default share of the predicted set one catch-up fetches: an eighth per step of its
+// catch-up lag, the whole set from 8 steps on; a quarter at the default catch-up lag of 2.
+// The bench spec: a fetch of 17-33 pages outlasted 2 steps on 2 cores. The long spec (pages
+// 8x smaller): a quarter every 2 steps brings the most wanted pages of a new set 5 steps
+// sooner than the whole set a switch lag (7) later, and the whole set as soon.
+double AutoCatchUpShare(uint32_t catch_up_lag);
 
 struct DecodeOptions {
   uint64_t reserve_bytes = uint64_t{1} << 30;  // the device reserve shared by all sessions
@@ -141,14 +142,17 @@ struct DecodeOptions {
   // Steps after a cycle start at which its resident set takes over; 0 = per session from
   // its spec's costs (AutoSwitchLag).
   uint32_t switch_lag = 0;
-  // Cells of a sparse session's cap kept for pages fetched while the previous set still
-  // serves, per predicted page; what a prediction adds beyond them comes in catch-ups after
-  // the switch, into the cells of the pages it drops. < 0: per session from its switch lag
-  // (AutoHeadroom).
+  // Share of a sparse session's predicted set freed at each cycle start (its least wanted
+  // pages) for the pages fetched while the previous set still serves; what a prediction adds
+  // beyond them comes in catch-ups after the switch, into the cells of the pages it drops.
+  // Between a switch and the next cycle start the set holds those cells too. < 0: per
+  // session from its switch lag (AutoHeadroom).
   double headroom = -1;
+  // Steps after a switch (or a catch-up) at which the next catch-up of the pages that did not
+  // fit serves; 0 = the switch lag, at most 2.
+  uint32_t catch_up_lag = 0;
   // Share of the predicted set one catch-up (or a prediction's own fetch before its switch)
-  // fetches, a lag after the previous one; <= 0: per session from its switch lag
-  // (AutoCatchUpShare).
+  // fetches; <= 0: per session from its catch-up lag (AutoCatchUpShare).
   double catch_up_share = -1;
   uint32_t max_sessions = 1024;
   uint32_t threads = 0;  // attention threads; 0 = the kernel pool's default
@@ -172,10 +176,10 @@ struct SessionOptions {
   ModelSpec spec;
   Mode mode = Mode::kSparse;
   // The footprint cap: the most of the session's pages (of max_tokens) its reservation
-  // holds, everything included — sink, tail, open page, the predicted set and the headroom
-  // for pages fetched while the previous set serves (by default from the switch lag:
-  // AutoHeadroom). The indexer is asked for (cap - 3 - miss pages) / (1 + headroom) pages.
-  // A cap below what sink + tail need is raised to that minimum.
+  // holds, everything included — sink, tail, open page and the predicted set, which frees
+  // a headroom at each cycle start for pages fetched while it still serves (by default from
+  // the switch lag: AutoHeadroom). The indexer is asked for cap - 3 - miss pages. A cap
+  // below what sink + tail need is raised to that minimum.
   float budget = 0.1f;
   uint32_t max_pages = 0;  // the cap in pages instead (0 = use budget)
   indexer::Policy policy = indexer::Policy::kDefault;

@@ -372,7 +372,7 @@ TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
       0.9);
 }
 
-TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsOneLagApart) {
+TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsTwoStepsApart) {
   // A random 25 % set: each prediction replaces most of the set, more pages than the cells
   // left free while the previous set serves. The rest come after the switch into the cells
   // the old set leaves, a quarter of the set (8 pages) per lag, before the next cycle.
@@ -408,17 +408,31 @@ TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsOneLagApart) {
     }
     EXPECT_EQ(resident[(cycle + 1) * 16 - 1], full) << "cycle " << cycle << " is whole";
   }
-  // With a lag of 4 steps the session keeps a headroom of 5 % of its set: 30 / 1.05 = 28
-  // pages.
+  // With a lag of 4 steps the session frees a headroom of 5 % of its set at each cycle start
+  // (30 - 30 / 1.05 = 2 pages, its least wanted) for the new set's most wanted pages; between
+  // the switch and the next cycle start the set holds those cells too.
   SessionOptions slow = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom);
   slow.switch_lag = 4;
   ASSERT_THAT(core->Open("h", slow), IsOk());
   Prefill(*core, "h", *g);
-  for (uint32_t step = 0; step < 16; ++step) DecodeStep(*core, "h", *g, step, 16);
+  std::vector<uint64_t> held;
+  for (uint32_t step = 0; step < 32; ++step) {
+    DecodeStep(*core, "h", *g, step, 16);
+    held.push_back(core->Stats("h")->resident_pages);
+  }
   auto h = core->Stats("h");
   ASSERT_THAT(h.status(), IsOk());
-  EXPECT_EQ(h->resident_pages, 29u);  // the set and the open page
   EXPECT_EQ(h->reserved_cells, 33u);
+  EXPECT_EQ(h->peak_resident_pages, 31u);  // two cells stay free for pages sealing
+  EXPECT_EQ(held[15], 31u);  // the whole set (30 pages, sink and tail included) and the open page
+  for (uint32_t step = 16; step < 20; ++step)
+    EXPECT_EQ(held[step], 29u) << "step " << step << ": the headroom is free until the switch";
+  // Catch-ups of a quarter of the set (8 pages) serve every 2 steps from the switch, not
+  // every 4: the catch-up lag is at most 2 whatever the switch lag.
+  EXPECT_EQ(held[21], held[20]);
+  EXPECT_EQ(held[22], held[20] + 8);
+  EXPECT_EQ(held[24], held[22] + 8);
+  EXPECT_EQ(held[31], 31u) << "whole again after the switch and its catch-ups";
 
   // --catch_up_share 0.5: half of the set (15 pages) per lag.
   DecodeOptions o;
@@ -663,12 +677,15 @@ TEST_F(DecodeCoreTest, LevelTwoAttendsToTheTopKTokensOfTheResidentSet) {
 }
 
 TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
-  // With and without the miss check (whose fetches in flight are part of the state).
-  for (bool mc : {false, true}) {
-    SCOPED_TRACE(mc ? "miss check" : "no miss check");
-    const std::string sfx = mc ? "-mc" : "";
+  // With and without the miss check (whose fetches in flight are part of the state), and
+  // at a lag of 4 (a headroom freed at each cycle start, by the saved ranking of the set).
+  for (const auto& [mc, lag] : std::vector<std::pair<bool, uint32_t>>{{false, 0}, {true, 0},
+                                                                      {false, 4}}) {
+    SCOPED_TRACE(absl::StrCat(mc ? "miss check" : "no miss check", ", lag ", lag));
+    const std::string sfx = absl::StrCat(mc ? "-mc" : "", lag ? "-lag" : "");
     auto g = Generate(4000, 64, 16);
-    const SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+    SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+    so.switch_lag = lag;
     auto ref_core = Core(32 << 20, 16, mc);
     ASSERT_THAT(ref_core->Open("ref" + sfx, so), IsOk());
     Prefill(*ref_core, "ref" + sfx, *g);
@@ -685,8 +702,8 @@ TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
         }
     };
     std::vector<std::vector<std::vector<float>>> outs(64, std::vector<std::vector<float>>(2));
-    // Closed at step 33, between a cycle's prediction (32) and its switch (34); resumed on
-    // another worker.
+    // Closed at step 33, between a cycle's prediction (32) and its switch (34 or 36); resumed
+    // on another worker.
     {
       auto a = Core(32 << 20, 16, mc);
       ASSERT_THAT(a->Open("s" + sfx, so), IsOk());

@@ -25,14 +25,17 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
                  "set their own); 0 = per session from its spec's costs")
       ->capture_default_str();
   app.add_option("--fetch_headroom", o->headroom,
-                 "Share of a sparse session's budget kept, on top of its predicted set, for "
-                 "pages fetched while the previous set serves; < 0 = per session from its "
-                 "switch lag (0 below 4 steps, else 0.05)")
+                 "Share of a sparse session's predicted set freed at each cycle start (its "
+                 "least wanted pages) for pages fetched while the previous set serves; < 0 = "
+                 "per session from its switch lag (0 below 4 steps, else 0.05)")
+      ->capture_default_str();
+  app.add_option("--catch_up_lag", o->catch_up_lag,
+                 "Steps after a switch (or a catch-up) at which the next catch-up of a sparse "
+                 "session's pages that did not fit serves; 0 = its switch lag, at most 2")
       ->capture_default_str();
   app.add_option("--catch_up_share", o->catch_up_share,
-                 "Share of a sparse session's predicted set fetched per switch lag after its "
-                 "switch (and by the prediction itself before it); <= 0 = per session from its "
-                 "switch lag")
+                 "Share of a sparse session's predicted set one catch-up (or the prediction "
+                 "itself before its switch) fetches; <= 0 = an eighth per step of catch-up lag")
       ->capture_default_str();
   app.add_option("--trace_dir", o->trace_dir,
                  "Directory for the traces of trace-mode sessions (empty: refuse them)");

@@ -37,8 +37,11 @@ struct E2eBenchOptions {
   uint32_t conc_steps = 64;                // steps per streaming style in the concurrency runs
   std::vector<int> sessions = {1, 4, 16};  // concurrent sessions (capped per context)
   uint64_t ram_cap = 8ull << 30;           // KV bytes the concurrency runs may hold per mode
-  double budget = 0.10;       // sparse footprint cap, bench spec (contexts below 512K)
-  double long_budget = 0.05;  // the same, long spec (512K and up)
+  // Sparse footprint caps: the bench spec's (contexts below 512K) at 128K and the long
+  // spec's (512K and up) at 1M; other contexts scale them by ContextBudget unless flat.
+  double budget = 0.10;
+  double long_budget = 0.05;
+  bool flat_budget = false;
   uint32_t tau = 8;           // decode steps per cycle, bench spec: its switch lag is 2
   uint32_t long_tau = 32;     // the same, long spec: its switch lag is 8
   std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
@@ -54,6 +57,12 @@ struct E2eBenchOptions {
 };
 
 int RunE2eBench(const E2eBenchOptions& options);
+
+// The footprint cap of a context from the cap at an anchor context: the caps (10 %
+// at 128K, 5 % at 1M) keep pages growing as context^(2/3) between them, and this continues
+// that law to other contexts: cap * (context / anchor)^(-1/3), at most 1 (32K at 15.9 %,
+// 512K at 6.3 %).
+double ContextBudget(double cap, uint64_t anchor, uint64_t context);
 
 // Shared helpers (bench_util.cc).
 double Percentile(std::vector<double> v, double p);  // p in [0, 1], nearest rank

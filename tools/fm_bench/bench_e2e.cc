@@ -141,9 +141,10 @@ int RunE2eBench(const E2eBenchOptions& o) {
                 server ? " (flashmemory started by the bench)" : "", spec_name.c_str());
     return true;
   };
-  std::printf("fm-bench e2e: sparse budget (footprint cap) %.0f %% (bench spec), %.0f %% (long "
-              "spec)\n",
-              100 * o.budget, 100 * o.long_budget);
+  std::printf("fm-bench e2e: sparse budget (footprint cap) %.1f %% at 128K (bench spec), %.1f %% "
+              "at 1M (long spec)%s\n",
+              100 * o.budget, 100 * o.long_budget,
+              o.flat_budget ? ", the same at every context" : "; other contexts x (n / that)^-1/3");
   auto parsed = indexer::ParsePolicy(o.policy);
   if (!parsed.ok()) {
     std::fprintf(stderr, "fm-bench e2e: %s\n", parsed.status().ToString().c_str());
@@ -156,7 +157,10 @@ int RunE2eBench(const E2eBenchOptions& o) {
     const uint64_t context = o.contexts[ci];
     const bool long_spec = context >= (512u << 10);
     const ModelSpec spec = *PresetSpec(long_spec ? "long" : "bench");
-    const double budget = long_spec ? o.long_budget : o.budget;
+    const double budget =
+        o.flat_budget ? (long_spec ? o.long_budget : o.budget)
+                      : ContextBudget(long_spec ? o.long_budget : o.budget,
+                                      long_spec ? (1u << 20) : (128u << 10), context);
     if (!start(spec.name)) return 1;
     workload::SessionConfig c;
     c.spec = spec;
@@ -217,9 +221,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
     double layer_s[2] = {0, 0};  // decode time of the per-layer steps
     if (!run_pair(g, prefill, one, layer_s)) return 1;
     const replay::Fidelity f = replay::Compare(spec, one[1], one[0]);
-    std::printf("\n%llu tokens (%s spec): %.2f GiB of KV per session; sparse cycles of %u steps, "
-                "switch lag %u\n",
-                static_cast<unsigned long long>(context), spec.name.c_str(), kv_gib,
+    std::printf("\n%llu tokens (%s spec): %.2f GiB of KV per session; sparse cap %.1f %%, cycles "
+                "of %u steps, switch lag %u\n",
+                static_cast<unsigned long long>(context), spec.name.c_str(), kv_gib, 100 * budget,
                 one[1].stats.tau(), one[1].stats.switch_lag());
     std::printf("  %-8s %9s %8s %8s %8s %8s %9s %9s %9s %10s %10s\n", "mode", "footprint", "cosine",
                 "cos_min", "rel_l2", "mass_rec", "needles", "stall_fr", "p50_ms", "p99_ms",

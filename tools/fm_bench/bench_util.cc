@@ -1,5 +1,6 @@
 // Shared by the fm-bench subcommands and fm-gpu-bench.
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 
 #include "tools/fm_bench/bench.h"
@@ -14,6 +15,10 @@ bool WriteJsonObject(const std::string& path,
     f << "  \"" << kv[i].first << "\": " << kv[i].second << (i + 1 < kv.size() ? ",\n" : "\n");
   f << "}\n";
   return f.good();
+}
+
+double ContextBudget(double cap, uint64_t anchor, uint64_t context) {
+  return std::min(1.0, cap * std::cbrt(double(anchor) / double(context)));
 }
 
 double Percentile(std::vector<double> v, double p) {

@@ -59,10 +59,13 @@ int main(int argc, char** argv) {
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
   ec->add_option("--budget", eb.budget,
-                 "Sparse footprint cap (the most of a session's pages it holds), bench spec")
+                 "Sparse footprint cap (the most of a session's pages it holds), bench spec, "
+                 "at 128K; other contexts x (context / 128K)^-1/3")
       ->capture_default_str();
-  ec->add_option("--long_budget", eb.long_budget, "The same for the long spec (512K and up)")
+  ec->add_option("--long_budget", eb.long_budget,
+                 "The same for the long spec (512K and up), at 1M")
       ->capture_default_str();
+  ec->add_flag("--flat_budget", eb.flat_budget, "The same cap at every context of a spec");
   ec->add_option("--tau", eb.tau, "Decode steps per cycle, bench spec")
       ->check(CLI::Range(1u, 4096u))
       ->capture_default_str();
