@@ -249,7 +249,7 @@ struct DecodeCore::Impl {
   bool store_arena ABSL_GUARDED_BY(mu) = false;  // the store's memory (fetches land in place)
   // Totals since the worker started, for its metrics.
   struct Totals {
-    std::atomic<uint64_t> steps{0}, stalls{0}, stall_us{0}, predictions{0},
+    std::atomic<uint64_t> steps{0}, stalls{0}, catch_up_stalls{0}, stall_us{0}, predictions{0},
         prediction_failures{0}, fetched_pages{0}, surprise_fetches{0}, reregistrations{0};
   } totals;
   uint64_t payload_bytes ABSL_GUARDED_BY(mu) = 0;  // page payload per cell
@@ -883,6 +883,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
   st.set_steps(s.stats.steps);
   st.set_stalls(s.stats.stalls);
   st.set_stall_ms(s.stats.stall_ms);
+  st.set_catch_up_stalls(s.stats.catch_up_stalls);
   st.set_predictions(s.stats.predictions);
   const std::string blob = st.SerializeAsString();
   const PageHeaderData h =
@@ -913,6 +914,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
   s.stats.steps = st.steps();
   s.stats.stalls = st.stalls();
   s.stats.stall_ms = st.stall_ms();
+  s.stats.catch_up_stalls = st.catch_up_stalls();
   s.stats.predictions = st.predictions();
   s.stats.surprise_fetches = st.surprise_fetches();
   s.stats.tokens = s.tokens;
@@ -1076,6 +1078,7 @@ ReserveStats DecodeCore::Reserve() const {
   const Impl::Totals& t = impl_->totals;
   r.steps = t.steps.load();
   r.stalls = t.stalls.load();
+  r.catch_up_stalls = t.catch_up_stalls.load();
   r.stall_us = t.stall_us.load();
   r.predictions = t.predictions.load();
   r.prediction_failures = t.prediction_failures.load();
@@ -1392,6 +1395,10 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
                   .count();
           ++s.stats.stalls;
           ++totals.stalls;
+          if (s.job->catch_up) {
+            ++s.stats.catch_up_stalls;
+            ++totals.catch_up_stalls;
+          }
           s.stats.stall_ms += ms;
           totals.stall_us += static_cast<uint64_t>(ms * 1000);
           if (r.stalled) *r.stalled = true;

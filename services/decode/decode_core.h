@@ -203,6 +203,9 @@ struct SessionStats {
   uint64_t next_step = 0;     // the step the session expects
   uint64_t stalls = 0;        // steps that waited for a fetch
   double stall_ms = 0;        // the time they waited, in all
+  // Of the stalls, steps that waited for a catch-up (pages of a set that changed by more
+  // than the fetch headroom, as after a focus switch) rather than for their cycle's switch.
+  uint64_t catch_up_stalls = 0;
   uint64_t warmup_waits = 0;  // first predictions waited for
   uint64_t predictions = 0, prediction_failures = 0, fetched_pages = 0, deferred_pages = 0;
   uint64_t surprise_fetches = 0;  // pages fetched by the per-step miss check
@@ -217,8 +220,8 @@ struct SessionStats {
 // The worker's reserve now, and totals over every session since it started.
 struct ReserveStats {
   uint64_t cells = 0, cell_bytes = 0, reserved_cells = 0, used_cells = 0, sessions = 0;
-  uint64_t steps = 0, stalls = 0, predictions = 0, prediction_failures = 0, fetched_pages = 0,
-           surprise_fetches = 0, reregistrations = 0;
+  uint64_t steps = 0, stalls = 0, catch_up_stalls = 0, predictions = 0, prediction_failures = 0,
+           fetched_pages = 0, surprise_fetches = 0, reregistrations = 0;
   uint64_t stall_us = 0;  // the time stalled steps waited
 };
 

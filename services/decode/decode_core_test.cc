@@ -343,6 +343,66 @@ TEST_F(DecodeCoreTest, StalledStepsReportTheTimeTheyWaited) {
   EXPECT_EQ(core.Reserve().stalls, st->stalls);
 }
 
+// A page store whose reads of more than `pages` pages take `delay` longer.
+class SlowStore : public PageStore {
+ public:
+  SlowStore(PageStore* inner, size_t pages, std::chrono::milliseconds delay)
+      : in_(inner), pages_(pages), delay_(delay) {}
+  absl::Status Put(const PageHeaderData& header, const uint8_t* payload) override {
+    return in_->Put(header, payload);
+  }
+  absl::Status Read(const std::string& session, const std::vector<uint64_t>& pages,
+                    size_t payload_bytes, const std::vector<uint8_t*>& dst) override {
+    if (pages.size() > pages_) std::this_thread::sleep_for(delay_);
+    return in_->Read(session, pages, payload_bytes, dst);
+  }
+  absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) override {
+    return in_->ReadPayload(session, page);
+  }
+  absl::Status DeleteSession(const std::string& session) override {
+    return in_->DeleteSession(session);
+  }
+
+ private:
+  PageStore* in_;
+  size_t pages_;
+  std::chrono::milliseconds delay_;
+};
+
+TEST_F(DecodeCoreTest, StallsOnACatchUpAreCountedApart) {
+  // Random sets change almost wholly at every switch; the prediction's own fetch (at most
+  // the 1 spare cell) is fast, the catch-ups of the rest (4 pages each) take 60 ms against
+  // a catch-up lag of 2 sub-millisecond steps: every stall waits for a catch-up.
+  auto g = Generate(4096, 48, 14);
+  SlowStore slow(store_.get(), 2, std::chrono::milliseconds(60));
+  DecodeOptions o;
+  o.reserve_bytes = 32 << 20;
+  o.tau = 16;
+  o.switch_lag = 2;
+  DecodeCore core(o, &slow, predictor_.get());
+  ASSERT_THAT(core.Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom)),
+              IsOk());
+  Prefill(core, "s", *g);
+  Decode(core, "s", *g, 16);
+  auto st = core.Stats("s");
+  ASSERT_THAT(st.status(), IsOk());
+  EXPECT_GE(st->catch_up_stalls, 2u);
+  EXPECT_EQ(st->stalls, st->catch_up_stalls);
+  EXPECT_EQ(core.Reserve().catch_up_stalls, st->catch_up_stalls);
+
+  // Slow predictions instead: their switches stall, no catch-up does.
+  SlowPredictor late(predictor_.get(), std::chrono::milliseconds(60));
+  DecodeCore core2(o, store_.get(), &late);
+  ASSERT_THAT(core2.Open("t", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)),
+              IsOk());
+  Prefill(core2, "t", *g);
+  Decode(core2, "t", *g, 16);
+  st = core2.Stats("t");
+  ASSERT_THAT(st.status(), IsOk());
+  EXPECT_GE(st->stalls, 2u);
+  EXPECT_EQ(st->catch_up_stalls, 0u);
+}
+
 TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
   auto g = Generate(8192, 64, 13);
   auto core = Core();

@@ -369,6 +369,7 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_footprint(st->footprint);
   resp->set_stalls(st->stalls);
   resp->set_stall_ms(st->stall_ms);
+  resp->set_catch_up_stalls(st->catch_up_stalls);
   resp->set_pages_fetched(st->fetched_pages);
   resp->set_surprise_fetches(st->surprise_fetches);
   resp->set_reregistrations(st->reregistrations);

@@ -71,14 +71,17 @@ inline void AddDecodeMetrics(const DecodeCore* core, MetricsRegistry* metrics,
     const std::pair<const char*, const char*> counters[] = {
         {"fm_decode_steps_total", "Decode steps completed."},
         {"fm_decode_stalls_total", "Steps that waited for a fetch."},
+        {"fm_decode_catch_up_stalls_total",
+         "Of the stalls, steps that waited for a catch-up after a set change beyond the "
+         "headroom."},
         {"fm_decode_predictions_total", "Resident-set predictions launched."},
         {"fm_decode_prediction_failures_total", "Predictions that failed (the set kept serving)."},
         {"fm_decode_pages_fetched_total", "Pages fetched by predictions and catch-ups."},
         {"fm_decode_surprise_fetches_total", "Pages fetched by the per-step miss check."},
         {"fm_decode_reregistrations_total", "Sessions given again to an indexer that lost them."}};
-    const uint64_t values[] = {r.steps,         r.stalls,           r.predictions,
-                               r.prediction_failures, r.fetched_pages, r.surprise_fetches,
-                               r.reregistrations};
+    const uint64_t values[] = {r.steps,         r.stalls,           r.catch_up_stalls,
+                               r.predictions,   r.prediction_failures, r.fetched_pages,
+                               r.surprise_fetches, r.reregistrations};
     for (size_t i = 0; i < std::size(values); ++i)
       AppendMetricFamily(out, counters[i].first, counters[i].second, "counter",
                          {{"", double(values[i])}});

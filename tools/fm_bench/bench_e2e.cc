@@ -25,7 +25,8 @@ namespace {
 struct ConcResult {
   double tps_layer = 0, tps_whole = 0, p50 = 0, p99 = 0;
   uint64_t stalled = 0, steps = 0;
-  double stall_ms = 0;  // the time the stalled steps waited, in all
+  uint64_t catch_up_stalls = 0;  // of the stalled steps, those waiting for a catch-up
+  double stall_ms = 0;           // the time the stalled steps waited, in all
 };
 
 // Opens and prefills n sessions of one mode, decodes conc_steps per layer on n threads and
@@ -73,6 +74,7 @@ absl::StatusOr<ConcResult> Concurrent(decode::DecodeClient& client, const worklo
     auto stats = client.Stats(ids[i]);
     if (!stats.ok()) return stats.status();
     out.stall_ms += stats->stall_ms();
+    out.catch_up_stalls += stats->catch_up_stalls();
     if (absl::Status st = client.Close(ids[i], true); !st.ok()) return st;
   }
   out.p50 = Percentile(lat, 0.5);
@@ -246,8 +248,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
     for (int n : o.sessions)
       if (n <= cap) ns.push_back(n);
     if (cap < o.sessions.back() && (ns.empty() || ns.back() != cap)) ns.push_back(cap);
-    std::printf("  %-8s %8s %12s %14s %10s %10s %8s %9s\n", "mode", "sessions", "tok/s(layer)",
-                "tok/s(whole)", "p50_ms", "p99_ms", "stalls", "stall_ms");
+    std::printf("  %-8s %8s %12s %14s %10s %10s %8s %8s %9s\n", "mode", "sessions",
+                "tok/s(layer)", "tok/s(whole)", "p50_ms", "p99_ms", "stalls", "catch_up",
+                "stall_ms");
     std::map<std::pair<int, int>, ConcResult> conc;
     for (int m = 0; m < 2; ++m)
       for (int n : ns) {
@@ -263,6 +266,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
           cr.p99 = Percentile(lat, 0.99);
           cr.stalled = r.stalled_steps;
           cr.stall_ms = r.stats.stall_ms();
+          cr.catch_up_stalls = r.stats.catch_up_stalls();
           cr.steps = r.step_ms.size();
         } else {
           auto r = Concurrent(*client, g, prefill,
@@ -277,9 +281,10 @@ int RunE2eBench(const E2eBenchOptions& o) {
           cr = *r;
         }
         conc[{m, n}] = cr;
-        std::printf("  %-8s %8d %12.2f %14.2f %10.2f %10.2f %8llu %9.1f\n", m ? "sparse" : "dense",
-                    n, cr.tps_layer, cr.tps_whole, cr.p50, cr.p99,
-                    static_cast<unsigned long long>(cr.stalled), cr.stall_ms);
+        std::printf("  %-8s %8d %12.2f %14.2f %10.2f %10.2f %8llu %8llu %9.1f\n",
+                    m ? "sparse" : "dense", n, cr.tps_layer, cr.tps_whole, cr.p50, cr.p99,
+                    static_cast<unsigned long long>(cr.stalled),
+                    static_cast<unsigned long long>(cr.catch_up_stalls), cr.stall_ms);
         std::fflush(stdout);
       }
 
@@ -308,7 +313,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     // structure varies), one pair at a time.
     struct Agg {
       double cos_sum = 0, cos_min = 1, rel_sum = 0, mass_sum = 0;
-      uint64_t hits = 0, needles = 0, stalls = 0, steps = 0;
+      uint64_t hits = 0, needles = 0, stalls = 0, catch_up_stalls = 0, steps = 0;
       double footprint = 0, stall_ms = 0;
       std::vector<double> mass;
       std::vector<int> recovery;  // steps until a missed needle's page was resident (-1: not)
@@ -323,6 +328,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       agg.needles += sparse.needles;
       agg.stalls += sparse.stalled_steps;
       agg.stall_ms += sparse.stats.stall_ms();
+      agg.catch_up_stalls += sparse.stats.catch_up_stalls();
       agg.steps += sparse.step_ms.size();
       agg.footprint = std::max(agg.footprint, sparse.stats.footprint());
       agg.recovery.insert(agg.recovery.end(), sparse.needle_recovery_steps.begin(),
@@ -344,23 +350,31 @@ int RunE2eBench(const E2eBenchOptions& o) {
       const replay::Fidelity fk = replay::Compare(spec, pair[1], pair[0]);
       add(fk, pair[1]);
       std::printf("  session %d (seed %llu): footprint %.2f%%, cosine %.5f, mass recall %.4f, "
-                  "needles %llu/%llu, stalls %llu (%.1f ms waited)\n",
+                  "needles %llu/%llu, stalls %llu (%llu catch-up; %.1f ms waited)\n",
                   k + 1, static_cast<unsigned long long>(ck.seed), 100 * pair[1].stats.footprint(),
                   fk.cosine_mean, fk.mass_recall,
                   static_cast<unsigned long long>(pair[1].needle_hits),
                   static_cast<unsigned long long>(pair[1].needles),
-                  static_cast<unsigned long long>(pair[1].stalled_steps), pair[1].stats.stall_ms());
+                  static_cast<unsigned long long>(pair[1].stalled_steps),
+                  static_cast<unsigned long long>(pair[1].stats.catch_up_stalls()),
+                  pair[1].stats.stall_ms());
       std::fflush(stdout);
     }
     const double nf = static_cast<double>(agg.mass.size());
     std::string per_session;
     for (double v : agg.mass) absl::StrAppend(&per_session, per_session.empty() ? "" : ", ", v);
     std::printf("  sparse over %d sessions: footprint <= %.2f%%, cosine %.5f (min %.5f), mass "
-                "recall %.4f (%s), needles %llu/%llu, stall fraction %.4f (%.1f ms waited)\n",
+                "recall %.4f (%s), needles %llu/%llu, stall fraction %.4f (%llu of %llu steps, "
+                "%llu waiting for a catch-up after a set change; %.1f ms waited), steady-state "
+                "stall fraction %.4f\n",
                 static_cast<int>(nf), 100 * agg.footprint, agg.cos_sum / nf, agg.cos_min,
                 agg.mass_sum / nf, per_session.c_str(), static_cast<unsigned long long>(agg.hits),
                 static_cast<unsigned long long>(agg.needles),
-                agg.steps ? double(agg.stalls) / agg.steps : 0.0, agg.stall_ms);
+                agg.steps ? double(agg.stalls) / agg.steps : 0.0,
+                static_cast<unsigned long long>(agg.stalls),
+                static_cast<unsigned long long>(agg.steps),
+                static_cast<unsigned long long>(agg.catch_up_stalls), agg.stall_ms,
+                agg.steps ? double(agg.stalls - agg.catch_up_stalls) / agg.steps : 0.0);
     std::string recovery;
     for (int v : agg.recovery) absl::StrAppend(&recovery, recovery.empty() ? "" : ", ", v);
     if (!agg.recovery.empty())
@@ -383,7 +397,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
             "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
             "\"concurrency_dense\": %d, \"concurrency_sparse\": %d, \"fidelity_sessions\": %d, "
             "\"mass_recall_sessions\": [%s], \"tau\": %u, \"switch_lag\": %u, "
-            "\"miss_check\": %s, \"needle_recovery_steps\": [%s], \"fidelity_stall_ms\": %.3f, \"stall_ms\": %.3f}",
+            "\"miss_check\": %s, \"needle_recovery_steps\": [%s], \"fidelity_stall_ms\": %.3f, "
+            "\"stall_ms\": %.3f, \"catch_up_stalls\": %llu, \"fidelity_stall_fraction\": %.6f, "
+            "\"fidelity_steady_stall_fraction\": %.6f}",
             static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
             m ? budget : 1.0, m ? agg.footprint : r.stats.footprint(),
             m ? agg.cos_sum / nf : 1.0, m ? agg.cos_min : 1.0, m ? agg.rel_sum / nf : 0.0,
@@ -394,7 +410,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
             cr.tps_whole, ceiling[0], ceiling[1], static_cast<int>(nf),
             m ? per_session.c_str() : "1", r.stats.tau(), r.stats.switch_lag(),
             o.miss_check ? "true" : "false", m ? recovery.c_str() : "", m ? agg.stall_ms : 0.0,
-            cr.stall_ms);
+            cr.stall_ms, static_cast<unsigned long long>(cr.catch_up_stalls),
+            m && agg.steps ? double(agg.stalls) / agg.steps : 0.0,
+            m && agg.steps ? double(agg.stalls - agg.catch_up_stalls) / agg.steps : 0.0);
         rows.push_back(row);
       }
     if (!o.json.empty()) WriteJsonRows(o.json, rows);  // after every context: long runs
