@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "tests/process_util.h"
 #include "tools/fm_bench/bench.h"
 #include "tools/replay/replay.h"
@@ -317,6 +318,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       double footprint = 0, stall_ms = 0;
       std::vector<double> mass;
       std::vector<int> recovery;  // steps until a missed needle's page was resident (-1: not)
+      std::string stalled_at;     // per session: the steps that stalled
     } agg;
     auto add = [&](const replay::Fidelity& fk, const replay::ReplayResult& sparse) {
       agg.cos_sum += fk.cosine_mean;
@@ -333,6 +335,8 @@ int RunE2eBench(const E2eBenchOptions& o) {
       agg.footprint = std::max(agg.footprint, sparse.stats.footprint());
       agg.recovery.insert(agg.recovery.end(), sparse.needle_recovery_steps.begin(),
                           sparse.needle_recovery_steps.end());
+      absl::StrAppend(&agg.stalled_at, agg.stalled_at.empty() ? "[" : ", [",
+                      absl::StrJoin(sparse.stalled_at, ", "), "]");
     };
     add(f, one[1]);
     for (int k = 1; k < o.fidelity_sessions; ++k) {
@@ -380,6 +384,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     if (!agg.recovery.empty())
       std::printf("  missed needles: page resident after [%s] steps (-1: not within %u)\n",
                   recovery.c_str(), replay::kNeedleWatchSteps);
+    if (agg.stalls) std::printf("  stalled steps per session: %s\n", agg.stalled_at.c_str());
     std::fflush(stdout);
 
     for (int m = 0; m < 2; ++m)

@@ -136,7 +136,7 @@ absl::Status DecodeSteps(decode::DecodeClient& client, decode::DecodeClient::Str
     res->step_ms.push_back(ms);
     decode_ms += ms;
     res->stalled_steps += stalled;
-    if (stalled && getenv("FM_DBG")) fprintf(stderr, "DBG stalled step %u ms %.2f whole %d\n", st, ms, (int)whole_step);
+    if (stalled) res->stalled_at.push_back(st);
     // Needles retrieved at this step, then the missed ones still watched: one probe.
     std::vector<uint64_t> probe_pages;
     for (const auto& n : g.needles())
