@@ -1095,7 +1095,6 @@ uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
   return static_cast<uint32_t>(std::clamp(1 + std::ceil(2 * scan / attend), 2.0, 8.0));
 }
 
-double AutoHeadroom(uint32_t switch_lag) { return switch_lag >= 4 ? 0.05 : 0.0; }
 
 double AutoCatchUpShare(uint32_t switch_lag) { return std::min(1.0, switch_lag / 8.0); }
 
@@ -1197,7 +1196,6 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   uint32_t lag = o.switch_lag     ? o.switch_lag
                  : opt.switch_lag ? opt.switch_lag
                                   : AutoSwitchLag(sp, predict_budget);
-  if (sparse && opt.headroom < 0) size_sparse(AutoHeadroom(lag));  // the lag stays
   auto s = std::make_shared<Session>();
   s->id = id;
   s->opt = o;

@@ -421,7 +421,7 @@ TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
   EXPECT_LE(st->peak_resident_pages, 33u);
   EXPECT_LE(st->footprint, 33.0 / 129);
   // The set: the cap less the open page and two cells for pages sealing before a switch
-  // (no fetch headroom by default).
+  // (the fetch headroom is part of the set outside the switch lag).
   EXPECT_GE(st->peak_resident_pages, 30u);
   EXPECT_EQ(st->tau, 16u);
   EXPECT_EQ(st->switch_lag, 2u);  // the worker's
@@ -435,7 +435,7 @@ TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
 TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsTwoStepsApart) {
   // A random 25 % set: each prediction replaces most of the set, more pages than the cells
   // left free while the previous set serves. The rest come after the switch into the cells
-  // the old set leaves, a quarter of the set (8 pages) per lag, before the next cycle.
+  // the old set leaves, a quarter of the set (8 pages) every 2 steps, before the next cycle.
   auto g = Generate(8192, 48, 21);
   auto core = Core();
   ASSERT_THAT(core->Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom)),
@@ -468,7 +468,7 @@ TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsTwoStepsApart) {
     }
     EXPECT_EQ(resident[(cycle + 1) * 16 - 1], full) << "cycle " << cycle << " is whole";
   }
-  // With a lag of 4 steps the session frees a headroom of 5 % of its set at each cycle start
+  // At a lag of 4 steps: the session frees a headroom of 5 % of its set at each cycle start
   // (30 - 30 / 1.05 = 2 pages, its least wanted) for the new set's most wanted pages; between
   // the switch and the next cycle start the set holds those cells too.
   SessionOptions slow = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom);
@@ -816,16 +816,6 @@ TEST(AutoSwitchLag, FollowsTheIndexerToAttentionWorkRatio) {
   EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 1.0), 2u);
 }
 
-TEST(AutoHeadroom, IsNoneBelowFourStepsOfLag) {
-  // The bench spec at a 10 % cap predicts 9.6 % of the pages (lag 2): no headroom. The long
-  // spec at 5 % (lag 8) keeps 5 % of its set free for pages that serve from the switch.
-  EXPECT_EQ(AutoSwitchLag(*PresetSpec("bench"), 0.096), 2u);
-  EXPECT_EQ(AutoSwitchLag(*PresetSpec("long"), 0.0497), 8u);
-  EXPECT_EQ(AutoHeadroom(1), 0.0);
-  EXPECT_EQ(AutoHeadroom(3), 0.0);
-  EXPECT_EQ(AutoHeadroom(4), 0.05);
-  EXPECT_EQ(AutoHeadroom(8), 0.05);
-}
 
 TEST(AutoCatchUpShare, IsAnEighthOfTheSetPerStepOfLagUpToAll) {
   EXPECT_EQ(AutoCatchUpShare(1), 0.125);

@@ -26,8 +26,8 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
       ->capture_default_str();
   app.add_option("--fetch_headroom", o->headroom,
                  "Share of a sparse session's predicted set freed at each cycle start (its "
-                 "least wanted pages) for pages fetched while the previous set serves; < 0 = "
-                 "per session from its switch lag (0 below 4 steps, else 0.05)")
+                 "least wanted pages) for pages fetched while the previous set serves; the "
+                 "set holds those cells between its switch and the next cycle start")
       ->capture_default_str();
   app.add_option("--catch_up_lag", o->catch_up_lag,
                  "Steps after a switch (or a catch-up) at which the next catch-up of a sparse "
