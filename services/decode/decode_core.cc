@@ -610,9 +610,9 @@ struct DecodeCore::Impl {
     ++s.stats.predictions;
     ++totals.predictions;
     if (s.have_set) MakeRoom(s);
-    // At most a lag's worth of pages before the switch (cells a short catch-up left free
-    // would otherwise make the fetch longer than the lag); the rest come in catch-ups. The
-    // first prediction is waited for: all of it.
+    // At most a catch-up's worth of pages before the switch (cells a short catch-up left
+    // free would otherwise make the fetch longer than the lag); the rest come in catch-ups.
+    // The first prediction is waited for: all of it.
     const uint64_t spare = Spare(s, KeepFree());
     Post(sp, a, s.have_set ? std::min(spare, s.lag_pages) : spare);
   }
@@ -1095,8 +1095,7 @@ uint32_t AutoSwitchLag(const ModelSpec& sp, double predicted_share) {
   return static_cast<uint32_t>(std::clamp(1 + std::ceil(2 * scan / attend), 2.0, 8.0));
 }
 
-
-double AutoCatchUpShare(uint32_t switch_lag) { return std::min(1.0, switch_lag / 8.0); }
+double AutoCatchUpShare(uint32_t catch_up_lag) { return std::min(1.0, catch_up_lag / 8.0); }
 
 uint32_t AutoCycle(uint32_t switch_lag) {
   uint32_t tau = 8;
