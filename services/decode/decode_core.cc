@@ -196,6 +196,7 @@ struct DecodeCore::Session {
   std::vector<float> check_bounds ABSL_GUARDED_BY(mu);
   struct Recovery : CellFetch {
     bool done = false;
+    bool cancelled = false;  // the session closed before it chose its pages: run it on resume
     uint64_t install_step = 0;
     std::vector<float> q, lse;  // the check's input (saved with the state)
   };
@@ -425,7 +426,11 @@ struct DecodeCore::Impl {
       {
         absl::MutexLock l(&s.mu);
         for (uint64_t p : hot) {
-          if (s.closed || rec->fetched.size() == rec->cells.size()) break;
+          if (s.closed) {
+            rec->cancelled = true;
+            break;
+          }
+          if (rec->fetched.size() == rec->cells.size()) break;
           const uint32_t c = rec->cells[rec->fetched.size()];
           rec->fetched.push_back({p, c});
           got.push_back(p);
@@ -871,8 +876,8 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     const Session::Recovery& r = *s.recovery;
     st.set_recovery(true);
     st.set_recovery_install_step(r.install_step);
-    st.set_recovery_done(r.done);
-    if (r.done)
+    st.set_recovery_done(r.done && !r.cancelled);
+    if (r.done && !r.cancelled)
       for (const auto& [p, c] : r.fetched) st.add_recovery_fetched(p);
     st.set_recovery_cells(r.cells.size());
     st.set_recovery_q(r.q.data(), r.q.size() * 4);
@@ -993,6 +998,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
     }
     return absl::OkStatus();
   };
+  std::shared_ptr<Session::Recovery> check_again;
   if (st.recovery()) {
     auto rec = std::make_shared<Session::Recovery>();
     rec->install_step = st.recovery_install_step();
@@ -1007,7 +1013,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
         return r;
       s.recovery = rec;
     } else {
-      PostCheck(sp, rec, st.recovery_cells());
+      check_again = rec;
     }
   }
   if (st.job()) {
@@ -1042,6 +1048,9 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       Post(sp, a, st.job_cells(), st.job_catch_up() ? &pages : nullptr);
     }
   }
+  // A check runs again once every finished fetch has left the page table, so that it sees
+  // the resident pages the original check saw.
+  if (check_again) PostCheck(sp, check_again, st.recovery_cells());
   return absl::OkStatus();
 }
 
