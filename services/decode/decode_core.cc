@@ -198,7 +198,10 @@ struct DecodeCore::Session {
     bool done = false;
     bool cancelled = false;  // the session closed before it chose its pages: run it on resume
     uint64_t install_step = 0;
-    std::vector<float> q, lse;  // the check's input (saved with the state)
+    // The check's input (saved with the state): the query, its log-sum-exps and the pages it
+    // checks (those not resident when it launched), so that a run on resume checks the same.
+    std::vector<float> q, lse;
+    std::vector<uint64_t> pages;
   };
   std::shared_ptr<Recovery> recovery ABSL_GUARDED_BY(mu);
 
@@ -399,28 +402,26 @@ struct DecodeCore::Impl {
     rec->install_step = s.next_step + std::max<uint32_t>(1, options.miss_lag);
     rec->q.assign(q, q + size_t{spec.q_heads} * spec.head_dim);
     rec->lse.assign(lse, lse + spec.q_heads);
+    const uint64_t have = s.check_bounds.size() / (size_t{spec.kv_heads} * 2 * spec.head_dim);
+    for (uint64_t p = 0; p < std::min(s.sealed(), have); ++p)
+      if (s.cell_of[p] == kNoCell) rec->pages.push_back(p);
     PostCheck(sp, rec, std::min<uint64_t>(options.miss_max_pages, Spare(s, 2)));
   }
   void PostCheck(const std::shared_ptr<Session>& sp, const std::shared_ptr<Session::Recovery>& rec,
                  uint64_t cells) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
     Session& s = *sp;
-    const ModelSpec& spec = s.opt.spec;
     for (uint64_t i = 0; i < cells; ++i) {
       auto c = TakeCell(s);
       if (!c.ok()) break;
       rec->cells.push_back(*c);
     }
     s.recovery = rec;
-    std::vector<uint64_t> pages;
-    const uint64_t have = s.check_bounds.size() / (size_t{spec.kv_heads} * 2 * spec.head_dim);
-    for (uint64_t p = 0; p < std::min(s.sealed(), have); ++p)
-      if (s.cell_of[p] == kNoCell) pages.push_back(p);
     // The pages checked have their bounds already; later seals only append (in capacity).
     const float* bounds = s.check_bounds.data();
-    jobs.Post([this, sp, rec, pages = std::move(pages), bounds] {
+    jobs.Post([this, sp, rec, bounds] {
       Session& s = *sp;
       const std::vector<uint64_t> hot =
-          MissCheck(s.opt.spec, rec->q.data(), rec->lse.data(), pages, bounds);
+          MissCheck(s.opt.spec, rec->q.data(), rec->lse.data(), rec->pages, bounds);
       std::vector<uint64_t> got;
       std::vector<uint8_t*> dst;
       {
@@ -882,6 +883,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     st.set_recovery_cells(r.cells.size());
     st.set_recovery_q(r.q.data(), r.q.size() * 4);
     st.set_recovery_lse(r.lse.data(), r.lse.size() * 4);
+    for (uint64_t p : r.pages) st.add_recovery_pages(p);
   }
   st.set_surprise_fetches(s.stats.surprise_fetches);
   st.set_launched_for(s.launched_for);
@@ -998,7 +1000,6 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
     }
     return absl::OkStatus();
   };
-  std::shared_ptr<Session::Recovery> check_again;
   if (st.recovery()) {
     auto rec = std::make_shared<Session::Recovery>();
     rec->install_step = st.recovery_install_step();
@@ -1006,6 +1007,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
     std::memcpy(rec->q.data(), st.recovery_q().data(), rec->q.size() * 4);
     rec->lse.resize(st.recovery_lse().size() / 4);
     std::memcpy(rec->lse.data(), st.recovery_lse().data(), rec->lse.size() * 4);
+    rec->pages.assign(st.recovery_pages().begin(), st.recovery_pages().end());
     if (st.recovery_done()) {
       rec->done = true;
       if (absl::Status r = take_back(rec_pages, st.recovery_cells(), &rec->fetched, &rec->cells);
@@ -1013,7 +1015,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
         return r;
       s.recovery = rec;
     } else {
-      check_again = rec;
+      PostCheck(sp, rec, st.recovery_cells());
     }
   }
   if (st.job()) {
@@ -1048,9 +1050,6 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       Post(sp, a, st.job_cells(), st.job_catch_up() ? &pages : nullptr);
     }
   }
-  // A check runs again once every finished fetch has left the page table, so that it sees
-  // the resident pages the original check saw.
-  if (check_again) PostCheck(sp, check_again, st.recovery_cells());
   return absl::OkStatus();
 }
 
@@ -1181,7 +1180,8 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   // open page, two cells for pages sealing before a switch and the miss check's pages all
   // come out of it. Below the minimum that serves sink + tail, the minimum. The fetch
   // headroom is a share of the set that each cycle start frees (MakeRoom).
-  auto size_sparse = [&](double headroom) {
+  if (o.mode == Mode::kSparse) {
+    const double headroom = std::max(opt.headroom, 0.0);
     const uint64_t miss = opt.miss_check ? opt.miss_max_pages : 0;
     const uint64_t fixed = std::min<uint64_t>(pages, uint64_t{opt.sink} + opt.tail + 1);
     const uint64_t extra = 3 + miss;
@@ -1198,9 +1198,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     // As a fraction of the most pages, so that a history still growing gets its share.
     predict_budget = static_cast<float>(double(std::max<uint64_t>(predicted, 1)) / pages *
                                         (1.0 - 1e-6));
-  };
-  const bool sparse = o.mode == Mode::kSparse;
-  if (sparse) size_sparse(std::max(opt.headroom, 0.0));
+  }
   uint32_t lag = o.switch_lag     ? o.switch_lag
                  : opt.switch_lag ? opt.switch_lag
                                   : AutoSwitchLag(sp, predict_budget);

@@ -160,10 +160,11 @@ int RunE2eBench(const E2eBenchOptions& o) {
     const uint64_t context = o.contexts[ci];
     const bool long_spec = context >= (512u << 10);
     const ModelSpec spec = *PresetSpec(long_spec ? "long" : "bench");
-    const double budget =
-        o.flat_budget ? (long_spec ? o.long_budget : o.budget)
-                      : ContextBudget(long_spec ? o.long_budget : o.budget,
-                                      long_spec ? (1u << 20) : (128u << 10), context);
+    const double anchor_cap = long_spec ? o.long_budget : o.budget;
+    const double budget = o.flat_budget
+                              ? anchor_cap
+                              : ContextBudget(anchor_cap, long_spec ? (1u << 20) : (128u << 10),
+                                              context);
     if (!start(spec.name)) return 1;
     workload::SessionConfig c;
     c.spec = spec;
@@ -365,6 +366,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
       std::fflush(stdout);
     }
     const double nf = static_cast<double>(agg.mass.size());
+    const double stall_fr = agg.steps ? double(agg.stalls) / agg.steps : 0.0;
+    const double steady_stall_fr =
+        agg.steps ? double(agg.stalls - agg.catch_up_stalls) / agg.steps : 0.0;
     std::string per_session;
     for (double v : agg.mass) absl::StrAppend(&per_session, per_session.empty() ? "" : ", ", v);
     std::printf("  sparse over %d sessions: footprint <= %.2f%%, cosine %.5f (min %.5f), mass "
@@ -374,11 +378,10 @@ int RunE2eBench(const E2eBenchOptions& o) {
                 static_cast<int>(nf), 100 * agg.footprint, agg.cos_sum / nf, agg.cos_min,
                 agg.mass_sum / nf, per_session.c_str(), static_cast<unsigned long long>(agg.hits),
                 static_cast<unsigned long long>(agg.needles),
-                agg.steps ? double(agg.stalls) / agg.steps : 0.0,
-                static_cast<unsigned long long>(agg.stalls),
+                stall_fr, static_cast<unsigned long long>(agg.stalls),
                 static_cast<unsigned long long>(agg.steps),
                 static_cast<unsigned long long>(agg.catch_up_stalls), agg.stall_ms,
-                agg.steps ? double(agg.stalls - agg.catch_up_stalls) / agg.steps : 0.0);
+                steady_stall_fr);
     std::string recovery;
     for (int v : agg.recovery) absl::StrAppend(&recovery, recovery.empty() ? "" : ", ", v);
     if (!agg.recovery.empty())
@@ -416,8 +419,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
             m ? per_session.c_str() : "1", r.stats.tau(), r.stats.switch_lag(),
             o.miss_check ? "true" : "false", m ? recovery.c_str() : "", m ? agg.stall_ms : 0.0,
             cr.stall_ms, static_cast<unsigned long long>(cr.catch_up_stalls),
-            m && agg.steps ? double(agg.stalls) / agg.steps : 0.0,
-            m && agg.steps ? double(agg.stalls - agg.catch_up_stalls) / agg.steps : 0.0);
+            m ? stall_fr : 0.0, m ? steady_stall_fr : 0.0);
         rows.push_back(row);
       }
     if (!o.json.empty()) WriteJsonRows(o.json, rows);  // after every context: long runs
