@@ -135,6 +135,11 @@ struct Job : CellFetch {
   // serving one.
   bool catch_up = false;
   std::vector<uint64_t> pages;
+  // What it decides against, fixed when it is posted (a step at a fixed position) so that
+  // its answer does not depend on when it runs: the pages sealed then (a prediction covers
+  // that history) and those resident then, ascending (it fetches the others).
+  uint64_t sealed = 0;
+  std::vector<uint64_t> resident;
 };
 
 struct DecodeCore::Session {
@@ -334,7 +339,9 @@ struct DecodeCore::Impl {
       // Make room: the oldest resident page that is neither sink nor tail.
       for (uint64_t q = options.sink; q < s.sealed() && !c.ok(); ++q)
         if (s.cell_of[q] != kNoCell && !Pinned(s, q)) {
-          Evict(s, q);
+          Evict(s, q);  // out of the set too: the set is what is resident
+          auto w = std::lower_bound(s.wanted.begin(), s.wanted.end(), q);
+          if (w != s.wanted.end() && *w == q) s.wanted.erase(w);
           c = TakeCell(s);
         }
       if (!c.ok()) return c.status();
@@ -613,6 +620,7 @@ struct DecodeCore::Impl {
     a.policy = s.opt.policy;
     a.sink = options.sink;
     a.tail = options.tail;
+    a.history_pages = s.sealed();
     ++s.stats.predictions;
     ++totals.predictions;
     if (s.have_set) MakeRoom(s);
@@ -620,7 +628,7 @@ struct DecodeCore::Impl {
     // free would otherwise make the fetch longer than the lag); the rest come in catch-ups.
     // The first prediction is waited for: all of it.
     const uint64_t spare = Spare(s, KeepFree());
-    Post(sp, a, s.have_set ? std::min(spare, s.lag_pages) : spare);
+    Post(sp, NewJob(s, a, nullptr), s.have_set ? std::min(spare, s.lag_pages) : spare);
   }
   // Frees the headroom the set held since its switch: its least wanted resident pages go,
   // so that the new prediction's most wanted pages can serve from its switch. At a cycle
@@ -640,9 +648,11 @@ struct DecodeCore::Impl {
                         std::back_inserter(kept));
     s.wanted = std::move(kept);
   }
-  // catch_up: the pages of a catch-up job (no prediction), else null.
-  void Post(const std::shared_ptr<Session>& sp, const indexer::PredictArgs& a, uint64_t cells,
-            const std::vector<uint64_t>* catch_up = nullptr) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
+  // A job of `a` (catch_up: the pages of a catch-up job, no prediction; else null) that
+  // decides against the pages sealed and resident now.
+  std::shared_ptr<Job> NewJob(const Session& s, const indexer::PredictArgs& a,
+                              const std::vector<uint64_t>* catch_up) const
+      ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
     auto job = std::make_shared<Job>();
     job->step = a.step;
     job->args = a;
@@ -650,6 +660,14 @@ struct DecodeCore::Impl {
       job->catch_up = true;
       job->pages = *catch_up;
     }
+    job->sealed = s.sealed();
+    for (uint64_t p = 0; p < job->sealed; ++p)
+      if (s.cell_of[p] != kNoCell) job->resident.push_back(p);
+    return job;
+  }
+  // Posts `job` with `cells` cells taken for its fetch.
+  void Post(const std::shared_ptr<Session>& sp, const std::shared_ptr<Job>& job, uint64_t cells)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
     for (uint64_t i = 0; i < cells; ++i) {
       auto c = TakeCell(*sp);
       if (!c.ok()) break;
@@ -732,13 +750,13 @@ struct DecodeCore::Impl {
         s.job_cv.SignalAll();
         return;
       }
-      const uint64_t sealed = s.sealed();
       std::vector<indexer::ScoredPage> missing, ranked;
       for (const auto& p : pred->pages) {
-        if (p.page >= sealed) continue;  // the open page is always resident
+        if (p.page >= job->sealed) continue;  // the open page is always resident
         job->wanted.push_back(p.page);
         if (!job->catch_up) ranked.push_back(p);
-        if (s.cell_of[p.page] == kNoCell) missing.push_back(p);
+        if (!std::binary_search(job->resident.begin(), job->resident.end(), p.page))
+          missing.push_back(p);
       }
       const auto by_score = [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
         return a.score > b.score;
@@ -789,6 +807,7 @@ struct DecodeCore::Impl {
       return;
     }
     Place(s, *job);
+    DeferLost(s, *job);
     s.stats.fetched_pages += job->fetched.size();
     totals.fetched_pages += job->fetched.size();
     if (!job->catch_up) s.stats.deferred_pages += job->deferred_pages.size();
@@ -815,13 +834,31 @@ struct DecodeCore::Impl {
     }
   }
 
+  // Pages of a finished job's set that were resident when it was posted and have left since
+  // (a seal's trim, or room for the open page) join its deferred pages, in its order.
+  void DeferLost(const Session& s, Job& job) ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+    std::vector<uint64_t> lost;
+    for (uint64_t p : job.wanted)
+      if (s.cell_of[p] == kNoCell) lost.push_back(p);
+    if (lost.empty()) return;
+    std::vector<uint64_t> kept, later = job.deferred_pages;
+    std::set_difference(job.wanted.begin(), job.wanted.end(), lost.begin(), lost.end(),
+                        std::back_inserter(kept));
+    job.wanted = std::move(kept);
+    later.insert(later.end(), lost.begin(), lost.end());
+    std::sort(later.begin(), later.end());
+    job.deferred_pages.clear();
+    for (uint64_t p : job.catch_up ? job.pages : job.ranked)
+      if (std::binary_search(later.begin(), later.end(), p)) job.deferred_pages.push_back(p);
+  }
+
   // Fetches `pages` (most wanted first; as many as `cells` allow) to serve from step `at`.
   void PostCatchUp(const std::shared_ptr<Session>& sp, const std::vector<uint64_t>& pages,
                    uint64_t cells, uint64_t at) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
     indexer::PredictArgs none;
     none.step = at;
     sp->switch_step = at;
-    Post(sp, none, cells, &pages);
+    Post(sp, NewJob(*sp, none, &pages), cells);
   }
 
   absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r);
@@ -870,6 +907,8 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     st.set_job_cells(j.cells.size());
     st.set_job_catch_up(j.catch_up);
     for (uint64_t p : j.pages) st.add_job_pages(p);
+    st.set_job_sealed(j.sealed);
+    for (uint64_t p : j.resident) st.add_job_resident(p);
     if (j.done && j.status.ok())
       for (uint64_t p : j.deferred_pages) st.add_job_deferred_pages(p);
   }
@@ -1046,8 +1085,12 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       a.policy = s.opt.policy;
       a.sink = options.sink;
       a.tail = options.tail;
+      if (!st.job_catch_up()) a.history_pages = st.job_sealed();
       const std::vector<uint64_t> pages(st.job_pages().begin(), st.job_pages().end());
-      Post(sp, a, st.job_cells(), st.job_catch_up() ? &pages : nullptr);
+      auto job = NewJob(s, a, st.job_catch_up() ? &pages : nullptr);
+      job->sealed = st.job_sealed();
+      job->resident.assign(st.job_resident().begin(), st.job_resident().end());
+      Post(sp, job, st.job_cells());
     }
   }
   return absl::OkStatus();

@@ -7,8 +7,10 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <map>
 #include <thread>
 
+#include "absl/synchronization/mutex.h"
 #include "common/status_matchers.h"
 #include "services/kvstore/kv_store.h"
 #include "tests/process_util.h"
@@ -311,13 +313,24 @@ class SlowPredictor : public Predictor {
   absl::StatusOr<indexer::Prediction> Predict(const std::string& session,
                                               const indexer::PredictArgs& args) override {
     std::this_thread::sleep_for(delay_);
+    {
+      absl::MutexLock l(&mu_);
+      history_[args.step] = args.history_pages;
+    }
     return in_->Predict(session, args);
   }
   absl::Status Drop(const std::string& session) override { return in_->Drop(session); }
+  // The history each prediction named, by the step it was for.
+  std::map<uint64_t, uint64_t> history() const {
+    absl::MutexLock l(&mu_);
+    return history_;
+  }
 
  private:
   Predictor* in_;
   std::chrono::milliseconds delay_;
+  mutable absl::Mutex mu_;
+  std::map<uint64_t, uint64_t> history_ ABSL_GUARDED_BY(mu_);
 };
 
 TEST_F(DecodeCoreTest, StalledStepsReportTheTimeTheyWaited) {
@@ -399,6 +412,49 @@ TEST_F(DecodeCoreTest, StallsOnACatchUpAreCountedApart) {
   st = core2.Stats("t");
   ASSERT_THAT(st.status(), IsOk());
   EXPECT_GE(st->stalls - st->catch_up_stalls, 2u);  // the switches at steps 18 and 34
+}
+
+TEST_F(DecodeCoreTest, OutputsDoNotDependOnWhenAJobRuns) {
+  // A job decides against the session as it was when the job was posted. A prediction that
+  // answers 40 ms late (after the miss check launched with it placed a page the prediction
+  // wants; after the page that sealed in its launch step reached the indexer) serves the
+  // same set as one that answers at once.
+  // Recency at a history of 4079 tokens: pages seal at steps 16 and 80, where predictions
+  // launch; each names the pages sealed before its step, whatever the indexer holds when it
+  // runs.
+  for (const auto& [history, policy] : std::vector<std::pair<uint64_t, indexer::Policy>>{
+           {4000, indexer::Policy::kQuest}, {4079, indexer::Policy::kSinkRecency}}) {
+    SCOPED_TRACE(absl::StrCat("history ", history));
+    auto g = Generate(history, 96, 16);
+    SessionOptions so = Options(*g, Mode::kSparse, 0.25f, policy);
+    so.switch_lag = 4;
+    DecodeOptions o;
+    o.reserve_bytes = 32 << 20;
+    o.tau = 16;
+    o.miss_check = true;
+    SlowPredictor late(predictor_.get(), std::chrono::milliseconds(40));
+    std::vector<std::vector<std::vector<float>>> outs[2];
+    uint64_t stalls[2];
+    for (int i = 0; i < 2; ++i) {
+      DecodeCore core(o, store_.get(), i ? &late : predictor_.get());
+      const std::string id = absl::StrCat("s", history, i ? "-late" : "");
+      ASSERT_THAT(core.Open(id, so), IsOk());
+      Prefill(core, id, *g);
+      outs[i] = Decode(core, id, *g, 16);
+      auto st = core.Stats(id);
+      ASSERT_THAT(st.status(), IsOk());
+      stalls[i] = st->stalls;
+    }
+    EXPECT_GE(stalls[1], 2u);  // the late predictions held up the switches at 20 and 36
+    if (history == 4079) {
+      EXPECT_EQ(late.history(), (std::map<uint64_t, uint64_t>{
+                                    {0, 63}, {16, 63}, {32, 64}, {48, 64}, {64, 64}, {80, 64}}));
+    }
+    for (size_t st = 0; st < outs[0].size(); ++st)
+      for (size_t l = 0; l < outs[0][st].size(); ++l)
+        ASSERT_LT(MaxAbsDiff(outs[0][st][l], outs[1][st][l]), 1e-6)
+            << "step " << st << " layer " << l;
+  }
 }
 
 TEST_F(DecodeCoreTest, SparseKeepsItsBudgetAndRotatesPages) {
@@ -622,7 +678,9 @@ TEST_F(DecodeCoreTest, AnIndexerThatLostTheSessionIsGivenItAgain) {
   for (uint32_t st = 0; st < 64; ++st) {
     // Lost before the predictions of steps 16 (nothing to append: Predict finds it gone),
     // 32 (page 62 sealed at step 31: the append finds it gone) and 48.
-    if (st == 10 || st == 20 || st == 40) ASSERT_THAT(indexer_.Drop("s"), IsOk());
+    if (st == 10 || st == 20 || st == 40) {
+      ASSERT_THAT(indexer_.Drop("s"), IsOk());
+    }
     for (uint32_t l = 0; l < spec_.layers; ++l) {
       StepData d = Data(*g, st, l, 16);
       LayerStep r = Request("s", st, l, d);

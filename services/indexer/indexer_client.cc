@@ -96,6 +96,7 @@ absl::StatusOr<Prediction> IndexerClient::Predict(const std::string& session,
   req.set_sink_pages(a.sink);
   req.set_tail_pages(a.tail);
   for (float m : a.oracle_page_mass) req.add_oracle_page_mass(m);
+  req.set_history_pages(a.history_pages);
   v1::PredictResponse resp;
   if (absl::Status st = FromGrpcStatus(Stub(session)->Predict(Context().get(), req, &resp));
       !st.ok())

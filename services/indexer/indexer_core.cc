@@ -359,6 +359,14 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
   const ModelSpec& sp = s->spec;
   Prediction out;
   out.total_pages = sp.PagesForTokens(s->tokens);
+  // The history covered: tokens (the query's position), chunks and bounds of its pages.
+  uint64_t tokens = s->tokens, chunks = s->chunks, bound_pages = s->bound_pages;
+  if (a.history_pages > 0 && a.history_pages < out.total_pages) {
+    out.total_pages = a.history_pages;
+    tokens = a.history_pages * sp.page_tokens;
+    chunks = std::min<uint64_t>(chunks, a.history_pages * sp.ChunksPerPage());
+    bound_pages = std::min(bound_pages, a.history_pages);
+  }
   const uint64_t total = out.total_pages;
   if (total == 0) return absl::FailedPreconditionError("the session has no history yet");
   uint64_t budget_pages;
@@ -398,17 +406,17 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
       for (uint32_t l = 0; l < is.layers; ++l) {
         const kernels::IndexerLayerWeights lw{w->w_a[l].data(), w->g[l].data(), w->w_b[l].data(),
                                               w->w_w[l].data()};
-        kernels::IndexerQuery(is, lw, a.hidden.data(), s->tokens,
+        kernels::IndexerQuery(is, lw, a.hidden.data(), tokens,
                               q.data() + size_t{l} * is.heads * is.dim,
                               hw.data() + size_t{l} * is.heads);
       }
       std::vector<const uint8_t*> ptrs;
       for (const auto& b : s->blocks) ptrs.push_back(b.data());
-      std::vector<float> logits(size_t{is.layers} * s->chunks);
-      if (s->chunks > 0)
-        kernels::ScoreKeyBlocks(is, q.data(), hw.data(), ptrs.data(), s->chunks,
+      std::vector<float> logits(size_t{is.layers} * chunks);
+      if (chunks > 0)
+        kernels::ScoreKeyBlocks(is, q.data(), hw.data(), ptrs.data(), chunks,
                                 kernels::ScoreMath::kFast, logits.data());
-      out.chunks_scored = s->chunks * is.layers;
+      out.chunks_scored = chunks * is.layers;
       kernels::SelectParams p;
       p.chunk_tokens = sp.chunk_tokens;
       p.page_tokens = sp.page_tokens;
@@ -418,7 +426,7 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
       p.tail = tail;
       p.best_share = options_.lsa_best_share;
       std::vector<kernels::ScoredPageOut> picked;
-      if (kernels::SelectPages(is.layers, logits.data(), s->chunks, p, &picked) !=
+      if (kernels::SelectPages(is.layers, logits.data(), chunks, p, &picked) !=
           kernels::KernelStatus::kOk)
         return absl::InternalError("page selection failed");
       for (const auto& pg : picked) out.pages.push_back({pg.page, pg.score});
@@ -431,7 +439,7 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
             absl::StrCat("quest needs the decode queries of the index layers: ", a.query.size(),
                          " floats; expected [", sp.index_layers, "][", sp.q_heads, "][",
                          sp.head_dim, "] = ", qf));
-      if (s->bound_pages == 0)
+      if (bound_pages == 0)
         return absl::FailedPreconditionError("quest needs page bounds; none were registered");
       kernels::AttentionShape as;
       as.layers = sp.index_layers;
@@ -439,7 +447,7 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
       as.kv_heads = sp.kv_heads;
       as.head_dim = sp.head_dim;
       as.scale = sp.Scale();
-      const uint64_t np = std::min(total, s->bound_pages);
+      const uint64_t np = std::min(total, bound_pages);
       std::vector<float> ls(np);
       std::fill(score.begin(), score.end(), -kInf);
       for (uint32_t l = 0; l < sp.index_layers; ++l) {

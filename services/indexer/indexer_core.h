@@ -57,6 +57,11 @@ struct PredictArgs {
   Policy policy = Policy::kDefault;
   uint32_t sink = 1, tail = 2;
   std::vector<float> oracle_page_mass;  // [pages] true mass over the cycle (oracle)
+  // The history the prediction covers: its first history_pages pages (0 = all the session
+  // holds). A caller that keeps appending pages while its prediction is in flight names the
+  // history as of the step it predicts for, so that the answer does not depend on whether
+  // later pages arrived first.
+  uint64_t history_pages = 0;
 };
 
 struct ScoredPage {

@@ -90,6 +90,17 @@ TEST(IndexerCore, SimplePoliciesPickTheExpectedPages) {
   EXPECT_EQ(Pages(*r1), Pages(*r2));  // seeded by session and step
   EXPECT_NE(Pages(*r1), Pages(*r3));
   EXPECT_EQ(r1->pages.size(), 10u);
+  // A prediction over the first 40 pages only: 0.125 x 40 = 5 pages, the tail 38 and 39.
+  a = PredictArgs();
+  a.budget = 0.125f;
+  a.policy = Policy::kSinkRecency;
+  a.history_pages = 40;
+  p = core.Predict("a", a);
+  ASSERT_THAT(p.status(), IsOk());
+  EXPECT_EQ(p->total_pages, 40u);
+  EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 36, 37, 38, 39}));
+  a.history_pages = 100;  // more than the session holds: all of it (ceil(5.875) = 6 pages)
+  EXPECT_EQ(Pages(*core.Predict("a", a)), (std::vector<uint64_t>{0, 42, 43, 44, 45, 46}));
 }
 
 TEST(IndexerCore, LsaMatchesTheKernelPipelineAcrossAppends) {
@@ -135,6 +146,22 @@ TEST(IndexerCore, LsaMatchesTheKernelPipelineAcrossAppends) {
   for (size_t i = 0; i < want.size(); ++i) {
     EXPECT_EQ(p->pages[i].page, want[i].page);
     EXPECT_EQ(p->pages[i].score, want[i].score);
+  }
+  // Over its first 30 pages, the prediction of a session that holds just those (its query
+  // at their end).
+  ASSERT_THAT(core.Register("b", sp, Keys(*s, 0, 30 * cpp).data(), 30 * cpp, 30 * 64), IsOk());
+  a.history_pages = 30;
+  auto limited = core.Predict("a", a);
+  a.history_pages = 0;
+  auto whole = core.Predict("b", a);
+  ASSERT_THAT(limited.status(), IsOk());
+  ASSERT_THAT(whole.status(), IsOk());
+  EXPECT_EQ(limited->total_pages, 30u);
+  EXPECT_EQ(limited->chunks_scored, 30 * cpp);
+  ASSERT_EQ(limited->pages.size(), whole->pages.size());
+  for (size_t i = 0; i < whole->pages.size(); ++i) {
+    EXPECT_EQ(limited->pages[i].page, whole->pages[i].page);
+    EXPECT_EQ(limited->pages[i].score, whole->pages[i].score);
   }
 }
 

@@ -111,6 +111,7 @@ grpc::ServerUnaryReactor* IndexerService::Predict(grpc::CallbackServerContext* c
   a.sink = req->sink_pages() ? req->sink_pages() : 1;
   a.tail = req->tail_pages() ? req->tail_pages() : 2;
   a.oracle_page_mass.assign(req->oracle_page_mass().begin(), req->oracle_page_mass().end());
+  a.history_pages = req->history_pages();
   auto p = core_->Predict(req->session_id(), a);
   if (!p.ok()) return FinishUnary(ctx, p.status());
   v1::ResidentSet* rs = resp->mutable_resident();
