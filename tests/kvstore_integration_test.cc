@@ -230,6 +230,23 @@ TEST_F(KvStoreProcessTest, TwoReplicasWithTheShardingClient) {
   EXPECT_THAT((*sharded)->DeleteSession("spread"), StatusIs(Code::kNotFound));
 }
 
+TEST_F(KvStoreProcessTest, AClientGoneWithAReleaseInFlightTakesNothingDown) {
+  // Each UCX read ends its lease with an asynchronous Release; a client that goes at once
+  // waits for it, so the channel never goes from a gRPC callback thread.
+  auto kv = StartKv({"--ram_bytes", "16MiB", "--slab_bytes", "8MiB"});
+  ASSERT_NE(kv, nullptr);
+  const std::string p = RandomBytes(64 << 10, 7);
+  for (int i = 0; i < 40; ++i) {
+    auto client = KvClient::Connect(kv->target(), KvClientOptions{});
+    ASSERT_THAT(client, IsOk());
+    if (i == 0) ASSERT_THAT((*client)->Put(Header("s", 0, p), p.data()), IsOk());
+    auto r = (*client)->Read({{"s", 0}});
+    ASSERT_THAT(r, IsOk());
+    EXPECT_EQ((*r)[0].payload, p);
+  }
+  EXPECT_TRUE(kv->Alive());
+}
+
 TEST_F(KvStoreProcessTest, BadInputGetsPreciseStatusAndDisturbsNothing) {
   auto kv = StartKv({"--ram_bytes", "1MiB", "--slab_bytes", "1MiB", "--max_session_bytes", "250KiB",
                      "--max_page_bytes", "256KiB", "--max_message_bytes", "1MiB"});

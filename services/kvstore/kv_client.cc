@@ -75,6 +75,10 @@ absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(const std::string& t
 }
 
 KvClient::~KvClient() {
+  {
+    std::unique_lock<std::mutex> l(release_mu_);
+    release_cv_.wait(l, [this] { return releases_ == 0; });  // each within its deadline
+  }
   staging_.reset();
   peer_.reset();
 }
@@ -201,9 +205,17 @@ void KvClient::ReleaseAsync(uint64_t lease_id) {
   call->ctx.set_deadline(std::chrono::system_clock::now() +
                          std::chrono::milliseconds(options_.deadline_ms));
   call->req.set_lease_id(lease_id);
+  {
+    std::lock_guard<std::mutex> l(release_mu_);
+    ++releases_;
+  }
   // A failed release is harmless: the lease expires on its own.
-  stub_->async()->Release(&call->ctx, &call->req, &call->resp,
-                          [call](grpc::Status) { delete call; });
+  stub_->async()->Release(&call->ctx, &call->req, &call->resp, [this, call](grpc::Status) {
+    delete call;
+    std::lock_guard<std::mutex> l(release_mu_);
+    --releases_;
+    release_cv_.notify_all();
+  });
 }
 
 absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload) {

@@ -8,8 +8,10 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <condition_variable>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -101,6 +103,12 @@ class KvClient {
   std::unique_ptr<UcxPeer> peer_;
   std::mutex staging_mu_;
   std::unique_ptr<UcxRegion> staging_;
+  // Releases in flight. The client waits for them when it goes, so that the channel's last
+  // reference goes with the client: a release's context holds one, and gRPC tears down its
+  // callback threads with the channel, which from one of those threads crashes.
+  std::mutex release_mu_;
+  std::condition_variable release_cv_;
+  uint64_t releases_ = 0;
 };
 
 class ShardedKvClient {
