@@ -249,8 +249,10 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   };
   std::vector<IndexRun> runs;
   auto time_blocks = [&](kernels::ScoreMath math, const char* what) {
+    // A scan takes tens of milliseconds: as many pairs as the sparse step, for a steadier
+    // median on a shared machine.
     auto [t, st] = PairedMedianSeconds(
-        o.reps,
+        o.reps * 5,
         [&] {
           if (kernels::ScoreKeyBlocks(is, iq.data(), iw.data(), block_ptrs.data(), chunks, math,
                                       logits.data()) != KernelStatus::kOk)
