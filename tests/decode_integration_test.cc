@@ -279,8 +279,12 @@ TEST_F(DecodeProcessTest, IndexerUnreachableMidSession) {
   got.lse.resize(dense->lse.size());
   for (uint32_t st = 0; st < 64; ++st) {
     // Unreachable (stopped) from step 21 to step 40: the prediction of step 32 times out.
-    if (st == 21) ASSERT_EQ(kill(ix->pid(), SIGSTOP), 0);
-    if (st == 40) ASSERT_EQ(kill(ix->pid(), SIGCONT), 0);
+    if (st == 21) {
+      ASSERT_EQ(kill(ix->pid(), SIGSTOP), 0);
+    }
+    if (st == 40) {
+      ASSERT_EQ(kill(ix->pid(), SIGCONT), 0);
+    }
     // Killed at step 44 and restarted empty on its port: the prediction of step 48 finds the
     // session gone and the worker registers it again from the kvstore.
     if (st == 44) {

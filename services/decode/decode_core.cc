@@ -136,9 +136,9 @@ struct Job : CellFetch {
   bool catch_up = false;
   std::vector<uint64_t> pages;
   // What it decides against, fixed when it is posted (a step at a fixed position) so that
-  // its answer does not depend on when it runs: the pages sealed then (a prediction covers
-  // that history) and those resident then, ascending (it fetches the others).
-  uint64_t sealed = 0;
+  // its answer does not depend on when it runs: the pages sealed then (args.history_pages:
+  // a prediction covers that history) and those resident then, ascending (it fetches the
+  // others).
   std::vector<uint64_t> resident;
 };
 
@@ -314,6 +314,20 @@ struct DecodeCore::Impl {
     }
   }
 
+  // Evicts a page of the set, which leaves it: the set is what is resident.
+  void EvictFromSet(Session& s, uint64_t page) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    Evict(s, page);
+    auto w = std::lower_bound(s.wanted.begin(), s.wanted.end(), page);
+    if (w != s.wanted.end() && *w == page) s.wanted.erase(w);
+  }
+  // Sealed pages resident now, ascending.
+  std::vector<uint64_t> ResidentPages(const Session& s) const ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+    std::vector<uint64_t> out;
+    for (uint64_t p = 0; p < s.sealed(); ++p)
+      if (s.cell_of[p] != kNoCell) out.push_back(p);
+    return out;
+  }
+
   // Pages a sparse session keeps whatever the prediction says: sink and tail.
   bool Pinned(const Session& s, uint64_t page) const ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
     const uint64_t sealed = s.sealed();
@@ -339,9 +353,7 @@ struct DecodeCore::Impl {
       // Make room: the oldest resident page that is neither sink nor tail.
       for (uint64_t q = options.sink; q < s.sealed() && !c.ok(); ++q)
         if (s.cell_of[q] != kNoCell && !Pinned(s, q)) {
-          Evict(s, q);  // out of the set too: the set is what is resident
-          auto w = std::lower_bound(s.wanted.begin(), s.wanted.end(), q);
-          if (w != s.wanted.end() && *w == q) s.wanted.erase(w);
+          EvictFromSet(s, q);
           c = TakeCell(s);
         }
       if (!c.ok()) return c.status();
@@ -620,7 +632,7 @@ struct DecodeCore::Impl {
     a.policy = s.opt.policy;
     a.sink = options.sink;
     a.tail = options.tail;
-    a.history_pages = s.sealed();
+    a.history_pages = s.sealed();  // also the job's
     ++s.stats.predictions;
     ++totals.predictions;
     if (s.have_set) MakeRoom(s);
@@ -628,31 +640,25 @@ struct DecodeCore::Impl {
     // free would otherwise make the fetch longer than the lag); the rest come in catch-ups.
     // The first prediction is waited for: all of it.
     const uint64_t spare = Spare(s, KeepFree());
-    Post(sp, NewJob(s, a, nullptr), s.have_set ? std::min(spare, s.lag_pages) : spare);
+    Post(sp, NewJob(a, nullptr, ResidentPages(s)),
+         s.have_set ? std::min(spare, s.lag_pages) : spare);
   }
   // Frees the headroom the set held since its switch: its least wanted resident pages go,
   // so that the new prediction's most wanted pages can serve from its switch. At a cycle
   // start, a fixed step, so that outputs do not depend on timing.
   void MakeRoom(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
     uint64_t spare = Spare(s, KeepFree());
-    std::vector<uint64_t> gone;
     for (auto it = s.ranked.rbegin(); it != s.ranked.rend() && spare < s.headroom_pages; ++it)
       if (*it < s.sealed() && s.cell_of[*it] != kNoCell && !Pinned(s, *it)) {
-        Evict(s, *it);
-        gone.push_back(*it);
+        EvictFromSet(s, *it);
         ++spare;
       }
-    std::sort(gone.begin(), gone.end());
-    std::vector<uint64_t> kept;
-    std::set_difference(s.wanted.begin(), s.wanted.end(), gone.begin(), gone.end(),
-                        std::back_inserter(kept));
-    s.wanted = std::move(kept);
   }
-  // A job of `a` (catch_up: the pages of a catch-up job, no prediction; else null) that
-  // decides against the pages sealed and resident now.
-  std::shared_ptr<Job> NewJob(const Session& s, const indexer::PredictArgs& a,
-                              const std::vector<uint64_t>* catch_up) const
-      ABSL_SHARED_LOCKS_REQUIRED(s.mu) {
+  // A job of `a` (catch_up: the pages of a catch-up job, no prediction; else null) over
+  // the pages sealed at its post (a.history_pages) that fetches those not in `resident`.
+  static std::shared_ptr<Job> NewJob(const indexer::PredictArgs& a,
+                                     const std::vector<uint64_t>* catch_up,
+                                     std::vector<uint64_t> resident) {
     auto job = std::make_shared<Job>();
     job->step = a.step;
     job->args = a;
@@ -660,9 +666,7 @@ struct DecodeCore::Impl {
       job->catch_up = true;
       job->pages = *catch_up;
     }
-    job->sealed = s.sealed();
-    for (uint64_t p = 0; p < job->sealed; ++p)
-      if (s.cell_of[p] != kNoCell) job->resident.push_back(p);
+    job->resident = std::move(resident);
     return job;
   }
   // Posts `job` with `cells` cells taken for its fetch.
@@ -750,24 +754,24 @@ struct DecodeCore::Impl {
         s.job_cv.SignalAll();
         return;
       }
-      std::vector<indexer::ScoredPage> missing, ranked;
-      for (const auto& p : pred->pages) {
-        if (p.page >= job->sealed) continue;  // the open page is always resident
+      // The sealed pages of the answer, most wanted first; those not resident are missing.
+      std::vector<indexer::ScoredPage> scored;
+      for (const auto& p : pred->pages)
+        if (p.page < job->args.history_pages) scored.push_back(p);  // the open page is resident
+      std::stable_sort(scored.begin(), scored.end(),
+                       [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
+                         return a.score > b.score;
+                       });
+      std::vector<uint64_t> missing;
+      for (const auto& p : scored) {
         job->wanted.push_back(p.page);
-        if (!job->catch_up) ranked.push_back(p);
+        if (!job->catch_up) job->ranked.push_back(p.page);
         if (!std::binary_search(job->resident.begin(), job->resident.end(), p.page))
-          missing.push_back(p);
+          missing.push_back(p.page);
       }
-      const auto by_score = [](const indexer::ScoredPage& a, const indexer::ScoredPage& b) {
-        return a.score > b.score;
-      };
-      std::stable_sort(ranked.begin(), ranked.end(), by_score);
-      for (const auto& p : ranked) job->ranked.push_back(p.page);
-      std::sort(job->wanted.begin(), job->wanted.end());  // a catch-up's come by score
-      std::stable_sort(missing.begin(), missing.end(), by_score);
+      std::sort(job->wanted.begin(), job->wanted.end());
       const size_t take = std::min<size_t>(missing.size(), job->cells.size());
-      std::vector<uint64_t> dropped;
-      for (size_t i = take; i < missing.size(); ++i) dropped.push_back(missing[i].page);
+      std::vector<uint64_t> dropped(missing.begin() + take, missing.end());
       job->deferred_pages = dropped;
       std::sort(dropped.begin(), dropped.end());
       job->wanted.erase(
@@ -777,8 +781,8 @@ struct DecodeCore::Impl {
           job->wanted.end());
       for (size_t i = 0; i < take; ++i) {
         const uint32_t c = job->cells[i];
-        job->fetched.push_back({missing[i].page, c});
-        pages.push_back(missing[i].page);
+        job->fetched.push_back({missing[i], c});
+        pages.push_back(missing[i]);
         dst.push_back(Cell(c));
       }
     }
@@ -857,8 +861,9 @@ struct DecodeCore::Impl {
                    uint64_t cells, uint64_t at) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu) {
     indexer::PredictArgs none;
     none.step = at;
+    none.history_pages = sp->sealed();
     sp->switch_step = at;
-    Post(sp, NewJob(*sp, none, &pages), cells);
+    Post(sp, NewJob(none, &pages, ResidentPages(*sp)), cells);
   }
 
   absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r);
@@ -907,7 +912,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
     st.set_job_cells(j.cells.size());
     st.set_job_catch_up(j.catch_up);
     for (uint64_t p : j.pages) st.add_job_pages(p);
-    st.set_job_sealed(j.sealed);
+    st.set_job_sealed(j.args.history_pages);
     for (uint64_t p : j.resident) st.add_job_resident(p);
     if (j.done && j.status.ok())
       for (uint64_t p : j.deferred_pages) st.add_job_deferred_pages(p);
@@ -1085,12 +1090,12 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       a.policy = s.opt.policy;
       a.sink = options.sink;
       a.tail = options.tail;
-      if (!st.job_catch_up()) a.history_pages = st.job_sealed();
+      a.history_pages = st.job_sealed();
       const std::vector<uint64_t> pages(st.job_pages().begin(), st.job_pages().end());
-      auto job = NewJob(s, a, st.job_catch_up() ? &pages : nullptr);
-      job->sealed = st.job_sealed();
-      job->resident.assign(st.job_resident().begin(), st.job_resident().end());
-      Post(sp, job, st.job_cells());
+      Post(sp,
+           NewJob(a, st.job_catch_up() ? &pages : nullptr,
+                  {st.job_resident().begin(), st.job_resident().end()}),
+           st.job_cells());
     }
   }
   return absl::OkStatus();

@@ -70,7 +70,7 @@ absl::StatusOr<ConcResult> Concurrent(decode::DecodeClient& client, const worklo
   for (int i = 0; i < n; ++i) {
     // Per-layer steps only (the first conc_steps of each session).
     lat.insert(lat.end(), res[i].step_ms.begin(), res[i].step_ms.begin() + conc_steps);
-    out.stalled += res[i].stalled_steps;
+    out.stalled += res[i].stalled_at.size();
     out.steps += res[i].step_ms.size();
     auto stats = client.Stats(ids[i]);
     if (!stats.ok()) return stats.status();
@@ -235,7 +235,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     for (int m = 0; m < 2; ++m) {
       const replay::ReplayResult& r = one[m];
       std::vector<double> lat(r.step_ms.begin(), r.step_ms.begin() + split);
-      const double stall = double(r.stalled_steps) / r.step_ms.size();
+      const double stall = double(r.stalled_at.size()) / r.step_ms.size();
       std::printf("  %-8s %8.2f%% %8.5f %8.5f %8.5f %8.4f %9s %9.4f %9.2f %10.2f %10.2f\n",
                   m ? "sparse" : "dense", 100 * r.stats.footprint(), m ? f.cosine_mean : 1.0,
                   m ? f.cosine_min : 1.0, m ? f.rel_l2_mean : 0.0, m ? f.mass_recall : 1.0,
@@ -266,7 +266,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
           cr.tps_whole = o.conc_steps / (whole / 1000);
           cr.p50 = Percentile(lat, 0.5);
           cr.p99 = Percentile(lat, 0.99);
-          cr.stalled = r.stalled_steps;
+          cr.stalled = r.stalled_at.size();
           cr.stall_ms = r.stats.stall_ms();
           cr.catch_up_stalls = r.stats.catch_up_stalls();
           cr.steps = r.step_ms.size();
@@ -329,7 +329,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       agg.mass.push_back(fk.mass_recall);
       agg.hits += sparse.needle_hits;
       agg.needles += sparse.needles;
-      agg.stalls += sparse.stalled_steps;
+      agg.stalls += sparse.stalled_at.size();
       agg.stall_ms += sparse.stats.stall_ms();
       agg.catch_up_stalls += sparse.stats.catch_up_stalls();
       agg.steps += sparse.step_ms.size();
@@ -360,7 +360,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
                   fk.cosine_mean, fk.mass_recall,
                   static_cast<unsigned long long>(pair[1].needle_hits),
                   static_cast<unsigned long long>(pair[1].needles),
-                  static_cast<unsigned long long>(pair[1].stalled_steps),
+                  static_cast<unsigned long long>(pair[1].stalled_at.size()),
                   static_cast<unsigned long long>(pair[1].stats.catch_up_stalls()),
                   pair[1].stats.stall_ms());
       std::fflush(stdout);
@@ -369,8 +369,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
     const double stall_fr = agg.steps ? double(agg.stalls) / agg.steps : 0.0;
     const double steady_stall_fr =
         agg.steps ? double(agg.stalls - agg.catch_up_stalls) / agg.steps : 0.0;
-    std::string per_session;
-    for (double v : agg.mass) absl::StrAppend(&per_session, per_session.empty() ? "" : ", ", v);
+    const std::string per_session = absl::StrJoin(agg.mass, ", ");
     std::printf("  sparse over %d sessions: footprint <= %.2f%%, cosine %.5f (min %.5f), mass "
                 "recall %.4f (%s), needles %llu/%llu, stall fraction %.4f (%llu of %llu steps, "
                 "%llu waiting for a catch-up after a set change; %.1f ms waited), steady-state "
@@ -382,8 +381,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
                 static_cast<unsigned long long>(agg.steps),
                 static_cast<unsigned long long>(agg.catch_up_stalls), agg.stall_ms,
                 steady_stall_fr);
-    std::string recovery;
-    for (int v : agg.recovery) absl::StrAppend(&recovery, recovery.empty() ? "" : ", ", v);
+    const std::string recovery = absl::StrJoin(agg.recovery, ", ");
     if (!agg.recovery.empty())
       std::printf("  missed needles: page resident after [%s] steps (-1: not within %u)\n",
                   recovery.c_str(), replay::kNeedleWatchSteps);

@@ -81,8 +81,8 @@ int DecodeDemo(const DecodeDemoOptions& o) {
           std::to_string(res[1].stats.pages_fetched()) + " / " +
           std::to_string(res[1].stats.pages_deferred()));
   row("stalled steps (ms waited)",
-      std::to_string(res[0].stalled_steps) + fmt(" (%.1f)", res[0].stats.stall_ms()),
-      std::to_string(res[1].stalled_steps) + fmt(" (%.1f)", res[1].stats.stall_ms()));
+      std::to_string(res[0].stalled_at.size()) + fmt(" (%.1f)", res[0].stats.stall_ms()),
+      std::to_string(res[1].stalled_at.size()) + fmt(" (%.1f)", res[1].stats.stall_ms()));
   row("prefill (s)", fmt("%.2f", res[0].prefill_s), fmt("%.2f", res[1].prefill_s));
   row("step p50 (ms)", fmt("%.2f", Percentile(res[0].step_ms, 0.5)),
       fmt("%.2f", Percentile(res[1].step_ms, 0.5)));

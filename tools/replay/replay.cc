@@ -135,7 +135,6 @@ absl::Status DecodeSteps(decode::DecodeClient& client, decode::DecodeClient::Str
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - s0).count();
     res->step_ms.push_back(ms);
     decode_ms += ms;
-    res->stalled_steps += stalled;
     if (stalled) res->stalled_at.push_back(st);
     // Needles retrieved at this step, then the missed ones still watched: one probe.
     std::vector<uint64_t> probe_pages;

@@ -30,8 +30,7 @@ struct ReplayResult {
   std::vector<float> lse;       // [step][layer][q_heads]
   std::vector<double> step_ms;  // wall time of each decode step
   double prefill_s = 0, decode_s = 0;
-  uint64_t stalled_steps = 0;
-  std::vector<uint32_t> stalled_at;  // the steps that stalled
+  std::vector<uint32_t> stalled_at;  // the steps that waited for a fetch
   uint64_t needles = 0, needle_hits = 0;  // needle pages resident at their retrieval steps
   // A needle whose page was not resident at its retrieval step is watched for
   // kNeedleWatchSteps more steps: how many steps later its page was resident (probed after
