@@ -362,5 +362,27 @@ TEST(PagePoolMemory, AlignedZeroedWritable) {
   FreePagePoolMemory(p, bytes);
 }
 
+TEST(HugePageAllocator, LargeArraysAreHugePageAlignedAndGrowKeepingTheirBytes) {
+  HugePageBytes small(1000, 7);
+  EXPECT_EQ(small[999], 7);
+  HugePageBytes b;
+  // Grows through the 2 MiB threshold (operator new, then huge-page memory, then a larger
+  // huge-page array), checking every byte written before each growth.
+  for (size_t n : {size_t{4096}, size_t{3} << 20, size_t{9} << 20}) {
+    const size_t old = b.size();
+    b.resize(n);
+    for (size_t i = 0; i < old; i += 4093) {
+      ASSERT_EQ(b[i], static_cast<uint8_t>(i * 31 + 5)) << "byte " << i << " after growing to " << n;
+    }
+    for (size_t i = old; i < n; ++i) {
+      ASSERT_EQ(b[i], 0) << "new byte " << i;
+      b[i] = static_cast<uint8_t>(i * 31 + 5);
+    }
+    if (n >= HugePageAllocator<uint8_t>::kHugeBytes) {
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(b.data()) % HugePageAllocator<uint8_t>::kHugeBytes, 0u);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fm::kernels

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <vector>
 
 #include "flashmemory/kernels/indexer.h"
@@ -32,5 +33,37 @@ double MeasureFmaPeakGflops(double seconds);
 // 4 KiB. Zero-filled. Free with FreePagePoolMemory.
 uint8_t* AllocatePagePoolMemory(size_t bytes);
 void FreePagePoolMemory(uint8_t* p, size_t bytes);
+
+// An allocator for large scanned arrays (the indexer's key blocks): allocations of 2 MiB
+// or more come from AllocatePagePoolMemory, smaller ones from operator new. A 1M-token
+// history's keys span 8,448 4 KiB pages per index layer, one per 32-chunk block, far more
+// than the TLB holds; on 2 MiB pages a scan touches 17 (measured on 2 cores,
+// alternating: the fast scan of 1M tokens 9-17 % faster, a streaming read of the same keys
+// 1.2-1.35x).
+template <typename T>
+struct HugePageAllocator {
+  using value_type = T;
+  static constexpr size_t kHugeBytes = size_t{2} << 20;
+  HugePageAllocator() = default;
+  template <typename U>
+  HugePageAllocator(const HugePageAllocator<U>&) {}
+  T* allocate(size_t n) {
+    if (n * sizeof(T) < kHugeBytes) return static_cast<T*>(::operator new(n * sizeof(T)));
+    uint8_t* p = AllocatePagePoolMemory(n * sizeof(T));
+    if (p == nullptr) throw std::bad_alloc();
+    return reinterpret_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t n) {
+    if (n * sizeof(T) < kHugeBytes)
+      ::operator delete(p);
+    else
+      FreePagePoolMemory(reinterpret_cast<uint8_t*>(p), n * sizeof(T));
+  }
+  template <typename U>
+  bool operator==(const HugePageAllocator<U>&) const {
+    return true;
+  }
+};
+using HugePageBytes = std::vector<uint8_t, HugePageAllocator<uint8_t>>;
 
 }  // namespace fm::kernels

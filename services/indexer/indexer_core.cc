@@ -10,6 +10,7 @@
 #include "common/checksum.h"
 #include "common/safetensors.h"
 #include "flashmemory/kernels/quest.h"
+#include "kernels/cpu/cpu_kernels.h"
 
 namespace fm::indexer {
 namespace {
@@ -167,7 +168,7 @@ struct IndexerCore::Session {
   uint64_t tokens ABSL_GUARDED_BY(mu) = 0;
   uint64_t chunks ABSL_GUARDED_BY(mu) = 0;
   uint64_t bound_pages ABSL_GUARDED_BY(mu) = 0;
-  std::vector<std::vector<uint8_t>> blocks ABSL_GUARDED_BY(mu);  // per index layer, scan layout
+  std::vector<kernels::HugePageBytes> blocks ABSL_GUARDED_BY(mu);  // per index layer, scan layout
   std::vector<float> bounds ABSL_GUARDED_BY(mu);                 // [page][IndexerBoundsFloats]
   uint64_t bytes() const ABSL_SHARED_LOCKS_REQUIRED(mu) {
     uint64_t b = bounds.size() * 4;

@@ -228,7 +228,7 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   const double key_bytes = double(is.layers) * chunks * is.KeyBytes();
   // The indexer holds keys in the scan layout (blocks of 32 chunks, dimension-major): the
   // same bytes, read once per prediction.
-  std::vector<std::vector<uint8_t>> blocks;
+  std::vector<kernels::HugePageBytes> blocks;  // as the indexer holds them
   std::vector<const uint8_t*> block_ptrs;
   for (auto& k : keys) {
     blocks.emplace_back(kernels::KeyBlocksBytes(is.dim, chunks), 0);
