@@ -19,7 +19,8 @@ bool CudaAvailable(std::string* why);
 class CudaDecodePlan {
  public:
   // Copies the plan's page lists and work units to the device. kInvalidShape when the
-  // shape exceeds the CUDA kernel's shared-memory limits (see why).
+  // shape exceeds the CUDA kernel's limits (48 KiB of shared memory: 64 * (head_dim +
+  // page_tokens + 2) bytes; see why).
   static KernelStatus Upload(const DecodePlan& plan, std::unique_ptr<CudaDecodePlan>* out,
                              std::string* why);
   ~CudaDecodePlan();
@@ -43,9 +44,10 @@ class CudaDecodePlan {
   mutable Scratch items_, tasks_, merges_, partial_out_, partial_lse_;
 };
 
-// items[i].q/out/lse are device pointers; pool.base is device memory. `stream` is a
-// cudaStream_t (null = default stream). Returns once the work is queued on the stream; calls
-// on the same plan must share that stream.
+// items[i].q/out/lse are device pointers; pool.base is device memory, with every cell's
+// payload 16-byte aligned (base + cell_offset and cell_stride multiples of 16; else
+// kInvalidShape). `stream` is a cudaStream_t (null = default stream). Returns once the work
+// is queued on the stream; calls on the same plan must share that stream.
 KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool,
                                 const DecodeItem* items, size_t n_items, void* stream);
 
