@@ -239,7 +239,9 @@ TEST_F(KvStoreProcessTest, AClientGoneWithAReleaseInFlightTakesNothingDown) {
   for (int i = 0; i < 40; ++i) {
     auto client = KvClient::Connect(kv->target(), KvClientOptions{});
     ASSERT_THAT(client, IsOk());
-    if (i == 0) ASSERT_THAT((*client)->Put(Header("s", 0, p), p.data()), IsOk());
+    if (i == 0) {
+      ASSERT_THAT((*client)->Put(Header("s", 0, p), p.data()), IsOk());
+    }
     auto r = (*client)->Read({{"s", 0}});
     ASSERT_THAT(r, IsOk());
     EXPECT_EQ((*r)[0].payload, p);

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "flashmemory/kernels/cuda_attention.h"
+#include "kernels/testing/random_inputs.h"
 
 namespace fm::kernels {
 namespace {
@@ -26,29 +27,19 @@ TEST(CudaIndexer, ScoreChunksMatchesReference) {
   for (uint32_t heads : {16u, 5u}) {  // a compiled-in head count and the generic kernel
     IndexerShape s{3, heads, 128};
     const uint64_t chunks = 10007;
-    std::mt19937 rng(3);
-    std::normal_distribution<float> nd;
-    std::vector<std::vector<uint8_t>> keys(s.layers, std::vector<uint8_t>(chunks * s.KeyBytes()));
-    std::vector<float> raw(s.dim);
-    for (auto& k : keys)
-      for (uint64_t c = 0; c < chunks; ++c) {
-        for (float& x : raw) x = nd(rng);
-        CompressIndexKey(s.dim, raw.data(), k.data() + c * s.KeyBytes());
-      }
-    std::vector<float> q(s.layers * s.heads * s.dim), w(s.layers * s.heads);
-    for (float& x : q) x = nd(rng);
-    for (float& x : w) x = nd(rng);
-    std::vector<const uint8_t*> host_ptrs, dev_ptrs;
-    for (auto& k : keys) host_ptrs.push_back(k.data()), dev_ptrs.push_back(Upload(k));
+    testing::IndexInputs in = testing::RandomIndexInputs(s, chunks, 3);
+    std::vector<const uint8_t*> dev_ptrs;
+    for (auto& k : in.keys) dev_ptrs.push_back(Upload(k));
     const uint8_t** dkeys = Upload(dev_ptrs);
-    float* dq = Upload(q);
-    float* dw = Upload(w);
+    float* dq = Upload(in.q);
+    float* dw = Upload(in.w);
     float* dl = nullptr;
     cudaMalloc(&dl, sizeof(float) * s.layers * chunks);
     ASSERT_EQ(CudaScoreChunks(s, dq, dw, dkeys, chunks, dl, nullptr), KernelStatus::kOk);
     std::vector<float> got(s.layers * chunks), want(s.layers * chunks);
     cudaMemcpy(got.data(), dl, sizeof(float) * got.size(), cudaMemcpyDeviceToHost);
-    ASSERT_EQ(reference::ScoreChunks(s, q.data(), w.data(), host_ptrs.data(), chunks, want.data()),
+    ASSERT_EQ(reference::ScoreChunks(s, in.q.data(), in.w.data(), in.key_ptrs.data(), chunks,
+                                     want.data()),
               KernelStatus::kOk);
     for (size_t i = 0; i < got.size(); ++i)
       ASSERT_NEAR(got[i], want[i], 1e-3f * (1 + std::abs(want[i]))) << i;
@@ -65,11 +56,8 @@ TEST(CudaQuest, PageScoresMatchReference) {
   if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
   AttentionShape s{2, 8, 2, 128, 64, ElemType::kBf16, 0};
   const uint64_t pages = 3001;
-  std::mt19937 rng(4);
-  std::normal_distribution<float> nd;
-  std::vector<float> bounds(pages * QuestBoundsFloats(s)), q(s.q_heads * s.head_dim);
-  for (float& x : bounds) x = nd(rng);
-  for (float& x : q) x = nd(rng);
+  const std::vector<float> bounds = testing::RandomNormals(pages * QuestBoundsFloats(s), 4),
+                           q = testing::RandomNormals(s.q_heads * s.head_dim, 5);
   float* db = Upload(bounds);
   float* dq = Upload(q);
   float* ds = nullptr;

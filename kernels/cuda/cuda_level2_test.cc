@@ -9,6 +9,7 @@
 #include <random>
 
 #include "flashmemory/kernels/cuda_attention.h"
+#include "kernels/testing/random_inputs.h"
 #include "kernels/testing/random_pages.h"
 
 namespace fm::kernels {
@@ -62,32 +63,22 @@ TEST(CudaMerge, MatchesCpuMerge) {
   std::string why;
   if (!CudaAvailable(&why)) GTEST_SKIP() << "no GPU: " << why;
   const uint32_t heads = 8, d = 96;
-  std::mt19937 rng(5);
-  std::normal_distribution<float> nd;
-  std::vector<float> oa(heads * d), ob(heads * d), la(heads), lb(heads);
-  for (float& x : oa) x = nd(rng);
-  for (float& x : ob) x = nd(rng);
-  for (float& x : la) x = nd(rng) * 3;
-  for (float& x : lb) x = nd(rng) * 3;
-  lb[2] = -INFINITY;  // an empty side
-  std::vector<float> want(heads * d), wl(heads);
-  MergeAttentionStates(heads, d, oa.data(), la.data(), ob.data(), lb.data(), want.data(),
-                       wl.data());
+  const testing::MergeInputs in = testing::RandomMergeInputs(heads, d, 5);
   float* dev = nullptr;
   cudaMalloc(&dev, sizeof(float) * (3 * heads * d + 3 * heads));
   float *doa = dev, *dob = doa + heads * d, *dout = dob + heads * d, *dla = dout + heads * d,
         *dlb = dla + heads, *dl = dlb + heads;
-  cudaMemcpy(doa, oa.data(), oa.size() * 4, cudaMemcpyHostToDevice);
-  cudaMemcpy(dob, ob.data(), ob.size() * 4, cudaMemcpyHostToDevice);
-  cudaMemcpy(dla, la.data(), la.size() * 4, cudaMemcpyHostToDevice);
-  cudaMemcpy(dlb, lb.data(), lb.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(doa, in.oa.data(), in.oa.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(dob, in.ob.data(), in.ob.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(dla, in.la.data(), in.la.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(dlb, in.lb.data(), in.lb.size() * 4, cudaMemcpyHostToDevice);
   ASSERT_EQ(CudaMergeAttentionStates(heads, d, doa, dla, dob, dlb, dout, dl, nullptr),
             KernelStatus::kOk);
   std::vector<float> got(heads * d), gl(heads);
   cudaMemcpy(got.data(), dout, got.size() * 4, cudaMemcpyDeviceToHost);
   cudaMemcpy(gl.data(), dl, gl.size() * 4, cudaMemcpyDeviceToHost);
-  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], 1e-5);
-  for (uint32_t h = 0; h < heads; ++h) ASSERT_NEAR(gl[h], wl[h], 1e-5);
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], in.want[i], 1e-5);
+  for (uint32_t h = 0; h < heads; ++h) ASSERT_NEAR(gl[h], in.want_lse[h], 1e-5);
   cudaFree(dev);
 }
 

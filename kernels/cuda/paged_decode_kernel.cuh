@@ -16,19 +16,7 @@
 #include <vector>
 
 #include "flashmemory/kernels/attention.h"
-
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-#define FM_SHARED_FLOATS(name) extern __shared__ float name[]
-#define FM_KERNEL __global__
-#define FM_UNROLL _Pragma("unroll")
-#else  // the SIMT emulator provides the CUDA names
-#define FM_SHARED_FLOATS(name) float* name = reinterpret_cast<float*>(::fm::simt::SharedMemory())
-#define FM_KERNEL inline
-#define FM_UNROLL
-#endif
+#include "kernels/cuda/device_util.cuh"
 
 namespace fm::kernels::cuda_decode {
 
@@ -361,20 +349,12 @@ inline void ConcatPageLists(const DecodePlan& plan, std::vector<uint32_t>* cells
 // per lane for the shape.
 template <typename F>
 void DispatchDecode(const AttentionShape& s, F&& f) {
-  auto with_type = [&](auto elem) {
+  DispatchElemType(s.dtype, [&](auto elem) {
     if (VectorsPerLane(Geometry(s)) == 1)
       f(elem, std::integral_constant<int, 1>());
     else
       f(elem, std::integral_constant<int, 2>());
-  };
-  switch (s.dtype) {
-    case ElemType::kF32:
-      return with_type(float());
-    case ElemType::kF16:
-      return with_type(__half());
-    case ElemType::kBf16:
-      return with_type(__nv_bfloat16());
-  }
+  });
 }
 
 // What one CudaRunPagedDecode call launches: the items, a (item, unit) task per block row

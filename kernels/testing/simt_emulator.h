@@ -22,6 +22,8 @@
 #include <functional>
 #include <vector>
 
+#include "common/codecs.h"
+
 namespace fm::simt {
 
 struct Dim3 {
@@ -43,7 +45,7 @@ struct BlockRun {
     unsigned arrived = 0, participants = 0;
     uint64_t gen = 0;
   };
-  Dim3 block_idx, block_dim;
+  Dim3 block_idx, block_dim, grid_dim;
   std::vector<Fiber> fibers;
   std::vector<Barrier> barriers;   // 0: the block; 1 + w: warp w
   std::vector<uint64_t> exchange;  // [2][threads]: shuffle slots, alternating per shuffle
@@ -82,6 +84,7 @@ inline void Wait(size_t b) {
 inline const Dim3& ThreadIdx() { return Current()->fibers[Current()->current].tid; }
 inline const Dim3& BlockIdx() { return Current()->block_idx; }
 inline const Dim3& BlockDim() { return Current()->block_dim; }
+inline const Dim3& GridDim() { return Current()->grid_dim; }
 inline void* SharedMemory() { return Current()->shared.data(); }
 inline size_t WarpBarrier() { return 1 + Current()->current / 32; }
 
@@ -98,9 +101,10 @@ inline void Launch(Dim3 grid, Dim3 block, size_t shared_bytes,
     std::fprintf(stderr, "simt: blocks must be 1-D with a multiple of 32 threads\n");
     std::abort();
   }
-  constexpr size_t kStack = 128 * 1024;
+  constexpr size_t kStack = 64 * 1024;
   BlockRun r;
   r.block_dim = block;
+  r.grid_dim = grid;
   r.body = &kernel;
   r.fibers.resize(threads);
   for (auto& f : r.fibers) f.stack.resize(kStack);
@@ -151,9 +155,10 @@ inline void Launch(Dim3 grid, Dim3 block, size_t shared_bytes,
 }
 #pragma GCC diagnostic pop
 
-// A warp shuffle: every lane of the warp must call it (as __shfl_xor_sync requires).
-template <typename T>
-T ShflXor(T v, int lane_mask) {
+// A warp shuffle: every lane of the warp must call it (as the __shfl_*_sync functions
+// require); `source` maps this lane to the lane whose value it reads.
+template <typename T, typename Source>
+T Shuffle(T v, Source source) {
   static_assert(sizeof(T) <= 8);
   BlockRun& r = *Current();
   const size_t t = r.current, warp_base = t / 32 * 32, lane = t % 32;
@@ -162,7 +167,7 @@ T ShflXor(T v, int lane_mask) {
   std::memcpy(&slots[t], &v, sizeof(T));
   Wait(1 + t / 32);
   T out;
-  std::memcpy(&out, &slots[warp_base + (lane ^ static_cast<size_t>(lane_mask))], sizeof(T));
+  std::memcpy(&out, &slots[warp_base + source(lane)], sizeof(T));
   return out;
 }
 
@@ -177,12 +182,25 @@ T ShflXor(T v, int lane_mask) {
 #define threadIdx (::fm::simt::ThreadIdx())
 #define blockIdx (::fm::simt::BlockIdx())
 #define blockDim (::fm::simt::BlockDim())
+#define gridDim (::fm::simt::GridDim())
+#define __shared__ static  // blocks run one after another: a static is the block's copy
 
 inline void __syncthreads() { ::fm::simt::Wait(0); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::fm::simt::Wait(::fm::simt::WarpBarrier()); }
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask) {
-  return ::fm::simt::ShflXor(v, lane_mask);
+  return ::fm::simt::Shuffle(v, [&](size_t lane) { return lane ^ size_t(lane_mask); });
+}
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned delta) {
+  return ::fm::simt::Shuffle(v, [&](size_t lane) { return lane >= delta ? lane - delta : lane; });
+}
+// Fibers of a block never run at the same time, so a plain add is atomic.
+template <typename T>
+T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
 }
 
 struct uint2 {
@@ -204,6 +222,22 @@ inline float __half2float(__half h) {
   _Float16 f;
   std::memcpy(&f, &h.bits, 2);
   return static_cast<float>(f);
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = uint32_t{b.bits} << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+using __nv_fp8_storage_t = unsigned char;
+struct __nv_fp8_e4m3 {
+  __nv_fp8_storage_t __x;
+  explicit operator float() const { return ::fm::Fp8E4m3ToFloat(__x); }
+};
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
 }
 inline float __uint_as_float(unsigned u) {
   float f;
