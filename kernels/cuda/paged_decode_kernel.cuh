@@ -6,9 +6,9 @@
 // four query heads); four warps that each take every fourth page of the unit with their own
 // online-softmax state; a merge of the warps' states in shared memory at the end. Every K
 // and V row is read with 16-byte loads, a lane per 16 bytes and several rows per warp, four
-// rows per lane in flight; scores are summed across a row's lanes with shuffles, so no page
-// waits on a block-wide barrier. Split units write partial states that MergeKernel merges
-// by log-sum-exp.
+// rows per lane in flight; scores are summed across a row's lanes with shuffles (RowSum4),
+// so no page waits on a block-wide barrier. Split units write partial states that MergeKernel
+// merges by log-sum-exp.
 #pragma once
 
 #include <cstdint>
@@ -22,8 +22,12 @@ namespace fm::kernels::cuda_decode {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr uint32_t kHeadsPerBlock = 4;  // query heads of a group one block attends
+constexpr uint32_t kHeadsPerBlock = 4;  // query heads of a group one block attends (RowSum4)
 constexpr int kUnroll = 4;              // rows per lane in flight
+// Blocks per SM the register budget must allow (one fewer for rows of two vectors per
+// lane, f32 with head_dim over 128): 16 warps of 2 KiB in flight each keep ~32 KiB per SM
+// on the way from HBM, about what its bandwidth-latency product needs.
+constexpr int kMinBlocksPerSm = 4;
 constexpr int kMaxSharedBytes = 48 * 1024;
 
 struct DevItem {
@@ -123,6 +127,26 @@ __device__ __forceinline__ void LoadRows(const uint8_t* block, size_t row_bytes,
   }
 }
 
+// Sums four values over the `lanes` lanes of a row (a power of two, at least 4) with
+// log2(lanes) + 1 shuffles instead of 4 log2(lanes): the first two exchanges each send half
+// of what a lane holds and keep the other half, so that afterwards every lane holds one
+// head's partial sum. Returns the full sum of head *head (the same in every lane of the row
+// with the same two bits lanes / 2 and lanes / 4 of c0).
+__device__ __forceinline__ float RowSum4(const float (&x)[4], uint32_t c0, uint32_t lanes,
+                                         uint32_t* head) {
+  const uint32_t off1 = lanes / 2, off2 = lanes / 4;
+  const bool hi1 = c0 & off1, hi2 = c0 & off2;
+  // Lanes with hi1 keep heads 2 and 3 and send 0 and 1 to their partner, which keeps those.
+  const float s0 = __shfl_xor_sync(0xffffffffu, hi1 ? x[0] : x[2], off1);
+  const float s1 = __shfl_xor_sync(0xffffffffu, hi1 ? x[1] : x[3], off1);
+  const float k0 = (hi1 ? x[2] : x[0]) + s0, k1 = (hi1 ? x[3] : x[1]) + s1;
+  // Then lanes with hi2 keep the second of the two.
+  float v = (hi2 ? k1 : k0) + __shfl_xor_sync(0xffffffffu, hi2 ? k0 : k1, off2);
+  for (uint32_t off = off2 / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  *head = 2 * hi1 + hi2;
+  return v;
+}
+
 // Calls fn(h, v, e, x) for every head h of the block and every element x (element e of
 // vector v) of a lane's row vectors.
 template <typename T, int NV, typename F>
@@ -140,7 +164,7 @@ __device__ __forceinline__ void ForEachElement(const uint4 (&raw)[NV], F fn) {
 }
 
 template <typename T, int NV>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, NV == 1 ? kMinBlocksPerSm : kMinBlocksPerSm - 1)
     PagedDecodeKernel(KShape s, RowGeometry g, const uint8_t* __restrict__ base, size_t stride,
                       size_t offset, const uint32_t* __restrict__ cells,
                       const uint16_t* __restrict__ valid, const uint32_t* __restrict__ seq_first,
@@ -195,15 +219,10 @@ __global__ void __launch_bounds__(kThreads)
         ForEachElement<T, NV>(raw[k], [&](uint32_t h, int v, int e, float x) {
           dot[h] = fmaf(q[h][v][e], x, dot[h]);
         });
-        for (uint32_t off = g.lanes / 2; off > 0; off >>= 1) {
-          FM_UNROLL
-          for (uint32_t h = 0; h < HB; ++h) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], off);
-        }
+        uint32_t head;
+        const float sum = RowSum4(dot, c0, g.lanes, &head);
         const uint32_t t = t0 + k * g.rows + r;
-        if (c0 == 0 && t < n) {
-          FM_UNROLL
-          for (uint32_t h = 0; h < HB; ++h) sc[h * P + t] = dot[h];
-        }
+        if ((c0 & (g.lanes / 4 - 1)) == 0 && t < n) sc[head * P + t] = sum;
       }
     }
     __syncwarp();
@@ -350,7 +369,10 @@ inline void ConcatPageLists(const DecodePlan& plan, std::vector<uint32_t>* cells
 template <typename F>
 void DispatchDecode(const AttentionShape& s, F&& f) {
   DispatchElemType(s.dtype, [&](auto elem) {
-    if (VectorsPerLane(Geometry(s)) == 1)
+    // 16-bit rows of up to 256 elements are at most 32 vectors: one per lane.
+    if constexpr (sizeof(elem) == 2)
+      f(elem, std::integral_constant<int, 1>());
+    else if (VectorsPerLane(Geometry(s)) == 1)
       f(elem, std::integral_constant<int, 1>());
     else
       f(elem, std::integral_constant<int, 2>());
