@@ -117,6 +117,11 @@ TEST(CudaPagedDecode, BatchOfSessionsAndLayers) {
               KernelStatus::kOk);
     for (size_t j = 0; j < per; ++j) ASSERT_NEAR(out[i * per + j], want[j], 1e-4) << "item " << i;
   }
+  // A pool whose cells are not 16-byte aligned is refused before any launch.
+  PagePool skewed = gpool;
+  skewed.cell_offset = 8;
+  EXPECT_EQ(CudaRunPagedDecode(*gplan, skewed, items.data(), items.size(), nullptr),
+            KernelStatus::kInvalidShape);
   cudaFree(dq);
   cudaFree(dout);
   cudaFree(dlse);
