@@ -1,14 +1,17 @@
 // Runs CUDA kernel source on the CPU, for tests on machines without a GPU. Each thread of a
 // block is a fiber (ucontext) on the calling thread; blocks run one after another. Barriers
-// (__syncthreads, __syncwarp) and warp shuffles (__shfl_xor_sync, a barrier of the warp)
-// switch fibers, so a kernel's indexing, its lane-to-data mapping and its barrier structure
-// run as written: a shuffle reads another lane's value, a missing __syncwarp reads stale
-// shared memory, and a barrier that some threads never reach is reported as a deadlock.
-// About 30 context switches per barrier: for small launches that check a kernel against
-// a reference, not for timing.
+// (__syncthreads, __syncwarp) and warp shuffles (__shfl_xor_sync, __shfl_up_sync: each a
+// barrier of the warp) switch fibers, so a kernel's indexing, its lane-to-data mapping and
+// its barrier structure run as written: a shuffle reads another lane's value; a thread that
+// reads shared memory another thread writes after the last barrier they share sees the old
+// value in one of the two thread orders, which alternate; a barrier that some threads never
+// reach is reported as a deadlock. Shared memory is the launch's dynamic buffer or, for
+// __shared__ variables, a static (blocks do not overlap); atomics are plain updates. About one
+// context switch per thread per barrier: for small launches that check a kernel against a
+// reference, not for timing.
 //
 // Include this before the kernel source; it defines the CUDA names that source uses
-// (qualifiers, threadIdx/blockIdx/blockDim, vector types, conversions, intrinsics).
+// (qualifiers, threadIdx/blockIdx/blockDim/gridDim, vector types, conversions, intrinsics).
 #pragma once
 
 #include <ucontext.h>
