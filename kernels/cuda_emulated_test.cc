@@ -38,8 +38,7 @@ KernelStatus EmulatedDecode(const DecodePlan& plan, const PagePool& pool, const 
       p_lse(n_items * plan.num_partials * G, NAN);
   const KShape ks{s.layers, s.q_heads, s.kv_heads, s.head_dim, s.page_tokens, s.Scale()};
   const RowGeometry g = Geometry(s);
-  const simt::Dim3 grid{static_cast<unsigned>(lists.tasks.size()),
-                        (G + kHeadsPerBlock - 1) / kHeadsPerBlock, 1};
+  const simt::Dim3 grid{static_cast<unsigned>(lists.tasks.size()), HeadBlocks(s), 1};
   DispatchDecode(s, [&](auto elem, auto nv) {
     simt::Launch(grid, {kThreads, 1, 1}, SharedFloats(d, s.page_tokens) * sizeof(float), [&] {
       PagedDecodeKernel<decltype(elem), decltype(nv)::value>(
@@ -75,6 +74,18 @@ void ExpectMatchesReference(const DecodePlan& plan, const PagePool& pool, uint32
   for (uint32_t h = 0; h < s.q_heads; ++h) ASSERT_NEAR(lse[h], want_lse[h], 1e-4) << what;
 }
 
+// Nine pages over `num_cells` cells in a scattered order, the last one partial.
+struct ScatteredPages {
+  std::vector<uint32_t> cells;
+  std::vector<uint16_t> valid;
+  ScatteredPages(uint32_t num_cells, uint16_t page_tokens, uint16_t last_valid) {
+    for (uint32_t i = 0; i < 9; ++i) cells.push_back((i * 5) % num_cells);
+    valid.assign(9, page_tokens);
+    valid.back() = last_valid;
+  }
+  PageList list() const { return {cells.data(), valid.data(), 9}; }
+};
+
 TEST(CudaPagedDecodeEmulated, MatchesReferenceForEveryTypeAndHeadDim) {
   for (ElemType dt : {ElemType::kF32, ElemType::kF16, ElemType::kBf16}) {
     for (uint32_t d : {32u, 80u, 128u, 256u}) {
@@ -82,12 +93,8 @@ TEST(CudaPagedDecodeEmulated, MatchesReferenceForEveryTypeAndHeadDim) {
       const uint32_t num_cells = 12;
       std::vector<uint8_t> host = testing::RandomPages(s, num_cells, d + 3);
       const PagePool pool{host.data(), s.PageBytes(), 0, num_cells};
-      // Nine pages, the last one partial, in a scattered cell order.
-      std::vector<uint32_t> cells;
-      std::vector<uint16_t> valid;
-      for (uint32_t i = 0; i < 9; ++i) cells.push_back((i * 5) % num_cells), valid.push_back(64);
-      valid.back() = 9;
-      const PageList list{cells.data(), valid.data(), 9};
+      const ScatteredPages pages(num_cells, 64, 9);
+      const PageList list = pages.list();
       for (uint32_t min_pages : {1000u, 2u}) {  // whole units, then split units merged by LSE
         DecodePlan plan;
         std::string why;
@@ -208,11 +215,8 @@ TEST(CudaLevel2Emulated, TopKMatchesReference) {
     const uint32_t num_cells = 12;
     std::vector<uint8_t> host = testing::RandomPages(s, num_cells, 7);
     const PagePool pool{host.data(), s.PageBytes(), 0, num_cells};
-    std::vector<uint32_t> pc;
-    std::vector<uint16_t> pv;
-    for (uint32_t i = 0; i < 9; ++i) pc.push_back((i * 5) % num_cells), pv.push_back(64);
-    pv.back() = 11;
-    const PageList list{pc.data(), pv.data(), 9};
+    const ScatteredPages pages(num_cells, 64, 11);
+    const PageList list = pages.list();
     std::mt19937 rng(8);
     std::normal_distribution<float> nd;
     std::vector<float> q(s.q_heads * s.head_dim);

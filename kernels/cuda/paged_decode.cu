@@ -121,7 +121,7 @@ KernelStatus CudaRunPagedDecode(const CudaDecodePlan& plan, const PagePool& pool
   KShape ks{s.layers, s.q_heads, s.kv_heads, s.head_dim, s.page_tokens, s.Scale()};
   const RowGeometry g = Geometry(s);
   const size_t shmem = SharedFloats(d, s.page_tokens) * sizeof(float);
-  const dim3 grid(static_cast<uint32_t>(tasks.size()), (G + kHeadsPerBlock - 1) / kHeadsPerBlock);
+  const dim3 grid(static_cast<uint32_t>(tasks.size()), HeadBlocks(s));
   DispatchDecode(s, [&](auto elem, auto nv) {
     PagedDecodeKernel<decltype(elem), decltype(nv)::value><<<grid, kThreads, shmem, stream>>>(
         ks, g, pool.base, pool.cell_stride, pool.cell_offset, plan.cells_, plan.valid_,

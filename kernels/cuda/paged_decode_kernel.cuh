@@ -353,6 +353,11 @@ inline RowGeometry Geometry(const AttentionShape& s) {
 
 inline uint32_t VectorsPerLane(const RowGeometry& g) { return (g.chunks + g.lanes - 1) / g.lanes; }
 
+// Blocks per task along the grid's y: groups of up to kHeadsPerBlock query heads.
+inline uint32_t HeadBlocks(const AttentionShape& s) {
+  return (s.q_heads / s.kv_heads + kHeadsPerBlock - 1) / kHeadsPerBlock;
+}
+
 // The plan's page lists as the kernel reads them: every sequence's cells and valid counts
 // concatenated, and per sequence the index of its first page.
 inline void ConcatPageLists(const DecodePlan& plan, std::vector<uint32_t>* cells,
@@ -370,12 +375,10 @@ template <typename F>
 void DispatchDecode(const AttentionShape& s, F&& f) {
   DispatchElemType(s.dtype, [&](auto elem) {
     // 16-bit rows of up to 256 elements are at most 32 vectors: one per lane.
-    if constexpr (sizeof(elem) == 2)
-      f(elem, std::integral_constant<int, 1>());
-    else if (VectorsPerLane(Geometry(s)) == 1)
-      f(elem, std::integral_constant<int, 1>());
-    else
-      f(elem, std::integral_constant<int, 2>());
+    if constexpr (sizeof(elem) != 2) {
+      if (VectorsPerLane(Geometry(s)) == 2) return f(elem, std::integral_constant<int, 2>());
+    }
+    f(elem, std::integral_constant<int, 1>());
   });
 }
 

@@ -221,32 +221,15 @@ struct __nv_bfloat16 {
   unsigned short bits;
 };
 inline __half __ushort_as_half(unsigned short b) { return {b}; }
-inline float __half2float(__half h) {
-  _Float16 f;
-  std::memcpy(&f, &h.bits, 2);
-  return static_cast<float>(f);
-}
-inline float __bfloat162float(__nv_bfloat16 b) {
-  const uint32_t u = uint32_t{b.bits} << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline float __half2float(__half h) { return ::fm::Fp16ToFloat(h.bits); }
+inline float __bfloat162float(__nv_bfloat16 b) { return ::fm::Bf16ToFloat(b.bits); }
 using __nv_fp8_storage_t = unsigned char;
 struct __nv_fp8_e4m3 {
   __nv_fp8_storage_t __x;
   explicit operator float() const { return ::fm::Fp8E4m3ToFloat(__x); }
 };
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+inline unsigned __float_as_uint(float f) { return ::fm::FloatBits(f); }
+inline float __uint_as_float(unsigned u) { return ::fm::BitsFloat(u); }
 template <typename T>
 T __ldcs(const T* p) {
   return *p;
