@@ -20,6 +20,16 @@ void ScoreBlocksFp16(const IndexerShape& s, const uint32_t* qp, const float* w,
                      const uint8_t* blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
                      float* logits);
 
+// The fp32 blocked index scan on AVX-512 CPUs with VBMI (indexer_vbmi.cc): byte-table
+// decoding of the fp8 keys, interleaved with the scan of the block before. Available when
+// the CPU has AVX512-VBMI. DecodeKeyRowsVbmi: n_rows (even) rows of 32 keys, as a key block
+// holds them, to fp32 times 2^-8, exactly (the NaN code reads as 480, as through fp16),
+// into 64-byte aligned `out`. ScoreBlocksVbmi scores blocks [b0, b1) of one layer.
+bool VbmiScoringAvailable();
+void DecodeKeyRowsVbmi(const uint8_t* rows, uint32_t n_rows, float* out);
+void ScoreBlocksVbmi(const IndexerShape& s, const float* q, const float* w, const uint8_t* blocks,
+                     uint64_t b0, uint64_t b1, uint64_t chunks, float* logits);
+
 // Reads every byte of [p, p + bytes) with the widest SIMD loads the CPU has and returns
 // their 64-bit word sum: the streaming-read anchor for bandwidth fractions.
 uint64_t StreamReadSum(const uint8_t* p, size_t bytes);

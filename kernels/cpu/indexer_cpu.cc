@@ -58,7 +58,9 @@ void ScoreBlocksM(const IndexerShape& s, const float* HWY_RESTRICT q, const floa
   HWY_ALIGN float lg[kKeyBlock];
   for (uint64_t b = b0; b < b1; ++b) {
     const uint8_t* HWY_RESTRICT base = blocks + b * KeyBlockBytes(di);
-    const float* HWY_RESTRICT scales = reinterpret_cast<const float*>(base + size_t{di} * kKeyBlock);
+    const float* HWY_RESTRICT scales =
+        reinterpret_cast<const float*>(base + size_t{di} * kKeyBlock);
+    const uint8_t* next = base + KeyBlockBytes(di);  // past b1: a harmless hint
     for (size_t i = 0; i < size_t{di} * kKeyBlock; i += N) {
       const auto raw = hn::PromoteTo(d16, hn::LoadU(d8, base + i));
       const auto bits =
@@ -68,18 +70,21 @@ void ScoreBlocksM(const IndexerShape& s, const float* HWY_RESTRICT q, const floa
     for (size_t sub = 0; sub < kKeyBlock; sub += 2 * N) {
       auto tot0 = zero, tot1 = zero;
       for (uint32_t g = 0; g < groups; ++g) {
-        auto a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero,
-             a7 = zero, c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero,
-             c6 = zero, c7 = zero;
+        auto a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero,
+             c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero, c6 = zero, c7 = zero;
         const float* HWY_RESTRICT qj = qt.data() + size_t{g} * di * M;
         for (uint32_t j = 0; j < di; ++j, qj += M) {
+          // The next block's rows into L1, one line per 2 * groups dimensions: its decode
+          // then finds them there instead of waiting on memory.
+          const uint32_t step = g * di + j;
+          if (step % (2 * groups) == 0) __builtin_prefetch(next + step / (2 * groups) * 64, 0, 3);
           const auto k0 = hn::Load(df, kf + size_t{j} * kKeyBlock + sub);
           const auto k1 = hn::Load(df, kf + size_t{j} * kKeyBlock + sub + N);
-#define FM_FMA(k)                                \
-  if constexpr (M > k) {                         \
-    const auto qk = hn::Set(df, qj[k]);          \
-    a##k = hn::MulAdd(qk, k0, a##k);             \
-    c##k = hn::MulAdd(qk, k1, c##k);             \
+#define FM_FMA(k)                       \
+  if constexpr (M > k) {                \
+    const auto qk = hn::Set(df, qj[k]); \
+    a##k = hn::MulAdd(qk, k0, a##k);    \
+    c##k = hn::MulAdd(qk, k1, c##k);    \
   }
           FM_FMA(0) FM_FMA(1) FM_FMA(2) FM_FMA(3) FM_FMA(4) FM_FMA(5) FM_FMA(6) FM_FMA(7)
 #undef FM_FMA
@@ -146,8 +151,7 @@ KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
   return ScoreKeyBlocks(s, q, w, ptrs.data(), chunks, ScoreMath::kExact, logits);
 }
 
-void PackIndexKeys(uint32_t dim, const uint8_t* keys, uint64_t first, uint64_t n,
-                   uint8_t* blocks) {
+void PackIndexKeys(uint32_t dim, const uint8_t* keys, uint64_t first, uint64_t n, uint8_t* blocks) {
   const size_t kb = size_t{dim} + 4;
   for (uint64_t i = 0; i < n; ++i) {
     const uint64_t c = first + i;
@@ -167,6 +171,17 @@ void UnpackIndexKey(uint32_t dim, const uint8_t* blocks, uint64_t c, uint8_t* ke
 }
 
 HWY_EXPORT(ScoreBlocks);
+
+namespace {
+
+// The VBMI scan replaces the Highway kernel where that would run its AVX-512 target (not
+// under SetSupportedTargetsForTest of a narrower one, so the tests cover both).
+bool VbmiPath() {
+  const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
+  return (targets & -targets) <= HWY_AVX3 && VbmiScoringAvailable();
+}
+
+}  // namespace
 
 KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* w,
                             const uint8_t* const* blocks, uint64_t chunks, ScoreMath math,
@@ -197,14 +212,16 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
   const uint64_t nblocks = (chunks + kKeyBlock - 1) / kKeyBlock;
   const uint64_t tasks = (nblocks + kBlocksPerTask - 1) / kBlocksPerTask;
   auto fn = HWY_DYNAMIC_DISPATCH(ScoreBlocks);
+  const bool vbmi = !fp16 && VbmiPath();
   ThreadPool::Default().ParallelFor(static_cast<uint32_t>(tasks * s.layers), [&](uint32_t t) {
     const uint32_t l = static_cast<uint32_t>(t / tasks);
-    const uint64_t b0 = (t % tasks) * kBlocksPerTask,
-                   b1 = std::min(nblocks, b0 + kBlocksPerTask);
+    const uint64_t b0 = (t % tasks) * kBlocksPerTask, b1 = std::min(nblocks, b0 + kBlocksPerTask);
     const size_t qo = size_t{l} * s.heads * s.dim, wo = size_t{l} * s.heads;
     float* out = logits + size_t{l} * chunks;
     if (fp16)
       ScoreBlocksFp16(s, qp[l].data(), ws.data() + wo, blocks[l], b0, b1, chunks, out);
+    else if (vbmi)
+      ScoreBlocksVbmi(s, q + qo, w + wo, blocks[l], b0, b1, chunks, out);
     else
       fn(s, q + qo, w + wo, blocks[l], b0, b1, chunks, out);
   });
@@ -213,6 +230,7 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
 
 std::string ScoreKeyBlocksPath(ScoreMath math) {
   if (math == ScoreMath::kFast && Fp16ScoringAvailable()) return "avx512fp16";
+  if (VbmiPath()) return "avx512vbmi";
   const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
   return hwy::TargetName(targets & -targets);
 }

@@ -18,6 +18,13 @@
 #include <immintrin.h>
 #endif
 
+// GCC 12's AVX-512 intrinsics pass an "undefined" register (a self-initialised variable)
+// as the merge source of their unmasked forms, which -Wuninitialized reports once inlined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace fm::kernels {
 
 #if defined(FM_HAVE_AVX512FP16)
