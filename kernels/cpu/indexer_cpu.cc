@@ -4,6 +4,10 @@
 // fp8-e4m3 decodes exactly through fp16: s.eeee.mmm placed as fp16 bits s.0eeee.mmm0000000
 // is the same value times 2^-8 (for subnormals too), and fp16 -> fp32 is one instruction
 // (F16C). The 2^8 is folded into the key's scale.
+//
+// The scan has two hand-written variants beside this portable one: AVX512-FP16
+// (indexer_fp16.cc, ScoreMath::kFast) and, on AVX-512 CPUs with VBMI, an fp32 scan with
+// byte-table decoding interleaved with the FMAs (indexer_vbmi.cc; bit-identical results).
 // Highway's per-target include sequence must stay in this order.
 // clang-format off
 #undef HWY_TARGET_INCLUDE
@@ -58,9 +62,7 @@ void ScoreBlocksM(const IndexerShape& s, const float* HWY_RESTRICT q, const floa
   HWY_ALIGN float lg[kKeyBlock];
   for (uint64_t b = b0; b < b1; ++b) {
     const uint8_t* HWY_RESTRICT base = blocks + b * KeyBlockBytes(di);
-    const float* HWY_RESTRICT scales =
-        reinterpret_cast<const float*>(base + size_t{di} * kKeyBlock);
-    const uint8_t* next = base + KeyBlockBytes(di);  // past b1: a harmless hint
+    const float* HWY_RESTRICT scales = reinterpret_cast<const float*>(base + size_t{di} * kKeyBlock);
     for (size_t i = 0; i < size_t{di} * kKeyBlock; i += N) {
       const auto raw = hn::PromoteTo(d16, hn::LoadU(d8, base + i));
       const auto bits =
@@ -70,21 +72,18 @@ void ScoreBlocksM(const IndexerShape& s, const float* HWY_RESTRICT q, const floa
     for (size_t sub = 0; sub < kKeyBlock; sub += 2 * N) {
       auto tot0 = zero, tot1 = zero;
       for (uint32_t g = 0; g < groups; ++g) {
-        auto a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero,
-             c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero, c6 = zero, c7 = zero;
+        auto a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero,
+             a7 = zero, c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero,
+             c6 = zero, c7 = zero;
         const float* HWY_RESTRICT qj = qt.data() + size_t{g} * di * M;
         for (uint32_t j = 0; j < di; ++j, qj += M) {
-          // The next block's rows into L1, one line per 2 * groups dimensions: its decode
-          // then finds them there instead of waiting on memory.
-          const uint32_t step = g * di + j;
-          if (step % (2 * groups) == 0) __builtin_prefetch(next + step / (2 * groups) * 64, 0, 3);
           const auto k0 = hn::Load(df, kf + size_t{j} * kKeyBlock + sub);
           const auto k1 = hn::Load(df, kf + size_t{j} * kKeyBlock + sub + N);
-#define FM_FMA(k)                       \
-  if constexpr (M > k) {                \
-    const auto qk = hn::Set(df, qj[k]); \
-    a##k = hn::MulAdd(qk, k0, a##k);    \
-    c##k = hn::MulAdd(qk, k1, c##k);    \
+#define FM_FMA(k)                                \
+  if constexpr (M > k) {                         \
+    const auto qk = hn::Set(df, qj[k]);          \
+    a##k = hn::MulAdd(qk, k0, a##k);             \
+    c##k = hn::MulAdd(qk, k1, c##k);             \
   }
           FM_FMA(0) FM_FMA(1) FM_FMA(2) FM_FMA(3) FM_FMA(4) FM_FMA(5) FM_FMA(6) FM_FMA(7)
 #undef FM_FMA
@@ -151,7 +150,8 @@ KernelStatus ScoreChunks(const IndexerShape& s, const float* q, const float* w,
   return ScoreKeyBlocks(s, q, w, ptrs.data(), chunks, ScoreMath::kExact, logits);
 }
 
-void PackIndexKeys(uint32_t dim, const uint8_t* keys, uint64_t first, uint64_t n, uint8_t* blocks) {
+void PackIndexKeys(uint32_t dim, const uint8_t* keys, uint64_t first, uint64_t n,
+                   uint8_t* blocks) {
   const size_t kb = size_t{dim} + 4;
   for (uint64_t i = 0; i < n; ++i) {
     const uint64_t c = first + i;
@@ -215,7 +215,8 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
   const bool vbmi = !fp16 && VbmiPath();
   ThreadPool::Default().ParallelFor(static_cast<uint32_t>(tasks * s.layers), [&](uint32_t t) {
     const uint32_t l = static_cast<uint32_t>(t / tasks);
-    const uint64_t b0 = (t % tasks) * kBlocksPerTask, b1 = std::min(nblocks, b0 + kBlocksPerTask);
+    const uint64_t b0 = (t % tasks) * kBlocksPerTask,
+                   b1 = std::min(nblocks, b0 + kBlocksPerTask);
     const size_t qo = size_t{l} * s.heads * s.dim, wo = size_t{l} * s.heads;
     float* out = logits + size_t{l} * chunks;
     if (fp16)
