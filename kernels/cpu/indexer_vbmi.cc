@@ -18,18 +18,8 @@
 #include <vector>
 
 #include "common/codecs.h"
+#include "kernels/cpu/avx512_intrinsics.h"
 #include "kernels/cpu/cpu_kernels.h"
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-// GCC 12's AVX-512 intrinsics pass an "undefined" register (a self-initialised variable)
-// as the merge source of their unmasked forms, which -Wuninitialized reports once inlined.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace fm::kernels {
 
