@@ -8,6 +8,7 @@
 #include <random>
 
 #include "common/codecs.h"
+#include "kernels/cpu/cpu_kernels.h"
 
 namespace fm::kernels {
 namespace {
@@ -166,6 +167,24 @@ double WorstRelativeError(const IndexerShape& s, const Keys& keys, const std::ve
     }
   }
   return worst;
+}
+
+TEST(DecodeKeyRowsVbmi, EveryCodeInEveryRowAndLaneIsTheCodecsValueTimes2ToTheMinus8) {
+  if (!VbmiScoringAvailable()) GTEST_SKIP() << "no AVX512-VBMI";
+  // 8 rows of 32 keys: code (row * 32 + lane) * 37 mod 256 puts every code in every lane
+  // position class and both rows of a pair.
+  constexpr uint32_t kRows = 8;
+  alignas(64) uint8_t rows[kRows * kKeyBlock];
+  alignas(64) float out[kRows * kKeyBlock];
+  for (uint32_t i = 0; i < kRows * kKeyBlock; ++i) rows[i] = static_cast<uint8_t>(i * 37 % 256);
+  DecodeKeyRowsVbmi(rows, kRows, out);
+  for (uint32_t i = 0; i < kRows * kKeyBlock; ++i) {
+    const uint8_t c = rows[i];
+    // The NaN codes read as +-480, as through fp16 (exponent 15 is finite there).
+    const float want = (c & 0x7f) == 0x7f ? (c & 0x80 ? -480.0f : 480.0f) : Fp8E4m3ToFloat(c);
+    ASSERT_EQ(out[i], want / 256) << "row " << i / kKeyBlock << " lane " << i % kKeyBlock
+                                  << " code " << int{c};
+  }
 }
 
 TEST(ScoreKeyBlocks, MatchesReferenceOnEveryTargetAndPath) {
