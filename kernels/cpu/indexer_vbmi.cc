@@ -100,9 +100,8 @@ FM_VBMI_TARGET void ScanM(const IndexerShape& s, const float* q, const float* w,
   float* cur =
       reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kf_mem.data()) + 63) & ~uintptr_t{63});
   float* nxt = cur + size_t{di} * kKeyBlock;
+  DecodeKeyRowsVbmi(blocks + b0 * block_bytes, di, cur);
   const Decoder dec;
-  for (uint32_t j = 0; j < di; j += 2)
-    dec.RowPair(blocks + b0 * block_bytes + size_t{j} * kKeyBlock, cur + size_t{j} * kKeyBlock);
   const __m512 zero = _mm512_setzero_ps(), k256 = _mm512_set1_ps(256.0f);
   alignas(64) float lg[kKeyBlock];
   // The next block's di / 2 row pairs spread over this block's groups * di / 2 steps.
