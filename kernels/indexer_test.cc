@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 
 #include "common/codecs.h"
 #include "kernels/cpu/cpu_kernels.h"
@@ -119,6 +120,8 @@ TEST(PackIndexKeys, RoundTripsAndPadsWithZeroScales) {
   EXPECT_EQ(scale, 0.0f);
 }
 
+// Every path decodes fp8 exactly, but for the int16 scan (avx512vnni), which rounds 16 v to
+// an integer: exact for |v| >= 1/2, within 1/32 of the key's scale below.
 TEST(ScoreKeyBlocks, Fp8DecodeIsExactOnBothPaths) {
   IndexerShape s{1, 1, 256};
   std::vector<uint8_t> key(s.KeyBytes());
@@ -137,7 +140,10 @@ TEST(ScoreKeyBlocks, Fp8DecodeIsExactOnBothPaths) {
       q[c] = want >= 0 ? 1.0f : -1.0f;
       float logit = -1;
       ASSERT_EQ(ScoreKeyBlocks(s, q.data(), w.data(), ptrs, 1, math, &logit), KernelStatus::kOk);
-      ASSERT_EQ(logit, std::abs(want)) << ScoreKeyBlocksPath(math) << " code " << c;
+      if (ScoreKeyBlocksPath(math) == "avx512vnni" && std::abs(want) < 0.5f * scale)
+        ASSERT_NEAR(logit, std::abs(want), scale / 32) << " code " << c;
+      else
+        ASSERT_EQ(logit, std::abs(want)) << ScoreKeyBlocksPath(math) << " code " << c;
     }
   }
 }
@@ -209,8 +215,11 @@ TEST(ScoreKeyBlocks, MatchesReferenceOnEveryTargetAndPath) {
         ASSERT_EQ(ScoreKeyBlocks(s, q.data(), w.data(), ptrs.data(), chunks, math, got.data()),
                   KernelStatus::kOk);
         const double err = WorstRelativeError(s, keys, q, w, got, want, chunks);
-        const bool fp16 = ScoreKeyBlocksPath(math) == "avx512fp16";
-        EXPECT_LT(err, fp16 ? 5e-4 : 1e-6)
+        // The fast paths round q (and, in int16, small key values): within 5e-4; the fp32
+        // scans differ from the reference only in summation order.
+        const std::string path = ScoreKeyBlocksPath(math);
+        const bool rounded = path == "avx512fp16" || path == "avx512vnni";
+        EXPECT_LT(err, rounded ? 5e-4 : 1e-6)
             << hwy::TargetName(target) << " " << ScoreKeyBlocksPath(math) << " Hi=" << heads
             << " di=" << dim << " chunks=" << chunks;
       }

@@ -30,6 +30,17 @@ void DecodeKeyRowsVbmi(const uint8_t* rows, uint32_t n_rows, float* out);
 void ScoreBlocksVbmi(const IndexerShape& s, const float* q, const float* w, const uint8_t* blocks,
                      uint64_t b0, uint64_t b1, uint64_t chunks, float* logits);
 
+// The fast blocked index scan in int16 on AVX-512 CPUs with VNNI and VBMI
+// (indexer_vnni.cc; ScoreMath::kFast where AVX512-FP16 is missing). IntQuery packs one
+// layer's q as int16 pairs and folds the scaling into the head weights (false if q or w is
+// not finite: then use the fp32 scan); ScoreBlocksInt scores blocks [b0, b1) of that layer.
+bool VnniScoringAvailable();
+bool IntQuery(const IndexerShape& s, const float* q, const float* w, std::vector<uint32_t>* qp,
+              std::vector<float>* wq);
+void ScoreBlocksInt(const IndexerShape& s, const uint32_t* qp, const float* wq,
+                    const uint8_t* blocks, uint64_t b0, uint64_t b1, uint64_t chunks,
+                    float* logits);
+
 // Reads every byte of [p, p + bytes) with the widest SIMD loads the CPU has and returns
 // their 64-bit word sum: the streaming-read anchor for bandwidth fractions.
 uint64_t StreamReadSum(const uint8_t* p, size_t bytes);

@@ -180,6 +180,7 @@ bool VbmiPath() {
   const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
   return (targets & -targets) <= HWY_AVX3 && VbmiScoringAvailable();
 }
+bool VnniPath() { return VbmiPath() && VnniScoringAvailable(); }
 
 }  // namespace
 
@@ -211,6 +212,12 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
   constexpr uint64_t kBlocksPerTask = 128;  // 4096 chunks
   const uint64_t nblocks = (chunks + kKeyBlock - 1) / kKeyBlock;
   const uint64_t tasks = (nblocks + kBlocksPerTask - 1) / kBlocksPerTask;
+  // Without AVX512-FP16, the fast scan runs in int16 where the CPU has VNNI.
+  std::vector<std::vector<uint32_t>> qi(s.layers);
+  std::vector<std::vector<float>> wi(s.layers);
+  bool vnni = math == ScoreMath::kFast && !fp16 && VnniPath();
+  for (uint32_t l = 0; vnni && l < s.layers; ++l)
+    vnni = IntQuery(s, q + size_t{l} * s.heads * s.dim, w + size_t{l} * s.heads, &qi[l], &wi[l]);
   auto fn = HWY_DYNAMIC_DISPATCH(ScoreBlocks);
   const bool vbmi = !fp16 && VbmiPath();
   ThreadPool::Default().ParallelFor(static_cast<uint32_t>(tasks * s.layers), [&](uint32_t t) {
@@ -221,6 +228,8 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
     float* out = logits + size_t{l} * chunks;
     if (fp16)
       ScoreBlocksFp16(s, qp[l].data(), ws.data() + wo, blocks[l], b0, b1, chunks, out);
+    else if (vnni)
+      ScoreBlocksInt(s, qi[l].data(), wi[l].data(), blocks[l], b0, b1, chunks, out);
     else if (vbmi)
       ScoreBlocksVbmi(s, q + qo, w + wo, blocks[l], b0, b1, chunks, out);
     else
@@ -231,6 +240,7 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
 
 std::string ScoreKeyBlocksPath(ScoreMath math) {
   if (math == ScoreMath::kFast && Fp16ScoringAvailable()) return "avx512fp16";
+  if (math == ScoreMath::kFast && VnniPath()) return "avx512vnni";
   if (VbmiPath()) return "avx512vbmi";
   const int64_t targets = hwy::SupportedTargets() & HWY_TARGETS;
   return hwy::TargetName(targets & -targets);

@@ -96,10 +96,13 @@ FM_VBMI_TARGET void ScanM(const IndexerShape& s, const float* q, const float* w,
       for (uint32_t k = 0; k < M; ++k)
         qt[(size_t{g} * di + j) * M + k] = q[size_t{std::min(g * M + k, H - 1)} * di + j];
   // Two decoded blocks: the one being scanned and the next.
-  std::vector<uint8_t> kf_mem(size_t{di} * kKeyBlock * sizeof(float) * 2 + 64);
+  // The second starts 1,344 bytes past the first's end, so that decode stores do not alias
+  // (in their low 12 address bits) the scan's loads, as in indexer_vnni.cc.
+  constexpr size_t kAliasPad = 1344;
+  std::vector<uint8_t> kf_mem(size_t{di} * kKeyBlock * sizeof(float) * 2 + 64 + kAliasPad);
   float* cur =
       reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kf_mem.data()) + 63) & ~uintptr_t{63});
-  float* nxt = cur + size_t{di} * kKeyBlock;
+  float* nxt = cur + size_t{di} * kKeyBlock + kAliasPad / sizeof(float);
   DecodeKeyRowsVbmi(blocks + b0 * block_bytes, di, cur);
   const Decoder dec;
   const __m512 zero = _mm512_setzero_ps(), k256 = _mm512_set1_ps(256.0f);
@@ -113,14 +116,15 @@ FM_VBMI_TARGET void ScanM(const IndexerShape& s, const float* q, const float* w,
     // Past b1 the prefetches are harmless hints (they may leave the array).
     const uint8_t* after = base + 2 * block_bytes;
     __m512 tot0 = zero, tot1 = zero;
-    uint32_t step = 0;  // dimension pairs scanned in this block
+    uint32_t pair = 0, wait = 0;  // the next block's next row pair; steps until it is due
     for (uint32_t g = 0; g < groups; ++g) {
       __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero, a4 = zero, a5 = zero, a6 = zero, a7 = zero,
              c0 = zero, c1 = zero, c2 = zero, c3 = zero, c4 = zero, c5 = zero, c6 = zero, c7 = zero;
       const float* qj = qt.data() + size_t{g} * di * M;
-      for (uint32_t j = 0; j < di; j += 2, ++step) {
-        if (next && step % every == 0) {
-          const size_t r = size_t{step / every} * 2 * kKeyBlock;  // byte offset of the pair
+      for (uint32_t j = 0; j < di; j += 2) {
+        if (next && wait-- == 0) {
+          wait = every - 1;
+          const size_t r = size_t{pair++} * 2 * kKeyBlock;  // byte offset of the pair
           dec.RowPair(next + r, nxt + r);
           _mm_prefetch(reinterpret_cast<const char*>(after + r), _MM_HINT_T0);
         }

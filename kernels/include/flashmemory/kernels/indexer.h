@@ -90,15 +90,19 @@ void UnpackIndexKey(uint32_t dim, const uint8_t* blocks, uint64_t c, uint8_t* ke
 // Arithmetic of the blocked scan. kExact: fp32 products and sums (the reference's
 // arithmetic up to summation order). kFast: on CPUs with AVX512-FP16, q rounded to fp16 and
 // products summed in fp16 over spans of up to 128 dimensions, in fp32 across spans and heads
-// (error within 5e-4 of sum_h |w_h| |q_h| |k|, about 2e-4 measured); elsewhere kExact.
+// (error within 5e-4 of sum_h |w_h| |q_h| |k|, about 2e-4 measured); else, on AVX-512 CPUs
+// with VNNI and VBMI, q per head scaled to 13-bit integers and key values to multiples of
+// 1/16 of their scaled fp8 value (exact for |v| >= 1/2), products summed exactly in int32
+// over 32 dimensions (about 2e-5 measured, for keys as CompressIndexKey writes them);
+// elsewhere kExact.
 enum class ScoreMath : uint8_t { kExact = 0, kFast = 1 };
 
 // ScoreChunks over blocked keys: blocks[l] holds `chunks` chunks of layer l.
 KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* w,
                             const uint8_t* const* blocks, uint64_t chunks, ScoreMath math,
                             float* logits);
-// Which code path ScoreKeyBlocks takes for `math` on this CPU ("avx512fp16" or a Highway
-// target name).
+// Which code path ScoreKeyBlocks takes for `math` on this CPU ("avx512fp16", "avx512vnni",
+// "avx512vbmi" or a Highway target name).
 std::string ScoreKeyBlocksPath(ScoreMath math);
 
 enum class LayerCombine : uint8_t { kMax = 0, kMean = 1 };
