@@ -289,8 +289,8 @@ int RunKernelsBench(const KernelBenchOptions& o) {
   const double arith_peak = peak_gflops * (std::string(arith) == "fp32" ? 1 : 2);
   const double bound_gbps = arith_peak * 1e9 / (2.0 * is.heads * is.dim) * is.KeyBytes() / 1e9;
   std::printf(
-      "indexer: %.0f GFLOP/s = %.0f%% of the %s FMA peak (%.0f GFLOP/s); at that peak the scan "
-      "would read %.1f GB/s = %.0f%% of stream\n",
+      "indexer: %.0f GFLOP/s = %.0f%% of the %s multiply-add peak (%.0f GFLOP/s); at that peak "
+      "the scan would read %.1f GB/s = %.0f%% of stream\n",
       index_gflops, 100 * index_gflops / arith_peak, arith, arith_peak, bound_gbps,
       100 * bound_gbps / key_stream_gbps);
   std::printf("indexer: %.3g chunk-layers/s; %.0f%% of stream read (target >= 60%%) [%s]\n",
