@@ -5,9 +5,10 @@
 // is the same value times 2^-8 (for subnormals too), and fp16 -> fp32 is one instruction
 // (F16C). The 2^8 is folded into the key's scale.
 //
-// The scan has two hand-written variants beside this portable one: AVX512-FP16
-// (indexer_fp16.cc, ScoreMath::kFast) and, on AVX-512 CPUs with VBMI, an fp32 scan with
-// byte-table decoding interleaved with the FMAs (indexer_vbmi.cc; bit-identical results).
+// The scan has three hand-written variants beside this portable one: for ScoreMath::kFast,
+// AVX512-FP16 (indexer_fp16.cc) or else int16 VNNI (indexer_vnni.cc); and on AVX-512 CPUs
+// with VBMI, an fp32 scan with byte-table decoding interleaved with the FMAs
+// (indexer_vbmi.cc; bit-identical results).
 // Highway's per-target include sequence must stay in this order.
 // clang-format off
 #undef HWY_TARGET_INCLUDE
