@@ -173,6 +173,15 @@ void UnpackIndexKey(uint32_t dim, const uint8_t* blocks, uint64_t c, uint8_t* ke
 
 HWY_EXPORT(ScoreBlocks);
 
+bool MaxAbsExponent(const float* x, size_t n, int* e) {
+  float mx = 0;
+  for (size_t i = 0; i < n; ++i) mx = std::max(mx, std::abs(x[i]));
+  if (!std::isfinite(mx)) return false;
+  *e = 0;
+  if (mx > 0) std::frexp(mx, e);
+  return true;
+}
+
 namespace {
 
 // The VBMI scan replaces the Highway kernel where that would run its AVX-512 target (not
@@ -199,11 +208,8 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
     qs.assign(q, q + size_t{s.layers} * s.heads * s.dim);
     ws.assign(w, w + size_t{s.layers} * s.heads);
     for (size_t h = 0; h < ws.size(); ++h) {
-      float mx = 0;
-      for (uint32_t j = 0; j < s.dim; ++j) mx = std::max(mx, std::abs(qs[h * s.dim + j]));
-      if (mx == 0 || !std::isfinite(mx)) continue;
       int e = 0;
-      std::frexp(mx, &e);  // mx = f * 2^e, f in [0.5, 1)
+      if (!MaxAbsExponent(qs.data() + h * s.dim, s.dim, &e)) continue;
       for (uint32_t j = 0; j < s.dim; ++j) qs[h * s.dim + j] = std::ldexp(qs[h * s.dim + j], 1 - e);
       ws[h] = std::ldexp(ws[h], e - 1);
     }

@@ -165,18 +165,12 @@ bool Fp16ScoringAvailable() {
 }
 
 std::vector<uint32_t> Fp16QueryPairs(const IndexerShape& s, const float* q) {
-  // qp[g][j / 2][k] = (q[j], q[j + 1]) of head g * kHeadTile + k as two fp16 (the last head
-  // repeated past H; its weight is 0).
-  const uint32_t di = s.dim, H = s.heads, groups = (H + kHeadTile - 1) / kHeadTile;
-  std::vector<uint32_t> qp(size_t{groups} * (di / 2) * kHeadTile);
-  for (uint32_t g = 0; g < groups; ++g)
-    for (uint32_t j = 0; j < di; j += 2)
-      for (uint32_t k = 0; k < kHeadTile; ++k) {
-        const float* qh = q + size_t{std::min(g * kHeadTile + k, H - 1)} * di;
-        const _Float16 pair[2] = {static_cast<_Float16>(qh[j]), static_cast<_Float16>(qh[j + 1])};
-        std::memcpy(&qp[(size_t{g} * (di / 2) + j / 2) * kHeadTile + k], pair, 4);
-      }
-  return qp;
+  return PackQueryPairs(s, kHeadTile, [&](uint32_t h, uint32_t j) {
+    const _Float16 v = static_cast<_Float16>(q[size_t{h} * s.dim + j]);
+    uint16_t bits;
+    std::memcpy(&bits, &v, 2);
+    return bits;
+  });
 }
 
 #else  // the compiler cannot build AVX512-FP16 code

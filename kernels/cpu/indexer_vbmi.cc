@@ -96,13 +96,9 @@ FM_VBMI_TARGET void ScanM(const IndexerShape& s, const float* q, const float* w,
       for (uint32_t k = 0; k < M; ++k)
         qt[(size_t{g} * di + j) * M + k] = q[size_t{std::min(g * M + k, H - 1)} * di + j];
   // Two decoded blocks: the one being scanned and the next.
-  // The second starts 1,344 bytes past the first's end, so that decode stores do not alias
-  // (in their low 12 address bits) the scan's loads, as in indexer_vnni.cc.
-  constexpr size_t kAliasPad = 1344;
-  std::vector<uint8_t> kf_mem(size_t{di} * kKeyBlock * sizeof(float) * 2 + 64 + kAliasPad);
-  float* cur =
-      reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(kf_mem.data()) + 63) & ~uintptr_t{63});
-  float* nxt = cur + size_t{di} * kKeyBlock + kAliasPad / sizeof(float);
+  DecodeBuffers buffers(size_t{di} * kKeyBlock * sizeof(float));
+  float* cur = reinterpret_cast<float*>(buffers.first());
+  float* nxt = reinterpret_cast<float*>(buffers.second());
   DecodeKeyRowsVbmi(blocks + b0 * block_bytes, di, cur);
   const Decoder dec;
   const __m512 zero = _mm512_setzero_ps(), k256 = _mm512_set1_ps(256.0f);

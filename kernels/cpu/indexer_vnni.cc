@@ -31,10 +31,6 @@ namespace {
 #define FM_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni")))
 
 constexpr uint32_t kSegDims = 32;  // dimensions summed in int32 before widening to fp32
-// The second decoded block starts this far past the first's end: blocks a multiple of
-// 4 KiB apart make each decode store alias (in its low 12 address bits) the scan's loads,
-// which then wait on it (measured: ~800 -> 670-690 ns per block).
-constexpr size_t kAliasPad = 1344;
 
 struct IntTables {
   alignas(64) uint8_t hi[128];  // high byte of round(16 |v|) for magnitude code v
@@ -101,10 +97,9 @@ FM_VNNI_TARGET void ScanInt(const IndexerShape& s, const uint32_t* qp, const flo
   const uint32_t di = s.dim, H = s.heads, groups = (H + kHeadTile - 1) / kHeadTile;
   const size_t block_bytes = KeyBlockBytes(di);
   // Two decoded blocks (di / 2 row pairs x 2 vectors each): the one scanned and the next.
-  std::vector<uint8_t> mem(size_t{di} * 64 * 2 * 2 + 64 + kAliasPad);
-  __m512i* cur =
-      reinterpret_cast<__m512i*>((reinterpret_cast<uintptr_t>(mem.data()) + 63) & ~uintptr_t{63});
-  __m512i* nxt = cur + di + kAliasPad / 64;
+  DecodeBuffers buffers(size_t{di} * 64);
+  __m512i* cur = reinterpret_cast<__m512i*>(buffers.first());
+  __m512i* nxt = reinterpret_cast<__m512i*>(buffers.second());
   const IntDecoder dec;
   for (uint32_t p = 0; p < di / 2; ++p)
     dec.RowPair(blocks + b0 * block_bytes + size_t{p} * 2 * kKeyBlock, cur + 2 * p);
@@ -178,29 +173,19 @@ bool VnniScoringAvailable() {
 
 bool IntQuery(const IndexerShape& s, const float* q, const float* w, std::vector<uint32_t>* qp,
               std::vector<float>* wq) {
-  const uint32_t di = s.dim, H = s.heads, groups = (H + kHeadTile - 1) / kHeadTile;
+  const uint32_t di = s.dim, H = s.heads;
   std::vector<int16_t> qi(size_t{H} * di);
   wq->assign(H, 0.0f);
   for (uint32_t h = 0; h < H; ++h) {
-    float mx = 0;
-    for (uint32_t j = 0; j < di; ++j) mx = std::max(mx, std::abs(q[size_t{h} * di + j]));
-    if (!std::isfinite(mx) || !std::isfinite(w[h])) return false;
-    int e = 0;
-    if (mx > 0) std::frexp(mx, &e);  // mx = f 2^e, f in [0.5, 1): max |q 2^(13 - e)| <= 8192
+    int e = 0;  // max |q| = f 2^e, f in [0.5, 1): max |q 2^(13 - e)| <= 8192
+    if (!MaxAbsExponent(q + size_t{h} * di, di, &e) || !std::isfinite(w[h])) return false;
     for (uint32_t j = 0; j < di; ++j)
       qi[size_t{h} * di + j] =
           static_cast<int16_t>(std::nearbyint(std::ldexp(q[size_t{h} * di + j], 13 - e)));
     (*wq)[h] = std::ldexp(w[h], e - 13 - 4);  // and the keys' 16
   }
-  qp->assign(size_t{groups} * (di / 2) * kHeadTile, 0);
-  for (uint32_t g = 0; g < groups; ++g)
-    for (uint32_t j = 0; j < di; j += 2)
-      for (uint32_t k = 0; k < kHeadTile; ++k) {
-        const int16_t* qh = qi.data() + size_t{std::min(g * kHeadTile + k, H - 1)} * di;
-        const uint32_t pair =
-            static_cast<uint16_t>(qh[j]) | uint32_t{static_cast<uint16_t>(qh[j + 1])} << 16;
-        (*qp)[(size_t{g} * (di / 2) + j / 2) * kHeadTile + k] = pair;
-      }
+  *qp =
+      PackQueryPairs(s, kHeadTile, [&](uint32_t h, uint32_t j) { return qi[size_t{h} * di + j]; });
   return true;
 }
 
