@@ -418,3 +418,64 @@ TEST(SelectPages, ABestChunkShareKeepsALoneSharpChunk) {
 
 }  // namespace
 }  // namespace fm::kernels
+
+namespace fm::kernels {
+namespace {
+
+// The model's own query against keys that hold the model's own K: every (head, token) logit
+// equals scale * q_h . k_{t, group(h)} of the stored (fp8-rounded) key, over a history that
+// ends inside a block, for GQA groups of 1, 2 and 4.
+TEST(TokenKeyLogits, EqualsTheModelsLogitOfEveryTokenOfTheStoredKeys) {
+  for (uint32_t kv : {1u, 2u, 4u}) {
+    TokenKeyShape s;
+    s.tokens = 4;
+    s.kv_heads = kv;
+    s.q_heads = 4;
+    s.head_dim = 32;
+    s.scale = 0.17f;
+    const uint32_t dim = s.dim();
+    const uint64_t chunks = 70;
+    std::vector<uint8_t> stored(chunks * (dim + 4));
+    for (uint64_t c = 0; c < chunks; ++c) {
+      std::vector<float> raw = Random(dim, 100 + c, 1.0f + c % 3);
+      CompressIndexKey(dim, raw.data(), stored.data() + c * (dim + 4));
+    }
+    std::vector<uint8_t> blocks(KeyBlocksBytes(dim, chunks));
+    PackIndexKeys(dim, stored.data(), 0, chunks, blocks.data());
+    const std::vector<float> q = Random(size_t{s.q_heads} * s.head_dim, 7);
+    std::vector<float> logits(size_t{s.q_heads} * chunks * s.tokens, -1.0f);
+    ASSERT_EQ(TokenKeyLogits(s, dim, q.data(), blocks.data(), chunks, logits.data()),
+              KernelStatus::kOk);
+    for (uint32_t h = 0; h < s.q_heads; ++h) {
+      const uint32_t g = h / (s.q_heads / kv);
+      for (uint64_t c = 0; c < chunks; ++c) {
+        const uint8_t* key = stored.data() + c * (dim + 4);
+        float scale;
+        std::memcpy(&scale, key + dim, 4);
+        for (uint32_t t = 0; t < s.tokens; ++t) {
+          double want = 0;
+          for (uint32_t i = 0; i < s.head_dim; ++i)
+            want += double(q[h * s.head_dim + i]) *
+                    Fp8E4m3ToFloat(key[(t * kv + g) * s.head_dim + i]) * scale;
+          want *= s.scale;
+          EXPECT_NEAR(logits[(h * chunks + c) * s.tokens + t], want, 1e-4 * (1 + std::abs(want)))
+              << "kv " << kv << " head " << h << " chunk " << c << " token " << t;
+        }
+      }
+    }
+  }
+  TokenKeyShape bad;
+  bad.tokens = 4;
+  bad.kv_heads = 3;
+  bad.q_heads = 4;
+  bad.head_dim = 32;
+  std::vector<float> out(16);
+  EXPECT_EQ(TokenKeyLogits(bad, 384, out.data(), nullptr, 0, out.data()),
+            KernelStatus::kInvalidShape);
+  bad.kv_heads = 2;
+  EXPECT_EQ(TokenKeyLogits(bad, 128, out.data(), nullptr, 0, out.data()),
+            KernelStatus::kInvalidShape);
+}
+
+}  // namespace
+}  // namespace fm::kernels

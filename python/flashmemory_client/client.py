@@ -24,7 +24,7 @@ _DTYPES = {"fp32": (common_pb2.DTYPE_FP32, 4), "fp16": (common_pb2.DTYPE_FP16, 2
 _MODES = {"sparse": decode_pb2.DECODE_MODE_SPARSE, "dense": decode_pb2.DECODE_MODE_DENSE,
           "trace": decode_pb2.DECODE_MODE_TRACE}
 _POLICIES = {"default": 0, "lsa": 1, "quest": 2, "recency": 3, "random": 4, "sink_recency": 5,
-             "oracle": 6, "dense": 7}
+             "oracle": 6, "dense": 7, "model_query": 8}
 
 
 class DecodeError(Exception):
@@ -158,20 +158,26 @@ class DecodeClient:
         self._timeout = timeout
 
     def open(self, session_id, spec, mode="sparse", budget=0.1, policy="default", max_tokens=0,
-             tau=0, max_pages=0, level2_topk=0, switch_lag=0):
+             tau=0, max_pages=0, level2_topk=0, switch_lag=0, oracle_page_mass=None, miss_ratio=0.0):
         """Opens a session; returns the page cells the admission reserved.
 
         mode: "sparse", "dense" or "trace" (dense, and the worker writes the session's trace
         to its --trace_dir at close). budget: the footprint cap (share of the session's pages
         its reservation holds). level2_topk: each layer attends to the top-k resident tokens.
         tau, switch_lag: steps per cycle and steps after a cycle start before its set serves
-        (0 = the worker's).
+        (0 = the worker's). oracle_page_mass: policy oracle (evaluation only), the true
+        attention mass of each history page over the decode to come. miss_ratio: the
+        session's own synchronous miss check (0 = off): a non-resident page whose Quest bound
+        exceeds the resident attention's log-sum-exp by log(miss_ratio) is read before the
+        layer answers.
         """
         try:
             r = self._stub.OpenSession(decode_pb2.OpenSessionRequest(
                 session_id=session_id, spec=spec.to_proto(), mode=_MODES[mode],
                 policy=_POLICIES[policy], budget=budget, max_pages=max_pages, tau=tau,
-                max_tokens=max_tokens, level2_topk=level2_topk, switch_lag=switch_lag),
+                max_tokens=max_tokens, level2_topk=level2_topk, switch_lag=switch_lag,
+                oracle_page_mass=[] if oracle_page_mass is None else list(oracle_page_mass),
+                miss_ratio=miss_ratio),
                 timeout=self._timeout)
         except grpc.RpcError as e:
             _raise(e)
@@ -209,13 +215,18 @@ class DecodeClient:
     def stream(self):
         return StepStream(self._stub)
 
-    def stats(self, session_id):
+    def stats(self, session_id, probe_pages=()):
+        """The session's stats (SessionStatsResponse's fields); probe_resident answers for
+        each of probe_pages whether it is resident now."""
         try:
-            r = self._stub.GetSessionStats(decode_pb2.SessionStatsRequest(session_id=session_id),
-                                           timeout=self._timeout)
+            r = self._stub.GetSessionStats(decode_pb2.SessionStatsRequest(
+                session_id=session_id, probe_pages=[int(p) for p in probe_pages]),
+                timeout=self._timeout)
         except grpc.RpcError as e:
             _raise(e)
-        return {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
+        out = {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}
+        out["probe_resident"] = list(r.probe_resident)
+        return out
 
     def close(self, session_id, delete_pages=False):
         try:

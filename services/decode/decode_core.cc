@@ -195,10 +195,14 @@ struct DecodeCore::Session {
   std::vector<uint8_t> step_keys ABSL_GUARDED_BY(mu);
   bool have_step_keys ABSL_GUARDED_BY(mu) = false;
 
-  // Miss recovery: Quest bounds of the last index layer ([page][kv][min|max][d]) from page
-  // page 0 on (capacity for every page of max_tokens, reserved at Open, so that a check in
-  // flight reads them in place while sealing appends), and the check in flight.
+  // Miss recovery: Quest bounds of the index layers ([page][index layer][kv][min|max][d])
+  // from page 0 on (capacity for every page of max_tokens, reserved at Open, so that a check
+  // in flight reads them in place while sealing appends), and the check in flight.
   std::vector<float> check_bounds ABSL_GUARDED_BY(mu);
+  // The session's own check, when the index keys hold the model's own K (ModelKeys): the
+  // stored keys of every chunk from chunk 0 on, per index layer, to score a flagged page's
+  // tokens exactly (not kept over a resume: those pages get the bound alone).
+  std::vector<std::vector<uint8_t>> check_keys ABSL_GUARDED_BY(mu);
   struct Recovery : CellFetch {
     bool done = false;
     bool cancelled = false;  // the session closed before it chose its pages: run it on resume
@@ -375,25 +379,50 @@ struct DecodeCore::Impl {
                   all.data() + indexer::ModelLayerOfIndexLayer(sp, l) * per_layer, per_layer * 4);
   }
 
-  // Keeps the last index layer's slice of a page's bounds for the miss check.
-  void KeepCheckBounds(Session& s, const float* bounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
-    if (!options.miss_check) return;
+  // Whether the session runs a miss check (the worker's, or its own synchronous one).
+  bool Checks(const Session& s) const {
+    return s.opt.mode == Mode::kSparse && (options.miss_check || s.opt.miss_ratio > 0);
+  }
+  // Whether the session's index keys hold the model's own K ([token][kv head][head dim] of
+  // each chunk; indexer policy model_query), so that its own miss check can score tokens.
+  static bool ModelKeys(const ModelSpec& sp) {
+    return sp.index_dim == sp.chunk_tokens * sp.kv_heads * sp.head_dim;
+  }
+  void KeepCheckKeys(Session& s, const uint8_t* keys, uint64_t chunks, size_t layer_stride)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (s.opt.miss_ratio <= 0 || s.opt.mode != Mode::kSparse || !ModelKeys(s.opt.spec)) return;
     const ModelSpec& sp = s.opt.spec;
-    const size_t per_layer = size_t{sp.kv_heads} * 2 * sp.head_dim;
-    const float* last = bounds + (sp.index_layers - 1) * per_layer;
-    s.check_bounds.insert(s.check_bounds.end(), last, last + per_layer);
+    s.check_keys.resize(sp.index_layers);
+    const size_t kb = sp.IndexKeyBytes();
+    for (uint32_t l = 0; l < sp.index_layers; ++l)
+      s.check_keys[l].insert(s.check_keys[l].end(), keys + l * layer_stride,
+                             keys + l * layer_stride + chunks * kb);
+  }
+  // Keeps a page's bounds (the index layers') for the miss check.
+  void KeepCheckBounds(Session& s, const float* bounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (!Checks(s)) return;
+    s.check_bounds.insert(s.check_bounds.end(), bounds,
+                          bounds + indexer::IndexerBoundsFloats(s.opt.spec));
   }
 
-  // The miss check of one step (see DecodeOptions::miss_check): pages among `pages` whose
-  // Quest bound of q.k exceeds the resident log-sum-exp by log(miss_ratio) in some head,
-  // most wanted first.
-  std::vector<uint64_t> MissCheck(const ModelSpec& sp, const float* q, const float* lse,
-                                  const std::vector<uint64_t>& pages, const float* bounds) const {
+  // The miss check of one step's query of index layer `l`: pages among `pages` whose Quest
+  // bound of q.k exceeds the resident log-sum-exp by log(ratio) in some head, at most
+  // max_pages, most wanted first.
+  //
+  // With `keys` (the layer's stored keys holding the model's own K, ModelKeys), a page the
+  // bound does not rule out is scored exactly instead: the log of its tokens' attention mass
+  // (from the fp8 keys) against the resident log-sum-exp, so that only a page that would
+  // carry more than `ratio` times the resident mass in some head is flagged.
+  std::vector<uint64_t> MissCheck(const ModelSpec& sp, uint32_t l, const float* q,
+                                  const float* lse, const std::vector<uint64_t>& pages,
+                                  const float* bounds, double ratio, uint32_t max_pages,
+                                  const std::vector<uint8_t>* keys = nullptr) const {
     const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads;
-    const float scale = sp.Scale(), margin = static_cast<float>(std::log(options.miss_ratio));
+    const float scale = sp.Scale(), margin = static_cast<float>(std::log(ratio));
+    const size_t stride = indexer::IndexerBoundsFloats(sp);
     std::vector<std::pair<float, uint64_t>> hot;
     for (uint64_t p : pages) {
-      const float* b = bounds + p * size_t{sp.kv_heads} * 2 * d;
+      const float* b = bounds + p * stride + size_t{l} * sp.kv_heads * 2 * d;
       float best = -std::numeric_limits<float>::infinity();
       for (uint32_t h = 0; h < sp.q_heads; ++h) {
         const float* mn = b + size_t{h / group} * 2 * d;
@@ -403,13 +432,53 @@ struct DecodeCore::Impl {
         for (uint32_t j = 0; j < d; ++j) ub += std::max(qh[j] * mn[j], qh[j] * mx[j]);
         best = std::max(best, ub * scale - lse[h]);
       }
+      if (keys && best + std::log(float(sp.page_tokens)) > margin) {
+        const uint64_t cpp = sp.ChunksPerPage(), kb = sp.IndexKeyBytes();
+        if ((p + 1) * cpp * kb <= keys->size()) {
+          best = ExactPageMass(sp, q, lse, keys->data() + p * cpp * kb);
+          if (best > margin) hot.push_back({best, p});
+          continue;
+        }
+      }
       if (best > margin) hot.push_back({best, p});
     }
     std::sort(hot.begin(), hot.end(), std::greater<>());
     std::vector<uint64_t> out;
-    for (size_t i = 0; i < hot.size() && i < options.miss_max_pages; ++i)
-      out.push_back(hot[i].second);
+    for (size_t i = 0; i < hot.size() && i < max_pages; ++i) out.push_back(hot[i].second);
     return out;
+  }
+
+  // max over heads of log(sum over the page's tokens of exp(scale q_h . k_t)) - lse_h, from
+  // the page's stored model-K keys.
+  static float ExactPageMass(const ModelSpec& sp, const float* q, const float* lse,
+                             const uint8_t* page_keys) {
+    const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads, di = sp.index_dim;
+    const size_t kb = sp.IndexKeyBytes();
+    const uint64_t cpp = sp.ChunksPerPage();
+    std::vector<float> k(di);
+    std::vector<float> logits(size_t{sp.q_heads} * sp.page_tokens);
+    for (uint64_t c = 0; c < cpp; ++c) {
+      const uint8_t* key = page_keys + c * kb;
+      float scale;
+      std::memcpy(&scale, key + di, 4);
+      Fp8E4m3ToFloatN(key, k.data(), di);
+      for (uint32_t t = 0; t < sp.chunk_tokens; ++t)
+        for (uint32_t h = 0; h < sp.q_heads; ++h) {
+          const float* kt = k.data() + (size_t{t} * sp.kv_heads + h / group) * d;
+          float dot = 0;
+          for (uint32_t j = 0; j < d; ++j) dot += q[size_t{h} * d + j] * kt[j];
+          logits[size_t{h} * sp.page_tokens + c * sp.chunk_tokens + t] = dot * scale * sp.Scale();
+        }
+    }
+    float best = -std::numeric_limits<float>::infinity();
+    for (uint32_t h = 0; h < sp.q_heads; ++h) {
+      const float* lg = logits.data() + size_t{h} * sp.page_tokens;
+      const float mx = *std::max_element(lg, lg + sp.page_tokens);
+      double z = 0;
+      for (uint32_t t = 0; t < sp.page_tokens; ++t) z += std::exp(double(lg[t]) - mx);
+      best = std::max(best, static_cast<float>(mx + std::log(z)) - lse[h]);
+    }
+    return best;
   }
 
   // Launches the miss check of this step's query (off the critical path).
@@ -421,7 +490,7 @@ struct DecodeCore::Impl {
     rec->install_step = s.next_step + std::max<uint32_t>(1, options.miss_lag);
     rec->q.assign(q, q + size_t{spec.q_heads} * spec.head_dim);
     rec->lse.assign(lse, lse + spec.q_heads);
-    const uint64_t have = s.check_bounds.size() / (size_t{spec.kv_heads} * 2 * spec.head_dim);
+    const uint64_t have = s.check_bounds.size() / indexer::IndexerBoundsFloats(spec);
     for (uint64_t p = 0; p < std::min(s.sealed(), have); ++p)
       if (s.cell_of[p] == kNoCell) rec->pages.push_back(p);
     PostCheck(sp, rec, std::min<uint64_t>(options.miss_max_pages, Spare(s, 2)));
@@ -440,7 +509,8 @@ struct DecodeCore::Impl {
     jobs.Post([this, sp, rec, bounds] {
       Session& s = *sp;
       const std::vector<uint64_t> hot =
-          MissCheck(s.opt.spec, rec->q.data(), rec->lse.data(), rec->pages, bounds);
+          MissCheck(s.opt.spec, s.opt.spec.index_layers - 1, rec->q.data(), rec->lse.data(),
+                    rec->pages, bounds, options.miss_ratio, options.miss_max_pages);
       std::vector<uint64_t> got;
       std::vector<uint8_t*> dst;
       {
@@ -464,6 +534,59 @@ struct DecodeCore::Impl {
       rec->done = true;
       s.job_cv.SignalAll();
     });
+  }
+
+  // The session's own miss check (SessionOptions::miss_ratio) of index layer `l`'s query,
+  // whose attention over the resident pages gave `lse`: the pages it flags are read now into
+  // the spare cells of the reservation (DecodeOptions::miss_max_pages of them are kept for
+  // the check) and join the set until the next cycle's set takes over; the step waits (a
+  // stall) and its attention runs again. A check that finds no spare cell fetches nothing.
+  // *fetched: pages were placed. A failed read costs the check, not the step.
+  absl::Status RecoverMisses(Session& s, uint32_t l, const float* q, const float* lse,
+                             bool* fetched) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    const ModelSpec& spec = s.opt.spec;
+    const uint64_t have = s.check_bounds.size() / indexer::IndexerBoundsFloats(spec);
+    std::vector<uint64_t> candidates;
+    for (uint64_t p = 0; p < std::min(s.sealed(), have); ++p)
+      if (s.cell_of[p] == kNoCell) candidates.push_back(p);
+    ++s.stats.miss_checks;
+    const std::vector<uint64_t> hot =
+        MissCheck(spec, l, q, lse, candidates, s.check_bounds.data(), s.opt.miss_ratio,
+                  options.miss_max_pages, l < s.check_keys.size() ? &s.check_keys[l] : nullptr);
+    if (hot.empty()) return absl::OkStatus();
+    const auto t0 = std::chrono::steady_clock::now();
+    CellFetch f;
+    for (uint64_t i = std::min<uint64_t>(hot.size(), Spare(s, 2)); i > 0; --i) {
+      auto c = TakeCell(s);
+      if (!c.ok()) break;
+      f.cells.push_back(*c);
+    }
+    std::vector<uint64_t> got(hot.begin(), hot.begin() + f.cells.size());
+    std::vector<uint8_t*> dst;
+    for (uint32_t c : f.cells) dst.push_back(Cell(c));
+    absl::Status rs;
+    if (!got.empty()) s.WithoutLock([&] { rs = store->Read(s.id, got, spec.PageBytes(), dst); });
+    if (s.closed || !rs.ok() || got.empty()) {
+      ReleaseCells(s, f, true);
+      if (s.closed)
+        return absl::NotFoundError(absl::StrCat("session \"", s.id, "\" was closed"));
+      return absl::OkStatus();
+    }
+    for (size_t i = 0; i < got.size(); ++i) f.fetched.push_back({got[i], f.cells[i]});
+    for (uint64_t p : Place(s, f)) {
+      s.wanted.insert(std::upper_bound(s.wanted.begin(), s.wanted.end(), p), p);
+      ++s.stats.surprise_fetches;
+      ++totals.surprise_fetches;
+      *fetched = true;
+    }
+    ++s.stats.miss_fires;
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    ++s.stats.stalls;
+    ++totals.stalls;
+    s.stats.stall_ms += ms;
+    totals.stall_us += static_cast<uint64_t>(ms * 1000);
+    return absl::OkStatus();
   }
 
   // Installs a finished miss check: its pages serve until the next cycle's set.
@@ -525,7 +648,9 @@ struct DecodeCore::Impl {
   }
   // Cells a prediction or catch-up leaves free: two for pages that seal before the switch,
   // and the miss check's.
-  uint64_t KeepFree() const { return 2 + (options.miss_check ? options.miss_max_pages : 0); }
+  uint64_t KeepFree(const Session& s) const {
+    return 2 + (Checks(s) ? options.miss_max_pages : 0);
+  }
 
   // Writes the keys records (kKeysPage + p) of the sealed pages whose keys and bounds are in
   // and that are not stored yet: at prefill, so that the first steps do not pay for them,
@@ -630,6 +755,7 @@ struct DecodeCore::Impl {
     a.query = s.index_query;
     a.budget = s.predict_budget;
     a.policy = s.opt.policy;
+    a.oracle_page_mass = s.opt.oracle_page_mass;
     a.sink = options.sink;
     a.tail = options.tail;
     a.history_pages = s.sealed();  // also the job's
@@ -639,7 +765,7 @@ struct DecodeCore::Impl {
     // At most a catch-up's worth of pages before the switch (cells a short catch-up left
     // free would otherwise make the fetch longer than the lag); the rest come in catch-ups.
     // The first prediction is waited for: all of it.
-    const uint64_t spare = Spare(s, KeepFree());
+    const uint64_t spare = Spare(s, KeepFree(s));
     Post(sp, NewJob(a, nullptr, ResidentPages(s)),
          s.have_set ? std::min(spare, s.lag_pages) : spare);
   }
@@ -647,7 +773,7 @@ struct DecodeCore::Impl {
   // so that the new prediction's most wanted pages can serve from its switch. At a cycle
   // start, a fixed step, so that outputs do not depend on timing.
   void MakeRoom(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
-    uint64_t spare = Spare(s, KeepFree());
+    uint64_t spare = Spare(s, KeepFree(s));
     for (auto it = s.ranked.rbegin(); it != s.ranked.rend() && spare < s.headroom_pages; ++it)
       if (*it < s.sealed() && s.cell_of[*it] != kNoCell && !Pinned(s, *it)) {
         EvictFromSet(s, *it);
@@ -833,7 +959,7 @@ struct DecodeCore::Impl {
     const uint64_t next = (step / s.tau + 1) * s.tau;
     if (!job->deferred_pages.empty() && step + s.catch_up_lag < next) {
       const uint64_t n = std::min<uint64_t>(
-          {job->deferred_pages.size(), Spare(s, KeepFree()), s.lag_pages});
+          {job->deferred_pages.size(), Spare(s, KeepFree(s)), s.lag_pages});
       if (n > 0) PostCatchUp(sp, job->deferred_pages, n, step + s.catch_up_lag);
     }
   }
@@ -884,6 +1010,9 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
   st.set_tau(s.tau);
   st.set_switch_lag(s.lag);
   st.set_level2_topk(s.opt.level2_topk);
+  st.set_miss_ratio(s.opt.miss_ratio);
+  st.set_miss_checks(s.stats.miss_checks);
+  st.set_miss_fires(s.stats.miss_fires);
   st.set_max_tokens(s.opt.max_tokens);
   st.set_tokens(s.tokens);
   st.set_next_step(s.next_step);
@@ -968,6 +1097,8 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
   s.stats.catch_up_stalls = st.catch_up_stalls();
   s.stats.predictions = st.predictions();
   s.stats.surprise_fetches = st.surprise_fetches();
+  s.stats.miss_checks = st.miss_checks();
+  s.stats.miss_fires = st.miss_fires();
   s.stats.tokens = s.tokens;
   // The open cell Open made for page 0 holds the open page.
   const uint64_t open = s.open_page();
@@ -984,7 +1115,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
   // The resident pages: everything (dense), or sink, tail, the serving set and a finished
   // job's pages (sparse).
   const uint64_t sealed = s.sealed();
-  if (s.opt.mode == Mode::kSparse && options.miss_check) {
+  if (Checks(s)) {
     // The miss check's bounds of every sealed page, from the pages themselves.
     constexpr uint64_t kBatch = 32;
     const size_t rec = kPageHeaderBytes + spec.PageBytes();
@@ -1181,6 +1312,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     so.tau = st.tau();
     so.switch_lag = st.switch_lag();
     so.level2_topk = st.level2_topk();
+    so.miss_ratio = st.miss_ratio();
     so.max_tokens = st.max_tokens();
     if (absl::Status opened = Open(id, so); !opened.ok()) return opened;
     auto s = impl_->Find(id);
@@ -1200,12 +1332,17 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     return absl::InvalidArgumentError("max_tokens must be > 0: it sizes the reservation");
   if (o.mode == Mode::kSparse && o.max_pages == 0 && !(o.budget > 0.0f && o.budget <= 1.0f))
     return absl::InvalidArgumentError(absl::StrCat("budget must be in (0, 1], got ", o.budget));
-  if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle)
-    return absl::InvalidArgumentError("policy oracle needs the future attention: evaluation only");
+  if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle &&
+      o.oracle_page_mass.empty())
+    return absl::InvalidArgumentError(
+        "policy oracle needs the future attention (oracle_page_mass): evaluation only");
   if (const uint32_t tau = o.tau ? o.tau : impl_->options.tau;
       tau != 0 && o.switch_lag > std::max<uint32_t>(1, tau - 1))
     return absl::InvalidArgumentError(absl::StrCat("switch_lag must be below tau (", tau,
                                                    "), got ", o.switch_lag));
+  if (!(o.miss_ratio >= 0 && std::isfinite(o.miss_ratio)))
+    return absl::InvalidArgumentError(
+        absl::StrCat("miss_ratio must be a finite number >= 0 (0 = off), got ", o.miss_ratio));
   if (o.level2_topk > kernels::kMaxLevel2TopK)
     return absl::InvalidArgumentError(absl::StrCat("level2_topk must be in [0, ",
                                                    kernels::kMaxLevel2TopK, "], got ",
@@ -1230,7 +1367,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   // headroom is a share of the set that each cycle start frees (MakeRoom).
   if (o.mode == Mode::kSparse) {
     const double headroom = std::max(opt.headroom, 0.0);
-    const uint64_t miss = opt.miss_check ? opt.miss_max_pages : 0;
+    const uint64_t miss = opt.miss_check || o.miss_ratio > 0 ? opt.miss_max_pages : 0;
     const uint64_t fixed = std::min<uint64_t>(pages, uint64_t{opt.sink} + opt.tail + 1);
     const uint64_t extra = 3 + miss;
     const uint64_t least =
@@ -1302,8 +1439,8 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   }
   absl::MutexLock l(&s->mu);
   s->cell_of.assign(pages + 1, kNoCell);
-  if (o.mode == Mode::kSparse && impl_->options.miss_check)
-    s->check_bounds.reserve((pages + 1) * sp.kv_heads * 2 * sp.head_dim);
+  if (impl_->Checks(*s))
+    s->check_bounds.reserve((pages + 1) * indexer::IndexerBoundsFloats(sp));
   s->keys.assign(sp.index_layers, {});
   s->hidden.assign(sp.hidden_dim, 0.0f);
   s->index_query.assign(size_t{sp.index_layers} * sp.q_heads * sp.head_dim, 0.0f);
@@ -1379,6 +1516,7 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
     for (uint32_t l = 0; l < spec.index_layers; ++l)
       s.keys[l].insert(s.keys[l].end(), index_keys + (size_t{l} * chunks) * kb,
                        index_keys + (size_t{l} * chunks + chunks) * kb);
+  im.KeepCheckKeys(s, index_keys, chunks, chunks * kb);
   s.key_chunks += chunks;
   // The keys records of the prefill (a failure leaves them to the first flush).
   if (s.opt.mode == Mode::kSparse) (void)im.PersistKeys(s);
@@ -1495,13 +1633,14 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   }
 
   // The prediction of a cycle starts once its input is in.
-  bool ready;  // lsa reads the hidden state, quest the index layers' queries
+  bool ready;  // lsa reads the hidden state, quest and model_query the index layers' queries
   switch (s.opt.policy) {
     case indexer::Policy::kDefault:
     case indexer::Policy::kLsa:
       ready = s.have_hidden || last;
       break;
     case indexer::Policy::kQuest:
+    case indexer::Policy::kModelQuery:
       ready = r.layer >= indexer::ModelLayerOfIndexLayer(spec, spec.index_layers - 1);
       break;
     default:
@@ -1516,29 +1655,49 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
       Install(sp, r.step);
     }
   }
-  if (s.plan_dirty)
-    if (absl::Status st = RebuildPlan(s); !st.ok()) return st;
-  s.list_valid.back() = static_cast<uint16_t>(row + 1);
   const bool check = options.miss_check && s.opt.mode == Mode::kSparse && s.have_set &&
-                     !s.recovery &&
+                     !s.recovery && s.opt.miss_ratio <= 0 &&
                      r.layer == indexer::ModelLayerOfIndexLayer(spec, spec.index_layers - 1);
-  const bool need_lse = check || s.trace;
+  // The session's own miss check (SessionOptions::miss_ratio) runs on every index layer.
+  int sync_layer = -1;
+  if (s.opt.miss_ratio > 0 && s.opt.mode == Mode::kSparse && s.have_set)
+    for (uint32_t l = 0; l < spec.index_layers; ++l)
+      if (indexer::ModelLayerOfIndexLayer(spec, l) == r.layer) sync_layer = static_cast<int>(l);
+  const bool need_lse = check || sync_layer >= 0 || s.trace;
   std::vector<float> lse_buf(need_lse && !r.lse ? spec.q_heads : 0);
   float* lse = r.lse ? r.lse : (need_lse ? lse_buf.data() : nullptr);
-  kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, lse};
-  kernels::KernelStatus ks;
-  s.WithoutLock([&] {
-    ks = s.opt.level2_topk == 0
-             ? kernels::RunPagedDecode(s.plan, Pool(), &item, 1)
-             : kernels::TopKDecode(s.shape, Pool(),
-                                   kernels::PageList{s.list_cells.data(), s.list_valid.data(),
-                                                     static_cast<uint32_t>(s.list_cells.size())},
-                                   r.layer, s.opt.level2_topk, r.q.data(), r.out, lse);
-  });
-  // A close that came while the kernel ran wins: the step leaves no job or state behind.
-  if (s.closed) return absl::NotFoundError(absl::StrCat("session \"", s.id, "\" was closed"));
-  if (ks != kernels::KernelStatus::kOk)
-    return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
+  auto attend = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) -> absl::Status {
+    if (s.plan_dirty)
+      if (absl::Status st = RebuildPlan(s); !st.ok()) return st;
+    s.list_valid.back() = static_cast<uint16_t>(row + 1);
+    kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, lse};
+    kernels::KernelStatus ks;
+    s.WithoutLock([&] {
+      ks = s.opt.level2_topk == 0
+               ? kernels::RunPagedDecode(s.plan, Pool(), &item, 1)
+               : kernels::TopKDecode(s.shape, Pool(),
+                                     kernels::PageList{s.list_cells.data(), s.list_valid.data(),
+                                                       static_cast<uint32_t>(s.list_cells.size())},
+                                     r.layer, s.opt.level2_topk, r.q.data(), r.out, lse);
+    });
+    // A close that came while the kernel ran wins: the step leaves no job or state behind.
+    if (s.closed) return absl::NotFoundError(absl::StrCat("session \"", s.id, "\" was closed"));
+    if (ks != kernels::KernelStatus::kOk)
+      return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
+    return absl::OkStatus();
+  };
+  if (absl::Status st = attend(); !st.ok()) return st;
+  if (sync_layer >= 0) {
+    bool fetched = false;
+    if (absl::Status st = RecoverMisses(s, static_cast<uint32_t>(sync_layer), r.q.data(), lse,
+                                        &fetched);
+        !st.ok())
+      return st;
+    if (fetched) {
+      if (r.stalled) *r.stalled = true;
+      if (absl::Status st = attend(); !st.ok()) return st;
+    }
+  }
   s.next_layer = r.layer + 1;
   if (check) LaunchCheck(sp, r.q.data(), lse);
   if (s.trace) {  // the history's pages in order: a trace session holds them all
@@ -1556,6 +1715,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     for (uint32_t l = 0; l < spec.index_layers; ++l)
       s.keys[l].insert(s.keys[l].end(), s.step_keys.begin() + l * kb,
                        s.step_keys.begin() + (l + 1) * kb);
+    KeepCheckKeys(s, s.step_keys.data(), 1, kb);
   }
   if (completes_chunk) ++s.key_chunks;
   if (s.trace) {

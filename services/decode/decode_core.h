@@ -187,6 +187,17 @@ struct SessionOptions {
   // Trace mode: the trace's file name in the worker's trace directory (a plain name,
   // [A-Za-z0-9._-]); empty = TraceFileName(session).
   std::string trace_name;
+  // The session's own miss check, synchronous: at every index layer of every step, the
+  // query's Quest bounds over the pages that are not resident are compared with its
+  // attention over the resident ones; a page whose bound exceeds that log-sum-exp by
+  // log(miss_ratio) in some head (at most DecodeOptions::miss_max_pages a check, highest
+  // first) is read before the layer answers and its attention runs again with it: a miss
+  // costs a stall, not a wrong answer. The pages serve until the next cycle's set takes
+  // over. 0 = off (the worker's asynchronous check, DecodeOptions::miss_check, if on).
+  float miss_ratio = 0;
+  // Policy oracle (evaluation only): the true attention mass of each history page over the
+  // decode to come, which every prediction ranks the pages by. Not kept for a resume.
+  std::vector<float> oracle_page_mass;
   // Resume a session another worker served (or this one closed) from its state in the
   // kvstore and the indexer; every other field but spec (checked when given) comes from it.
   bool resume = false;
@@ -203,6 +214,9 @@ struct SessionStats {
   uint64_t warmup_waits = 0;  // first predictions waited for
   uint64_t predictions = 0, prediction_failures = 0, fetched_pages = 0, deferred_pages = 0;
   uint64_t surprise_fetches = 0;  // pages fetched by the per-step miss check
+  // The session's own miss check (SessionOptions::miss_ratio): (step, layer) checks run, and
+  // those that flagged pages (each a stall).
+  uint64_t miss_checks = 0, miss_fires = 0;
   uint64_t reregistrations = 0;   // times the indexer had lost the session and got it again
   bool fetching = false;          // a prediction or catch-up is in flight
   uint32_t tau = 0, switch_lag = 0;

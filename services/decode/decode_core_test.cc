@@ -581,6 +581,61 @@ TEST_F(DecodeCoreTest, MissCheckFetchesASurpriseWithinTheReservation) {
   EXPECT_EQ(st->prediction_failures, 0u);
 }
 
+// The session's own synchronous miss check on the generator (whose index keys are not the
+// model's K: the check is the Quest bound alone): at a 10 % recency set the needles and topic
+// returns are misses. A layer whose check fires reads the flagged pages before it answers
+// and reports a stall. Checks run on every index layer of every step and fire on a
+// minority; without a ratio none runs; the session stays within its reservation. A bad
+// ratio is refused.
+TEST_F(DecodeCoreTest, SynchronousMissCheckReadsFlaggedPagesBeforeTheLayerAnswers) {
+  auto g = Generate(8192, 48, 13);
+  auto core = Core(64 << 20, 16);
+  uint64_t fired_layers = 0;
+  for (int with : {0, 1}) {
+    const std::string id = with ? "checked" : "plain";
+    SessionOptions o = Options(*g, Mode::kSparse, 0.1f, indexer::Policy::kRecency);
+    o.miss_ratio = with ? 8.0f : 0.0f;
+    ASSERT_THAT(core->Open(id, o), IsOk());
+    Prefill(*core, id, *g);
+    for (uint32_t st = 0; st < g->config().steps; ++st) {
+      for (uint32_t l = 0; l < spec_.layers; ++l) {
+        StepData d = Data(*g, st, l, 16);
+        LayerStep r = Request(id, st, l, d);
+        bool stalled = false;
+        r.stalled = &stalled;
+        const SessionStats before = *core->Stats(id);
+        ASSERT_THAT(core->Step({&r, 1})[0], IsOk());
+        if (!with) continue;
+        const SessionStats after = *core->Stats(id);
+        if (after.miss_fires > before.miss_fires) {
+          ++fired_layers;
+          EXPECT_TRUE(stalled) << "step " << st << " layer " << l;
+          EXPECT_GT(after.surprise_fetches, before.surprise_fetches);
+        }
+      }
+    }
+    auto stats = core->Stats(id);
+    ASSERT_THAT(stats, IsOk());
+    EXPECT_LE(stats->peak_resident_pages, stats->reserved_cells);
+    if (with) {
+      EXPECT_EQ(stats->miss_checks, uint64_t{g->config().steps} * spec_.index_layers);
+      EXPECT_GT(stats->miss_fires, 0u);
+      EXPECT_LT(stats->miss_fires, stats->miss_checks);
+      EXPECT_EQ(fired_layers, stats->miss_fires);
+      EXPECT_GE(stats->surprise_fetches, stats->miss_fires);
+      EXPECT_GE(stats->stalls, stats->miss_fires);
+    } else {
+      EXPECT_EQ(stats->miss_checks, 0u);
+      EXPECT_EQ(stats->surprise_fetches, 0u);
+    }
+  }
+  SessionOptions bad = Options(*g, Mode::kSparse, 0.1f, indexer::Policy::kRecency);
+  bad.miss_ratio = -1;
+  EXPECT_THAT(core->Open("bad", bad), fm::testing::StatusIs(absl::StatusCode::kInvalidArgument));
+  bad.miss_ratio = std::nanf("");
+  EXPECT_THAT(core->Open("bad", bad), fm::testing::StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
 TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   auto g = Generate(2048, 32, 14);
   auto core = Core();

@@ -313,7 +313,7 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
            : req->mode() == v1::DECODE_MODE_TRACE ? Mode::kTrace
                                                   : Mode::kSparse;
   o.policy = static_cast<indexer::Policy>(req->policy());
-  if (req->policy() < 0 || req->policy() > static_cast<int>(indexer::Policy::kDense))
+  if (req->policy() < 0 || req->policy() > static_cast<int>(indexer::Policy::kModelQuery))
     return FinishUnary(ctx, absl::InvalidArgumentError(
                                 absl::StrCat("unknown policy ", static_cast<int>(req->policy()))));
   o.budget = req->budget() == 0.0f ? 0.1f : req->budget();
@@ -324,6 +324,8 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   o.trace_name = req->trace_path();
   o.max_tokens = req->max_tokens();
   o.resume = req->resume();
+  o.miss_ratio = req->miss_ratio();
+  o.oracle_page_mass.assign(req->oracle_page_mass().begin(), req->oracle_page_mass().end());
   absl::Status st = core_->Open(req->session_id(), o);
   if (st.ok()) {
     auto stats = core_->Stats(req->session_id());
@@ -372,6 +374,8 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_catch_up_stalls(st->catch_up_stalls);
   resp->set_pages_fetched(st->fetched_pages);
   resp->set_surprise_fetches(st->surprise_fetches);
+  resp->set_miss_checks(st->miss_checks);
+  resp->set_miss_fires(st->miss_fires);
   resp->set_reregistrations(st->reregistrations);
   resp->set_fetching(st->fetching);
   resp->set_tau(st->tau);

@@ -25,7 +25,8 @@ constexpr PolicyInfo kPolicies[] = {
     {Policy::kDefault, "default"}, {Policy::kLsa, "lsa"},
     {Policy::kQuest, "quest"},     {Policy::kRecency, "recency"},
     {Policy::kRandom, "random"},   {Policy::kSinkRecency, "sink_recency"},
-    {Policy::kOracle, "oracle"},   {Policy::kDense, "dense"}};
+    {Policy::kOracle, "oracle"},   {Policy::kDense, "dense"},
+    {Policy::kModelQuery, "model_query"}};
 
 absl::Status CheckSessionId(const std::string& id) {
   if (id.empty() || id.size() > 128)
@@ -456,6 +457,50 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
                                  s->bounds.data(), np, ls.data());
         for (uint64_t p = 0; p < np; ++p) score[p] = std::max(score[p], ls[p]);
       }
+      out.pages = PickPages(score, total, kmax, sink, tail);
+      break;
+    }
+    case Policy::kModelQuery: {
+      // Training-free: the model's own decode query against index keys that hold the
+      // model's own K (kernels::TokenKeyLogits). A page scores the largest share of one
+      // head's attention mass its tokens take, over heads and index layers.
+      const size_t qf = size_t{sp.index_layers} * sp.q_heads * sp.head_dim;
+      if (a.query.size() != qf)
+        return absl::InvalidArgumentError(
+            absl::StrCat("model_query needs the decode queries of the index layers: ",
+                         a.query.size(), " floats; expected [", sp.index_layers, "][",
+                         sp.q_heads, "][", sp.head_dim, "] = ", qf));
+      kernels::TokenKeyShape ts;
+      ts.tokens = sp.chunk_tokens;
+      ts.kv_heads = sp.kv_heads;
+      ts.q_heads = sp.q_heads;
+      ts.head_dim = sp.head_dim;
+      ts.scale = sp.Scale();
+      if (ts.dim() != sp.index_dim)
+        return absl::FailedPreconditionError(absl::StrCat(
+            "model_query needs index keys that hold the model's own K: index_dim = "
+            "chunk_tokens x kv_heads x head_dim = ",
+            ts.dim(), ", got ", sp.index_dim));
+      const uint64_t n = chunks * sp.chunk_tokens;
+      std::vector<float> logits(size_t{sp.q_heads} * n), mass(total);
+      for (uint32_t l = 0; l < sp.index_layers && n > 0; ++l) {
+        if (kernels::TokenKeyLogits(ts, sp.index_dim, a.query.data() + l * size_t{sp.q_heads} *
+                                                                       sp.head_dim,
+                                    s->blocks[l].data(), chunks, logits.data()) !=
+            kernels::KernelStatus::kOk)
+          return absl::InternalError("model_query scoring failed");
+        for (uint32_t h = 0; h < sp.q_heads; ++h) {
+          const float* lg = logits.data() + size_t{h} * n;
+          const float mx = *std::max_element(lg, lg + n);
+          double z = 0;
+          for (uint64_t t = 0; t < n; ++t) z += std::exp(double(lg[t]) - mx);
+          std::fill(mass.begin(), mass.end(), 0.0f);
+          for (uint64_t t = 0; t < n; ++t)
+            mass[t / sp.page_tokens] += static_cast<float>(std::exp(double(lg[t]) - mx) / z);
+          for (uint64_t p = 0; p < total; ++p) score[p] = std::max(score[p], mass[p]);
+        }
+      }
+      out.chunks_scored = chunks * sp.index_layers;
       out.pages = PickPages(score, total, kmax, sink, tail);
       break;
     }

@@ -29,6 +29,7 @@ enum class Policy : uint8_t {
   kSinkRecency = 5,
   kOracle = 6,
   kDense = 7,
+  kModelQuery = 8,
 };
 const char* PolicyName(Policy p);
 absl::StatusOr<Policy> ParsePolicy(const std::string& name);
@@ -51,7 +52,7 @@ struct Weights {
 struct PredictArgs {
   uint64_t step = 0;
   std::vector<float> hidden;  // [hidden_dim], for lsa
-  std::vector<float> query;   // [index_layers][q_heads][head_dim], for quest
+  std::vector<float> query;   // [index_layers][q_heads][head_dim], for quest and model_query
   float budget = 0.1f;        // fraction of pages in (0, 1], sink and tail included
   uint32_t max_pages = 0;     // absolute page budget instead (0 = use budget)
   Policy policy = Policy::kDefault;

@@ -324,3 +324,66 @@ TEST(IndexerCore, WeightsRoundTripThroughSafetensors) {
 
 }  // namespace
 }  // namespace fm::indexer
+
+namespace fm::indexer {
+namespace {
+
+// model_query: index keys that hold the model's own K, scored with the model's own query.
+// One token of page 9 matches the query of head 0 and one of page 21 that of head 3 (the
+// other KV group); with room for two pages beyond sink and tail, both are chosen. A spec
+// whose index_dim is not chunk_tokens x kv_heads x head_dim is refused with the reason.
+TEST(IndexerCore, ModelQueryKeepsThePagesTheModelsQueryAttendsTo) {
+  ModelSpec sp;
+  sp.layers = 1;
+  sp.q_heads = 4;
+  sp.kv_heads = 2;
+  sp.head_dim = 32;
+  sp.dtype = DType::kBf16;
+  sp.index_layers = 1;
+  sp.index_heads = 4;
+  sp.index_dim = 4 * 2 * 32;
+  sp.chunk_tokens = 4;
+  ASSERT_THAT(sp.Validate(), IsOk());
+  const uint64_t tokens = 40 * 64, chunks = tokens / 4;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 0.3f);
+  std::vector<float> k(tokens * 2 * 32);
+  for (float& x : k) x = nd(rng);
+  std::vector<float> q(4 * 32, 0.0f);
+  for (uint32_t i = 0; i < 32; ++i) {
+    q[0 * 32 + i] = (i % 2 ? 1.0f : -1.0f) * 4;
+    q[3 * 32 + i] = (i % 3 ? 1.0f : -1.0f) * 4;
+    k[(9 * 64 + 17) * 64 + 0 * 32 + i] = q[0 * 32 + i] / 4;   // head 0 reads KV head 0
+    k[(21 * 64 + 50) * 64 + 1 * 32 + i] = q[3 * 32 + i] / 4;  // head 3 reads KV head 1
+  }
+  std::vector<uint8_t> keys(chunks * sp.IndexKeyBytes());
+  for (uint64_t c = 0; c < chunks; ++c)
+    kernels::CompressIndexKey(sp.index_dim, k.data() + c * sp.index_dim,
+                              keys.data() + c * sp.IndexKeyBytes());
+  IndexerCore core;
+  ASSERT_THAT(core.Register("mq", sp, keys.data(), chunks, tokens), IsOk());
+  PredictArgs a;
+  a.policy = Policy::kModelQuery;
+  a.max_pages = 5;
+  a.query = q;
+  auto p = core.Predict("mq", a);
+  ASSERT_THAT(p.status(), IsOk());
+  EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 9, 21, 38, 39}));
+  EXPECT_EQ(p->policy, Policy::kModelQuery);
+
+  a.query.resize(5);
+  EXPECT_THAT(core.Predict("mq", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  ModelSpec other = sp;
+  other.index_dim = 128;
+  std::vector<uint8_t> small(chunks * other.IndexKeyBytes(), 0);
+  ASSERT_THAT(core.Register("mq2", other, small.data(), chunks, tokens), IsOk());
+  a.query = q;
+  auto bad = core.Predict("mq2", a);
+  EXPECT_THAT(bad.status(), StatusIs(StatusCode::kFailedPrecondition));
+  EXPECT_NE(bad.status().message().find("index_dim = chunk_tokens x kv_heads x head_dim = 256"),
+            std::string::npos)
+      << bad.status();
+}
+
+}  // namespace
+}  // namespace fm::indexer

@@ -104,7 +104,7 @@ grpc::ServerUnaryReactor* IndexerService::Predict(grpc::CallbackServerContext* c
   a.query = std::move(*q);
   a.budget = req->budget() == 0 && req->max_pages() == 0 ? 0.1f : req->budget();
   a.max_pages = req->max_pages();
-  if (req->policy() < 0 || req->policy() > 7)
+  if (req->policy() < 0 || req->policy() > static_cast<int>(Policy::kModelQuery))
     return FinishUnary(ctx,
                        absl::InvalidArgumentError(absl::StrCat("unknown policy ", req->policy())));
   a.policy = static_cast<Policy>(req->policy());

@@ -105,6 +105,24 @@ KernelStatus ScoreKeyBlocks(const IndexerShape& s, const float* q, const float* 
 // "avx512vbmi" or a Highway target name).
 std::string ScoreKeyBlocksPath(ScoreMath math);
 
+// Index keys that hold the model's own K (policy model_query; docs/own-model.md): chunk c's
+// key is [token][kv_head][head_dim] of its `tokens` tokens, so dim = tokens * kv_heads *
+// head_dim, compressed as one stored key (fp8 + one scale). With the model's own decode
+// query q [q_heads][head_dim] (already scaled as the model scales it), the logit of query
+// head h on token t of the history is exactly the model's attention logit, up to the fp8
+// rounding of K:   logit(h, t) = scale * q_h . k_{t, h / (q_heads / kv_heads)}
+struct TokenKeyShape {
+  uint32_t tokens = 4;  // tokens per chunk
+  uint32_t kv_heads = 1, q_heads = 1, head_dim = 64;
+  float scale = 0.125f;  // softmax scale (the spec's)
+  uint32_t dim() const { return tokens * kv_heads * head_dim; }
+};
+// logits[h * chunks * tokens + t] for every query head h and history token t < chunks *
+// tokens, over blocked keys (the scan layout). kInvalidShape when q_heads is not a multiple
+// of kv_heads or dim() is not a stored key's size.
+KernelStatus TokenKeyLogits(const TokenKeyShape& s, uint32_t key_dim, const float* q,
+                            const uint8_t* blocks, uint64_t chunks, float* logits);
+
 enum class LayerCombine : uint8_t { kMax = 0, kMean = 1 };
 
 struct SelectParams {

@@ -1,0 +1,332 @@
+#!/usr/bin/python3
+"""Accuracy of sparse decoding on trained models: the zoo's models answer the zoo's tasks
+with every global attention layer served by a FlashMemory decode worker, per policy,
+footprint cap and context, against the same model decoding densely in torch.
+
+  bash scripts/eval_models.sh --quick                     # CI: 4K, a few questions
+  bash scripts/eval_models.sh --contexts 65536 --caps 0.05 --policies dense,model_query,quest
+  bash scripts/eval_models.sh --json docs/plots/accuracy.json --plots docs/plots
+
+Each haystack is prefilled in torch once (cached under --cache) and asked several questions
+in turn in one session per (policy, cap): the questions' tokens are decode steps, so a
+question that turns to a page nobody predicted is the case the lookahead must handle.
+Per cell: exact match with a 95 % Wilson interval, n, mass recall (the share of the dense
+attention mass the served attention covered, mean over steps, layers and heads), the
+share of answers whose needle pages were all resident when they were decoded, footprint
+(peak resident pages / pages of the history), stalls per step, decode tokens/s (the
+worker's step latency as the client sees it), torch's dense exact match on the same
+questions, and the miss checks' page fetches.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "zoo"))
+from model import Decoder, load_model  # noqa: E402
+import tasks as T  # noqa: E402
+from serve import PAGE, DenseRecorder, WorkerAttention, prefill_arrays, spec_for  # noqa: E402
+from flashmemory_client import DecodeClient  # noqa: E402
+
+POLICIES = ["dense", "oracle", "model_query", "lsa", "quest", "sink_recency", "recency", "random"]
+
+
+def wilson(k, n, z=1.96):
+    if n == 0:
+        return 0.0, 0.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+class Progress:
+    def __init__(self, total, label):
+        self.total, self.done, self.label, self.t0 = total, 0, label, time.time()
+
+    def tick(self, what=""):
+        self.done += 1
+        el = time.time() - self.t0
+        eta = el / self.done * (self.total - self.done)
+        bar = "#" * int(30 * self.done / self.total)
+        if not sys.stderr.isatty() and self.done < self.total and self.done % 10:
+            return
+        cr = "\r" if sys.stderr.isatty() else ""
+        sys.stderr.write(f"{cr}{self.label} [{bar:<30s}] {self.done}/{self.total} "
+                         f"{el:5.0f}s eta {eta:5.0f}s {what[:40]:<40s}")
+        sys.stderr.flush()
+        if self.done == self.total or not sys.stderr.isatty():
+            sys.stderr.write("\n")
+
+
+def start_server(tmp, reserve, ram):
+    ready = os.path.join(tmp, "ready")
+    binary = os.path.join(os.environ.get("FM_BIN_DIR", os.path.join(ROOT, "build", "bin")),
+                          "flashmemory")
+    log = open(os.path.join(tmp, "server.log"), "w")
+    p = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", "--ready_file", ready,
+                          "--data_dir", os.path.join(tmp, "data"), "--ram_bytes", ram,
+                          "--reserve_bytes", reserve], stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(600):
+        if os.path.exists(ready) and os.path.getsize(ready) > 0:
+            break
+        if p.poll() is not None:
+            raise RuntimeError(f"flashmemory exited: see {tmp}/server.log")
+        time.sleep(0.1)
+    with open(ready) as f:
+        return p, "127.0.0.1:" + f.readline().strip()
+
+
+def model_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def haystack(model, mhash, task, context, seed, per_hay, cache_dir):
+    """(sample, torch prefill cache), the cache computed once and kept on disk."""
+    s = T.make(task, seed, context, per_hay)
+    path = os.path.join(cache_dir, f"{mhash}-{task}-{context}-{seed}-{per_hay}.pt")
+    if os.path.exists(path):
+        return s, torch.load(path)
+    c = model.prefill(torch.tensor(s.haystack))
+    torch.save(c, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return s, c
+
+
+def _clone(c):
+    import copy
+    out = copy.copy(c)
+    out.k = dict(c.k)
+    out.v = dict(c.v)
+    out.canon = dict(c.canon)
+    return out
+
+
+def ask(dec, sample, on_answer=None):
+    """Asks every question in turn; returns [(correct, generated)] per question."""
+    res = []
+    logits = dec.cache.logits
+    for qi, q in enumerate(sample.questions):
+        gen, want = [], []
+        for prompt, answer in T.segments(q):
+            for tok in prompt:
+                logits = dec.step(tok)
+            for a in answer:
+                if on_answer:
+                    on_answer(qi)
+                nxt = int(logits.argmax())
+                gen.append(nxt)
+                want.append(a)
+                logits = dec.step(nxt)
+        logits = dec.step(T.SEP)
+        res.append((gen == want, gen))
+    return res
+
+
+def decode_steps(sample):
+    return sum(sum(len(p) + len(a) for p, a in T.segments(q)) + 1 for q in sample.questions)
+
+
+def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass):
+    """One session: prefill the haystack, ask its questions. Returns a dict of results."""
+    tokens = cache.tokens
+    pages, keys = prefill_arrays(model, cache, tokens)
+    steps = decode_steps(sample)
+    mode = "dense" if policy == "dense" else "sparse"
+    client.open(sid, spec, mode=mode, budget=cap if mode == "sparse" else 1.0,
+                policy="default" if policy == "dense" else policy, max_tokens=tokens + steps,
+                oracle_page_mass=oracle_mass if policy == "oracle" else None)
+    try:
+        client.prefill(sid, spec, pages, tokens, keys)
+        resident = []
+        with client.stream() as st:
+            wa = WorkerAttention(st, sid, model, _clone(cache))
+            dec = Decoder(model, wa.cache, global_attend=wa)
+
+            def probe(qi):
+                need = sorted({n // PAGE for n in sample.questions[qi][2]})
+                r = client.stats(sid, probe_pages=need)["probe_resident"]
+                resident.append(all(r))
+            res = ask(dec, sample, probe)
+        stats = client.stats(sid)
+    finally:
+        client.close(sid, delete_pages=True)
+    return {"correct": [r[0] for r in res], "generated": [r[1] for r in res], "recall": float(np.mean(wa.recall)),
+            "needle_resident": float(np.mean(resident)) if resident else 1.0,
+            "footprint": stats["footprint"], "stalls": stats["stalls"], "steps": stats["steps"],
+            "surprise_fetches": stats["surprise_fetches"], "seconds": wa.seconds,
+            "decode_steps": wa.step, "tau": stats["tau"]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="hybrid4,single1")
+    ap.add_argument("--tasks", default=",".join(T.TASKS))
+    ap.add_argument("--policies", default="dense,oracle,model_query,quest,sink_recency,recency,random")
+    ap.add_argument("--caps", default="0.02,0.05,0.1", help="footprint caps of the sparse policies")
+    ap.add_argument("--contexts", default="16384,65536,131072")
+    ap.add_argument("--n", type=int, default=100, help="questions per cell")
+    ap.add_argument("--per_haystack", type=int, default=10, help="questions asked of one haystack")
+    ap.add_argument("--target", help="decode worker HOST:PORT; default: start the all-in-one")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI: 4K context, 4 questions per task, dense/model_query/quest at 10 %%")
+    ap.add_argument("--check", action="store_true",
+                    help="fail unless the worker's dense answers equal torch's on every question")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--plots", help="write a plot per task (accuracy vs footprint) here")
+    ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fm-eval-cache"))
+    ap.add_argument("--zoo", default=os.path.join(HERE, "zoo", "models"))
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    if a.quick:
+        a.contexts, a.n, a.per_haystack, a.caps = "4096", 4, 4, "0.1"
+        a.policies = "dense,model_query,quest"
+    torch.set_num_threads(a.threads)
+    os.makedirs(a.cache, exist_ok=True)
+    models = a.models.split(",")
+    tasks = a.tasks.split(",")
+    policies = a.policies.split(",")
+    caps = [float(c) for c in a.caps.split(",")]
+    contexts = [int(c) for c in a.contexts.split(",")]
+    for p in policies:
+        if p not in POLICIES:
+            sys.exit(f"unknown policy {p}; one of {POLICIES}")
+
+    server, target = None, a.target
+    tmp = tempfile.mkdtemp(prefix="fm-eval-")
+    if not target:
+        server, target = start_server(tmp, "2GiB", "4GiB")
+    client = DecodeClient(target, timeout=600)
+    rows, mismatches = [], 0
+    t_start = time.time()
+    try:
+        for mname in models:
+            path = os.path.join(a.zoo, f"{mname}.safetensors")
+            model, _ = load_model(path)
+            mhash = model_hash(path)
+            spec = spec_for(model)
+            for task in tasks:
+                per = 1 if task == "passkey" else a.per_haystack
+                for ctx in contexts:
+                    hays = -(-a.n // per)
+                    cells = [(p, c) for p in policies for c in ([1.0] if p == "dense" else caps)]
+                    prog = Progress(hays * (1 + len(cells)), f"{mname} {task} {ctx // 1024}K")
+                    acc = {cell: [] for cell in cells}
+                    torch_ok = []
+                    for h in range(hays):
+                        nq = min(per, a.n - h * per)
+                        sample, cache = haystack(model, mhash, task, ctx, h, nq, a.cache)
+                        ref = DenseRecorder(model, _clone(cache), cache.tokens)
+                        res = ask(Decoder(model, ref.cache, global_attend=ref), sample)
+                        torch_ok += [r[0] for r in res]
+                        prog.tick("torch")
+                        for cell in cells:
+                            pol, cap = cell
+                            sid = f"eval-{mname}-{task}-{ctx}-{h}-{pol}-{cap}"
+                            r = run_cell(client, model, spec, sample, cache, pol, cap, sid,
+                                         ref.mass)
+                            acc[cell].append(r)
+                            if pol == "dense":
+                                mismatches += sum(x != y for x, y in
+                                                  zip(r["generated"], [q[1] for q in res]))
+                            prog.tick(f"{pol} {cap}")
+                    t_em = float(np.mean(torch_ok))
+                    for (pol, cap), rs in acc.items():
+                        correct = sum(sum(r["correct"]) for r in rs)
+                        n = sum(len(r["correct"]) for r in rs)
+                        lo, hi = wilson(correct, n)
+                        steps = sum(r["decode_steps"] for r in rs)
+                        rows.append({
+                            "model": mname, "task": task, "kind": T.KIND[task], "policy": pol,
+                            "cap": cap, "context": ctx, "n": n, "exact_match": correct / n,
+                            "exact_match_lo": lo, "exact_match_hi": hi,
+                            "mass_recall": float(np.mean([r["recall"] for r in rs])),
+                            "needle_resident": float(np.mean([r["needle_resident"] for r in rs])),
+                            "footprint": float(np.mean([r["footprint"] for r in rs])),
+                            "stall_fraction": sum(r["stalls"] for r in rs) / max(1, steps),
+                            "tokens_per_s": steps / max(1e-9, sum(r["seconds"] for r in rs)),
+                            "surprise_fetches": sum(r["surprise_fetches"] for r in rs),
+                            "tau": rs[0]["tau"], "torch_dense_exact_match": t_em})
+                        print_row(rows[-1])
+    finally:
+        if server:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"{len(rows)} cells in {time.time() - t_start:.0f} s; dense through the worker "
+          f"generated other tokens than torch on {mismatches} questions")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if a.plots:
+        plot(rows, a.plots)
+    if a.check and mismatches:
+        sys.exit(1)
+
+
+HEADER = False
+
+
+def print_row(r):
+    global HEADER
+    if not HEADER:
+        print(f"{'model':8s} {'task':10s} {'ctx':>5s} {'policy':12s} {'cap':>5s} {'n':>4s} "
+              f"{'exact':>6s} {'95% CI':>13s} {'torch':>6s} {'recall':>7s} {'needle':>6s} "
+              f"{'footpr':>6s} {'stalls':>6s} {'tok/s':>7s} {'miss':>5s}")
+        HEADER = True
+    print(f"{r['model']:8s} {r['task']:10s} {r['context'] // 1024:4d}K {r['policy']:12s} "
+          f"{r['cap']:5.2f} {r['n']:4d} {r['exact_match']:6.3f} "
+          f"[{r['exact_match_lo']:.2f}, {r['exact_match_hi']:.2f}] "
+          f"{r['torch_dense_exact_match']:6.3f} {r['mass_recall']:7.4f} "
+          f"{r['needle_resident']:6.3f} {r['footprint']:6.3f} {r['stall_fraction']:6.3f} "
+          f"{r['tokens_per_s']:7.1f} {r['surprise_fetches']:5d}", flush=True)
+
+
+def plot(rows, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    for task in sorted({r["task"] for r in rows}):
+        sub = [r for r in rows if r["task"] == task]
+        models = sorted({r["model"] for r in sub})
+        ctxs = sorted({r["context"] for r in sub})
+        fig, axes = plt.subplots(len(models), len(ctxs), figsize=(4.5 * len(ctxs), 3.6 * len(models)),
+                                 squeeze=False)
+        for i, m in enumerate(models):
+            for j, c in enumerate(ctxs):
+                ax = axes[i][j]
+                cell = [r for r in sub if r["model"] == m and r["context"] == c]
+                for pol in POLICIES:
+                    pts = sorted((r["footprint"], r["exact_match"]) for r in cell if r["policy"] == pol)
+                    if not pts:
+                        continue
+                    if pol == "dense":
+                        ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
+                        continue
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+                ax.set_title(f"{m} {task} {c // 1024}K")
+                ax.set_xlabel("footprint (resident / full KV)")
+                ax.set_ylabel("exact match")
+                ax.set_ylim(-0.02, 1.02)
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"accuracy_{task}.png"), dpi=90)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

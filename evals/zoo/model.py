@@ -1,0 +1,291 @@
+"""The model zoo's decoder-only transformers (PyTorch, CPU).
+
+Hybrid local/global attention, the layout of long-context models that serve from a sparse
+KV cache (Gemma 2/3, Llama 4's iRoPE, Command R7B):
+
+- local layers: sliding-window attention (window `window`) with RoPE. They only ever read
+  the last `window` tokens, so the engine (the client) keeps their small cache itself.
+- global layers: causal attention over the whole history, no position encoding (NoPE) and a
+  length-aware query scale (SSMax, Nakanishi 2025: q_h <- s_h * log(t + 1) * q_h) so that a
+  match keeps its share of the softmax as the context grows from the training length to
+  128K. These are the layers FlashMemory serves: their K/V are the pages, their queries go
+  through the per-layer stream.
+- GQA in every attention layer; K and V rounded to bf16 (the KV cache dtype), so the served
+  cache holds exactly the values the model computes with.
+
+A forward pass over a long context is chunked (queries in blocks, scores never larger than
+~256 MB), and `prefill` returns the caches an incremental `Decoder` continues from.
+"""
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    vocab: int = 96
+    d_model: int = 128
+    layers: list = field(default_factory=lambda: ["local", "global", "local", "global"])
+    q_heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 32
+    mlp: int = 384
+    window: int = 32
+    rope_theta: float = 10000.0
+    ssmax_init_len: int = 512  # s_h starts at 1 / log(this)
+
+    @property
+    def global_layers(self):
+        return [i for i, k in enumerate(self.layers) if k == "global"]
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def bf16_round(x):
+    return x.to(torch.bfloat16).to(torch.float32)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+def rope(x, pos, theta):
+    """x [..., T, H, d], pos [T] (float)."""
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    ang = pos[:, None] * inv[None, :]  # [T, d/2]
+    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.cfg, self.kind = cfg, kind
+        hq, hk, d = cfg.q_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, hq * d, bias=False)
+        self.wk = nn.Linear(cfg.d_model, hk * d, bias=False)
+        self.wv = nn.Linear(cfg.d_model, hk * d, bias=False)
+        self.wo = nn.Linear(hq * d, cfg.d_model, bias=False)
+        if kind == "global":
+            self.ssmax = nn.Parameter(torch.full((hq,), 1.0 / math.log(cfg.ssmax_init_len)))
+
+    def qkv(self, x, pos):
+        """x [B, T, D], pos [T] absolute positions -> q [B,T,Hq,d] (scaled for the softmax
+        apart from d^-1/2), k, v [B,T,Hkv,d] (bf16-rounded)."""
+        c = self.cfg
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, c.q_heads, c.head_dim)
+        k = self.wk(x).view(B, T, c.kv_heads, c.head_dim)
+        v = self.wv(x).view(B, T, c.kv_heads, c.head_dim)
+        if self.kind == "local":
+            q, k = rope(q, pos, c.rope_theta), rope(k, pos, c.rope_theta)
+        else:
+            q = q * (torch.log(pos + 1.0)[:, None, None] * self.ssmax[None, :, None])
+        return q, bf16_round(k), bf16_round(v)
+
+
+def attend(q, k, v, q_pos, k_pos, window=None):
+    """Causal (optionally windowed) GQA attention. q [B,Tq,Hq,d]; k, v [B,Tk,Hkv,d].
+    Returns out [B,Tq,Hq,d]."""
+    B, Tq, Hq, d = q.shape
+    Hk = k.shape[2]
+    g = Hq // Hk
+    # Contiguous operands: torch 1.13's bmm is ~50x slower on strided ones.
+    qh = q.permute(0, 2, 1, 3).contiguous()
+    kt = k.permute(0, 2, 3, 1).repeat_interleave(g, dim=1).contiguous()  # [B,Hq,d,Tk]
+    vh = v.permute(0, 2, 1, 3).repeat_interleave(g, dim=1).contiguous()
+    s = torch.matmul(qh, kt) * (d ** -0.5)  # [B,Hq,Tq,Tk]
+    mask = k_pos[None, :] > q_pos[:, None]
+    if window is not None:
+        mask = mask | (k_pos[None, :] <= q_pos[:, None] - window)
+    s = s.masked_fill(mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p.contiguous(), vh).permute(0, 2, 1, 3)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.kind = kind
+        self.n1, self.n2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, kind)
+        # Canon layer (Allen-Zhu, Physics of LMs 4.1): a causal depthwise conv of width 4 on
+        # the block's input, so that a token sees its predecessors without first learning
+        # a previous-token head; it speeds up learning recall and multi-hop several-fold.
+        self.canon = nn.Parameter(torch.zeros(cfg.d_model, 4))
+        self.up = nn.Linear(cfg.d_model, 2 * cfg.mlp, bias=False)
+        self.down = nn.Linear(cfg.mlp, cfg.d_model, bias=False)
+
+    def mix(self, x, prev=None):
+        """x [B, T, D] plus the canon conv over it; prev [B, 3, D] are the three inputs
+        before x (zeros at the start)."""
+        B, T, D = x.shape
+        if prev is None:
+            prev = x.new_zeros(B, 3, D)
+        xp = torch.cat([prev, x], 1)
+        out = x.clone()
+        for j in range(4):  # tap j reads the input j tokens back
+            out = out + xp[:, 3 - j: 3 - j + T] * self.canon[:, j]
+        return out
+
+    def mlp(self, x):
+        a, b = self.up(self.n2(x)).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.emb = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.blocks = nn.ModuleList([Block(cfg, k) for k in cfg.layers])
+        self.norm = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+
+    def forward(self, tokens):
+        """Training forward: tokens [B, T] -> logits [B, T, V] (whole sequence at once)."""
+        T = tokens.shape[1]
+        pos = torch.arange(T, dtype=torch.float32)
+        x = self.emb(tokens)
+        for b in self.blocks:
+            x = b.mix(x)
+            q, k, v = b.attn.qkv(b.n1(x), pos)
+            w = self.cfg.window if b.kind == "local" else None
+            o = attend(q, k, v, pos, pos, w)
+            x = x + b.attn.wo(o.flatten(-2))
+            x = x + b.mlp(x)
+        return self.head(self.norm(x))
+
+    @torch.no_grad()
+    def prefill(self, tokens, progress=None):
+        """Runs a long context [T] in query blocks. Returns the Cache a Decoder continues from:
+        every global layer's K/V [T, Hkv, d] (bf16 values in fp32), every local layer's last
+        `window` K/V, and the logits of the last token."""
+        c = self.cfg
+        T = tokens.shape[0]
+        pos = torch.arange(T, dtype=torch.float32)
+        x = self.emb(tokens)[None]
+        cache = Cache(c, T)
+        for li, b in enumerate(self.blocks):
+            cache.canon[li] = x[:, -3:].clone() if T >= 3 else torch.cat(
+                [x.new_zeros(1, 3 - T, c.d_model), x], 1)
+            x = b.mix(x)
+            q, k, v = b.attn.qkv(b.n1(x), pos)
+            out = torch.empty_like(q)
+            blk = max(64, min(4096, (1 << 26) // max(1, c.q_heads * T)))
+            if b.kind == "local":
+                blk = 1024
+            for s in range(0, T, blk):
+                e = min(T, s + blk)
+                k0 = max(0, s - c.window + 1) if b.kind == "local" else 0
+                w = c.window if b.kind == "local" else None
+                out[:, s:e] = attend(q[:, s:e], k[:, k0:e], v[:, k0:e], pos[s:e], pos[k0:e], w)
+                if progress:
+                    progress((li + e / T) / len(self.blocks))
+            x = x + b.attn.wo(out.flatten(-2))
+            x = x + b.mlp(x)
+            if b.kind == "global":
+                cache.k[li], cache.v[li] = k[0].clone(), v[0].clone()
+            else:
+                cache.k[li], cache.v[li] = k[0, -c.window:].clone(), v[0, -c.window:].clone()
+        cache.logits = self.head(self.norm(x[0, -1]))
+        return cache
+
+
+class Cache:
+    """What a decoder carries between steps: per layer K/V (global: whole history, local:
+    the window), and the position of the next token."""
+
+    def __init__(self, cfg, tokens):
+        self.k, self.v = {}, {}
+        self.canon = {}  # layer -> the last three inputs of its canon conv [1, 3, D]
+        self.tokens = tokens
+        self.logits = None
+
+
+class Decoder:
+    """Incremental decoding, one token at a time. `global_attend(layer, q, k, v)` computes a
+    global layer's attention for the new token: q [Hq, d] (SSMax-scaled), k, v [Hkv, d] of
+    the new token; it returns out [Hq, d]. The default is dense attention over `cache` in
+    torch (the reference); the evaluation passes the FlashMemory stream instead."""
+
+    def __init__(self, model, cache, global_attend=None, keep_global=True):
+        self.m, self.cache = model, cache
+        self.global_attend = global_attend or self._dense
+        self.keep_global = keep_global
+        self.captured = {}  # layer -> (q, k) of the last step, for index keys and queries
+
+    def _dense(self, li, q, k, v):
+        c = self.cache
+        c.k[li] = torch.cat([c.k[li], k[None]], 0)
+        c.v[li] = torch.cat([c.v[li], v[None]], 0)
+        T = c.k[li].shape[0]
+        pos = torch.arange(T, dtype=torch.float32)
+        return attend(q[None, None], c.k[li][None], c.v[li][None], pos[-1:], pos)[0, 0]
+
+    @torch.no_grad()
+    def step(self, token):
+        m, c, cfg = self.m, self.cache, self.m.cfg
+        t = c.tokens
+        pos = torch.tensor([float(t)])
+        x = m.emb(torch.tensor([[token]]))
+        for li, b in enumerate(m.blocks):
+            prev = c.canon[li]
+            c.canon[li] = torch.cat([prev, x], 1)[:, -3:]
+            x = b.mix(x, prev)
+            q, k, v = b.attn.qkv(b.n1(x), pos)
+            q, k, v = q[0, 0], k[0, 0], v[0, 0]
+            if b.kind == "local":
+                kk = torch.cat([c.k[li], k[None]], 0)[-cfg.window:]
+                vv = torch.cat([c.v[li], v[None]], 0)[-cfg.window:]
+                c.k[li], c.v[li] = kk, vv
+                n = kk.shape[0]
+                kp = torch.arange(t - n + 1, t + 1, dtype=torch.float32)
+                o = attend(q[None, None], kk[None], vv[None], pos, kp, cfg.window)[0, 0]
+            else:
+                self.captured[li] = (q, k)
+                o = self.global_attend(li, q, k, v)
+            x = x + b.attn.wo(o.flatten()[None, None])
+            x = x + b.mlp(x)
+        c.tokens += 1
+        c.logits = m.head(m.norm(x[0, 0]))
+        return c.logits
+
+
+def save_model(model, path, extra_meta=None):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "trainer"))
+    from fm_trace import save_safetensors
+    tensors = {k: v.detach().numpy().astype("float32") for k, v in model.state_dict().items()}
+    meta = {"config": json.dumps(model.cfg.to_dict())}
+    meta.update(extra_meta or {})
+    save_safetensors(path, tensors, meta)
+
+
+def load_model(path):
+    import json
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "trainer"))
+    from fm_trace import load_safetensors
+    t, meta = load_safetensors(path)
+    cfg = ModelConfig(**json.loads(meta["config"]))
+    m = Transformer(cfg)
+    m.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in t.items()})
+    m.eval()
+    return m, meta
