@@ -2,7 +2,7 @@
 # Trains a shipped indexer checkpoint: SPEC=bench (default) -> models/lsa-bench.safetensors,
 # SPEC=long -> models/lsa-long.safetensors. Generates training traces (seeds 1000.. and
 # 3000..) and validation traces (seeds 2000..) with fmctl gen, then runs the PyTorch
-# trainer. About 20 minutes on 2 cores.
+# trainer with its defaults (trainer/train_indexer.py). About 20-40 minutes on 2 cores.
 # Evaluation (fm-bench indexer) uses other seeds (900001..). WORK=DIR keeps the traces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +17,5 @@ build/bin/fmctl gen --spec "$SPEC" --tokens 65536 --steps 512 --seed 3000 --coun
 build/bin/fmctl gen --spec "$SPEC" --tokens 32768 --steps 512 --seed 2000 --count 6 --tau 64 \
   --out "$WORK" | tail -1
 /usr/bin/python3 trainer/train_indexer.py --train "$WORK/$SPEC-*-s[13]*.safetensors" \
-  --val "$WORK/$SPEC-*-s2*.safetensors" --out "$OUT" --epochs 8 --loss focal --page-loss 2.0
+  --val "$WORK/$SPEC-*-s2*.safetensors" --out "$OUT"
 ((KEEP)) || rm -rf "$WORK"

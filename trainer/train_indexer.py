@@ -8,7 +8,12 @@ is max over index layers of sigmoid(sum_h w_h relu(q_h . k_c)); binary cross-ent
 focal loss, plus a page-level term (a page scores as its best chunk and is positive when any
 chunk is) that keeps lone positives such as needles from being diluted. Validation on held-out traces: precision, recall, F1 at theta = 0.5 and
 recall@budget (positives in the pages the page selection keeps at the budget); early
-stopping on validation recall@budget (or F1). Exports safetensors that fm-indexer loads (LoadWeights).
+stopping on validation recall@budget (or F1), never inside the learning-rate warm-up.
+Without --val, a tenth of the training traces (at least one, chosen by --seed) is held out.
+Exports safetensors that fm-indexer loads (LoadWeights), unless the best tower is
+degenerate (validation precision and recall both 0, or a score that does not vary over
+chunks): then it says why and exits with status 2 (--allow-degenerate exports it anyway).
+scripts/train_indexer.sh uses these defaults as they are.
 
   /usr/bin/python3 trainer/train_indexer.py --train 'traces/train-*.safetensors' \
       --val 'traces/val-*.safetensors' --out models/lsa-bench.safetensors
@@ -115,34 +120,77 @@ def evaluate(tower, data, budget, theta=0.5):
     return {"precision": prec, "recall": rec, "f1": f1, "recall_at_budget": rec_b / max(1, n_b)}
 
 
+def score_spread(tower, data):
+    """The largest standard deviation of the chunk scores within one validation cycle: 0 for
+    a tower whose score is constant or tied over the chunks."""
+    spread = 0.0
+    with torch.no_grad():
+        for it in data.items:
+            z = torch.sigmoid(chunk_scores(tower, it).max(0).values)
+            if z.numel() > 1:
+                spread = max(spread, float(z.std()))
+    return spread
+
+
+def degenerate(metrics, spread):
+    """Why a tower with these validation metrics and score spread must not be served, or
+    None."""
+    if metrics["precision"] == 0 and metrics["recall"] == 0:
+        return ("validation precision and recall are 0 at theta 0.5: the tower keeps no "
+                "labelled chunk (more traces, more epochs, or check the labels)")
+    if spread < 1e-6:
+        return "the tower's score does not vary over the chunks of any validation cycle"
+    return None
+
+
+def split(paths, seed):
+    """(train, validation) paths: a tenth of the traces, at least one, held out."""
+    if len(paths) < 2:
+        sys.exit("need at least 2 traces to hold one out for validation (or pass --val)")
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(len(paths), size=max(1, len(paths) // 10), replace=False).tolist())
+    return ([p for i, p in enumerate(paths) if i not in held],
+            [p for i, p in enumerate(paths) if i in held])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train", required=True, help="glob of training traces")
-    ap.add_argument("--val", required=True, help="glob of validation traces (other seeds)")
+    ap.add_argument("--val", help="glob of validation traces (other sessions of the same trace "
+                    "mode); default: a tenth of the training traces")
     ap.add_argument("--out", required=True, help="weights file to write (safetensors)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8, help="cycles per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--negatives", type=int, default=3, help="sampled negatives per positive")
-    ap.add_argument("--loss", choices=["bce", "focal"], default="bce")
+    ap.add_argument("--loss", choices=["bce", "focal"], default="focal")
     ap.add_argument("--gamma", type=float, default=2.0, help="focal loss exponent")
     ap.add_argument("--patience", type=int, default=5, help="epochs without a better validation score")
     ap.add_argument("--select", choices=["recall_at_budget", "f1"], default="recall_at_budget",
                     help="validation score that picks the exported epoch and stops early")
     ap.add_argument("--budget", type=float, default=0.1)
-    ap.add_argument("--page-loss", type=float, default=1.0,
+    ap.add_argument("--page-loss", type=float, default=2.0,
                     help="weight of the page-level term (0 = chunk-level loss only)")
     ap.add_argument("--dtype", choices=["f32", "f16"], default="f16", help="exported weights")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--allow-degenerate", action="store_true",
+                    help="export even a tower that separates nothing (for tests of the export)")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)
-    train_paths, val_paths = sorted(glob.glob(a.train)), sorted(glob.glob(a.val))
-    if not train_paths or not val_paths:
-        sys.exit(f"no traces match {a.train!r} or {a.val!r}")
+    train_paths = sorted(glob.glob(a.train))
+    if not train_paths:
+        sys.exit(f"no traces match {a.train!r}")
+    if a.val:
+        val_paths = sorted(glob.glob(a.val))
+        if not val_paths:
+            sys.exit(f"no traces match {a.val!r}")
+    else:
+        train_paths, val_paths = split(train_paths, a.seed)
+        print(f"validation: {len(val_paths)} of the training traces held out", flush=True)
     t0 = time.time()
     train, val = Cycles(train_paths), Cycles(val_paths)
     t = train.traces[0]
@@ -155,7 +203,9 @@ def main():
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * steps_per_epoch,
                                                 pct_start=0.1)
     gen = torch.Generator().manual_seed(a.seed)
-    best_score, best_state, stale = -1.0, None, 0
+    # Early stopping counts only epochs after the warm-up (OneCycle's first 10 %).
+    warm_epochs = math.ceil(0.1 * a.epochs)
+    best_score, best_state, best_m, stale = -1.0, None, None, 0
     for epoch in range(a.epochs):
         perm = torch.randperm(len(train), generator=gen).tolist()
         total, steps = 0.0, 0
@@ -186,14 +236,20 @@ def main():
               f"recall {m['recall']:.3f} F1 {m['f1']:.3f} recall@{a.budget:g} {m['recall_at_budget']:.3f}"
               f"  ({time.time() - t0:.0f} s)", flush=True)
         if m[a.select] > best_score + 1e-4:
-            best_score, stale = m[a.select], 0
+            best_score, best_m, stale = m[a.select], m, 0
             best_state = {k: v.clone() for k, v in tower.state_dict().items()}
-        else:
+        elif epoch + 1 > warm_epochs:
             stale += 1
             if stale >= a.patience:
                 print(f"early stop: no better validation {a.select} for {a.patience} epochs")
                 break
     tower.load_state_dict(best_state)
+    why = degenerate(best_m, score_spread(tower, val))
+    if why:
+        print(f"degenerate tower: {why}", flush=True)
+        if not a.allow_degenerate:
+            print(f"not writing {a.out}", flush=True)
+            sys.exit(2)
     tower.export(a.out, np.float16 if a.dtype == "f16" else np.float32,
                  {"spec_name": t.meta.get("spec_name", ""), "world_seed": t.meta.get("world_seed", ""),
                   f"val_{a.select}": f"{best_score:.4f}"})

@@ -37,6 +37,7 @@ class ModelConfig:
     window: int = 32
     rope_theta: float = 10000.0
     ssmax_init_len: int = 512  # s_h starts at 1 / log(this)
+    shift_embeddings: int = 0  # extra embedding tables for the tokens 1..n positions back
 
     @property
     def global_layers(self):
@@ -151,15 +152,35 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab, cfg.d_model)
+        # Shifted token embeddings: the input at t also carries the tokens at t-1..t-n, each
+        # through its own table, so a key can name the tokens before it without a learned
+        # previous-token head (fast to learn recall; the engine keeps the last n tokens).
+        self.shift = nn.ModuleList([nn.Embedding(cfg.vocab, cfg.d_model)
+                                    for _ in range(cfg.shift_embeddings)])
         self.blocks = nn.ModuleList([Block(cfg, k) for k in cfg.layers])
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+
+    def embed(self, tokens, before=None):
+        """tokens [B, T] -> [B, T, D]; before [B, n] are the tokens before them (BOS = 1 pads
+        the start)."""
+        x = self.emb(tokens)
+        n = len(self.shift)
+        if n:
+            B = tokens.shape[0]
+            if before is None:
+                before = torch.full((B, n), 1, dtype=tokens.dtype)
+            full = torch.cat([before, tokens], 1)
+            T = tokens.shape[1]
+            for j, e in enumerate(self.shift):
+                x = x + e(full[:, n - 1 - j: n - 1 - j + T])
+        return x
 
     def forward(self, tokens):
         """Training forward: tokens [B, T] -> logits [B, T, V] (whole sequence at once)."""
         T = tokens.shape[1]
         pos = torch.arange(T, dtype=torch.float32)
-        x = self.emb(tokens)
+        x = self.embed(tokens)
         for b in self.blocks:
             x = b.mix(x)
             q, k, v = b.attn.qkv(b.n1(x), pos)
@@ -177,8 +198,10 @@ class Transformer(nn.Module):
         c = self.cfg
         T = tokens.shape[0]
         pos = torch.arange(T, dtype=torch.float32)
-        x = self.emb(tokens)[None]
+        x = self.embed(tokens[None])
         cache = Cache(c, T)
+        n = c.shift_embeddings
+        cache.recent = [1] * max(0, n - T) + tokens[max(0, T - n):].tolist() if n else []
         for li, b in enumerate(self.blocks):
             cache.canon[li] = x[:, -3:].clone() if T >= 3 else torch.cat(
                 [x.new_zeros(1, 3 - T, c.d_model), x], 1)
@@ -212,6 +235,7 @@ class Cache:
     def __init__(self, cfg, tokens):
         self.k, self.v = {}, {}
         self.canon = {}  # layer -> the last three inputs of its canon conv [1, 3, D]
+        self.recent = []  # the last shift_embeddings tokens
         self.tokens = tokens
         self.logits = None
 
@@ -241,7 +265,10 @@ class Decoder:
         m, c, cfg = self.m, self.cache, self.m.cfg
         t = c.tokens
         pos = torch.tensor([float(t)])
-        x = m.emb(torch.tensor([[token]]))
+        n = cfg.shift_embeddings
+        x = m.embed(torch.tensor([[token]]), torch.tensor([c.recent]) if n else None)
+        if n:
+            c.recent = (c.recent + [token])[-n:]
         for li, b in enumerate(m.blocks):
             prev = c.canon[li]
             c.canon[li] = torch.cat([prev, x], 1)[:, -3:]

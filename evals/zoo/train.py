@@ -31,6 +31,10 @@ CONFIGS = {
     "hybrid4": ModelConfig(name="hybrid4", layers=["local", "global", "local", "global"]),
     # (b) the smallest case: one local layer and a single global attention layer
     "single1": ModelConfig(name="single1", layers=["local", "global"]),
+    # the same with shifted token embeddings (3 back)
+    "hybrid4s": ModelConfig(name="hybrid4s", layers=["local", "global", "local", "global"],
+                            shift_embeddings=3),
+    "single1s": ModelConfig(name="single1s", layers=["local", "global"], shift_embeddings=3),
 }
 
 
