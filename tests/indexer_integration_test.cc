@@ -212,6 +212,42 @@ TEST_F(IndexerProcessTest, BadInputGetsPreciseStatusesAndTheServerStaysUp) {
   EXPECT_EQ(ix->Stop(SIGTERM), 0);
 }
 
+// fmctl load-weights loads a weights file on the indexer (here the all-in-one's) and prints
+// its hash; a missing file fails with the indexer's NOT_FOUND and a non-zero exit.
+TEST_F(IndexerProcessTest, FmctlLoadsWeightsIntoARunningIndexer) {
+  auto server = Start("flashmemory", {"--data_dir", dir_ + "/data", "--ram_bytes", "64MiB",
+                                      "--slab_bytes", "8MiB"});
+  ASSERT_NE(server, nullptr);
+  const std::string w = SaveWeights();
+  auto run = [&](const std::string& file, int* status) {
+    const std::string cmd = BinDir() + "/fmctl load-weights --target " + server->target() + " " +
+                            file + " 2>&1";
+    FILE* f = popen(cmd.c_str(), "r");
+    std::string out;
+    char buf[512];
+    while (f && fgets(buf, sizeof(buf), f)) out += buf;
+    *status = f ? pclose(f) : -1;
+    return out;
+  };
+  int status = -1;
+  const std::string out = run(w, &status);
+  EXPECT_EQ(status, 0) << out;
+  auto loaded = Weights::Load(w);
+  ASSERT_THAT(loaded, IsOk());
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>((*loaded)->hash));
+  EXPECT_EQ(out, "loaded " + w + " on 1 indexer replica(s): weights hash " + hex + "\n");
+  auto ix = IndexerClient::Connect(server->target());
+  ASSERT_THAT(ix, IsOk());
+  auto st = (*ix)->Stats(0);
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->weights_hash(), (*loaded)->hash);
+  const std::string bad = run(dir_ + "/none.safetensors", &status);
+  EXPECT_NE(status, 0);
+  EXPECT_NE(bad.find("NOT_FOUND"), std::string::npos) << bad;
+  EXPECT_TRUE(server->Alive());
+}
+
 TEST_F(IndexerProcessTest, AllInOneServesKvstoreAndIndexerOnOnePort) {
   auto server =
       Start("flashmemory", {"--data_dir", dir_ + "/data", "--ram_bytes", "64MiB", "--slab_bytes",

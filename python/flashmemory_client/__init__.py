@@ -14,4 +14,4 @@ the build generates from proto/ into build/python (found through $FM_PY_PROTO, e
             for layer in range(spec.layers):              # layer l+1 needs layer l's output
                 out, lse = st.layer("s1", step, layer, q, k, v, hidden=h, index_keys=ck)
 """
-from .client import DecodeClient, DecodeError, Spec, StepStream  # noqa: F401
+from .client import DecodeClient, DecodeError, IndexerClient, Spec, StepStream  # noqa: F401

@@ -18,6 +18,7 @@ def _proto_dir():
 
 sys.path.insert(0, _proto_dir())
 from flashmemory.v1 import common_pb2, decode_pb2, decode_pb2_grpc, indexer_pb2  # noqa: E402
+from flashmemory.v1 import indexer_pb2_grpc  # noqa: E402
 
 _DTYPES = {"fp32": (common_pb2.DTYPE_FP32, 4), "fp16": (common_pb2.DTYPE_FP16, 2),
            "bf16": (common_pb2.DTYPE_BF16, 2)}
@@ -235,3 +236,30 @@ class DecodeClient:
                                     timeout=self._timeout)
         except grpc.RpcError as e:
             _raise(e)
+
+
+class IndexerClient:
+    """The indexer's admin calls (an fm-indexer replica, or the all-in-one's address)."""
+
+    def __init__(self, target, timeout=60.0):
+        self._channel = grpc.insecure_channel(target)
+        self._stub = indexer_pb2_grpc.IndexerStub(self._channel)
+        self._timeout = timeout
+
+    def load_weights(self, path):
+        """Loads lsa weights (a safetensors file the indexer can read; it replaces the set of
+        the same shape). Returns the weights hash; raises DecodeError (NOT_FOUND for a
+        missing file, INVALID_ARGUMENT for a malformed one)."""
+        try:
+            r = self._stub.LoadWeights(indexer_pb2.LoadWeightsRequest(path=path),
+                                       timeout=self._timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        return r.weights_hash
+
+    def stats(self):
+        try:
+            r = self._stub.GetStats(indexer_pb2.IndexerStatsRequest(), timeout=self._timeout)
+        except grpc.RpcError as e:
+            _raise(e)
+        return {f.name: getattr(r, f.name) for f in r.DESCRIPTOR.fields}

@@ -7,7 +7,9 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/checksum.h"
+#include "common/log.h"
 #include "common/safetensors.h"
 #include "flashmemory/kernels/quest.h"
 #include "kernels/cpu/cpu_kernels.h"
@@ -310,18 +312,34 @@ absl::Status IndexerCore::LoadWeights(const std::string& path, uint64_t* hash) {
   auto w = Weights::Load(path);
   if (!w.ok()) return w.status();
   if (hash) *hash = (*w)->hash;
-  SetWeights(*w);
+  const kernels::IndexerShape& sh = (*w)->shape;
+  const uint64_t h = (*w)->hash;
+  const uint64_t replaced = SetWeights(*w);
+  FM_LOG_INFO(
+      "indexer: loaded weights %s (hash %016llx; %u index layers x %u heads x %u dims, hidden "
+      "%u, rank %u): %s",
+      path.c_str(), static_cast<unsigned long long>(h), sh.layers, sh.heads, sh.dim, sh.hidden,
+      sh.rank,
+      replaced ? absl::StrFormat("replaced the set of hash %016llx",
+                                 static_cast<unsigned long long>(replaced))
+                     .c_str()
+               : absl::StrCat("a new shape, ", Stats().weight_sets, " sets held").c_str());
   return absl::OkStatus();
 }
 
-void IndexerCore::SetWeights(std::shared_ptr<const Weights> w) {
+uint64_t IndexerCore::SetWeights(std::shared_ptr<const Weights> w) {
   absl::MutexLock lock(&mu_);
   const kernels::IndexerShape& a = w->shape;
+  uint64_t replaced = 0;
   std::erase_if(weights_, [&](const std::shared_ptr<const Weights>& h) {
     const kernels::IndexerShape& b = h->shape;
-    return a.layers == b.layers && a.heads == b.heads && a.dim == b.dim && a.hidden == b.hidden;
+    const bool same =
+        a.layers == b.layers && a.heads == b.heads && a.dim == b.dim && a.hidden == b.hidden;
+    if (same) replaced = h->hash;
+    return same;
   });
   weights_.push_back(std::move(w));
+  return replaced;
 }
 
 std::shared_ptr<const Weights> IndexerCore::weights() const {

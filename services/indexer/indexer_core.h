@@ -115,8 +115,10 @@ class IndexerCore {
   // The core holds one set of weights per index shape (layers, heads, dim, hidden), so one
   // indexer serves models of several specs; loading weights of a shape it holds replaces
   // them (reload without restart).
+  // Logs the set it loaded (path, hash, shape) and the one it replaced.
   absl::Status LoadWeights(const std::string& path, uint64_t* hash = nullptr);
-  void SetWeights(std::shared_ptr<const Weights> w);
+  // Returns the hash of the set of the same shape it replaced (0: a new shape).
+  uint64_t SetWeights(std::shared_ptr<const Weights> w);
   // The weights loaded last (null when none).
   std::shared_ptr<const Weights> weights() const;
   // The weights that fit the spec (null when none do).

@@ -314,7 +314,7 @@ TEST(IndexerCore, WeightsRoundTripThroughSafetensors) {
   ASSERT_NE(core.WeightsFor(bench), nullptr);
   EXPECT_THAT(core.WeightsFor(bench)->Matches(bench), IsOk());
   auto w2 = RandomWeights(s->spec(), 8, 9);
-  core.SetWeights(w2);
+  EXPECT_EQ(core.SetWeights(w2), hash) << "the set it replaced";
   EXPECT_EQ(core.Stats().weight_sets, 2u);
   EXPECT_EQ(core.WeightsFor(s->spec()), w2);
   ModelSpec none = bench;
@@ -383,6 +383,37 @@ TEST(IndexerCore, ModelQueryKeepsThePagesTheModelsQueryAttendsTo) {
   EXPECT_NE(bad.status().message().find("index_dim = chunk_tokens x kv_heads x head_dim = 256"),
             std::string::npos)
       << bad.status();
+}
+
+}  // namespace
+}  // namespace fm::indexer
+
+namespace fm::indexer {
+namespace {
+
+// LoadWeights says in the log which set it loaded (path, hash, shape) and which it replaced.
+TEST(IndexerCore, LoadingWeightsLogsTheSetItLoadedAndTheOneItReplaced) {
+  auto s = MakeSession();
+  const std::string a = ::testing::TempDir() + "/wa.safetensors";
+  const std::string b = ::testing::TempDir() + "/wb.safetensors";
+  ASSERT_THAT(RandomWeights(s->spec(), 8, 5)->Save(a), IsOk());
+  ASSERT_THAT(RandomWeights(s->spec(), 8, 6)->Save(b), IsOk());
+  IndexerCore core;
+  uint64_t ha = 0, hb = 0;
+  ::testing::internal::CaptureStderr();
+  ASSERT_THAT(core.LoadWeights(a, &ha), IsOk());
+  ASSERT_THAT(core.LoadWeights(b, &hb), IsOk());
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  char hex_a[17], hex_b[17];
+  std::snprintf(hex_a, sizeof(hex_a), "%016llx", static_cast<unsigned long long>(ha));
+  std::snprintf(hex_b, sizeof(hex_b), "%016llx", static_cast<unsigned long long>(hb));
+  EXPECT_NE(log.find("loaded weights " + a + " (hash " + hex_a +
+                     "; 1 index layers x 4 heads x 64 dims, hidden 256, rank 8): a new shape, 1 "
+                     "sets held"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("loaded weights " + b + " (hash " + hex_b), std::string::npos) << log;
+  EXPECT_NE(log.find(std::string("replaced the set of hash ") + hex_a), std::string::npos) << log;
 }
 
 }  // namespace

@@ -5,6 +5,9 @@
 //                                    UCX and gRPC, show tiers, spill and throughput
 //   fmctl stats --target HOST:PORT [--session ID]
 //   fmctl delete --target HOST:PORT --session ID
+//   fmctl load-weights --target HOST:PORT[,HOST:PORT...] FILE
+//                                    load indexer weights (safetensors, a path the indexer
+//                                    reads) on every indexer replica; prints the hash
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -17,6 +20,7 @@
 #include "common/codecs.h"
 #include "common/model_spec.h"
 #include "common/status.h"
+#include "services/indexer/indexer_client.h"
 #include "services/kvstore/kv_client.h"
 #include "tools/fmctl/decode_demo.h"
 #include "workload/trace.h"
@@ -273,6 +277,12 @@ int main(int argc, char** argv) {
   auto* del = app.add_subcommand("delete", "Delete a session's pages");
   del->add_option("--target", target, "Server address")->capture_default_str();
   del->add_option("--session", session, "Session id")->required();
+  auto* lw = app.add_subcommand("load-weights",
+                                "Load indexer weights (lsa) on every indexer replica");
+  std::string weights;
+  lw->add_option("--target", target, "Indexer replicas or the all-in-one (h:p,h:p)")
+      ->capture_default_str();
+  lw->add_option("file", weights, "Weights file (safetensors) the indexer can read")->required();
   auto* gen = app.add_subcommand("gen", "Generate workload sessions and write them as traces");
   uint32_t steps = 256;
   uint64_t seed = 1;
@@ -317,6 +327,15 @@ int main(int argc, char** argv) {
   if (ddemo->parsed()) return fm::fmctl::DecodeDemo(dd);
   if (demo->parsed()) return Demo(target, spec, tokens, session);
   if (stats->parsed()) return Stats(target, stats->count("--session") ? session : "");
+  if (lw->parsed()) {
+    auto client = fm::indexer::IndexerClient::Connect(target);
+    if (!client.ok()) return Fail(client.status());
+    auto hash = (*client)->LoadWeights(weights);
+    if (!hash.ok()) return Fail(hash.status());
+    std::printf("loaded %s on %zu indexer replica(s): weights hash %016llx\n", weights.c_str(),
+                (*client)->replicas().size(), static_cast<unsigned long long>(*hash));
+    return 0;
+  }
   if (del->parsed()) {
     fm::KvClientOptions co;
     co.use_ucx = false;
