@@ -140,7 +140,7 @@ def decode_steps(sample):
     return sum(sum(len(p) + len(a) for p, a in T.segments(q)) + 1 for q in sample.questions)
 
 
-def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass):
+def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass, miss_ratio=0.0):
     """One session: prefill the haystack, ask its questions. Returns a dict of results."""
     tokens = cache.tokens
     pages, keys = prefill_arrays(model, cache, tokens)
@@ -148,7 +148,8 @@ def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass):
     mode = "dense" if policy == "dense" else "sparse"
     client.open(sid, spec, mode=mode, budget=cap if mode == "sparse" else 1.0,
                 policy="default" if policy == "dense" else policy, max_tokens=tokens + steps,
-                oracle_page_mass=oracle_mass if policy == "oracle" else None)
+                oracle_page_mass=oracle_mass if policy == "oracle" else None,
+                miss_ratio=miss_ratio if mode == "sparse" else 0.0)
     try:
         client.prefill(sid, spec, pages, tokens, keys)
         resident = []
@@ -168,6 +169,8 @@ def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass):
             "needle_resident": float(np.mean(resident)) if resident else 1.0,
             "footprint": stats["footprint"], "stalls": stats["stalls"], "steps": stats["steps"],
             "surprise_fetches": stats["surprise_fetches"], "seconds": wa.seconds,
+            "miss_fires": stats["miss_fires"], "miss_checks": stats["miss_checks"],
+            "pages_fetched": stats["pages_fetched"],
             "decode_steps": wa.step, "tau": stats["tau"]}
 
 
@@ -180,6 +183,8 @@ def main():
     ap.add_argument("--contexts", default="16384,65536,131072")
     ap.add_argument("--n", type=int, default=100, help="questions per cell")
     ap.add_argument("--per_haystack", type=int, default=10, help="questions asked of one haystack")
+    ap.add_argument("--miss_ratios", default="0,1",
+                    help="the sessions' miss check thresholds to run each sparse cell with (0 = off)")
     ap.add_argument("--target", help="decode worker HOST:PORT; default: start the all-in-one")
     ap.add_argument("--quick", action="store_true",
                     help="CI: 4K context, 4 questions per task, dense/model_query/quest at 10 %%")
@@ -194,6 +199,7 @@ def main():
     if a.quick:
         a.contexts, a.n, a.per_haystack, a.caps = "4096", 4, 4, "0.1"
         a.policies = "dense,model_query,quest"
+        a.miss_ratios = "1"
     torch.set_num_threads(a.threads)
     os.makedirs(a.cache, exist_ok=True)
     models = a.models.split(",")
@@ -201,6 +207,7 @@ def main():
     policies = a.policies.split(",")
     caps = [float(c) for c in a.caps.split(",")]
     contexts = [int(c) for c in a.contexts.split(",")]
+    ratios = [float(r) for r in a.miss_ratios.split(",")]
     for p in policies:
         if p not in POLICIES:
             sys.exit(f"unknown policy {p}; one of {POLICIES}")
@@ -222,7 +229,9 @@ def main():
                 per = 1 if task == "passkey" else a.per_haystack
                 for ctx in contexts:
                     hays = -(-a.n // per)
-                    cells = [(p, c) for p in policies for c in ([1.0] if p == "dense" else caps)]
+                    cells = [(p, c, r) for p in policies
+                             for c in ([1.0] if p == "dense" else caps)
+                             for r in ([0.0] if p == "dense" else ratios)]
                     prog = Progress(hays * (1 + len(cells)), f"{mname} {task} {ctx // 1024}K")
                     acc = {cell: [] for cell in cells}
                     torch_ok = []
@@ -234,24 +243,25 @@ def main():
                         torch_ok += [r[0] for r in res]
                         prog.tick("torch")
                         for cell in cells:
-                            pol, cap = cell
-                            sid = f"eval-{mname}-{task}-{ctx}-{h}-{pol}-{cap}"
+                            pol, cap, ratio = cell
+                            sid = f"eval-{mname}-{task}-{ctx}-{h}-{pol}-{cap}-{ratio}"
                             r = run_cell(client, model, spec, sample, cache, pol, cap, sid,
-                                         ref.mass)
+                                         ref.mass, ratio)
                             acc[cell].append(r)
                             if pol == "dense":
                                 mismatches += sum(x != y for x, y in
                                                   zip(r["generated"], [q[1] for q in res]))
-                            prog.tick(f"{pol} {cap}")
+                            prog.tick(f"{pol} {cap} {ratio}")
                     t_em = float(np.mean(torch_ok))
-                    for (pol, cap), rs in acc.items():
+                    for (pol, cap, ratio), rs in acc.items():
                         correct = sum(sum(r["correct"]) for r in rs)
                         n = sum(len(r["correct"]) for r in rs)
                         lo, hi = wilson(correct, n)
                         steps = sum(r["decode_steps"] for r in rs)
                         rows.append({
                             "model": mname, "task": task, "kind": T.KIND[task], "policy": pol,
-                            "cap": cap, "context": ctx, "n": n, "exact_match": correct / n,
+                            "cap": cap, "miss_ratio": ratio, "context": ctx, "n": n,
+                            "exact_match": correct / n,
                             "exact_match_lo": lo, "exact_match_hi": hi,
                             "mass_recall": float(np.mean([r["recall"] for r in rs])),
                             "needle_resident": float(np.mean([r["needle_resident"] for r in rs])),
@@ -259,6 +269,9 @@ def main():
                             "stall_fraction": sum(r["stalls"] for r in rs) / max(1, steps),
                             "tokens_per_s": steps / max(1e-9, sum(r["seconds"] for r in rs)),
                             "surprise_fetches": sum(r["surprise_fetches"] for r in rs),
+                            "miss_fire_rate": sum(r["miss_fires"] for r in rs) /
+                            max(1, sum(r["miss_checks"] for r in rs)),
+                            "fetched_mb": sum(r["pages_fetched"] for r in rs) * spec.page_bytes / 2**20,
                             "tau": rs[0]["tau"], "torch_dense_exact_match": t_em})
                         print_row(rows[-1])
     finally:
@@ -282,16 +295,16 @@ HEADER = False
 def print_row(r):
     global HEADER
     if not HEADER:
-        print(f"{'model':8s} {'task':10s} {'ctx':>5s} {'policy':12s} {'cap':>5s} {'n':>4s} "
+        print(f"{'model':8s} {'task':10s} {'ctx':>5s} {'policy':12s} {'cap':>5s} {'miss':>4s} {'n':>4s} "
               f"{'exact':>6s} {'95% CI':>13s} {'torch':>6s} {'recall':>7s} {'needle':>6s} "
-              f"{'footpr':>6s} {'stalls':>6s} {'tok/s':>7s} {'miss':>5s}")
+              f"{'footpr':>6s} {'stalls':>6s} {'tok/s':>7s} {'fires':>6s} {'MB':>6s}")
         HEADER = True
     print(f"{r['model']:8s} {r['task']:10s} {r['context'] // 1024:4d}K {r['policy']:12s} "
-          f"{r['cap']:5.2f} {r['n']:4d} {r['exact_match']:6.3f} "
+          f"{r['cap']:5.2f} {r['miss_ratio']:4g} {r['n']:4d} {r['exact_match']:6.3f} "
           f"[{r['exact_match_lo']:.2f}, {r['exact_match_hi']:.2f}] "
           f"{r['torch_dense_exact_match']:6.3f} {r['mass_recall']:7.4f} "
           f"{r['needle_resident']:6.3f} {r['footprint']:6.3f} {r['stall_fraction']:6.3f} "
-          f"{r['tokens_per_s']:7.1f} {r['surprise_fetches']:5d}", flush=True)
+          f"{r['tokens_per_s']:7.1f} {r['miss_fire_rate']:6.3f} {r['fetched_mb']:6.1f}", flush=True)
 
 
 def plot(rows, out_dir):
@@ -310,13 +323,17 @@ def plot(rows, out_dir):
                 ax = axes[i][j]
                 cell = [r for r in sub if r["model"] == m and r["context"] == c]
                 for pol in POLICIES:
-                    pts = sorted((r["footprint"], r["exact_match"]) for r in cell if r["policy"] == pol)
-                    if not pts:
-                        continue
-                    if pol == "dense":
-                        ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
-                        continue
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pol)
+                    for ratio in sorted({r["miss_ratio"] for r in cell}):
+                        pts = sorted((r["footprint"], r["exact_match"]) for r in cell
+                                     if r["policy"] == pol and r["miss_ratio"] == ratio)
+                        if not pts:
+                            continue
+                        if pol == "dense":
+                            ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
+                            continue
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                                ls="-" if ratio == 0 else ":",
+                                label=pol + (f" +miss {ratio:g}" if ratio else ""))
                 ax.set_title(f"{m} {task} {c // 1024}K")
                 ax.set_xlabel("footprint (resident / full KV)")
                 ax.set_ylabel("exact match")

@@ -194,7 +194,9 @@ class Transformer(nn.Module):
     def prefill(self, tokens, progress=None):
         """Runs a long context [T] in query blocks. Returns the Cache a Decoder continues from:
         every global layer's K/V [T, Hkv, d] (bf16 values in fp32), every local layer's last
-        `window` K/V, and the logits of the last token."""
+        `window` K/V, and the logits of the last token. Past the last global layer only the
+        last token's path is computed: nothing later reads the others (the served layers' K/V
+        come from their inputs), so the last global layer costs O(T), not O(T^2)."""
         c = self.cfg
         T = tokens.shape[0]
         pos = torch.arange(T, dtype=torch.float32)
@@ -202,30 +204,76 @@ class Transformer(nn.Module):
         cache = Cache(c, T)
         n = c.shift_embeddings
         cache.recent = [1] * max(0, n - T) + tokens[max(0, T - n):].tolist() if n else []
+        last_global = max(c.global_layers)
         for li, b in enumerate(self.blocks):
-            cache.canon[li] = x[:, -3:].clone() if T >= 3 else torch.cat(
-                [x.new_zeros(1, 3 - T, c.d_model), x], 1)
+            cache.canon[li] = x[:, -3:].clone() if x.shape[1] >= 3 else torch.cat(
+                [x.new_zeros(1, 3 - x.shape[1], c.d_model), x], 1)
             x = b.mix(x)
-            q, k, v = b.attn.qkv(b.n1(x), pos)
-            out = torch.empty_like(q)
-            blk = max(64, min(4096, (1 << 26) // max(1, c.q_heads * T)))
-            if b.kind == "local":
-                blk = 1024
-            for s in range(0, T, blk):
-                e = min(T, s + blk)
-                k0 = max(0, s - c.window + 1) if b.kind == "local" else 0
-                w = c.window if b.kind == "local" else None
-                out[:, s:e] = attend(q[:, s:e], k[:, k0:e], v[:, k0:e], pos[s:e], pos[k0:e], w)
-                if progress:
-                    progress((li + e / T) / len(self.blocks))
-            x = x + b.attn.wo(out.flatten(-2))
-            x = x + b.mlp(x)
+            q, k, v = b.attn.qkv(b.n1(x), pos[-x.shape[1]:])
             if b.kind == "global":
                 cache.k[li], cache.v[li] = k[0].clone(), v[0].clone()
             else:
                 cache.k[li], cache.v[li] = k[0, -c.window:].clone(), v[0, -c.window:].clone()
+            if li >= last_global:
+                # Only the last `keep` tokens go on: enough for the windows of the local layers
+                # after the last global one (none in the zoo) to reach the last token.
+                keep = min(x.shape[1], (len(self.blocks) - last_global) * (c.window + 3))
+                first = T - keep
+                if b.kind == "global":
+                    out = causal_attention(q[:, -keep:], k, v, first)
+                else:
+                    off = T - x.shape[1]  # x holds positions [off, T)
+                    out = attend(q[:, -keep:], k, v, pos[first:], pos[off:], c.window)
+                x = x[:, -keep:] + b.attn.wo(out.flatten(-2))
+            else:
+                if b.kind == "local":
+                    out = torch.empty_like(q)
+                    for s in range(0, T, 1024):
+                        e = min(T, s + 1024)
+                        k0 = max(0, s - c.window + 1)
+                        out[:, s:e] = attend(q[:, s:e], k[:, k0:e], v[:, k0:e], pos[s:e],
+                                             pos[k0:e], c.window)
+                else:
+                    out = causal_attention(q, k, v, 0, progress)
+                x = x + b.attn.wo(out.flatten(-2))
+            x = x + b.mlp(x)
+            if progress:
+                progress((li + 1) / len(self.blocks))
         cache.logits = self.head(self.norm(x[0, -1]))
         return cache
+
+
+def causal_attention(q, k, v, first, progress=None):
+    """Causal GQA attention of queries at positions first.. over keys 0.. (batch 1), in query
+    blocks: the query heads of a KV group share one K^T (no copy per block), scores never
+    above ~128 MB, and only the block on the diagonal is masked."""
+    _, Tq, Hq, d = q.shape
+    Hk = k.shape[2]
+    g = Hq // Hk
+    kt = k[0].permute(1, 2, 0).contiguous()  # [Hk, d, T]
+    vv = v[0].permute(1, 0, 2).contiguous()  # [Hk, T, d]
+    qg = q[0].view(Tq, Hk, g, d).permute(1, 0, 2, 3)  # [Hk, Tq, g, d]
+    out = torch.empty(Hk, Tq, g, d)
+    end = first + Tq
+    blk = max(16, min(2048, (1 << 23) // max(1, Hq * end)))
+    for s in range(0, Tq, blk):
+        e = min(Tq, s + blk)
+        last = first + e  # keys [0, last)
+        qs = qg[:, s:e].reshape(Hk, (e - s) * g, d)
+        sc = torch.matmul(qs, kt[:, :, :last]).mul_(d ** -0.5).view(Hk, e - s, g, last)
+        if e - s > 1 or first + s < last - 1:
+            qpos = torch.arange(first + s, first + e)
+            diag = torch.arange(first + s, last)
+            m = diag[None, :] > qpos[:, None]  # [e - s, last - (first + s)]
+            sc[:, :, :, first + s:].masked_fill_(m[None, :, None, :], float("-inf"))
+        # softmax in place, normalised after the PV product (fewer passes over the scores)
+        sc = sc.view(Hk, (e - s) * g, last)
+        sc.sub_(sc.amax(dim=-1, keepdim=True)).exp_()
+        z = sc.sum(dim=-1, keepdim=True)
+        out[:, s:e] = (torch.matmul(sc, vv[:, :last]) / z).view(Hk, e - s, g, d)
+        if progress:
+            progress(e / Tq)
+    return out.permute(1, 0, 2, 3).reshape(1, Tq, Hq, d)
 
 
 class Cache:

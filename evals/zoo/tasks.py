@@ -11,8 +11,8 @@ Tasks (kind):
   multiquery  three single-token keys asked at once: `Q a = va Q b = vb Q c = vc`, the values
               generated, the keys given; answers far apart (retrieval)
   vartrack    variable tracking: `x3 = x2 ; ... x2 = x1 ; ... x1 = 7 ;`, ask `Q x3 =` ->
-              `x2 x1 7`: every hop is generated, each needs the record of the one before
-              (retrieval, multi-hop)
+              `x2 = x1 = 7`: every hop is generated, each needs the record of the one
+              before (retrieval, multi-hop)
   passkey     a passkey in repetitive filler: `PK v1 v2 v3 v4 .`, ask `Q PK` -> the four
               values (retrieval)
   frequent    aggregation: tag tokens scattered with distinct counts; ask `Q CNT Ti Tj =`
@@ -119,8 +119,9 @@ def vartrack(rng, length, n_questions):
         items += [[x3, EQ, x2, SEP], [x2, EQ, x1, SEP], [x1, EQ, v, SEP]]
     s.haystack, starts = _place(rng, length, items)
     for c in rng.permutation(n_chains)[:n_questions]:
-        x3, ans = chains[c]
-        s.questions.append(([Q, x3, EQ], ans, [starts[3 * c + j] + 2 for j in range(3)]))
+        x3, (x2, x1, v) = chains[c]
+        # Each hop is generated: `x2 = x1 = 7`, every `=` after a name asks for its value.
+        s.questions.append(([Q, x3, EQ], [x2, EQ, x1, EQ, v], [starts[3 * c + j] + 2 for j in range(3)]))
     return s
 
 

@@ -43,6 +43,8 @@ absl::StatusOr<uint64_t> DecodeClient::Open(const std::string& session, const Se
   req.set_level2_topk(o.level2_topk);
   req.set_max_tokens(o.max_tokens);
   req.set_resume(o.resume);
+  req.set_miss_ratio(o.miss_ratio);
+  for (float m : o.oracle_page_mass) req.add_oracle_page_mass(m);
   v1::OpenSessionResponse resp;
   auto ctx = Context();
   grpc::Status st = stub_->OpenSession(ctx.get(), req, &resp);

@@ -46,6 +46,7 @@ struct E2eBenchOptions {
   uint32_t long_tau = 32;     // the same, long spec: its switch lag is 8
   std::string policy = "default";  // sparse policy (the worker default: lsa where weights fit)
   bool miss_check = false;         // start the server with the per-step miss check
+  double miss_ratio = 0;           // sparse sessions' own synchronous miss check (0 = off)
   std::vector<std::string> server_flags;  // more flags for the started server, as given
   uint64_t seed = 777001;
   int fidelity_sessions = 3;  // sessions per context in the fidelity figures (the first also

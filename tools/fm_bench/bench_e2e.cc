@@ -198,6 +198,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
         ro.mode = m ? decode::Mode::kSparse : decode::Mode::kDense;
         ro.budget = static_cast<float>(budget);
         ro.policy = policy;
+        ro.miss_ratio = static_cast<float>(o.miss_ratio);
         replay::ReplayResult& r = pair[m];
         absl::Status st = replay::OpenAndPrefill(*client, gg, pf, ro, &r);
         auto stream = client->OpenStream();
@@ -403,7 +404,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
             "\"step_p99_ms\": %.4f, \"tokens_per_s\": %.4f, \"tokens_per_s_whole_step\": %.4f, "
             "\"concurrency_dense\": %d, \"concurrency_sparse\": %d, \"fidelity_sessions\": %d, "
             "\"mass_recall_sessions\": [%s], \"tau\": %u, \"switch_lag\": %u, "
-            "\"miss_check\": %s, \"needle_recovery_steps\": [%s], \"fidelity_stall_ms\": %.3f, "
+            "\"miss_check\": %s, \"miss_ratio\": %g, \"needle_recovery_steps\": [%s], \"fidelity_stall_ms\": %.3f, "
             "\"stall_ms\": %.3f, \"catch_up_stalls\": %llu, \"fidelity_stall_fraction\": %.6f, "
             "\"fidelity_steady_stall_fraction\": %.6f}",
             static_cast<unsigned long long>(context), m ? "sparse" : "dense", n,
@@ -415,7 +416,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
             cr.steps ? double(cr.stalled) / cr.steps : 0.0, cr.p50, cr.p99, cr.tps_layer,
             cr.tps_whole, ceiling[0], ceiling[1], static_cast<int>(nf),
             m ? per_session.c_str() : "1", r.stats.tau(), r.stats.switch_lag(),
-            o.miss_check ? "true" : "false", m ? recovery.c_str() : "", m ? agg.stall_ms : 0.0,
+            o.miss_check ? "true" : "false", o.miss_ratio, m ? recovery.c_str() : "", m ? agg.stall_ms : 0.0,
             cr.stall_ms, static_cast<unsigned long long>(cr.catch_up_stalls),
             m ? stall_fr : 0.0, m ? steady_stall_fr : 0.0);
         rows.push_back(row);

@@ -74,6 +74,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   ec->add_flag("--miss_check", eb.miss_check,
               "Start the server with the per-step miss check (miss recovery) on");
+  ec->add_option("--miss_ratio", eb.miss_ratio,
+                 "Sparse sessions' own synchronous miss check: a page whose Quest bound exceeds "
+                 "the resident attention's log-sum-exp by log(ratio) is read before the layer "
+                 "answers (0 = off)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   ec->add_option("--server_flag", eb.server_flags,
                  "A flag for the started server, as --name=value (repeatable), e.g. "
                  "--server_flag=--fetch_headroom=0")

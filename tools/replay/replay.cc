@@ -78,6 +78,7 @@ absl::Status OpenAndPrefill(decode::DecodeClient& client, const workload::Sessio
   so.mode = o.mode;
   so.budget = o.budget;
   so.policy = o.policy;
+  so.miss_ratio = o.miss_ratio;
   so.tau = g.config().knobs.tau;
   so.max_tokens = g.config().prefill_tokens + g.config().steps;
   auto opened = client.Open(o.session_id, so);

@@ -21,6 +21,7 @@ struct ReplayOptions {
   indexer::Policy policy = indexer::Policy::kDefault;
   bool whole_step = false;  // one request per step (all layers) instead of per layer
   bool close = true;        // close the session at the end (history kept)
+  float miss_ratio = 0;     // the session's synchronous miss check (0 = off)
 };
 
 inline constexpr uint32_t kNeedleWatchSteps = 32;
