@@ -126,7 +126,7 @@ def ask(dec, sample, on_answer=None):
                 logits = dec.step(tok)
             for a in answer:
                 if on_answer:
-                    on_answer(qi)
+                    on_answer(qi, len(want))
                 nxt = int(logits.argmax())
                 gen.append(nxt)
                 want.append(a)
@@ -136,17 +136,32 @@ def ask(dec, sample, on_answer=None):
     return res
 
 
+def needles_of(question, j):
+    """The needle positions answer token j of a question is read from: its own where each
+    answer token has one (recall, multiquery, passkey), the hop's record for vartrack's names
+    (none for its `=`), every one otherwise (frequent)."""
+    n_answer = sum(len(a) for _, a in T.segments(question))
+    needles = question[2]
+    if len(needles) == n_answer:
+        return [needles[j]]
+    if n_answer == 2 * len(needles) - 1:
+        return [needles[j // 2]] if j % 2 == 0 else []
+    return needles
+
+
 def decode_steps(sample):
     return sum(sum(len(p) + len(a) for p, a in T.segments(q)) + 1 for q in sample.questions)
 
 
-def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass, miss_ratio=0.0):
+def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass, miss_ratio=0.0,
+             tau=8, lag=2):
     """One session: prefill the haystack, ask its questions. Returns a dict of results."""
     tokens = cache.tokens
     pages, keys = prefill_arrays(model, cache, tokens)
     steps = decode_steps(sample)
     mode = "dense" if policy == "dense" else "sparse"
-    client.open(sid, spec, mode=mode, budget=cap if mode == "sparse" else 1.0,
+    client.open(sid, spec, mode=mode, budget=cap if mode == "sparse" else 1.0, tau=tau,
+                switch_lag=lag,
                 policy="default" if policy == "dense" else policy, max_tokens=tokens + steps,
                 oracle_page_mass=oracle_mass if policy == "oracle" else None,
                 miss_ratio=miss_ratio if mode == "sparse" else 0.0)
@@ -157,10 +172,11 @@ def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass, 
             wa = WorkerAttention(st, sid, model, _clone(cache))
             dec = Decoder(model, wa.cache, global_attend=wa)
 
-            def probe(qi):
-                need = sorted({n // PAGE for n in sample.questions[qi][2]})
-                r = client.stats(sid, probe_pages=need)["probe_resident"]
-                resident.append(all(r))
+            def probe(qi, j):
+                need = sorted({n // PAGE for n in needles_of(sample.questions[qi], j)})
+                if need:
+                    r = client.stats(sid, probe_pages=need)["probe_resident"]
+                    resident.append(all(r))
             res = ask(dec, sample, probe)
         stats = client.stats(sid)
     finally:
@@ -183,6 +199,10 @@ def main():
     ap.add_argument("--contexts", default="16384,65536,131072")
     ap.add_argument("--n", type=int, default=100, help="questions per cell")
     ap.add_argument("--per_haystack", type=int, default=10, help="questions asked of one haystack")
+    ap.add_argument("--tau", type=int, default=8, help="decode steps per cycle (prediction)")
+    ap.add_argument("--switch_lag", type=int, default=2,
+                    help="steps after a cycle start at which its set serves (the prediction and "
+                    "its fetch run meanwhile)")
     ap.add_argument("--miss_ratios", default="0,1",
                     help="the sessions' miss check thresholds to run each sparse cell with (0 = off)")
     ap.add_argument("--target", help="decode worker HOST:PORT; default: start the all-in-one")
@@ -238,15 +258,17 @@ def main():
                     for h in range(hays):
                         nq = min(per, a.n - h * per)
                         sample, cache = haystack(model, mhash, task, ctx, h, nq, a.cache)
-                        ref = DenseRecorder(model, _clone(cache), cache.tokens)
+                        ref = DenseRecorder(model, _clone(cache),
+                                            cache.tokens + decode_steps(sample))
                         res = ask(Decoder(model, ref.cache, global_attend=ref), sample)
+                        oracle = ref.oracle()
                         torch_ok += [r[0] for r in res]
                         prog.tick("torch")
                         for cell in cells:
                             pol, cap, ratio = cell
                             sid = f"eval-{mname}-{task}-{ctx}-{h}-{pol}-{cap}-{ratio}"
                             r = run_cell(client, model, spec, sample, cache, pol, cap, sid,
-                                         ref.mass, ratio)
+                                         oracle, ratio, a.tau, a.switch_lag)
                             acc[cell].append(r)
                             if pol == "dense":
                                 mismatches += sum(x != y for x, y in

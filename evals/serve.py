@@ -121,13 +121,18 @@ class WorkerAttention:
 
 
 class DenseRecorder:
-    """The torch dense reference's global_attend that also sums, over the decode, each history
-    page's attention mass (all layers and heads): the oracle's ranking."""
+    """The torch dense reference's global_attend that also records each page's attention
+    mass (all layers and heads) at every step: the oracle's ranking, per cycle."""
 
-    def __init__(self, model, cache, history_tokens):
+    def __init__(self, model, cache, max_tokens):
         self.m, self.cache = model, cache
-        self.mass = np.zeros(-(-history_tokens // PAGE), np.float64)
-        self.history = history_tokens
+        self.pages = -(-max_tokens // PAGE)
+        self.steps = []  # per decode step: [pages] mass
+        self.G = model.cfg.global_layers
+
+    def oracle(self):
+        """[steps * pages] float32: the mass of each page at each decode step."""
+        return np.array(self.steps, dtype=np.float32).reshape(-1)
 
     def __call__(self, li, q, k, v):
         c = self.cache
@@ -138,9 +143,10 @@ class DenseRecorder:
         kk = c.k[li].repeat_interleave(g, dim=1)
         vv = c.v[li].repeat_interleave(g, dim=1)
         p = torch.softmax(torch.einsum("hd,thd->ht", q, kk) * d ** -0.5, dim=-1)  # [Hq, T]
-        ph = p[:, :self.history].sum(0).numpy()
-        n = len(ph)
-        pad = np.zeros(len(self.mass) * PAGE)
-        pad[:n] = ph
-        self.mass += pad.reshape(-1, PAGE).sum(1)
+        ph = p.sum(0).numpy()
+        pad = np.zeros(self.pages * PAGE)
+        pad[:len(ph)] = ph
+        if li == self.G[0]:
+            self.steps.append(np.zeros(self.pages))
+        self.steps[-1] += pad.reshape(-1, PAGE).sum(1)
         return torch.einsum("ht,thd->hd", p, vv)

@@ -96,16 +96,26 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--eval_every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init", help="continue from this checkpoint (its config) with a fresh "
+                    "schedule: the log goes on in the new checkpoint's log")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     cfg = CONFIGS[a.model]
     model = Transformer(cfg)
+    if a.init:
+        from model import load_model
+        model, _ = load_model(a.init)
+        model.train()
+        cfg = model.cfg
     out = a.out or os.path.join(ZOO_DIR, f"{a.model}.safetensors")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     log_path = os.path.splitext(out)[0] + ".log"
+    prior = os.path.splitext(a.init)[0] + ".log" if a.init else None
+    history = open(prior).read() if prior and os.path.exists(prior) else ""
     log = open(log_path, "w")
+    log.write(history)
 
     def say(msg):
         print(msg, flush=True)
@@ -113,7 +123,8 @@ def main():
         log.flush()
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model {cfg.name}: {json.dumps(cfg.to_dict())}, {n_params} parameters, seed {a.seed}")
+    say(f"model {cfg.name}: {json.dumps(cfg.to_dict())}, {n_params} parameters, seed {a.seed}"
+        + (f", continuing from {a.init}" if a.init else ""))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = 100
     t0, step, ema = time.time(), 0, None

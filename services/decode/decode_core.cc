@@ -539,8 +539,9 @@ struct DecodeCore::Impl {
   // The session's own miss check (SessionOptions::miss_ratio) of index layer `l`'s query,
   // whose attention over the resident pages gave `lse`: the pages it flags are read now into
   // the spare cells of the reservation (DecodeOptions::miss_max_pages of them are kept for
-  // the check) and join the set until the next cycle's set takes over; the step waits (a
-  // stall) and its attention runs again. A check that finds no spare cell fetches nothing.
+  // the check), or else into the cells of the set's least wanted pages (the prediction's
+  // ranking), and join the set until the next cycle's set takes over; the step waits (a
+  // stall) and its attention runs again.
   // *fetched: pages were placed. A failed read costs the check, not the step.
   absl::Status RecoverMisses(Session& s, uint32_t l, const float* q, const float* lse,
                              bool* fetched) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
@@ -556,7 +557,17 @@ struct DecodeCore::Impl {
     if (hot.empty()) return absl::OkStatus();
     const auto t0 = std::chrono::steady_clock::now();
     CellFetch f;
-    for (uint64_t i = std::min<uint64_t>(hot.size(), Spare(s, 2)); i > 0; --i) {
+    // Cells: spare ones first, then those of the set's least wanted pages.
+    auto victim = s.ranked.rbegin();
+    while (f.cells.size() < hot.size()) {
+      if (Spare(s, 2) == 0) {
+        while (victim != s.ranked.rend() &&
+               (*victim >= s.sealed() || s.cell_of[*victim] == kNoCell || Pinned(s, *victim)))
+          ++victim;
+        if (victim == s.ranked.rend()) break;
+        EvictFromSet(s, *victim++);
+        ++s.stats.miss_evictions;
+      }
       auto c = TakeCell(s);
       if (!c.ok()) break;
       f.cells.push_back(*c);
@@ -755,7 +766,14 @@ struct DecodeCore::Impl {
     a.query = s.index_query;
     a.budget = s.predict_budget;
     a.policy = s.opt.policy;
-    a.oracle_page_mass = s.opt.oracle_page_mass;
+    if (!s.opt.oracle_page_mass.empty()) {  // the steps the set will serve
+      const uint64_t total = s.opt.spec.PagesForTokens(s.opt.max_tokens);
+      const uint64_t rows = s.opt.oracle_page_mass.size() / total;
+      a.oracle_page_mass.assign(total, 0.0f);
+      for (uint64_t r = s.switch_step; r < std::min(rows, s.switch_step + s.tau); ++r)
+        for (uint64_t p = 0; p < total; ++p)
+          a.oracle_page_mass[p] += s.opt.oracle_page_mass[r * total + p];
+    }
     a.sink = options.sink;
     a.tail = options.tail;
     a.history_pages = s.sealed();  // also the job's
@@ -1336,6 +1354,11 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
       o.oracle_page_mass.empty())
     return absl::InvalidArgumentError(
         "policy oracle needs the future attention (oracle_page_mass): evaluation only");
+  if (!o.oracle_page_mass.empty() &&
+      o.oracle_page_mass.size() % o.spec.PagesForTokens(o.max_tokens) != 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "oracle_page_mass has ", o.oracle_page_mass.size(), " values; expected steps x ",
+        o.spec.PagesForTokens(o.max_tokens), " (the pages of max_tokens)"));
   if (const uint32_t tau = o.tau ? o.tau : impl_->options.tau;
       tau != 0 && o.switch_lag > std::max<uint32_t>(1, tau - 1))
     return absl::InvalidArgumentError(absl::StrCat("switch_lag must be below tau (", tau,

@@ -195,8 +195,10 @@ struct SessionOptions {
   // costs a stall, not a wrong answer. The pages serve until the next cycle's set takes
   // over. 0 = off (the worker's asynchronous check, DecodeOptions::miss_check, if on).
   float miss_ratio = 0;
-  // Policy oracle (evaluation only): the true attention mass of each history page over the
-  // decode to come, which every prediction ranks the pages by. Not kept for a resume.
+  // Policy oracle (evaluation only): the true attention mass of each page at each decode
+  // step to come, [step][PagesForTokens(max_tokens)]: a prediction ranks the pages by their
+  // mass over the steps its set will serve (from its switch, tau steps). Not kept for a
+  // resume.
   std::vector<float> oracle_page_mass;
   // Resume a session another worker served (or this one closed) from its state in the
   // kvstore and the indexer; every other field but spec (checked when given) comes from it.
@@ -217,6 +219,7 @@ struct SessionStats {
   // The session's own miss check (SessionOptions::miss_ratio): (step, layer) checks run, and
   // those that flagged pages (each a stall).
   uint64_t miss_checks = 0, miss_fires = 0;
+  uint64_t miss_evictions = 0;  // pages of the set it evicted to make room
   uint64_t reregistrations = 0;   // times the indexer had lost the session and got it again
   bool fetching = false;          // a prediction or catch-up is in flight
   uint32_t tau = 0, switch_lag = 0;
