@@ -215,7 +215,20 @@ def main():
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fm-eval-cache"))
     ap.add_argument("--zoo", default=os.path.join(HERE, "zoo", "models"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--replot", nargs="+", metavar="JSON",
+                    help="only merge the rows of these --json files and write the plots of "
+                    "--plots (and --json) from them")
     a = ap.parse_args()
+    if a.replot:
+        rows = [r for f in a.replot for r in json.load(open(f))]
+        for r in rows:
+            print_row(r)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        if a.plots:
+            plot(rows, a.plots)
+        return
     if a.quick:
         a.contexts, a.n, a.per_haystack, a.caps = "4096", 4, 4, "0.1"
         a.policies = "dense,model_query,quest"
@@ -344,7 +357,7 @@ def plot(rows, out_dir):
             for j, c in enumerate(ctxs):
                 ax = axes[i][j]
                 cell = [r for r in sub if r["model"] == m and r["context"] == c]
-                for pol in POLICIES:
+                for pi, pol in enumerate(POLICIES):
                     for ratio in sorted({r["miss_ratio"] for r in cell}):
                         pts = sorted((r["footprint"], r["exact_match"]) for r in cell
                                      if r["policy"] == pol and r["miss_ratio"] == ratio)
@@ -353,7 +366,8 @@ def plot(rows, out_dir):
                         if pol == "dense":
                             ax.axhline(pts[0][1], color="k", ls="--", lw=1, label="dense")
                             continue
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                                marker="o" if ratio == 0 else "x", color=f"C{pi}",
                                 ls="-" if ratio == 0 else ":",
                                 label=pol + (f" +miss {ratio:g}" if ratio else ""))
                 ax.set_title(f"{m} {task} {c // 1024}K")

@@ -421,6 +421,7 @@ struct DecodeCore::Impl {
     const float scale = sp.Scale(), margin = static_cast<float>(std::log(ratio));
     const size_t stride = indexer::IndexerBoundsFloats(sp);
     std::vector<std::pair<float, uint64_t>> hot;
+    std::vector<float> scratch;
     for (uint64_t p : pages) {
       const float* b = bounds + p * stride + size_t{l} * sp.kv_heads * 2 * d;
       float best = -std::numeric_limits<float>::infinity();
@@ -435,7 +436,7 @@ struct DecodeCore::Impl {
       if (keys && best + std::log(float(sp.page_tokens)) > margin) {
         const uint64_t cpp = sp.ChunksPerPage(), kb = sp.IndexKeyBytes();
         if ((p + 1) * cpp * kb <= keys->size()) {
-          best = ExactPageMass(sp, q, lse, keys->data() + p * cpp * kb);
+          best = ExactPageMass(sp, q, lse, keys->data() + p * cpp * kb, margin, &scratch);
           if (best > margin) hot.push_back({best, p});
           continue;
         }
@@ -449,33 +450,40 @@ struct DecodeCore::Impl {
   }
 
   // max over heads of log(sum over the page's tokens of exp(scale q_h . k_t)) - lse_h, from
-  // the page's stored model-K keys.
+  // the page's stored model-K keys; -inf as soon as no head can exceed `margin` (a head's
+  // log-mass is at most its best token's logit + log(page_tokens)). `scratch` is reused.
   static float ExactPageMass(const ModelSpec& sp, const float* q, const float* lse,
-                             const uint8_t* page_keys) {
+                             const uint8_t* page_keys, float margin, std::vector<float>* scratch) {
     const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads, di = sp.index_dim;
     const size_t kb = sp.IndexKeyBytes();
     const uint64_t cpp = sp.ChunksPerPage();
-    std::vector<float> k(di);
-    std::vector<float> logits(size_t{sp.q_heads} * sp.page_tokens);
+    const uint32_t P = sp.page_tokens;
+    scratch->resize(di + size_t{sp.q_heads} * P);
+    float* k = scratch->data();
+    float* logits = k + di;
+    const float s = sp.Scale();
     for (uint64_t c = 0; c < cpp; ++c) {
       const uint8_t* key = page_keys + c * kb;
       float scale;
       std::memcpy(&scale, key + di, 4);
-      Fp8E4m3ToFloatN(key, k.data(), di);
+      Fp8E4m3ToFloatN(key, k, di);
       for (uint32_t t = 0; t < sp.chunk_tokens; ++t)
         for (uint32_t h = 0; h < sp.q_heads; ++h) {
-          const float* kt = k.data() + (size_t{t} * sp.kv_heads + h / group) * d;
+          const float* kt = k + (size_t{t} * sp.kv_heads + h / group) * d;
+          const float* qh = q + size_t{h} * d;
           float dot = 0;
-          for (uint32_t j = 0; j < d; ++j) dot += q[size_t{h} * d + j] * kt[j];
-          logits[size_t{h} * sp.page_tokens + c * sp.chunk_tokens + t] = dot * scale * sp.Scale();
+          for (uint32_t j = 0; j < d; ++j) dot += qh[j] * kt[j];
+          logits[size_t{h} * P + c * sp.chunk_tokens + t] = dot * scale * s;
         }
     }
+    const float log_p = std::log(float(P));
     float best = -std::numeric_limits<float>::infinity();
     for (uint32_t h = 0; h < sp.q_heads; ++h) {
-      const float* lg = logits.data() + size_t{h} * sp.page_tokens;
-      const float mx = *std::max_element(lg, lg + sp.page_tokens);
+      const float* lg = logits + size_t{h} * P;
+      const float mx = *std::max_element(lg, lg + P);
+      if (mx + log_p - lse[h] <= std::max(margin, best)) continue;  // cannot win
       double z = 0;
-      for (uint32_t t = 0; t < sp.page_tokens; ++t) z += std::exp(double(lg[t]) - mx);
+      for (uint32_t t = 0; t < P; ++t) z += std::exp(double(lg[t]) - mx);
       best = std::max(best, static_cast<float>(mx + std::log(z)) - lse[h]);
     }
     return best;

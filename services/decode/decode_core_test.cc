@@ -8,10 +8,12 @@
 #include <chrono>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
 #include "common/status_matchers.h"
+#include "flashmemory/kernels/indexer.h"
 #include "services/kvstore/kv_store.h"
 #include "tests/process_util.h"
 #include "tools/replay/replay.h"
@@ -634,6 +636,101 @@ TEST_F(DecodeCoreTest, SynchronousMissCheckReadsFlaggedPagesBeforeTheLayerAnswer
   EXPECT_THAT(core->Open("bad", bad), fm::testing::StatusIs(absl::StatusCode::kInvalidArgument));
   bad.miss_ratio = std::nanf("");
   EXPECT_THAT(core->Open("bad", bad), fm::testing::StatusIs(absl::StatusCode::kInvalidArgument));
+}
+
+// A model whose index keys are its own K (docs/own-model.md): the miss check scores the
+// pages its bound lets through exactly. A query that turns to one token of page 9, which a
+// recency set at a 15 % cap does not hold, gets the page read before the layer answers: the
+// step stalls, the page is resident after it and the heads that read it answer as dense
+// attention does; the query before it (no such token) fires nothing.
+TEST_F(DecodeCoreTest, MissCheckOnModelKeysServesTheNeedleInTheStepThatAsksForIt) {
+  ModelSpec sp;
+  sp.name = "own";
+  sp.layers = 1;
+  sp.q_heads = 4;
+  sp.kv_heads = 2;
+  sp.head_dim = 32;
+  sp.dtype = DType::kFp32;
+  sp.index_layers = 1;
+  sp.index_heads = 4;
+  sp.index_dim = 4 * 2 * 32;
+  sp.chunk_tokens = 4;
+  ASSERT_THAT(sp.Validate(), IsOk());
+  const uint64_t P = 64, n_pages = 40, tokens = n_pages * P, D = 32;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 0.3f);
+  std::vector<float> k(tokens * 2 * D), v(tokens * 2 * D);  // [token][kv][d]
+  for (float& x : k) x = nd(rng);
+  for (float& x : v) x = nd(rng);
+  std::vector<float> needle_q(4 * D), calm_q(4 * D);
+  for (uint32_t i = 0; i < D; ++i) {
+    needle_q[i] = needle_q[D + i] = (i % 2 ? 1.0f : -1.0f) * 3;  // heads 0, 1: KV head 0
+    k[(9 * P + 17) * 2 * D + i] = (i % 2 ? 1.0f : -1.0f);
+  }
+  for (float& x : calm_q) x = nd(rng) * 0.1f;
+  std::vector<uint8_t> pages(n_pages * sp.PageBytes());
+  float* f = reinterpret_cast<float*>(pages.data());
+  for (uint64_t t = 0; t < tokens; ++t)
+    for (uint32_t h = 0; h < 2; ++h)
+      for (uint32_t i = 0; i < D; ++i) {
+        const uint64_t page = t / P, row = t % P;
+        float* base = f + page * (sp.PageBytes() / 4);
+        base[sp.ElemOffset(0, 0, h, row) + i] = k[(t * 2 + h) * D + i];
+        base[sp.ElemOffset(0, 1, h, row) + i] = v[(t * 2 + h) * D + i];
+      }
+  const uint64_t chunks = tokens / 4;
+  std::vector<uint8_t> keys(chunks * sp.IndexKeyBytes());
+  for (uint64_t c = 0; c < chunks; ++c)
+    kernels::CompressIndexKey(sp.index_dim, k.data() + c * sp.index_dim,
+                              keys.data() + c * sp.IndexKeyBytes());
+  auto core = Core(64 << 20, 8);
+  SessionOptions o;
+  o.spec = sp;
+  o.max_tokens = tokens + 8;
+  o.mode = Mode::kDense;
+  ASSERT_THAT(core->Open("dense", o), IsOk());
+  o.mode = Mode::kSparse;
+  o.policy = indexer::Policy::kRecency;
+  o.budget = 0.15f;
+  o.miss_ratio = 1.0f;
+  ASSERT_THAT(core->Open("sparse", o), IsOk());
+  for (const char* id : {"dense", "sparse"})
+    ASSERT_THAT(core->Prefill(id, pages.data(), n_pages, tokens, keys.data(), 0, chunks), IsOk());
+  std::vector<float> nk(2 * D), nv(2 * D);
+  for (float& x : nk) x = nd(rng);
+  for (float& x : nv) x = nd(rng);
+  std::map<std::string, std::vector<std::vector<float>>> outs;
+  std::vector<bool> stalled(2);
+  for (uint32_t step = 0; step < 2; ++step)
+    for (const char* id : {"dense", "sparse"}) {
+      std::vector<float> out(4 * D);
+      bool st = false;
+      LayerStep r;
+      r.session = id;
+      r.step = step;
+      r.layer = 0;
+      r.q = step == 0 ? calm_q : needle_q;
+      r.k = nk;
+      r.v = nv;
+      r.out = out.data();
+      r.stalled = &st;
+      ASSERT_THAT(core->Step({&r, 1})[0], IsOk()) << id << " step " << step;
+      outs[id].push_back(out);
+      if (std::string(id) == "sparse") {
+        stalled[step] = st;
+        auto stats = core->Stats(id);
+        ASSERT_THAT(stats, IsOk());
+        EXPECT_EQ(stats->miss_fires, step) << "step " << step;
+        EXPECT_EQ(*core->Resident(id, {9}), std::vector<bool>{step == 1}) << "step " << step;
+      }
+    }
+  EXPECT_FALSE(stalled[0]);
+  EXPECT_TRUE(stalled[1]);
+  // Heads 0 and 1 (the needle's KV group) answer as dense does; heads 2 and 3 attend evenly.
+  outs["sparse"][1].resize(2 * D);
+  outs["dense"][1].resize(2 * D);
+  EXPECT_LT(MaxAbsDiff(outs["sparse"][1], outs["dense"][1]), 1e-3);  // the rest: ~1e-4 mass
+  EXPECT_GT(MaxAbsDiff(outs["sparse"][0], outs["dense"][0]), 1e-3) << "the set is sparse";
 }
 
 TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {

@@ -369,6 +369,18 @@ CoreStats IndexerCore::Stats() const {
   return st;
 }
 
+namespace {
+// INVALID_ARGUMENT unless `query` holds the decode queries of the index layers.
+absl::Status CheckIndexQuery(const ModelSpec& sp, const std::vector<float>& query,
+                             const char* policy) {
+  const size_t qf = size_t{sp.index_layers} * sp.q_heads * sp.head_dim;
+  if (query.size() == qf) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      policy, " needs the decode queries of the index layers: ", query.size(),
+      " floats; expected [", sp.index_layers, "][", sp.q_heads, "][", sp.head_dim, "] = ", qf));
+}
+}  // namespace
+
 absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, const PredictArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   auto s = Find(session);
@@ -453,12 +465,7 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
       break;
     }
     case Policy::kQuest: {
-      const size_t qf = size_t{sp.index_layers} * sp.q_heads * sp.head_dim;
-      if (a.query.size() != qf)
-        return absl::InvalidArgumentError(
-            absl::StrCat("quest needs the decode queries of the index layers: ", a.query.size(),
-                         " floats; expected [", sp.index_layers, "][", sp.q_heads, "][",
-                         sp.head_dim, "] = ", qf));
+      if (absl::Status st = CheckIndexQuery(sp, a.query, "quest"); !st.ok()) return st;
       if (bound_pages == 0)
         return absl::FailedPreconditionError("quest needs page bounds; none were registered");
       kernels::AttentionShape as;
@@ -482,12 +489,7 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
       // Training-free: the model's own decode query against index keys that hold the
       // model's own K (kernels::TokenKeyLogits). A page scores the largest share of one
       // head's attention mass its tokens take, over heads and index layers.
-      const size_t qf = size_t{sp.index_layers} * sp.q_heads * sp.head_dim;
-      if (a.query.size() != qf)
-        return absl::InvalidArgumentError(
-            absl::StrCat("model_query needs the decode queries of the index layers: ",
-                         a.query.size(), " floats; expected [", sp.index_layers, "][",
-                         sp.q_heads, "][", sp.head_dim, "] = ", qf));
+      if (absl::Status st = CheckIndexQuery(sp, a.query, "model_query"); !st.ok()) return st;
       kernels::TokenKeyShape ts;
       ts.tokens = sp.chunk_tokens;
       ts.kv_heads = sp.kv_heads;
