@@ -245,15 +245,20 @@ def main():
         if p not in POLICIES:
             sys.exit(f"unknown policy {p}; one of {POLICIES}")
 
-    server, target = None, a.target
-    tmp = tempfile.mkdtemp(prefix="fm-eval-")
-    if not target:
-        server, target = start_server(tmp, "2GiB", "4GiB")
-    client = DecodeClient(target, timeout=600)
+    server = None
     rows, mismatches = [], 0
     t_start = time.time()
     try:
         for mname in models:
+            # A worker's reserve holds pages of one size: a server per model unless --target.
+            target = a.target
+            if not target:
+                if server:
+                    server.terminate()
+                    server.wait(timeout=30)
+                tmp = tempfile.mkdtemp(prefix=f"fm-eval-{mname}-")
+                server, target = start_server(tmp, "2GiB", "4GiB")
+            client = DecodeClient(target, timeout=600)
             path = os.path.join(a.zoo, f"{mname}.safetensors")
             model, _ = load_model(path)
             mhash = model_hash(path)
