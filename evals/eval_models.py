@@ -380,8 +380,10 @@ def plot(rows, out_dir):
                 ax.set_ylabel("exact match")
                 ax.set_ylim(-0.02, 1.02)
                 ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
+        best = max((ax for row in axes for ax in row), key=lambda ax: len(ax.get_lines()))
+        h, lab = best.get_legend_handles_labels()
+        fig.legend(h, lab, loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
         fig.savefig(os.path.join(out_dir, f"accuracy_{task}.png"), dpi=90)
         plt.close(fig)
 
