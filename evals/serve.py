@@ -15,6 +15,7 @@ the model's own query scores every history token exactly as its attention does
 """
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -86,7 +87,6 @@ class WorkerAttention:
         self.seconds = 0.0
 
     def __call__(self, li, q, k, v):
-        import time
         c = self.cache
         c.k[li] = torch.cat([c.k[li], k[None]], 0)
         c.v[li] = torch.cat([c.v[li], v[None]], 0)
