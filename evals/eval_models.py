@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(HERE, "zoo"))
 from model import Decoder, load_model  # noqa: E402
 import tasks as T  # noqa: E402
 from serve import PAGE, DenseRecorder, WorkerAttention, prefill_arrays, spec_for  # noqa: E402
-from flashmemory_client import DecodeClient  # noqa: E402
+from flashmemory_client import DecodeClient, IndexerClient  # noqa: E402
 
 POLICIES = ["dense", "oracle", "model_query", "lsa", "quest", "sink_recency", "recency", "random"]
 
@@ -71,14 +71,14 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def start_server(tmp, reserve, ram):
+def start_server(tmp, reserve, ram, extra=()):
     ready = os.path.join(tmp, "ready")
     binary = os.path.join(os.environ.get("FM_BIN_DIR", os.path.join(ROOT, "build", "bin")),
                           "flashmemory")
     log = open(os.path.join(tmp, "server.log"), "w")
     p = subprocess.Popen([binary, "--host", "127.0.0.1", "--port", "0", "--ready_file", ready,
                           "--data_dir", os.path.join(tmp, "data"), "--ram_bytes", ram,
-                          "--reserve_bytes", reserve], stdout=log, stderr=subprocess.STDOUT)
+                          "--reserve_bytes", reserve, *extra], stdout=log, stderr=subprocess.STDOUT)
     for _ in range(600):
         if os.path.exists(ready) and os.path.getsize(ready) > 0:
             break
@@ -215,6 +215,9 @@ def main():
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fm-eval-cache"))
     ap.add_argument("--zoo", default=os.path.join(HERE, "zoo", "models"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lsa_weights", default="{zoo}/{model}.lsa.safetensors",
+                    help="policy lsa: the weights each model's sessions are served with "
+                    "(loaded into the worker's indexer: the all-in-one's, or --target's)")
     ap.add_argument("--replot", nargs="+", metavar="JSON",
                     help="only merge the rows of these --json files and write the plots of "
                     "--plots (and --json) from them")
@@ -259,6 +262,12 @@ def main():
                 tmp = tempfile.mkdtemp(prefix=f"fm-eval-{mname}-")
                 server, target = start_server(tmp, "2GiB", "4GiB")
             client = DecodeClient(target, timeout=600)
+            if "lsa" in policies:
+                w = os.path.abspath(a.lsa_weights.format(zoo=a.zoo, model=mname))
+                if not os.path.exists(w):
+                    sys.exit(f"policy lsa: no weights {w} (train them: docs/own-model.md)")
+                h = IndexerClient(target).load_weights(w)
+                print(f"lsa: {mname} served with {w} (hash {h:016x})", flush=True)
             path = os.path.join(a.zoo, f"{mname}.safetensors")
             model, _ = load_model(path)
             mhash = model_hash(path)

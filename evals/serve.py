@@ -12,6 +12,11 @@ layer for the chunk's tokens, [token][kv_head][head_dim], compressed like every 
 worker's). index_dim = chunk_tokens x kv_heads x head_dim and index_heads = q_heads, so
 the model's own query scores every history token exactly as its attention does
 (policy model_query) and a learned tower has the same keys to learn from.
+
+What it sends as the hidden state for Predict: the step's queries of every global layer,
+concatenated, [index_layers][q_heads][head_dim] (hidden_dim = index_layers x q_heads x
+head_dim), on the request of the step's last global layer. The token_query lsa tower maps
+it to a predicted query per index layer, scored like the model's own (trainer/README).
 """
 import os
 import sys
@@ -38,7 +43,7 @@ def spec_for(model):
     return Spec(name=c.name, layers=g, q_heads=c.q_heads, kv_heads=c.kv_heads, head_dim=c.head_dim,
                 dtype="bf16", page_tokens=PAGE, index_layers=g, index_heads=c.q_heads,
                 index_dim=CHUNK * c.kv_heads * c.head_dim, chunk_tokens=CHUNK,
-                hidden_dim=c.d_model)
+                hidden_dim=g * c.q_heads * c.head_dim)
 
 
 def bf16_bits(x):
@@ -82,6 +87,7 @@ class WorkerAttention:
         T = cache.tokens
         self.chunk_k = {li: [cache.k[li][i].numpy() for i in range(T - T % CHUNK, T)]
                         for li in self.G}
+        self.queries = []  # this step's queries of the global layers so far (the hidden state)
         self.recall = []   # per (step, layer, head): exp(lse_sparse - lse_dense), capped at 1
         self.stalls = 0
         self.seconds = 0.0
@@ -100,8 +106,13 @@ class WorkerAttention:
                                            for g in self.G])[:, None])[:, 0]
             for g in self.G:
                 self.chunk_k[g] = []
+        self.queries.append(q.numpy().reshape(-1))
+        hidden = np.concatenate(self.queries) if last else None
+        if last:
+            self.queries = []
         r = request(self.sid, self.step, layer, q.numpy()[None], bf16_bits(k.numpy()),
-                    bf16_bits(v.numpy()), index_keys=keys, first_chunk=pos // CHUNK)
+                    bf16_bits(v.numpy()), hidden=hidden, index_keys=keys,
+                    first_chunk=pos // CHUNK)
         t0 = time.perf_counter()
         (res,) = self.stream.run([r])
         self.seconds += time.perf_counter() - t0

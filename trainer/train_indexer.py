@@ -15,6 +15,10 @@ degenerate (validation precision and recall both 0, or a score that does not var
 chunks): then it says why and exits with status 2 (--allow-degenerate exports it anyway).
 scripts/train_indexer.sh uses these defaults as they are.
 
+Traces whose index keys hold the model's own K and whose hidden state is the index layers'
+queries (a model without a native indexer; docs/own-model.md) train the token_query tower
+instead (trainer/token_query.py): --tower auto picks it for them.
+
   /usr/bin/python3 trainer/train_indexer.py --train 'traces/train-*.safetensors' \
       --val 'traces/val-*.safetensors' --out models/lsa-bench.safetensors
 """
@@ -30,6 +34,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from fm_indexer import QueryTower  # noqa: E402
 from fm_trace import Trace  # noqa: E402
+import token_query  # noqa: E402
 
 
 class Cycles:
@@ -175,6 +180,14 @@ def main():
     ap.add_argument("--dtype", choices=["f32", "f16"], default="f16", help="exported weights")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--tower", choices=["auto", "chunk", "token_query"], default="auto",
+                    help="auto: token_query for traces in its layout (own K as index keys, the "
+                    "index layers' queries as hidden state), else chunk")
+    ap.add_argument("--drift", type=float, default=1e-4,
+                    help="token_query: weight of the squared distance from the model_query start")
+    ap.add_argument("--tq_loss", choices=["max", "mix"], default="max",
+                    help="token_query: the page distribution the cycle's mass is matched with "
+                    "(trainer/token_query.py)")
     ap.add_argument("--allow-degenerate", action="store_true",
                     help="export even a tower that separates nothing (for tests of the export)")
     a = ap.parse_args()
@@ -192,6 +205,18 @@ def main():
         train_paths, val_paths = split(train_paths, a.seed)
         print(f"validation: {len(val_paths)} of the training traces held out", flush=True)
     t0 = time.time()
+    first = Trace(train_paths[0])
+    kind = a.tower if a.tower != "auto" else (
+        "token_query" if token_query.is_token_query_trace(first) else "chunk")
+    if kind == "token_query":
+        if not token_query.is_token_query_trace(first):
+            sys.exit("--tower token_query needs traces whose index keys hold the model's own K "
+                     "(index_dim = chunk_tokens x kv_heads x head_dim, index_heads = q_heads) and "
+                     "whose hidden state is the index layers' queries (hidden_dim = index_layers "
+                     "x q_heads x head_dim)")
+        token_query.train([Trace(p) for p in train_paths], [Trace(p) for p in val_paths], a,
+                          {"spec_name": first.meta.get("spec_name", "")})
+        return
     train, val = Cycles(train_paths), Cycles(val_paths)
     t = train.traces[0]
     print(f"{len(train)} training cycles from {len(train_paths)} traces, {len(val)} validation "

@@ -70,6 +70,7 @@ std::map<std::string, std::string> TraceMetadata(const ModelSpec& sp, const Trac
       {"q_heads", absl::StrCat(sp.q_heads)},
       {"kv_heads", absl::StrCat(sp.kv_heads)},
       {"head_dim", absl::StrCat(sp.head_dim)},
+      {"softmax_scale", absl::StrCat(sp.Scale())},
       {"dtype", DTypeName(sp.dtype)},
       {"page_tokens", absl::StrCat(sp.page_tokens)},
       {"index_layers", absl::StrCat(sp.index_layers)},

@@ -1823,12 +1823,12 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
       st = impl_->PutPage(*s, open, impl_->Payload(static_cast<uint32_t>(s->cell_of[open])),
                           static_cast<uint32_t>(s->tokens % P));
     if (st.ok()) st = impl_->SaveState(*s);
-    if (st.ok() && s->trace)
-      st = s->trace->Write(
-          (std::filesystem::path(impl_->options.trace_dir) /
-           (s->opt.trace_name.empty() ? TraceFileName(id) : s->opt.trace_name))
-              .string());
   }
+  // A trace-mode session's trace is what it was for: written whether or not its pages stay.
+  if (st.ok() && s->trace)
+    st = s->trace->Write((std::filesystem::path(impl_->options.trace_dir) /
+                          (s->opt.trace_name.empty() ? TraceFileName(id) : s->opt.trace_name))
+                             .string());
   if (s->job) impl_->ReleaseCells(*s, *s->job, true);
   s->job.reset();
   if (s->recovery) impl_->ReleaseCells(*s, *s->recovery, true);

@@ -99,13 +99,42 @@ absl::StatusOr<std::shared_ptr<const Weights>> Weights::Load(const std::string& 
           absl::StrCat(path, ": metadata \"", name, "\" missing or not a number"));
     return absl::OkStatus();
   };
+  if (auto it = m.find("tower"); it != m.end() && it->second != "chunk") {
+    if (it->second != "token_query")
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, ": unknown tower \"", it->second, "\"; want chunk or token_query"));
+    w->tower = Tower::kTokenQuery;
+  }
   kernels::IndexerShape& s = w->shape;
   for (auto [n, o] : {std::pair{"index_layers", &s.layers},
                       {"index_heads", &s.heads},
                       {"index_dim", &s.dim},
-                      {"hidden_dim", &s.hidden},
-                      {"rank", &s.rank},
-                      {"rope_dims", &s.rope_dims}})
+                      {"hidden_dim", &s.hidden}})
+    if (absl::Status st = field(n, o); !st.ok()) return st;
+  uint64_t hash = 0;
+  auto get = [&](uint32_t l, const char* name, std::vector<int64_t> shape,
+                 std::vector<std::vector<float>>* out) -> absl::Status {
+    auto v = (*f)->GetFloats(absl::StrCat("layer", l, ".", name), shape);
+    if (!v.ok()) return v.status();
+    hash = Checksum64(v->data(), v->size() * 4) ^ (hash * 0x9e3779b97f4a7c15ull);
+    out->push_back(std::move(*v));
+    return absl::OkStatus();
+  };
+  if (w->tower == Tower::kTokenQuery) {
+    if (absl::Status st = field("head_dim", &w->head_dim); !st.ok()) return st;
+    if (s.layers == 0 || s.heads == 0 || s.hidden == 0 || w->head_dim == 0 ||
+        s.dim % w->head_dim != 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": bad token_query shape: index_layers, index_heads, hidden_dim "
+                             "and head_dim must be > 0 and index_dim a multiple of head_dim"));
+    const int64_t O = int64_t{s.heads} * w->head_dim, X = s.hidden;
+    for (uint32_t l = 0; l < s.layers; ++l)
+      for (absl::Status st : {get(l, "w_q", {O, X}, &w->w_q), get(l, "b_q", {O}, &w->b_q)})
+        if (!st.ok()) return st;
+    w->hash = hash ? hash : 1;
+    return std::shared_ptr<const Weights>(std::move(w));
+  }
+  for (auto [n, o] : {std::pair{"rank", &s.rank}, {"rope_dims", &s.rope_dims}})
     if (absl::Status st = field(n, o); !st.ok()) return st;
   if (auto it = m.find("rope_theta"); it != m.end() && !absl::SimpleAtof(it->second, &s.rope_theta))
     return absl::InvalidArgumentError(absl::StrCat(path, ": rope_theta is not a number"));
@@ -114,21 +143,10 @@ absl::StatusOr<std::shared_ptr<const Weights>> Weights::Load(const std::string& 
     return absl::InvalidArgumentError(absl::StrCat(
         path, ": bad indexer shape: ", why.empty() ? "hidden and rank must be > 0" : why));
   const int64_t H = s.heads, D = s.dim, R = s.rank, X = s.hidden;
-  uint64_t hash = 0;
-  for (uint32_t l = 0; l < s.layers; ++l) {
-    const std::string p = absl::StrCat("layer", l, ".");
-    auto get = [&](const std::string& name, std::vector<int64_t> shape,
-                   std::vector<std::vector<float>>* out) -> absl::Status {
-      auto v = (*f)->GetFloats(p + name, shape);
-      if (!v.ok()) return v.status();
-      hash = Checksum64(v->data(), v->size() * 4) ^ (hash * 0x9e3779b97f4a7c15ull);
-      out->push_back(std::move(*v));
-      return absl::OkStatus();
-    };
-    for (absl::Status st : {get("w_a", {R, X}, &w->w_a), get("g", {R}, &w->g),
-                            get("w_b", {H * D, R}, &w->w_b), get("w_w", {H, X}, &w->w_w)})
+  for (uint32_t l = 0; l < s.layers; ++l)
+    for (absl::Status st : {get(l, "w_a", {R, X}, &w->w_a), get(l, "g", {R}, &w->g),
+                            get(l, "w_b", {H * D, R}, &w->w_b), get(l, "w_w", {H, X}, &w->w_w)})
       if (!st.ok()) return st;
-  }
   w->hash = hash ? hash : 1;
   return std::shared_ptr<const Weights>(std::move(w));
 }
@@ -136,6 +154,19 @@ absl::StatusOr<std::shared_ptr<const Weights>> Weights::Load(const std::string& 
 absl::Status Weights::Save(const std::string& path) const {
   SafetensorsWriter wr;
   const int64_t H = shape.heads, D = shape.dim, R = shape.rank, X = shape.hidden;
+  if (tower == Tower::kTokenQuery) {
+    const int64_t O = H * head_dim;
+    for (uint32_t l = 0; l < shape.layers; ++l) {
+      wr.Add(absl::StrCat("layer", l, ".w_q"), StDType::kF32, {O, X}, w_q[l]);
+      wr.Add(absl::StrCat("layer", l, ".b_q"), StDType::kF32, {O}, b_q[l]);
+    }
+    return wr.Write(path, {{"tower", "token_query"},
+                           {"index_layers", absl::StrCat(shape.layers)},
+                           {"index_heads", absl::StrCat(shape.heads)},
+                           {"index_dim", absl::StrCat(shape.dim)},
+                           {"hidden_dim", absl::StrCat(shape.hidden)},
+                           {"head_dim", absl::StrCat(head_dim)}});
+  }
   for (uint32_t l = 0; l < shape.layers; ++l) {
     const std::string p = absl::StrCat("layer", l, ".");
     wr.Add(p + "w_a", StDType::kF32, {R, X}, w_a[l]);
@@ -162,6 +193,15 @@ absl::Status Weights::Matches(const ModelSpec& spec) const {
   if (shape.heads != spec.index_heads) return bad("index_heads", shape.heads, spec.index_heads);
   if (shape.dim != spec.index_dim) return bad("index_dim", shape.dim, spec.index_dim);
   if (shape.hidden != spec.hidden_dim) return bad("hidden_dim", shape.hidden, spec.hidden_dim);
+  if (tower == Tower::kTokenQuery) {
+    // The predicted query is the model's own, scored against the model's own K.
+    if (shape.heads != spec.q_heads)
+      return bad("index_heads (token_query: the model's q_heads)", shape.heads, spec.q_heads);
+    if (head_dim != spec.head_dim) return bad("head_dim", head_dim, spec.head_dim);
+    if (shape.dim != spec.chunk_tokens * spec.kv_heads * spec.head_dim)
+      return bad("index_dim (token_query: chunk_tokens x kv_heads x head_dim)", shape.dim,
+                 spec.chunk_tokens * spec.kv_heads * spec.head_dim);
+  }
   return absl::OkStatus();
 }
 
@@ -316,10 +356,12 @@ absl::Status IndexerCore::LoadWeights(const std::string& path, uint64_t* hash) {
   const uint64_t h = (*w)->hash;
   const uint64_t replaced = SetWeights(*w);
   FM_LOG_INFO(
-      "indexer: loaded weights %s (hash %016llx; %u index layers x %u heads x %u dims, hidden "
-      "%u, rank %u): %s",
-      path.c_str(), static_cast<unsigned long long>(h), sh.layers, sh.heads, sh.dim, sh.hidden,
-      sh.rank,
+      "indexer: loaded weights %s (hash %016llx; %s tower, %u index layers x %u heads x %u "
+      "dims, hidden %u, %s %u): %s",
+      path.c_str(), static_cast<unsigned long long>(h),
+      (*w)->tower == Tower::kTokenQuery ? "token_query" : "chunk", sh.layers, sh.heads, sh.dim,
+      sh.hidden, (*w)->tower == Tower::kTokenQuery ? "head_dim" : "rank",
+      (*w)->tower == Tower::kTokenQuery ? (*w)->head_dim : sh.rank,
       replaced ? absl::StrFormat("replaced the set of hash %016llx",
                                  static_cast<unsigned long long>(replaced))
                      .c_str()
@@ -333,8 +375,8 @@ uint64_t IndexerCore::SetWeights(std::shared_ptr<const Weights> w) {
   uint64_t replaced = 0;
   std::erase_if(weights_, [&](const std::shared_ptr<const Weights>& h) {
     const kernels::IndexerShape& b = h->shape;
-    const bool same =
-        a.layers == b.layers && a.heads == b.heads && a.dim == b.dim && a.hidden == b.hidden;
+    const bool same = w->tower == h->tower && a.layers == b.layers && a.heads == b.heads &&
+                      a.dim == b.dim && a.hidden == b.hidden;
     if (same) replaced = h->hash;
     return same;
   });
@@ -378,6 +420,44 @@ absl::Status CheckIndexQuery(const ModelSpec& sp, const std::vector<float>& quer
   return absl::InvalidArgumentError(absl::StrCat(
       policy, " needs the decode queries of the index layers: ", query.size(),
       " floats; expected [", sp.index_layers, "][", sp.q_heads, "][", sp.head_dim, "] = ", qf));
+}
+// Training-free model_query and the token_query tower: a query [index_layers][q_heads]
+// [head_dim] of the model against index keys that hold the model's own K
+// (kernels::TokenKeyLogits). A page scores the largest share of one head's attention mass
+// its tokens take, over heads and index layers.
+absl::Status TokenQueryScores(const ModelSpec& sp, const std::vector<kernels::HugePageBytes>& blocks,
+                              uint64_t chunks, uint64_t total, const float* query,
+                              std::vector<float>* score) {
+  kernels::TokenKeyShape ts;
+  ts.tokens = sp.chunk_tokens;
+  ts.kv_heads = sp.kv_heads;
+  ts.q_heads = sp.q_heads;
+  ts.head_dim = sp.head_dim;
+  ts.scale = sp.Scale();
+  if (ts.dim() != sp.index_dim)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "model_query and token_query need index keys that hold the model's own K: index_dim = "
+        "chunk_tokens x kv_heads x head_dim = ",
+        ts.dim(), ", got ", sp.index_dim));
+  const uint64_t n = chunks * sp.chunk_tokens;
+  std::vector<float> logits(size_t{sp.q_heads} * n), mass(total);
+  for (uint32_t l = 0; l < sp.index_layers && n > 0; ++l) {
+    if (kernels::TokenKeyLogits(ts, sp.index_dim, query + l * size_t{sp.q_heads} * sp.head_dim,
+                                blocks[l].data(), chunks, logits.data()) !=
+        kernels::KernelStatus::kOk)
+      return absl::InternalError("token query scoring failed");
+    for (uint32_t h = 0; h < sp.q_heads; ++h) {
+      const float* lg = logits.data() + size_t{h} * n;
+      const float mx = *std::max_element(lg, lg + n);
+      double z = 0;
+      for (uint64_t t = 0; t < n; ++t) z += std::exp(double(lg[t]) - mx);
+      std::fill(mass.begin(), mass.end(), 0.0f);
+      for (uint64_t t = 0; t < n; ++t)
+        mass[t / sp.page_tokens] += static_cast<float>(std::exp(double(lg[t]) - mx) / z);
+      for (uint64_t p = 0; p < total; ++p) (*score)[p] = std::max((*score)[p], mass[p]);
+    }
+  }
+  return absl::OkStatus();
 }
 }  // namespace
 
@@ -434,6 +514,24 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
         return absl::InvalidArgumentError(absl::StrCat(
             "hidden has ", a.hidden.size(), " floats; expected hidden_dim = ", sp.hidden_dim));
       const kernels::IndexerShape& is = w->shape;
+      if (w->tower == Tower::kTokenQuery) {
+        // The predicted query of each index layer, q_l = w_q h + b_q, scored as model_query.
+        const size_t o = size_t{is.heads} * w->head_dim;
+        std::vector<float> q(size_t{is.layers} * o);
+        for (uint32_t l = 0; l < is.layers; ++l)
+          for (size_t r = 0; r < o; ++r) {
+            const float* row = w->w_q[l].data() + r * is.hidden;
+            double acc = w->b_q[l][r];
+            for (uint32_t x = 0; x < is.hidden; ++x) acc += double(row[x]) * a.hidden[x];
+            q[l * o + r] = static_cast<float>(acc);
+          }
+        if (absl::Status st = TokenQueryScores(sp, s->blocks, chunks, total, q.data(), &score);
+            !st.ok())
+          return st;
+        out.chunks_scored = chunks * is.layers;
+        out.pages = PickPages(score, total, kmax, sink, tail);
+        break;
+      }
       std::vector<float> q(size_t{is.layers} * is.heads * is.dim), hw(size_t{is.layers} * is.heads);
       for (uint32_t l = 0; l < is.layers; ++l) {
         const kernels::IndexerLayerWeights lw{w->w_a[l].data(), w->g[l].data(), w->w_b[l].data(),
@@ -486,40 +584,10 @@ absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, cons
       break;
     }
     case Policy::kModelQuery: {
-      // Training-free: the model's own decode query against index keys that hold the
-      // model's own K (kernels::TokenKeyLogits). A page scores the largest share of one
-      // head's attention mass its tokens take, over heads and index layers.
       if (absl::Status st = CheckIndexQuery(sp, a.query, "model_query"); !st.ok()) return st;
-      kernels::TokenKeyShape ts;
-      ts.tokens = sp.chunk_tokens;
-      ts.kv_heads = sp.kv_heads;
-      ts.q_heads = sp.q_heads;
-      ts.head_dim = sp.head_dim;
-      ts.scale = sp.Scale();
-      if (ts.dim() != sp.index_dim)
-        return absl::FailedPreconditionError(absl::StrCat(
-            "model_query needs index keys that hold the model's own K: index_dim = "
-            "chunk_tokens x kv_heads x head_dim = ",
-            ts.dim(), ", got ", sp.index_dim));
-      const uint64_t n = chunks * sp.chunk_tokens;
-      std::vector<float> logits(size_t{sp.q_heads} * n), mass(total);
-      for (uint32_t l = 0; l < sp.index_layers && n > 0; ++l) {
-        if (kernels::TokenKeyLogits(ts, sp.index_dim, a.query.data() + l * size_t{sp.q_heads} *
-                                                                       sp.head_dim,
-                                    s->blocks[l].data(), chunks, logits.data()) !=
-            kernels::KernelStatus::kOk)
-          return absl::InternalError("model_query scoring failed");
-        for (uint32_t h = 0; h < sp.q_heads; ++h) {
-          const float* lg = logits.data() + size_t{h} * n;
-          const float mx = *std::max_element(lg, lg + n);
-          double z = 0;
-          for (uint64_t t = 0; t < n; ++t) z += std::exp(double(lg[t]) - mx);
-          std::fill(mass.begin(), mass.end(), 0.0f);
-          for (uint64_t t = 0; t < n; ++t)
-            mass[t / sp.page_tokens] += static_cast<float>(std::exp(double(lg[t]) - mx) / z);
-          for (uint64_t p = 0; p < total; ++p) score[p] = std::max(score[p], mass[p]);
-        }
-      }
+      if (absl::Status st = TokenQueryScores(sp, s->blocks, chunks, total, a.query.data(), &score);
+          !st.ok())
+        return st;
       out.chunks_scored = chunks * sp.index_layers;
       out.pages = PickPages(score, total, kmax, sink, tail);
       break;

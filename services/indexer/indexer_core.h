@@ -34,13 +34,24 @@ enum class Policy : uint8_t {
 const char* PolicyName(Policy p);
 absl::StatusOr<Policy> ParsePolicy(const std::string& name);
 
-// The query tower of every index layer, fp32. File: safetensors with layer{l}.w_a
-// [rank, hidden], layer{l}.g [rank], layer{l}.w_b [heads * dim, rank], layer{l}.w_w
-// [heads, hidden], and metadata index_layers, index_heads, index_dim, hidden_dim, rank,
-// rope_dims, rope_theta.
+// The query tower of every index layer, fp32, of one of two kinds (metadata "tower"):
+//  - "chunk" (the default; DESIGN §3): safetensors with layer{l}.w_a [rank, hidden],
+//    layer{l}.g [rank], layer{l}.w_b [heads * dim, rank], layer{l}.w_w [heads, hidden], and
+//    metadata index_layers, index_heads, index_dim, hidden_dim, rank, rope_dims, rope_theta.
+//    A chunk scores sum_h w_h relu(q_h . k_c) against its compressed chunk key.
+//  - "token_query" (own models whose index keys hold the model's own K; docs/own-model.md):
+//    layer{l}.w_q [heads * head_dim, hidden] and layer{l}.b_q [heads * head_dim] map the
+//    hidden state to a predicted query q_l = w_q h + b_q of the index layer's q_heads heads,
+//    scored per history token as the model's attention scores it (model_query's scoring);
+//    metadata index_layers, index_heads (= q_heads), index_dim, hidden_dim, head_dim.
+enum class Tower : uint8_t { kChunk = 0, kTokenQuery = 1 };
+
 struct Weights {
-  kernels::IndexerShape shape;
-  std::vector<std::vector<float>> w_a, g, w_b, w_w;  // per layer
+  Tower tower = Tower::kChunk;
+  kernels::IndexerShape shape;  // kTokenQuery: layers, heads, dim and hidden only
+  uint32_t head_dim = 0;        // kTokenQuery
+  std::vector<std::vector<float>> w_a, g, w_b, w_w;  // kChunk, per layer
+  std::vector<std::vector<float>> w_q, b_q;          // kTokenQuery, per layer
   uint64_t hash = 0;
 
   static absl::StatusOr<std::shared_ptr<const Weights>> Load(const std::string& path);

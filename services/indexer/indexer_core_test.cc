@@ -328,38 +328,52 @@ TEST(IndexerCore, WeightsRoundTripThroughSafetensors) {
 namespace fm::indexer {
 namespace {
 
-// model_query: index keys that hold the model's own K, scored with the model's own query.
-// One token of page 9 matches the query of head 0 and one of page 21 that of head 3 (the
-// other KV group); with room for two pages beyond sink and tail, both are chosen. A spec
-// whose index_dim is not chunk_tokens x kv_heads x head_dim is refused with the reason.
-TEST(IndexerCore, ModelQueryKeepsThePagesTheModelsQueryAttendsTo) {
+// Index keys that hold the model's own K (a 1-layer GQA 4:2 model): one token of page 9
+// matches the query of head 0 and one of page 21 that of head 3 (the other KV group).
+struct OwnKCase {
   ModelSpec sp;
-  sp.layers = 1;
-  sp.q_heads = 4;
-  sp.kv_heads = 2;
-  sp.head_dim = 32;
-  sp.dtype = DType::kBf16;
-  sp.index_layers = 1;
-  sp.index_heads = 4;
-  sp.index_dim = 4 * 2 * 32;
-  sp.chunk_tokens = 4;
-  ASSERT_THAT(sp.Validate(), IsOk());
-  const uint64_t tokens = 40 * 64, chunks = tokens / 4;
-  std::mt19937 rng(5);
-  std::normal_distribution<float> nd(0.0f, 0.3f);
-  std::vector<float> k(tokens * 2 * 32);
-  for (float& x : k) x = nd(rng);
-  std::vector<float> q(4 * 32, 0.0f);
-  for (uint32_t i = 0; i < 32; ++i) {
-    q[0 * 32 + i] = (i % 2 ? 1.0f : -1.0f) * 4;
-    q[3 * 32 + i] = (i % 3 ? 1.0f : -1.0f) * 4;
-    k[(9 * 64 + 17) * 64 + 0 * 32 + i] = q[0 * 32 + i] / 4;   // head 0 reads KV head 0
-    k[(21 * 64 + 50) * 64 + 1 * 32 + i] = q[3 * 32 + i] / 4;  // head 3 reads KV head 1
+  uint64_t tokens = 40 * 64, chunks = 40 * 64 / 4;
+  std::vector<float> q;       // [q_heads][head_dim]
+  std::vector<uint8_t> keys;  // [chunks][IndexKeyBytes]
+  OwnKCase() {
+    sp.layers = 1;
+    sp.q_heads = 4;
+    sp.kv_heads = 2;
+    sp.head_dim = 32;
+    sp.dtype = DType::kBf16;
+    sp.index_layers = 1;
+    sp.index_heads = 4;
+    sp.index_dim = 4 * 2 * 32;
+    sp.chunk_tokens = 4;
+    sp.hidden_dim = 4 * 32;  // the index layer's query (docs/own-model.md)
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.0f, 0.3f);
+    std::vector<float> k(tokens * 2 * 32);
+    for (float& x : k) x = nd(rng);
+    q.assign(4 * 32, 0.0f);
+    for (uint32_t i = 0; i < 32; ++i) {
+      q[0 * 32 + i] = (i % 2 ? 1.0f : -1.0f) * 4;
+      q[3 * 32 + i] = (i % 3 ? 1.0f : -1.0f) * 4;
+      k[(9 * 64 + 17) * 64 + 0 * 32 + i] = q[0 * 32 + i] / 4;   // head 0 reads KV head 0
+      k[(21 * 64 + 50) * 64 + 1 * 32 + i] = q[3 * 32 + i] / 4;  // head 3 reads KV head 1
+    }
+    keys.resize(chunks * sp.IndexKeyBytes());
+    for (uint64_t c = 0; c < chunks; ++c)
+      kernels::CompressIndexKey(sp.index_dim, k.data() + c * sp.index_dim,
+                                keys.data() + c * sp.IndexKeyBytes());
   }
-  std::vector<uint8_t> keys(chunks * sp.IndexKeyBytes());
-  for (uint64_t c = 0; c < chunks; ++c)
-    kernels::CompressIndexKey(sp.index_dim, k.data() + c * sp.index_dim,
-                              keys.data() + c * sp.IndexKeyBytes());
+};
+
+// model_query: the model's own query against its own K. With room for two pages beyond
+// sink and tail, both needle pages are chosen. A spec whose index_dim is not chunk_tokens x
+// kv_heads x head_dim is refused with the reason.
+TEST(IndexerCore, ModelQueryKeepsThePagesTheModelsQueryAttendsTo) {
+  OwnKCase c;
+  const ModelSpec& sp = c.sp;
+  const uint64_t tokens = c.tokens, chunks = c.chunks;
+  const std::vector<float>& q = c.q;
+  const std::vector<uint8_t>& keys = c.keys;
+  ASSERT_THAT(sp.Validate(), IsOk());
   IndexerCore core;
   ASSERT_THAT(core.Register("mq", sp, keys.data(), chunks, tokens), IsOk());
   PredictArgs a;
@@ -385,6 +399,60 @@ TEST(IndexerCore, ModelQueryKeepsThePagesTheModelsQueryAttendsTo) {
       << bad.status();
 }
 
+// lsa with a token_query tower (q = w_q h + b_q, scored as model_query): the identity tower
+// fed the model's query picks exactly model_query's pages, and so does a tower whose bias
+// alone is that query; the set survives Save/Load with its kind, and a spec whose heads or
+// index keys do not hold the model's own query and K is refused by name.
+TEST(IndexerCore, TokenQueryTowerScoresItsPredictedQueryAsTheModelDoes) {
+  OwnKCase c;
+  const ModelSpec& sp = c.sp;
+  IndexerCore core;
+  ASSERT_THAT(core.Register("tq", sp, c.keys.data(), c.chunks, c.tokens), IsOk());
+  auto w = std::make_shared<Weights>();
+  w->tower = Tower::kTokenQuery;
+  w->shape.layers = 1;
+  w->shape.heads = 4;
+  w->shape.dim = sp.index_dim;
+  w->shape.hidden = sp.hidden_dim;
+  w->head_dim = 32;
+  w->w_q.assign(1, std::vector<float>(128 * 128, 0.0f));
+  for (int i = 0; i < 128; ++i) w->w_q[0][i * 128 + i] = 1.0f;
+  w->b_q.assign(1, std::vector<float>(128, 0.0f));
+  const std::string path = ::testing::TempDir() + "/tq.safetensors";
+  ASSERT_THAT(w->Save(path), IsOk());
+  uint64_t hash = 0;
+  ASSERT_THAT(core.LoadWeights(path, &hash), IsOk());
+  auto loaded = Weights::Load(path);
+  ASSERT_THAT(loaded, IsOk());
+  EXPECT_EQ((*loaded)->tower, Tower::kTokenQuery);
+  EXPECT_EQ((*loaded)->w_q[0], w->w_q[0]);
+  PredictArgs a;
+  a.policy = Policy::kLsa;
+  a.max_pages = 5;
+  a.hidden = c.q;
+  auto p = core.Predict("tq", a);
+  ASSERT_THAT(p.status(), IsOk());
+  EXPECT_EQ(p->policy, Policy::kLsa);
+  EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 9, 21, 38, 39}));
+  auto bias = std::make_shared<Weights>(*w);  // w_q = 0, b_q = the query
+  bias->w_q[0].assign(128 * 128, 0.0f);
+  bias->b_q[0] = c.q;
+  EXPECT_EQ(core.SetWeights(bias), hash) << "replaces the set of its kind and shape";
+  a.hidden.assign(128, 0.0f);
+  p = core.Predict("tq", a);
+  ASSERT_THAT(p.status(), IsOk());
+  EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 9, 21, 38, 39}));
+  ModelSpec other = sp;
+  other.index_heads = 2;
+  EXPECT_THAT(w->Matches(other), StatusIs(StatusCode::kInvalidArgument));
+  other = sp;
+  other.head_dim = 64;
+  other.index_dim = 4 * 2 * 32;
+  auto m = w->Matches(other);
+  EXPECT_THAT(m, StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_NE(m.message().find("head_dim = 32 but the model spec has 64"), std::string::npos) << m;
+}
+
 }  // namespace
 }  // namespace fm::indexer
 
@@ -408,7 +476,7 @@ TEST(IndexerCore, LoadingWeightsLogsTheSetItLoadedAndTheOneItReplaced) {
   std::snprintf(hex_a, sizeof(hex_a), "%016llx", static_cast<unsigned long long>(ha));
   std::snprintf(hex_b, sizeof(hex_b), "%016llx", static_cast<unsigned long long>(hb));
   EXPECT_NE(log.find("loaded weights " + a + " (hash " + hex_a +
-                     "; 1 index layers x 4 heads x 64 dims, hidden 256, rank 8): a new shape, 1 "
+                     "; chunk tower, 1 index layers x 4 heads x 64 dims, hidden 256, rank 8): a new shape, 1 "
                      "sets held"),
             std::string::npos)
       << log;
