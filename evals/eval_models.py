@@ -187,6 +187,7 @@ def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass, 
             "surprise_fetches": stats["surprise_fetches"], "seconds": wa.seconds,
             "miss_fires": stats["miss_fires"], "miss_checks": stats["miss_checks"],
             "pages_fetched": stats["pages_fetched"],
+            "prediction_failures": stats["prediction_failures"],
             "decode_steps": wa.step, "tau": stats["tau"]}
 
 
@@ -194,22 +195,24 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="hybrid4,single1")
     ap.add_argument("--tasks", default=",".join(T.TASKS))
-    ap.add_argument("--policies", default="dense,oracle,model_query,quest,sink_recency,recency,random")
-    ap.add_argument("--caps", default="0.02,0.05,0.1", help="footprint caps of the sparse policies")
-    ap.add_argument("--contexts", default="16384,65536,131072")
-    ap.add_argument("--n", type=int, default=100, help="questions per cell")
-    ap.add_argument("--per_haystack", type=int, default=10, help="questions asked of one haystack")
+    ap.add_argument("--policies", help="of " + ",".join(POLICIES) + " (default: all)")
+    ap.add_argument("--caps", help="footprint caps of the sparse policies (default 0.02,0.05,0.1)")
+    ap.add_argument("--contexts", help="haystack tokens (default 16384,65536,131072)")
+    ap.add_argument("--n", type=int, help="questions per cell (default 100)")
+    ap.add_argument("--per_haystack", type=int, help="questions asked of one haystack (default 10)")
     ap.add_argument("--tau", type=int, default=8, help="decode steps per cycle (prediction)")
     ap.add_argument("--switch_lag", type=int, default=2,
                     help="steps after a cycle start at which its set serves (the prediction and "
                     "its fetch run meanwhile)")
-    ap.add_argument("--miss_ratios", default="0,1",
-                    help="the sessions' miss check thresholds to run each sparse cell with (0 = off)")
+    ap.add_argument("--miss_ratios",
+                    help="the sessions' miss check thresholds to run each sparse cell with "
+                    "(0 = off; default 0,1)")
     ap.add_argument("--target", help="decode worker HOST:PORT; default: start the all-in-one")
     ap.add_argument("--quick", action="store_true",
                     help="CI: 4K context, 4 questions per task, dense/model_query/quest at 10 %%")
     ap.add_argument("--check", action="store_true",
-                    help="fail unless the worker's dense answers equal torch's on every question")
+                    help="fail unless the worker's dense answers equal torch's on every question "
+                    "and every prediction of every sparse session succeeded")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plots", help="write a plot per task (accuracy vs footprint) here")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fm-eval-cache"))
@@ -232,10 +235,15 @@ def main():
         if a.plots:
             plot(rows, a.plots)
         return
-    if a.quick:
-        a.contexts, a.n, a.per_haystack, a.caps = "4096", 4, 4, "0.1"
-        a.policies = "dense,model_query,quest"
-        a.miss_ratios = "1"
+    # --quick (CI) fills the flags not given: 4K, 4 questions per task, 10 %, miss check on.
+    quick = {"contexts": "4096", "n": 4, "per_haystack": 4, "caps": "0.1",
+             "policies": "dense,model_query,quest", "miss_ratios": "1"}
+    full = {"contexts": "16384,65536,131072", "n": 100, "per_haystack": 10,
+            "caps": "0.02,0.05,0.1", "policies": ",".join(POLICIES),
+            "miss_ratios": "0,1"}
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
     torch.set_num_threads(a.threads)
     os.makedirs(a.cache, exist_ok=True)
     models = a.models.split(",")
@@ -249,7 +257,7 @@ def main():
             sys.exit(f"unknown policy {p}; one of {POLICIES}")
 
     server = None
-    rows, mismatches = [], 0
+    rows, mismatches, failures = [], 0, 0
     t_start = time.time()
     try:
         for mname in models:
@@ -321,20 +329,23 @@ def main():
                             "miss_fire_rate": sum(r["miss_fires"] for r in rs) /
                             max(1, sum(r["miss_checks"] for r in rs)),
                             "fetched_mb": sum(r["pages_fetched"] for r in rs) * spec.page_bytes / 2**20,
+                            "prediction_failures": sum(r["prediction_failures"] for r in rs),
                             "tau": rs[0]["tau"], "torch_dense_exact_match": t_em})
+                        failures += rows[-1]["prediction_failures"]
                         print_row(rows[-1])
     finally:
         if server:
             server.terminate()
             server.wait(timeout=30)
     print(f"{len(rows)} cells in {time.time() - t_start:.0f} s; dense through the worker "
-          f"generated other tokens than torch on {mismatches} questions")
+          f"generated other tokens than torch on {mismatches} questions; {failures} predictions "
+          f"failed")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     if a.plots:
         plot(rows, a.plots)
-    if a.check and mismatches:
+    if a.check and (mismatches or failures):
         sys.exit(1)
 
 

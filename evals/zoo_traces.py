@@ -34,7 +34,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="zoo model name (evals/zoo/models/NAME.safetensors)")
     ap.add_argument("--out", required=True, help="trace directory (the all-in-one's --trace_dir)")
-    ap.add_argument("--sessions", type=int, default=40)
+    ap.add_argument("--sessions", type=int, default=48)
+    ap.add_argument("--first", type=int, default=0,
+                    help="index of the first session (its seed and task): more traces, or a "
+                    "validation set, without repeating earlier ones")
     ap.add_argument("--tasks", default="recall,multiquery,vartrack,passkey")
     ap.add_argument("--contexts", default="8192,16384")
     ap.add_argument("--per_haystack", type=int, default=10, help="questions per session")
@@ -58,7 +61,7 @@ def main():
     steps = 0
     t0 = time.time()
     try:
-        for i in range(a.sessions):
+        for i in range(a.first, a.first + a.sessions):
             task, ctx = tasks[i % len(tasks)], contexts[(i // len(tasks)) % len(contexts)]
             per = 1 if task == "passkey" else a.per_haystack
             sample = T.make(task, SEED_BASE + i, ctx, per, eval_split=False)

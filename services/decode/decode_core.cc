@@ -452,29 +452,45 @@ struct DecodeCore::Impl {
   // max over heads of log(sum over the page's tokens of exp(scale q_h . k_t)) - lse_h, from
   // the page's stored model-K keys; -inf as soon as no head can exceed `margin` (a head's
   // log-mass is at most its best token's logit + log(page_tokens)). `scratch` is reused.
+  // The page's K is laid out [kv head][dim][token] so that each query dimension adds one
+  // scaled row over all the page's tokens (a fixed-width loop the compiler vectorizes).
   static float ExactPageMass(const ModelSpec& sp, const float* q, const float* lse,
                              const uint8_t* page_keys, float margin, std::vector<float>* scratch) {
     const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads, di = sp.index_dim;
+    const uint32_t ct = sp.chunk_tokens, hkv = sp.kv_heads;
     const size_t kb = sp.IndexKeyBytes();
     const uint64_t cpp = sp.ChunksPerPage();
     const uint32_t P = sp.page_tokens;
-    scratch->resize(di + size_t{sp.q_heads} * P);
+    scratch->resize(di + size_t{hkv} * d * P + size_t{sp.q_heads} * P);
     float* k = scratch->data();
-    float* logits = k + di;
-    const float s = sp.Scale();
+    float* kt = k + di;                        // [kv head][dim][token]
+    float* logits = kt + size_t{hkv} * d * P;  // [q head][token]
     for (uint64_t c = 0; c < cpp; ++c) {
       const uint8_t* key = page_keys + c * kb;
       float scale;
       std::memcpy(&scale, key + di, 4);
       Fp8E4m3ToFloatN(key, k, di);
-      for (uint32_t t = 0; t < sp.chunk_tokens; ++t)
-        for (uint32_t h = 0; h < sp.q_heads; ++h) {
-          const float* kt = k + (size_t{t} * sp.kv_heads + h / group) * d;
-          const float* qh = q + size_t{h} * d;
-          float dot = 0;
-          for (uint32_t j = 0; j < d; ++j) dot += qh[j] * kt[j];
-          logits[size_t{h} * P + c * sp.chunk_tokens + t] = dot * scale * s;
+      for (uint32_t t = 0; t < ct; ++t)
+        for (uint32_t kv = 0; kv < hkv; ++kv) {
+          const float* src = k + (size_t{t} * hkv + kv) * d;
+          float* dst = kt + size_t{kv} * d * P + c * ct + t;
+          for (uint32_t j = 0; j < d; ++j) dst[size_t{j} * P] = src[j] * scale;
         }
+    }
+    const float s = sp.Scale();
+    for (uint32_t h = 0; h < sp.q_heads; ++h) {
+      float* lg = logits + size_t{h} * P;
+      std::fill(lg, lg + P, 0.0f);
+      const float* qh = q + size_t{h} * d;
+      const float* kh = kt + size_t{h / group} * d * P;
+      for (uint32_t j = 0; j < d; ++j) {
+        const float qj = qh[j] * s;
+        const float* row = kh + size_t{j} * P;
+        uint32_t t = 0;
+        for (; t + 16 <= P; t += 16)  // fixed width: vectorized at -O2
+          for (uint32_t u = 0; u < 16; ++u) lg[t + u] += qj * row[t + u];
+        for (; t < P; ++t) lg[t] += qj * row[t];
+      }
     }
     const float log_p = std::log(float(P));
     float best = -std::numeric_limits<float>::infinity();
@@ -482,9 +498,9 @@ struct DecodeCore::Impl {
       const float* lg = logits + size_t{h} * P;
       const float mx = *std::max_element(lg, lg + P);
       if (mx + log_p - lse[h] <= std::max(margin, best)) continue;  // cannot win
-      double z = 0;
-      for (uint32_t t = 0; t < P; ++t) z += std::exp(double(lg[t]) - mx);
-      best = std::max(best, static_cast<float>(mx + std::log(z)) - lse[h]);
+      float z = 0;
+      for (uint32_t t = 0; t < P; ++t) z += std::exp(lg[t] - mx);
+      best = std::max(best, mx + std::log(z) - lse[h]);
     }
     return best;
   }
