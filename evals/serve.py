@@ -16,7 +16,7 @@ the model's own query scores every history token exactly as its attention does
 What it sends as the hidden state for Predict: the step's queries of every global layer,
 concatenated, [index_layers][q_heads][head_dim] (hidden_dim = index_layers x q_heads x
 head_dim), on the request of the step's last global layer. The token_query lsa tower maps
-it to a predicted query per index layer, scored like the model's own (trainer/README).
+it to a predicted query per index layer, scored like the model's own (docs/own-model.md).
 """
 import os
 import sys

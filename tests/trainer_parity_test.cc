@@ -94,7 +94,8 @@ TEST(TrainerParity, CppAndPyTorchScoreTheSameTraceAlike) {
 
 // The token_query tower (own models; trainer/token_query.py): the trainer's page scores and
 // fm-indexer's lsa scores of one cycle agree page by page (|diff| <= 1e-4 of a head's
-// attention share) and keep the same top pages. The trace is the generator's on a spec in
+// attention share) and keep the same top pages; the history's open page (no index keys
+// yet) scores 0. The trace is the generator's on a spec in
 // the own-model layout (index keys of chunk_tokens x kv_heads x head_dim, hidden the index
 // layer's query); the tower's weights are random.
 TEST(TrainerParity, TokenQueryTowerScoresPagesAlikeInCppAndPyTorch) {
@@ -102,6 +103,7 @@ TEST(TrainerParity, TokenQueryTowerScoresPagesAlikeInCppAndPyTorch) {
   workload::SessionConfig c;
   c.spec = *PresetSpec("tiny");
   ModelSpec& sp = c.spec;
+  sp.index_layers = 2;  // both layers: the tower's per-layer blocks are compared too
   sp.index_dim = sp.chunk_tokens * sp.kv_heads * sp.head_dim;
   sp.index_heads = sp.q_heads;
   sp.hidden_dim = sp.index_layers * sp.q_heads * sp.head_dim;
@@ -150,15 +152,17 @@ TEST(TrainerParity, TokenQueryTowerScoresPagesAlikeInCppAndPyTorch) {
     const auto& k = (*s)->index_keys(l);
     keys.insert(keys.end(), k.begin(), k.begin() + n * sp.IndexKeyBytes());
   }
-  ASSERT_THAT(core.Register("tq", sp, keys.data(), n, pages * sp.page_tokens), IsOk());
+  // The history as of the cycle start: its sealed pages' keys and a partial open page.
+  ASSERT_THAT(core.Register("tq", sp, keys.data(), n, pages * sp.page_tokens + 17), IsOk());
   indexer::PredictArgs a;
   a.policy = indexer::Policy::kLsa;
   a.hidden.assign((*s)->hidden(step), (*s)->hidden(step) + sp.hidden_dim);
-  a.max_pages = static_cast<uint32_t>(pages);
+  a.max_pages = static_cast<uint32_t>(pages + 1);
   a.sink = a.tail = 0;
   auto p = core.Predict("tq", a);
   ASSERT_THAT(p, IsOk());
-  ASSERT_EQ(p->pages.size(), pages);
+  ASSERT_EQ(p->pages.size(), pages + 1);
+  EXPECT_EQ(p->pages[pages].score, 0.0f);
   double worst = 0;
   std::vector<std::pair<float, uint64_t>> cpp_rank, py_rank;
   for (uint64_t i = 0; i < pages; ++i) {

@@ -13,7 +13,11 @@ the whole cycle to come:
 W_l starts as the identity on layer l's block of h, so before training the tower is the
 training-free model_query policy; training distills the attention of the next tau steps
 into it: the loss is the cross-entropy of the cycle's dense page mass (from the trace)
-against the tower's page distribution, the mean of share_{l,h} over layers and heads.
+against a softmax over pages of the ranking score, log max_{l,h} share_{l,h}(p)
+(--tq_loss max, the default), or against the mean of share_{l,h} over layers and heads
+(--tq_loss mix). The cycle's page mass is either its steps' mass summed (--tq_target mass)
+or each step's squared and renormalized first (--tq_target sharp, the default), so that
+the pages a step reads sharply (a retrieval) count more than a step's diffuse spread.
 """
 import math
 
@@ -109,11 +113,16 @@ class TokenQueryCycles:
                     continue
                 steps = t.page_mass[s0:s0 + t.tau, :pages].astype(np.float64)
                 mass = steps.sum(0)
+                # sharp: each step's mass squared and renormalized, summed over the cycle: the
+                # pages a step reads sharply (a retrieval) outweigh its diffuse spread
+                sq = steps ** 2
+                sharp = (sq / np.maximum(sq.sum(1, keepdims=True), 1e-30)).sum(0)
                 if mass.sum() <= 0:
                     continue
                 self.items.append({
                     "hidden": torch.from_numpy(t.hidden[s0].astype(np.float32).copy()),
                     "keys": tok[:, :n * t.chunk_tokens], "mass": torch.from_numpy(mass / mass.sum()).float(),
+                    "sharp": torch.from_numpy(sharp / sharp.sum()).float(),
                     # each step's most attended page besides sink and tail (its peak)
                     "peaks": torch.from_numpy(steps[:, 1:pages - 2].argmax(1) + 1),
                     "page_tokens": t.page_tokens, "scale": scale,
@@ -123,7 +132,7 @@ class TokenQueryCycles:
         return len(self.items)
 
 
-def cycle_loss(tower, it, kind="max"):
+def cycle_loss(tower, it, kind="max", target="sharp"):
     """mix: cross-entropy of the cycle's page mass against the mean page distribution of
     the layers and heads. max: the same against a softmax over pages of the score that page
     selection ranks by (the log of a page's best head share), so that the pages the cycle
@@ -134,7 +143,7 @@ def cycle_loss(tower, it, kind="max"):
         logq = torch.logsumexp(ls.reshape(L * H, P), 0) - math.log(L * H)
     else:
         logq = torch.log_softmax(ls.reshape(L * H, P).max(0).values, 0)
-    return -(it["mass"] * logq).sum()
+    return -(it[target] * logq).sum()
 
 
 def evaluate(tower, data, budget):
@@ -186,7 +195,8 @@ def train(train_traces, val_traces, a, out_meta):
         for b0 in range(0, len(perm), a.batch):
             opt.zero_grad()
             batch = perm[b0:b0 + a.batch]
-            loss = sum(cycle_loss(tower, tr.items[i], a.tq_loss) for i in batch) / len(batch)
+            loss = sum(cycle_loss(tower, tr.items[i], a.tq_loss, a.tq_target)
+                       for i in batch) / len(batch)
             loss = loss + a.drift * tower.drift()
             loss.backward()
             opt.step()

@@ -188,6 +188,8 @@ def main():
     ap.add_argument("--tq_loss", choices=["max", "mix"], default="max",
                     help="token_query: the page distribution the cycle's mass is matched with "
                     "(trainer/token_query.py)")
+    ap.add_argument("--tq_target", choices=["sharp", "mass"], default="sharp",
+                    help="token_query: the cycle's page distribution to match (trainer/token_query.py)")
     ap.add_argument("--allow-degenerate", action="store_true",
                     help="export even a tower that separates nothing (for tests of the export)")
     a = ap.parse_args()

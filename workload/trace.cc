@@ -2,6 +2,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace fm::workload {
 
@@ -70,7 +71,7 @@ std::map<std::string, std::string> TraceMetadata(const ModelSpec& sp, const Trac
       {"q_heads", absl::StrCat(sp.q_heads)},
       {"kv_heads", absl::StrCat(sp.kv_heads)},
       {"head_dim", absl::StrCat(sp.head_dim)},
-      {"softmax_scale", absl::StrCat(sp.Scale())},
+      {"softmax_scale", absl::StrFormat("%.9g", sp.Scale())},
       {"dtype", DTypeName(sp.dtype)},
       {"page_tokens", absl::StrCat(sp.page_tokens)},
       {"index_layers", absl::StrCat(sp.index_layers)},

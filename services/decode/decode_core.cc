@@ -1410,7 +1410,8 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   uint64_t headroom_pages = 0;
   // The budget caps the cells a sparse session holds (its footprint): the predicted set, the
   // open page, two cells for pages sealing before a switch and the miss check's pages all
-  // come out of it. Below the minimum that serves sink + tail, the minimum. The fetch
+  // come out of it. Below the minimum that serves sink + tail, or the floor of a session
+  // with its own miss check (DecodeOptions::min_session_cells), that minimum. The fetch
   // headroom is a share of the set that each cycle start frees (MakeRoom).
   if (o.mode == Mode::kSparse) {
     const double headroom = std::max(opt.headroom, 0.0);
@@ -1419,8 +1420,9 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     const uint64_t extra = 3 + miss;
     const uint64_t least =
         fixed + static_cast<uint64_t>(std::ceil(headroom * double(fixed))) + extra;
-    const uint64_t cap =
-        o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages));
+    const uint64_t cap = std::max<uint64_t>(
+        o.max_pages ? o.max_pages : static_cast<uint64_t>(std::ceil(double(o.budget) * pages)),
+        o.miss_ratio > 0 && !o.max_pages ? opt.min_session_cells : 0);
     // A cap of every page keeps every page resident, the extra cells on top.
     cells = cap >= pages ? pages + extra : std::min(std::max(cap, least), pages + extra);
     const uint64_t predicted = cap >= pages ? pages : std::min<uint64_t>(pages, cells - extra);
@@ -1840,11 +1842,12 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
                           static_cast<uint32_t>(s->tokens % P));
     if (st.ok()) st = impl_->SaveState(*s);
   }
-  // A trace-mode session's trace is what it was for: written whether or not its pages stay.
-  if (st.ok() && s->trace)
-    st = s->trace->Write((std::filesystem::path(impl_->options.trace_dir) /
-                          (s->opt.trace_name.empty() ? TraceFileName(id) : s->opt.trace_name))
-                             .string());
+  // A trace-mode session's trace is what it was for: written whether or not its pages stay,
+  // and whatever else failed.
+  if (s->trace)
+    st.Update(s->trace->Write((std::filesystem::path(impl_->options.trace_dir) /
+                               (s->opt.trace_name.empty() ? TraceFileName(id) : s->opt.trace_name))
+                                  .string()));
   if (s->job) impl_->ReleaseCells(*s, *s->job, true);
   s->job.reset();
   if (s->recovery) impl_->ReleaseCells(*s, *s->recovery, true);

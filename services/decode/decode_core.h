@@ -160,6 +160,14 @@ struct DecodeOptions {
   double miss_ratio = 1.0;
   uint32_t miss_max_pages = 4;  // pages fetched per check
   uint32_t miss_lag = 2;
+  // The fewest cells a budget share gives a sparse session with its own miss check
+  // (SessionOptions::miss_ratio), up to all its pages (an explicit max_pages is kept). The cap is a share of the history:
+  // at 16K tokens 5 % is 13 cells, of which sink, tail, open page, sealing and miss pages
+  // take 10; the 3 left cannot hold the pages one step reads, so the check evicts what the
+  // next step needs (on the zoo's single1 at 16K, vartrack fell from 0.80 to 0.20 with the
+  // check). The floor costs a short session a few pages (32 cells = 2K tokens of the zoo's
+  // pages) and a long one nothing.
+  uint32_t min_session_cells = 32;
   // Trace mode: where traces go (empty: the worker refuses trace sessions) and how their
   // golden labels are drawn.
   std::string trace_dir;

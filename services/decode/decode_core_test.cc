@@ -583,6 +583,23 @@ TEST_F(DecodeCoreTest, MissCheckFetchesASurpriseWithinTheReservation) {
   EXPECT_EQ(st->prediction_failures, 0u);
 }
 
+// A budget share too small for a session's own miss check is raised to the worker's floor
+// (DecodeOptions::min_session_cells, 32); without the check, or with an explicit
+// max_pages, the cap stands.
+TEST_F(DecodeCoreTest, MissCheckedSessionsGetTheCellFloor) {
+  auto g = Generate(8192, 48, 13);
+  auto core = Core(64 << 20, 16);
+  SessionOptions o = Options(*g, Mode::kSparse, 0.05f, indexer::Policy::kRecency);
+  ASSERT_THAT(core->Open("plain", o), IsOk());
+  o.miss_ratio = 1.0f;
+  ASSERT_THAT(core->Open("checked", o), IsOk());
+  o.max_pages = 12;
+  ASSERT_THAT(core->Open("explicit", o), IsOk());
+  EXPECT_LT(core->Stats("plain")->reserved_cells, 32u);
+  EXPECT_EQ(core->Stats("checked")->reserved_cells, 32u);
+  EXPECT_EQ(core->Stats("explicit")->reserved_cells, 12u);
+}
+
 // The session's own synchronous miss check on the generator (whose index keys are not the
 // model's K: the check is the Quest bound alone): at a 10 % recency set the needles and topic
 // returns are misses. A layer whose check fires reads the flagged pages before it answers

@@ -46,6 +46,11 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
   app.add_option("--miss_check", o->miss_check,
                  "Check every step for a wanted page that is not resident and fetch it at once")
       ->capture_default_str();
+  app.add_option("--min_session_cells", o->min_session_cells,
+                 "The fewest cells the footprint cap gives a sparse session with its own miss "
+                 "check (up to all its pages): a short session's share is too few to serve a "
+                 "step and the check's fetches")
+      ->capture_default_str();
   app.add_option("--miss_ratio", o->miss_ratio,
                  "Miss check: fetch a page whose Quest bound exceeds this times the resident mass")
       ->capture_default_str();

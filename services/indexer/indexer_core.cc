@@ -391,8 +391,10 @@ std::shared_ptr<const Weights> IndexerCore::weights() const {
 
 std::shared_ptr<const Weights> IndexerCore::WeightsFor(const ModelSpec& spec) const {
   absl::ReaderMutexLock lock(&mu_);
-  for (const auto& w : weights_)
-    if (w->Matches(spec).ok()) return w;
+  // The newest set that fits: a token_query set loaded after a chunk set of the same shape
+  // serves (a chunk set fits an own-K spec too).
+  for (auto it = weights_.rbegin(); it != weights_.rend(); ++it)
+    if ((*it)->Matches(spec).ok()) return *it;
   return nullptr;
 }
 

@@ -435,16 +435,37 @@ TEST(IndexerCore, TokenQueryTowerScoresItsPredictedQueryAsTheModelDoes) {
   EXPECT_EQ(p->policy, Policy::kLsa);
   EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 9, 21, 38, 39}));
   auto bias = std::make_shared<Weights>(*w);  // w_q = 0, b_q = the query
+  bias->hash = 42;
   bias->w_q[0].assign(128 * 128, 0.0f);
   bias->b_q[0] = c.q;
   EXPECT_EQ(core.SetWeights(bias), hash) << "replaces the set of its kind and shape";
+  // A chunk set of the same shape is held beside it; the newest set that fits serves.
+  EXPECT_EQ(core.SetWeights(RandomWeights(sp, 8, 9)), 0u);
+  auto again = std::make_shared<Weights>(*bias);
+  again->hash = 43;
+  EXPECT_EQ(core.SetWeights(again), bias->hash) << "replaces the token_query set only";
+  EXPECT_EQ(core.Stats().weight_sets, 2u);
+  a.hidden.assign(128, 0.0f);
+  p = core.Predict("tq", a);
+  ASSERT_THAT(p.status(), IsOk());
+  EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 9, 21, 38, 39})) << "the newest set serves";
   a.hidden.assign(128, 0.0f);
   p = core.Predict("tq", a);
   ASSERT_THAT(p.status(), IsOk());
   EXPECT_EQ(Pages(*p), (std::vector<uint64_t>{0, 9, 21, 38, 39}));
+  // A spec whose index heads are not the model's query heads: a chunk tower of this shape
+  // would fit it, a token_query tower does not.
   ModelSpec other = sp;
-  other.index_heads = 2;
-  EXPECT_THAT(w->Matches(other), StatusIs(StatusCode::kInvalidArgument));
+  other.q_heads = 8;
+  auto heads = w->Matches(other);
+  EXPECT_THAT(heads, StatusIs(StatusCode::kInvalidArgument));
+  EXPECT_NE(heads.message().find("index_heads (token_query: the model's q_heads) = 4 but the "
+                                 "model spec has 8"),
+            std::string::npos)
+      << heads;
+  Weights chunk_kind = *w;
+  chunk_kind.tower = Tower::kChunk;
+  EXPECT_THAT(chunk_kind.Matches(other), IsOk());
   other = sp;
   other.head_dim = 64;
   other.index_dim = 4 * 2 * 32;
