@@ -221,14 +221,24 @@ def main():
     ap.add_argument("--lsa_weights", default="{zoo}/{model}.lsa.safetensors",
                     help="policy lsa: the weights each model's sessions are served with "
                     "(loaded into the worker's indexer: the all-in-one's, or --target's)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="with --replot: print the rows as markdown tables (a table per model and "
+                    "context; without / with the miss check side by side)")
     ap.add_argument("--replot", nargs="+", metavar="JSON",
                     help="only merge the rows of these --json files and write the plots of "
                     "--plots (and --json) from them")
     a = ap.parse_args()
     if a.replot:
         rows = [r for f in a.replot for r in json.load(open(f))]
+        # A later file's row replaces an earlier one of the same cell (a rerun).
+        cells = {}
+        for r in rows:
+            cells[(r["model"], r["task"], r["context"], r["policy"], r["cap"], r["miss_ratio"])] = r
+        rows = list(cells.values())
         for r in rows:
             print_row(r)
+        if a.markdown:
+            print(markdown(rows))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)
@@ -365,6 +375,42 @@ def print_row(r):
           f"{r['torch_dense_exact_match']:6.3f} {r['mass_recall']:7.4f} "
           f"{r['needle_resident']:6.3f} {r['footprint']:6.3f} {r['stall_fraction']:6.3f} "
           f"{r['tokens_per_s']:7.1f} {r['miss_fire_rate']:6.3f} {r['fetched_mb']:6.1f}", flush=True)
+
+
+def markdown(rows):
+    """Markdown tables: per model and context, a row per task and policy, the caps side by
+    side; each cell 'exact without check / with check', with the check's stalls per step."""
+    out = []
+    for m in sorted({r["model"] for r in rows}):
+        for c in sorted({r["context"] for r in rows if r["model"] == m}):
+            sub = [r for r in rows if r["model"] == m and r["context"] == c]
+            caps = sorted({r["cap"] for r in sub if r["policy"] != "dense"})
+            out.append(f"\n`{m}` at {c // 1024}K: exact match without / with the miss check "
+                       f"[95 % interval with it] (stalls per step with it); tokens/s without / "
+                       f"with at the first cap:\n")
+            out.append("| task (dense, n) | policy | " + " | ".join(f"cap {cap:g}" for cap in caps) +
+                       " | tok/s |")
+            out.append("|---" * (3 + len(caps)) + "|")
+            for task in [t for t in T.TASKS if any(r["task"] == t for r in sub)]:
+                d = [r for r in sub if r["task"] == task and r["policy"] == "dense"]
+                head = f"{task} ({d[0]['exact_match']:.2f}, {d[0]['n']})" if d else task
+                for pol in [p for p in POLICIES if p != "dense"]:
+                    cells, tps = [], ""
+                    for cap in caps:
+                        get = {r["miss_ratio"]: r for r in sub if r["task"] == task and
+                               r["policy"] == pol and r["cap"] == cap}
+                        off, on = get.get(0.0), next((v for k, v in get.items() if k > 0), None)
+                        txt = f"{off['exact_match']:.2f}" if off else ("–" if on else "")
+                        if on:
+                            txt += (f" / {on['exact_match']:.2f} [{on['exact_match_lo']:.2f}, "
+                                    f"{on['exact_match_hi']:.2f}] ({on['stall_fraction']:.2f})")
+                        if get and not tps:
+                            tps = " / ".join(f"{r['tokens_per_s']:.0f}" for r in (off, on) if r)
+                        cells.append(txt)
+                    if any(cells):
+                        out.append(f"| {head} | {pol} | " + " | ".join(cells) + f" | {tps} |")
+                        head = ""
+    return "\n".join(out)
 
 
 def plot(rows, out_dir):

@@ -335,6 +335,7 @@ struct OwnKCase {
   uint64_t tokens = 40 * 64, chunks = 40 * 64 / 4;
   std::vector<float> q;       // [q_heads][head_dim]
   std::vector<uint8_t> keys;  // [chunks][IndexKeyBytes]
+  std::vector<float> bounds;  // [page][kv head][min|max][head_dim] (Quest)
   OwnKCase() {
     sp.layers = 1;
     sp.q_heads = 4;
@@ -361,6 +362,19 @@ struct OwnKCase {
     for (uint64_t c = 0; c < chunks; ++c)
       kernels::CompressIndexKey(sp.index_dim, k.data() + c * sp.index_dim,
                                 keys.data() + c * sp.IndexKeyBytes());
+    const uint64_t pages = tokens / 64;
+    bounds.assign(pages * 2 * 2 * 32, 0.0f);
+    for (uint64_t p = 0; p < pages; ++p)
+      for (uint32_t kv = 0; kv < 2; ++kv)
+        for (uint32_t j = 0; j < 32; ++j) {
+          float mn = 1e30f, mx = -1e30f;
+          for (uint64_t t = p * 64; t < (p + 1) * 64; ++t) {
+            mn = std::min(mn, k[t * 64 + kv * 32 + j]);
+            mx = std::max(mx, k[t * 64 + kv * 32 + j]);
+          }
+          bounds[((p * 2 + kv) * 2 + 0) * 32 + j] = mn;
+          bounds[((p * 2 + kv) * 2 + 1) * 32 + j] = mx;
+        }
   }
 };
 
@@ -472,6 +486,58 @@ TEST(IndexerCore, TokenQueryTowerScoresItsPredictedQueryAsTheModelDoes) {
   auto m = w->Matches(other);
   EXPECT_THAT(m, StatusIs(StatusCode::kInvalidArgument));
   EXPECT_NE(m.message().find("head_dim = 32 but the model spec has 64"), std::string::npos) << m;
+}
+
+// With Quest bounds registered, lsa's token_query set takes its pages in turn from the
+// tower's ranking and from the bound of the same predicted query: both needle pages (first
+// in both rankings) and, after them, each ranking's next best page.
+TEST(IndexerCore, TokenQueryTowerTakesHalfItsSetByTheQuestBound) {
+  OwnKCase c;
+  const ModelSpec& sp = c.sp;
+  IndexerCore core;
+  ASSERT_THAT(core.Register("tq", sp, c.keys.data(), c.chunks, c.tokens, c.bounds.data(),
+                            c.tokens / 64),
+              IsOk());
+  auto w = std::make_shared<Weights>();
+  w->tower = Tower::kTokenQuery;
+  w->shape.layers = 1;
+  w->shape.heads = 4;
+  w->shape.dim = sp.index_dim;
+  w->shape.hidden = sp.hidden_dim;
+  w->head_dim = 32;
+  w->w_q.assign(1, std::vector<float>(128 * 128, 0.0f));
+  for (int i = 0; i < 128; ++i) w->w_q[0][i * 128 + i] = 1.0f;
+  w->b_q.assign(1, std::vector<float>(128, 0.0f));
+  core.SetWeights(w);
+  PredictArgs a;
+  a.policy = Policy::kLsa;
+  a.max_pages = 7;  // 4 beyond sink and tail
+  a.hidden = c.q;
+  auto lsa = core.Predict("tq", a);
+  ASSERT_THAT(lsa.status(), IsOk());
+  a.policy = Policy::kModelQuery;
+  a.query = c.q;
+  auto share = core.Predict("tq", a);
+  a.policy = Policy::kQuest;
+  auto bound = core.Predict("tq", a);
+  ASSERT_THAT(share.status(), IsOk());
+  ASSERT_THAT(bound.status(), IsOk());
+  const std::vector<uint64_t> got = Pages(*lsa);
+  ASSERT_EQ(got.size(), 7u);
+  for (uint64_t p : {0, 9, 21, 38, 39})
+    EXPECT_TRUE(std::count(got.begin(), got.end(), p)) << "page " << p;
+  // The two pages beside the needles: one from each ranking (the next best of each).
+  std::vector<uint64_t> extra;
+  for (uint64_t p : got)
+    if (p != 0 && p != 9 && p != 21 && p < 38) extra.push_back(p);
+  ASSERT_EQ(extra.size(), 2u);
+  auto in = [](const Prediction& pr, uint64_t p) {
+    for (const auto& x : pr.pages)
+      if (x.page == p) return true;
+    return false;
+  };
+  EXPECT_TRUE(in(*share, extra[0]) || in(*share, extra[1])) << "one from the tower's ranking";
+  EXPECT_TRUE(in(*bound, extra[0]) || in(*bound, extra[1])) << "one from the bound's ranking";
 }
 
 }  // namespace
