@@ -428,6 +428,9 @@ def plot(rows, out_dir):
             for j, c in enumerate(ctxs):
                 ax = axes[i][j]
                 cell = [r for r in sub if r["model"] == m and r["context"] == c]
+                if not cell:  # not measured for this model
+                    ax.axis("off")
+                    continue
                 for pi, pol in enumerate(POLICIES):
                     for ratio in sorted({r["miss_ratio"] for r in cell}):
                         pts = sorted((r["footprint"], r["exact_match"]) for r in cell
