@@ -37,6 +37,18 @@ absl::Status CheckSessionId(const std::string& id) {
   return absl::OkStatus();
 }
 
+// Pages [0, sink), `chosen` (scored by `score`) and [t0, total), ascending.
+std::vector<ScoredPage> WithSinkAndTail(std::vector<uint64_t> chosen,
+                                        const std::vector<float>& score, uint64_t sink,
+                                        uint64_t t0, uint64_t total) {
+  std::sort(chosen.begin(), chosen.end());
+  std::vector<ScoredPage> out;
+  for (uint64_t p = 0; p < sink; ++p) out.push_back({p, kInf});
+  for (uint64_t p : chosen) out.push_back({p, score[p]});
+  for (uint64_t p = t0; p < total; ++p) out.push_back({p, kInf});
+  return out;
+}
+
 // Sink, tail and the kmax best other pages by score (ties: the newer page), ascending.
 std::vector<ScoredPage> PickPages(const std::vector<float>& score, uint64_t total, uint64_t kmax,
                                   uint32_t sink, uint32_t tail) {
@@ -49,12 +61,7 @@ std::vector<ScoredPage> PickPages(const std::vector<float>& score, uint64_t tota
     return score[a] != score[b] ? score[a] > score[b] : a > b;
   });
   cand.resize(k);
-  std::sort(cand.begin(), cand.end());
-  std::vector<ScoredPage> out;
-  for (uint64_t p = 0; p < s; ++p) out.push_back({p, kInf});
-  for (uint64_t p : cand) out.push_back({p, score[p]});
-  for (uint64_t p = t0; p < total; ++p) out.push_back({p, kInf});
-  return out;
+  return WithSinkAndTail(std::move(cand), score, s, t0, total);
 }
 
 uint64_t KeysBytesGrowth(const ModelSpec& sp, uint64_t from, uint64_t to) {
@@ -469,12 +476,7 @@ std::vector<ScoredPage> PickInterleaved(const std::vector<float>& a, const std::
     taken[r[at]] = true;
     chosen.push_back(r[at]);
   }
-  std::sort(chosen.begin(), chosen.end());
-  std::vector<ScoredPage> out;
-  for (uint64_t p = 0; p < s; ++p) out.push_back({p, kInf});
-  for (uint64_t p : chosen) out.push_back({p, a[p]});
-  for (uint64_t p = t0; p < total; ++p) out.push_back({p, kInf});
-  return out;
+  return WithSinkAndTail(std::move(chosen), a, s, t0, total);
 }
 
 // Training-free model_query and the token_query tower: a query [index_layers][q_heads]

@@ -336,6 +336,20 @@ struct OwnKCase {
   std::vector<float> q;       // [q_heads][head_dim]
   std::vector<uint8_t> keys;  // [chunks][IndexKeyBytes]
   std::vector<float> bounds;  // [page][kv head][min|max][head_dim] (Quest)
+  // A token_query tower that passes the model's query through: q = h.
+  std::shared_ptr<Weights> IdentityTower() const {
+    auto w = std::make_shared<Weights>();
+    w->tower = Tower::kTokenQuery;
+    w->shape.layers = 1;
+    w->shape.heads = 4;
+    w->shape.dim = sp.index_dim;
+    w->shape.hidden = sp.hidden_dim;
+    w->head_dim = 32;
+    w->w_q.assign(1, std::vector<float>(128 * 128, 0.0f));
+    for (int i = 0; i < 128; ++i) w->w_q[0][i * 128 + i] = 1.0f;
+    w->b_q.assign(1, std::vector<float>(128, 0.0f));
+    return w;
+  }
   OwnKCase() {
     sp.layers = 1;
     sp.q_heads = 4;
@@ -422,16 +436,7 @@ TEST(IndexerCore, TokenQueryTowerScoresItsPredictedQueryAsTheModelDoes) {
   const ModelSpec& sp = c.sp;
   IndexerCore core;
   ASSERT_THAT(core.Register("tq", sp, c.keys.data(), c.chunks, c.tokens), IsOk());
-  auto w = std::make_shared<Weights>();
-  w->tower = Tower::kTokenQuery;
-  w->shape.layers = 1;
-  w->shape.heads = 4;
-  w->shape.dim = sp.index_dim;
-  w->shape.hidden = sp.hidden_dim;
-  w->head_dim = 32;
-  w->w_q.assign(1, std::vector<float>(128 * 128, 0.0f));
-  for (int i = 0; i < 128; ++i) w->w_q[0][i * 128 + i] = 1.0f;
-  w->b_q.assign(1, std::vector<float>(128, 0.0f));
+  auto w = c.IdentityTower();
   const std::string path = ::testing::TempDir() + "/tq.safetensors";
   ASSERT_THAT(w->Save(path), IsOk());
   uint64_t hash = 0;
@@ -498,16 +503,7 @@ TEST(IndexerCore, TokenQueryTowerTakesHalfItsSetByTheQuestBound) {
   ASSERT_THAT(core.Register("tq", sp, c.keys.data(), c.chunks, c.tokens, c.bounds.data(),
                             c.tokens / 64),
               IsOk());
-  auto w = std::make_shared<Weights>();
-  w->tower = Tower::kTokenQuery;
-  w->shape.layers = 1;
-  w->shape.heads = 4;
-  w->shape.dim = sp.index_dim;
-  w->shape.hidden = sp.hidden_dim;
-  w->head_dim = 32;
-  w->w_q.assign(1, std::vector<float>(128 * 128, 0.0f));
-  for (int i = 0; i < 128; ++i) w->w_q[0][i * 128 + i] = 1.0f;
-  w->b_q.assign(1, std::vector<float>(128, 0.0f));
+  auto w = c.IdentityTower();
   core.SetWeights(w);
   PredictArgs a;
   a.policy = Policy::kLsa;
