@@ -79,6 +79,8 @@ class DecodeProcessTest : public ::testing::Test {
     return replay::OpenAndPrefill(client, *g_, prefill_, o, &unused);
   }
 
+  void RestartKvstoreMidSession(bool ucx, int sig, bool restart_at_once);
+
   std::string dir_;
   std::unique_ptr<workload::Session> g_;
   replay::PrefillData prefill_;
@@ -176,20 +178,28 @@ TEST_F(DecodeProcessTest, ThreeProcessesWithTwoKvstoreReplicasMatchTheAllInOne) 
   }
 }
 
-TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
+// The kvstore goes down at step 21 of a quest session (SIGKILL, or SIGTERM) and comes back
+// on its port, at once or only after a step failed against it; over UCX or gRPC only. The
+// worker must stay up, fail only the steps that need the store while it is down, and go on
+// with the undisturbed run's outputs (over UCX: a new endpoint and remote key to the new
+// instance, never a read of the old one's arena).
+void DecodeProcessTest::RestartKvstoreMidSession(bool ucx, int sig, bool restart_at_once) {
   auto ref_server = AllInOne("one");
   ASSERT_NE(ref_server, nullptr);
   auto ref = Run(ref_server->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
   ASSERT_THAT(ref, IsOk());
 
-  const std::vector<std::string> kv_args = {"--db",         dir_ + "/kv", "--ram_bytes", "32MiB",
-                                            "--slab_bytes", "4MiB",       "--no_ucx"};
+  std::vector<std::string> kv_args = {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes",
+                                      "4MiB"};
+  if (!ucx) kv_args.push_back("--no_ucx");
   auto kv = Start("fm-kvstore", kv_args);
   auto ix = Start("fm-indexer", {});
   ASSERT_TRUE(kv && ix);
   const std::string kv_port = std::to_string(kv->port());
-  auto dec = Start("fm-decode", {"--kvstore", kv->target(), "--indexer", ix->target(),
-                                 "--reserve_bytes", "64MiB", "--no_ucx"});
+  std::vector<std::string> dec_args = {"--kvstore", kv->target(), "--indexer", ix->target(),
+                                       "--reserve_bytes", "64MiB"};
+  if (!ucx) dec_args.push_back("--no_ucx");
+  auto dec = Start("fm-decode", dec_args);
   ASSERT_NE(dec, nullptr);
   auto client = DecodeClient::Connect(dec->target(), 5000).value();
   ASSERT_THAT(OpenQuest(*client, "r"), IsOk());
@@ -222,11 +232,27 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
         if (!s->fetching()) break;
         usleep(50000);
       }
-      ASSERT_TRUE(WIFSIGNALED(kv->Stop(SIGKILL)));
+      const int status = kv->Stop(sig);
+      if (sig == SIGKILL) {
+        ASSERT_TRUE(WIFSIGNALED(status));
+      } else {
+        ASSERT_EQ(status, 0);  // a clean shutdown
+      }
       kv.reset();
+      if (restart_at_once) {
+        std::vector<std::string> args = kv_args;
+        args.insert(args.end(), {"--port", kv_port});
+        kv = Start("fm-kvstore", args);
+        ASSERT_NE(kv, nullptr);
+      }
     }
     int code = step(st);
-    if (code == int(Code::kUnavailable)) {
+    if (code == int(Code::kUnavailable) && restart_at_once) {
+      for (int tries = 0; tries < 100 && code != 0; ++tries) {  // the channel reconnects
+        usleep(100000);
+        code = step(st);
+      }
+    } else if (code == int(Code::kUnavailable)) {
       // The page this step seals cannot be stored: the step fails whole, the session stays
       // at it, and it fails the same way while the store is down.
       failed_at = st;
@@ -245,7 +271,9 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
     }
     ASSERT_EQ(code, 0) << "step " << st;
   }
-  EXPECT_EQ(failed_at, 31u);  // step 31 seals page 62 (tokens 3968..4031)
+  if (!restart_at_once) {
+    EXPECT_EQ(failed_at, 31u);  // step 31 seals page 62 (tokens 3968..4031)
+  }
   auto stats = client->Stats("r");
   ASSERT_THAT(stats, IsOk());
   EXPECT_EQ(stats->steps(), 64u);
@@ -254,7 +282,26 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
   // Nothing was lost or corrupted: the outputs equal the undisturbed run's.
   EXPECT_LT(MaxDiff(out, ref->out), 1e-6);
   EXPECT_THAT(stream->Finish(), IsOk());
+  EXPECT_TRUE(dec->Alive());
+  EXPECT_EQ(dec->Stop(SIGTERM), 0);
 }
+
+TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSession) {
+  RestartKvstoreMidSession(/*ucx=*/false, SIGKILL, /*restart_at_once=*/false);
+}
+
+TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedMidSessionOverUcx) {
+  RestartKvstoreMidSession(/*ucx=*/true, SIGKILL, /*restart_at_once=*/false);
+}
+
+TEST_F(DecodeProcessTest, KvstoreRestartedCleanlyWhileTheWorkerIsIdleOverUcx) {
+  RestartKvstoreMidSession(/*ucx=*/true, SIGTERM, /*restart_at_once=*/true);
+}
+
+TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedAtOnceOverUcx) {
+  RestartKvstoreMidSession(/*ucx=*/true, SIGKILL, /*restart_at_once=*/true);
+}
+
 
 TEST_F(DecodeProcessTest, IndexerUnreachableMidSession) {
   auto one = AllInOne("one");

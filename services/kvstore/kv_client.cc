@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/checksum.h"
+#include "common/log.h"
 #include "common/status.h"
 #include "services/kvstore/kvstore_service.h"
 
@@ -29,6 +30,14 @@ void AddKeys(const std::vector<PageRef>& keys, Request* req) {
 }
 
 }  // namespace
+
+struct UcxLink {
+  std::unique_ptr<UcxPeer> peer;
+  uint64_t instance = 0, base = 0, bytes = 0;
+  bool Contains(uint64_t address, uint64_t length) const {
+    return address >= base && length <= bytes && address - base <= bytes - length;
+  }
+};
 
 PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
                               uint32_t token_count, DType dtype, const void* payload, size_t len) {
@@ -61,17 +70,51 @@ absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(const std::string& t
       engine = c->own_engine_.get();
     }
     c->engine_ = engine;
-    v1::ConnectRequest req;
-    req.set_worker_address(engine->worker_address());
-    v1::ConnectResponse resp;
-    auto ctx = c->Context();
-    FM_RETURN_IF_ERROR(FromGrpcStatus(c->stub_->Connect(ctx.get(), req, &resp)));
-    if (!resp.worker_address().empty()) {
-      FM_ASSIGN_OR_RETURN(c->peer_, UcxPeer::Connect(engine, resp.worker_address(), resp.rkey()));
+    absl::StatusOr<std::shared_ptr<UcxLink>> link = c->Dial();
+    if (link.ok()) {
+      c->ucx_offered_ = true;
+      c->link_ = std::move(*link);
       FM_ASSIGN_OR_RETURN(c->staging_, engine->MapRegion(options.staging_bytes));
+    } else if (!absl::IsFailedPrecondition(link.status())) {
+      return link.status();
     }
   }
   return c;
+}
+
+absl::StatusOr<std::shared_ptr<UcxLink>> KvClient::Dial() {
+  v1::ConnectRequest req;
+  req.set_worker_address(engine_->worker_address());
+  v1::ConnectResponse resp;
+  auto ctx = Context();
+  FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->Connect(ctx.get(), req, &resp)));
+  if (resp.worker_address().empty())
+    return absl::FailedPreconditionError(absl::StrCat("the kvstore at ", target_,
+                                                      " offers no UCX data path"));
+  auto link = std::make_shared<UcxLink>();
+  FM_ASSIGN_OR_RETURN(link->peer, UcxPeer::Connect(engine_, resp.worker_address(), resp.rkey()));
+  link->instance = resp.instance_id();
+  link->base = resp.arena_base();
+  link->bytes = resp.arena_bytes();
+  return link;
+}
+
+absl::StatusOr<std::shared_ptr<UcxLink>> KvClient::LinkFor(uint64_t instance) {
+  std::lock_guard<std::mutex> l(link_mu_);
+  if (link_ && !link_->peer->broken() && link_->instance == instance) return link_;
+  const bool restarted = link_ && link_->instance != instance;
+  link_.reset();  // a reader still holding the old link keeps it until it finishes
+  FM_ASSIGN_OR_RETURN(std::shared_ptr<UcxLink> link, Dial());
+  ++reconnects_;
+  FM_LOG_INFO("kvstore client: UCX link to %s made again (%s)", target_.c_str(),
+              restarted ? "the server restarted" : "the previous link failed");
+  link_ = link;
+  return link;
+}
+
+void KvClient::DropLink(const std::shared_ptr<UcxLink>& link) {
+  std::lock_guard<std::mutex> l(link_mu_);
+  if (link_ == link) link_.reset();
 }
 
 KvClient::~KvClient() {
@@ -80,7 +123,7 @@ KvClient::~KvClient() {
     release_cv_.wait(l, [this] { return releases_ == 0; });  // each within its deadline
   }
   staging_.reset();
-  peer_.reset();
+  link_.reset();
 }
 
 std::unique_ptr<grpc::ClientContext> KvClient::Context() const {
@@ -132,7 +175,7 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Get(const std::vector<PageRef>
 }
 
 absl::StatusOr<KvClient::Resolved> KvClient::Resolve(const std::vector<PageRef>& keys) {
-  if (!peer_) return absl::FailedPreconditionError("no UCX connection to " + target_);
+  if (!ucx_offered_) return absl::FailedPreconditionError("no UCX connection to " + target_);
   v1::ResolveRequest req;
   AddKeys(keys, &req);
   req.set_lease_ms(options_.lease_ms);
@@ -145,8 +188,24 @@ absl::StatusOr<KvClient::Resolved> KvClient::Resolve(const std::vector<PageRef>&
   }
   Resolved r;
   r.lease_id = resp.lease_id();
+  absl::StatusOr<std::shared_ptr<UcxLink>> link = LinkFor(resp.instance_id());
+  if (!link.ok()) {
+    ReleaseAsync(resp.lease_id());
+    return link.status();
+  }
+  if ((*link)->instance != resp.instance_id()) {  // it restarted again in between
+    ReleaseAsync(resp.lease_id());
+    return absl::UnavailableError(
+        absl::StrCat("the kvstore at ", target_, " restarted while resolving; retry"));
+  }
+  r.link = std::move(*link);
   r.keys = keys;
   for (const auto& loc : resp.locations()) {
+    if (!r.link->Contains(loc.remote_address(), loc.length())) {
+      ReleaseAsync(resp.lease_id());
+      return absl::DataLossError(absl::StrCat("the kvstore at ", target_, " resolved page ",
+                                              loc.key().page(), " outside its arena"));
+    }
     r.addresses.push_back(loc.remote_address());
     r.lengths.push_back(loc.length());
   }
@@ -168,6 +227,7 @@ absl::Status KvClient::ReadResolved(const Resolved& r, const UcxRegion& dst,
   absl::Status s;
   if (dst_offsets.size() != r.keys.size())
     s = absl::InvalidArgumentError("one destination offset per key");
+  if (!r.link) s = absl::FailedPreconditionError("the locations come from no Resolve");
   std::vector<UcxPeer::Op> ops;
   ops.reserve(r.keys.size());
   for (size_t i = 0; i < r.keys.size() && s.ok(); ++i) {
@@ -184,8 +244,9 @@ absl::Status KvClient::ReadResolved(const Resolved& r, const UcxRegion& dst,
     uint64_t bytes = 0;
     while (j < ops.size() && (j == i || bytes + ops[j].length <= kVerifyGroupBytes))
       bytes += ops[j++].length;
-    s = peer_->Get(std::vector<UcxPeer::Op>(ops.begin() + i, ops.begin() + j), dst,
-                   options_.deadline_ms);
+    s = r.link->peer->Get(std::vector<UcxPeer::Op>(ops.begin() + i, ops.begin() + j), dst,
+                          options_.deadline_ms);
+    if (!s.ok() && r.link->peer->broken()) DropLink(r.link);
     for (; i < j && s.ok(); ++i)
       s = VerifyPageRecord(ops[i].local, ops[i].length, r.keys[i].session_id, r.keys[i].page,
                            headers ? &(*headers)[i] : nullptr);
@@ -219,7 +280,7 @@ void KvClient::ReleaseAsync(uint64_t lease_id) {
 }
 
 absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload) {
-  if (!peer_) return absl::FailedPreconditionError("no UCX connection to " + target_);
+  if (!ucx_offered_) return absl::FailedPreconditionError("no UCX connection to " + target_);
   uint64_t len = kPageHeaderBytes + header.payload_bytes;
   std::lock_guard<std::mutex> lock(staging_mu_);
   if (len > staging_->size())
@@ -232,11 +293,22 @@ absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload)
     auto ctx = Context();
     FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->GrantPut(ctx.get(), req, &resp)));
   }
+  FM_ASSIGN_OR_RETURN(std::shared_ptr<UcxLink> link, LinkFor(resp.instance_id()));
+  if (link->instance != resp.instance_id())
+    return absl::UnavailableError(
+        absl::StrCat("the kvstore at ", target_, " restarted while granting a put; retry"));
+  if (!link->Contains(resp.location().remote_address(), len))
+    return absl::DataLossError(
+        absl::StrCat("the kvstore at ", target_, " granted a put outside its arena"));
   EncodePageHeader(header, staging_->data());
   std::memcpy(staging_->data() + kPageHeaderBytes, payload, header.payload_bytes);
-  FM_RETURN_IF_ERROR(
-      peer_->Put({UcxPeer::Op{resp.location().remote_address(), staging_->data(), len}}, *staging_,
-                 options_.deadline_ms));
+  absl::Status put = link->peer->Put(
+      {UcxPeer::Op{resp.location().remote_address(), staging_->data(), len}}, *staging_,
+      options_.deadline_ms);
+  if (!put.ok()) {
+    if (link->peer->broken()) DropLink(link);
+    return put;
+  }
   v1::CommitPutRequest commit;
   commit.set_lease_id(resp.lease_id());
   v1::CommitPutResponse commit_resp;
@@ -245,7 +317,7 @@ absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload)
 }
 
 absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef>& keys) {
-  if (!peer_) return Get(keys);
+  if (!ucx_offered_) return Get(keys);
   std::vector<PageRecord> out;
   out.reserve(keys.size());
   std::lock_guard<std::mutex> lock(staging_mu_);

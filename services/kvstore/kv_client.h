@@ -8,6 +8,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -42,6 +43,9 @@ struct PageRecord {
 PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
                               uint32_t token_count, DType dtype, const void* payload, size_t len);
 
+// A UCX endpoint and remote key to one server instance (kv_client.cc).
+struct UcxLink;
+
 class KvClient {
  public:
   // `engine` may be null (a private one is made when UCX is used); if given it must outlive
@@ -52,7 +56,10 @@ class KvClient {
   ~KvClient();
 
   const std::string& target() const { return target_; }
-  bool has_ucx() const { return peer_ != nullptr; }
+  // Whether the server offers the UCX data path (the link itself reconnects on demand).
+  bool has_ucx() const { return ucx_offered_; }
+  // Times the UCX link was made again after a server restart or a broken peer.
+  uint64_t ucx_reconnects() const { return reconnects_.load(); }
   UcxEngine* engine() const { return engine_; }
   flashmemory::v1::KvStore::Stub* stub() const { return stub_.get(); }
 
@@ -61,10 +68,15 @@ class KvClient {
   absl::StatusOr<std::vector<PageRecord>> Get(const std::vector<PageRef>& keys);
 
   // UCX path in two halves, so a caller can resolve the next batch while reading this one.
+  // A server that restarted since the client's UCX link was made (its instance id differs)
+  // gets a new link before any location of it is read; a location outside the instance's
+  // arena is refused (DATA_LOSS). A link whose peer failed is dropped and made again at the
+  // next Resolve.
   struct Resolved {
     uint64_t lease_id = 0;
     std::vector<PageRef> keys;
     std::vector<uint64_t> addresses, lengths;  // remote record location per key
+    std::shared_ptr<UcxLink> link;             // the connection the locations belong to
   };
   absl::StatusOr<Resolved> Resolve(const std::vector<PageRef>& keys);
   // Reads and verifies each record into dst at dst_offsets[i], then ends the lease.
@@ -93,6 +105,11 @@ class KvClient {
   std::unique_ptr<grpc::ClientContext> Context() const;
   // Ends a lease without waiting for the answer.
   void ReleaseAsync(uint64_t lease_id);
+  // The UCX link to server instance `instance`: the current one, or a new one (Connect RPC,
+  // endpoint, remote key) when there is none, its peer broke, or the server restarted.
+  absl::StatusOr<std::shared_ptr<UcxLink>> LinkFor(uint64_t instance);
+  absl::StatusOr<std::shared_ptr<UcxLink>> Dial();
+  void DropLink(const std::shared_ptr<UcxLink>& link);
 
   std::string target_;
   KvClientOptions options_;
@@ -100,7 +117,10 @@ class KvClient {
   std::unique_ptr<flashmemory::v1::KvStore::Stub> stub_;
   std::unique_ptr<UcxEngine> own_engine_;
   UcxEngine* engine_ = nullptr;
-  std::unique_ptr<UcxPeer> peer_;
+  bool ucx_offered_ = false;
+  std::mutex link_mu_;  // held while a link is made, so that one thread makes it
+  std::shared_ptr<UcxLink> link_;
+  std::atomic<uint64_t> reconnects_{0};
   std::mutex staging_mu_;
   std::unique_ptr<UcxRegion> staging_;
   // Releases in flight. The client waits for them when it goes, so that the channel's last

@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 
 #include <cstring>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "common/checksum.h"
@@ -18,7 +19,13 @@ absl::StatusOr<std::unique_ptr<KvStore>> KvStore::Open(const KvStoreOptions& opt
 }
 
 KvStoreImpl::KvStoreImpl(const KvStoreOptions& options, MetricsRegistry* metrics)
-    : options_(options), metrics_(metrics) {}
+    : options_(options), metrics_(metrics) {
+  // Lease ids start at a random point, so that a release meant for an earlier process on the
+  // same address (a client that has not noticed a restart) names no lease of this one.
+  std::random_device rd;
+  absl::MutexLock l(&mu_);
+  next_lease_ = ((uint64_t{rd()} << 32 | rd()) >> 12) + 1;
+}
 
 KvStoreImpl::~KvStoreImpl() {
   {

@@ -1,6 +1,10 @@
 #include "services/kvstore/kvstore_service.h"
 
+#include <unistd.h>
+
+#include <chrono>
 #include <cstring>
+#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_server.h"
@@ -25,6 +29,14 @@ void LocationToProto(const LeasedLocation& l, v1::PageLocation* p) {
 }
 
 }  // namespace
+
+uint64_t NewInstanceId() {
+  std::random_device rd;
+  const uint64_t t = static_cast<uint64_t>(
+      std::chrono::steady_clock::now().time_since_epoch().count());
+  uint64_t id = (uint64_t{rd()} << 32 ^ rd()) ^ (t * 0x9E3779B97F4A7C15ull) ^ uint64_t(getpid());
+  return id ? id : 1;
+}
 
 PageHeaderData HeaderFromProto(const v1::PageHeader& p) {
   PageHeaderData h;
@@ -56,6 +68,7 @@ grpc::ServerUnaryReactor* KvStoreService::Connect(grpc::CallbackServerContext* c
   resp->set_rkey(info.rkey);
   resp->set_arena_base(info.arena_base);
   resp->set_arena_bytes(info.arena_bytes);
+  resp->set_instance_id(instance_id_);
   return FinishUnary(ctx, absl::OkStatus());
 }
 
@@ -146,6 +159,7 @@ grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* c
   absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
+  resp->set_instance_id(instance_id_);
   for (const auto& l : lease->locations) LocationToProto(l, resp->add_locations());
   return FinishUnary(ctx, absl::OkStatus());
 }
@@ -158,6 +172,7 @@ grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* 
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   LocationToProto(lease->locations[0], resp->mutable_location());
+  resp->set_instance_id(instance_id_);
   return FinishUnary(ctx, absl::OkStatus());
 }
 

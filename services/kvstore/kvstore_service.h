@@ -9,12 +9,15 @@ namespace fm {
 // Proto <-> header conversions shared by the service and its clients.
 PageHeaderData HeaderFromProto(const flashmemory::v1::PageHeader& p);
 void HeaderToProto(const PageHeaderData& h, flashmemory::v1::PageHeader* p);
+// A random non-zero id for one server process (ConnectResponse.instance_id).
+uint64_t NewInstanceId();
 
 class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
  public:
   // `store` must outlive the service. GetPages takes at most max_keys_per_call pages.
   explicit KvStoreService(KvStore* store, uint32_t max_keys_per_call = 4096)
-      : store_(store), max_keys_(max_keys_per_call) {}
+      : store_(store), max_keys_(max_keys_per_call), instance_id_(NewInstanceId()) {}
+  uint64_t instance_id() const { return instance_id_; }
 
   grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx,
                                     const flashmemory::v1::ConnectRequest* req,
@@ -49,6 +52,7 @@ class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
  private:
   KvStore* store_;
   uint32_t max_keys_;
+  const uint64_t instance_id_;
 };
 
 }  // namespace fm

@@ -91,7 +91,7 @@ class UcxPeer {
                    int timeout_ms = 10000);
   absl::Status Put(const std::vector<Op>& ops, const UcxRegion& local_region,
                    int timeout_ms = 10000);
-  bool broken() const { return broken_; }
+  bool broken() const { return broken_.load(); }
 
  private:
   UcxPeer() = default;
@@ -100,7 +100,7 @@ class UcxPeer {
   UcxEngine* engine_ = nullptr;
   ucp_ep_h ep_ = nullptr;
   ucp_rkey_h rkey_ = nullptr;
-  bool broken_ = false;
+  std::atomic<bool> broken_{false};
 };
 
 }  // namespace fm
