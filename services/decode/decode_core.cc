@@ -11,9 +11,11 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/codecs.h"
@@ -223,6 +225,13 @@ struct DecodeCore::Session {
   // kernel reads the plan, the page table and the cells of resident pages, which only a
   // step, a prefill or a close change: those wait for in_kernel to clear (WaitIdle).
   bool in_kernel ABSL_GUARDED_BY(mu) = false;
+  // A Step or Prefill of the session is running. Its waits (for a fetch, a miss check, the
+  // kernel) release mu; busy keeps another Step, Prefill or a Close out until it returns.
+  bool busy ABSL_GUARDED_BY(mu) = false;
+  // A Close waits for the running Step or Prefill (none enters after it), which finishes
+  // whole, before it marks the session closed: a step never returns an error after it
+  // changed the session (a launched prediction, an installed set).
+  bool closing ABSL_GUARDED_BY(mu) = false;
 
   SessionStats stats ABSL_GUARDED_BY(mu);
 
@@ -233,9 +242,24 @@ struct DecodeCore::Session {
   void WaitIdle() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     while (in_kernel) job_cv.Wait(&mu);
   }
-  // Waits until nothing of the session runs: no job, miss check or attention kernel.
+  // Waits until nothing of the session runs: no step or prefill, job, miss check or
+  // attention kernel.
   void WaitQuiet() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
-    while ((job && !job->done) || (recovery && !recovery->done) || in_kernel) job_cv.Wait(&mu);
+    while ((job && !job->done) || (recovery && !recovery->done) || in_kernel || busy)
+      job_cv.Wait(&mu);
+  }
+  // Waits for the running Step or Prefill of the session, then marks one running: NOT_FOUND
+  // if the session closed meanwhile (a step racing a close fails whole, never half-runs).
+  absl::Status Enter() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    while (busy || in_kernel) job_cv.Wait(&mu);
+    if (closed || closing)
+      return absl::NotFoundError(absl::StrCat("session \"", id, "\" is closed"));
+    busy = true;
+    return absl::OkStatus();
+  }
+  void Leave() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
+    busy = false;
+    job_cv.SignalAll();
   }
   // Runs `kernel` with mu released and in_kernel set.
   template <typename F>
@@ -257,6 +281,10 @@ struct DecodeCore::Impl {
 
   mutable absl::Mutex mu;  // lock order: a session's mu, then this
   std::map<std::string, std::shared_ptr<Session>> sessions ABSL_GUARDED_BY(mu);
+  // Ids an Open or Close is working on: one at a time per id, and a session becomes
+  // visible to Step only once its Open (a resume's restore included) is complete.
+  std::set<std::string> pending ABSL_GUARDED_BY(mu);
+  uint64_t admitted ABSL_GUARDED_BY(mu) = 0;  // sessions holding a reservation
   uint8_t* arena ABSL_GUARDED_BY(mu) = nullptr;
   size_t arena_bytes ABSL_GUARDED_BY(mu) = 0;
   bool store_arena ABSL_GUARDED_BY(mu) = false;  // the store's memory (fetches land in place)
@@ -275,6 +303,31 @@ struct DecodeCore::Impl {
   ~Impl() {
     if (arena && !store_arena) kernels::FreePagePoolMemory(arena, arena_bytes);
   }
+
+  // Takes the id for an Open: ALREADY_EXISTS if it is open, UNAVAILABLE while another
+  // Open or Close of it runs.
+  absl::Status Claim(const std::string& id) {
+    absl::MutexLock l(&mu);
+    if (sessions.count(id))
+      return absl::AlreadyExistsError(absl::StrCat("session \"", id, "\" is already open"));
+    if (!pending.insert(id).second)
+      return absl::UnavailableError(absl::StrCat(
+          "session \"", id, "\" is being opened or closed by another call; retry"));
+    return absl::OkStatus();
+  }
+  void Unclaim(const std::string& id) {
+    absl::MutexLock l(&mu);
+    pending.erase(id);
+  }
+  // Admits, initialises and (with a saved state) restores a session whose id the caller
+  // claimed, and publishes it.
+  absl::Status Create(const std::string& id, const SessionOptions& o,
+                      const flashmemory::v1::DecodeSessionState* restore);
+  // Gives back a quiet session's cells and reservation.
+  void Release(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+  // Close of a session taken out of `sessions`: saves (or drops) its history, writes its
+  // trace, releases it.
+  absl::Status CloseSession(Session& s, bool drop_history, bool save);
 
   std::shared_ptr<Session> Find(const std::string& id) const {
     absl::ReaderMutexLock l(&mu);
@@ -1334,38 +1387,42 @@ uint32_t AutoCycle(uint32_t switch_lag) {
 
 absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   if (absl::Status st = ValidateSessionId(id); !st.ok()) return st;
-  if (o.resume) {
-    auto blob = impl_->store->ReadPayload(id, kStatePage);
-    if (absl::IsNotFound(blob.status()))
-      return absl::NotFoundError(absl::StrCat("no saved state of session \"", id, "\" to resume"));
-    if (!blob.ok()) return blob.status();
-    flashmemory::v1::DecodeSessionState st;
-    if (!st.ParseFromString(*blob))
-      return absl::DataLossError(absl::StrCat("the saved state of \"", id, "\" does not parse"));
-    SessionOptions so;
-    so.spec = SpecFromProto(st.spec());
-    if (o.spec.layers != 0 && ModelSpecHash(o.spec) != ModelSpecHash(so.spec))
-      return absl::InvalidArgumentError(
-          absl::StrCat("session \"", id, "\" was saved with another model spec"));
-    so.mode = st.mode() == flashmemory::v1::DECODE_MODE_DENSE ? Mode::kDense : Mode::kSparse;
-    so.policy = static_cast<indexer::Policy>(st.policy());
-    so.budget = st.budget();
-    so.max_pages = st.max_pages();
-    so.tau = st.tau();
-    so.switch_lag = st.switch_lag();
-    so.level2_topk = st.level2_topk();
-    so.miss_ratio = st.miss_ratio();
-    so.max_tokens = st.max_tokens();
-    if (absl::Status opened = Open(id, so); !opened.ok()) return opened;
-    auto s = impl_->Find(id);
-    absl::Status restored;
-    {
-      absl::MutexLock l(&s->mu);
-      restored = impl_->RestoreState(s, st);
-    }
-    if (!restored.ok()) (void)Close(id, false, /*save=*/false);
-    return restored;
-  }
+  if (absl::Status st = impl_->Claim(id); !st.ok()) return st;
+  absl::Status st = OpenClaimed(id, o);
+  impl_->Unclaim(id);
+  return st;
+}
+
+absl::Status DecodeCore::OpenClaimed(const std::string& id, const SessionOptions& o) {
+  if (!o.resume) return impl_->Create(id, o, nullptr);
+  // The state is read with the id claimed, so that a close of it on this worker has saved
+  // its last state first.
+  auto blob = impl_->store->ReadPayload(id, kStatePage);
+  if (absl::IsNotFound(blob.status()))
+    return absl::NotFoundError(absl::StrCat("no saved state of session \"", id, "\" to resume"));
+  if (!blob.ok()) return blob.status();
+  flashmemory::v1::DecodeSessionState st;
+  if (!st.ParseFromString(*blob))
+    return absl::DataLossError(absl::StrCat("the saved state of \"", id, "\" does not parse"));
+  SessionOptions so;
+  so.spec = SpecFromProto(st.spec());
+  if (o.spec.layers != 0 && ModelSpecHash(o.spec) != ModelSpecHash(so.spec))
+    return absl::InvalidArgumentError(
+        absl::StrCat("session \"", id, "\" was saved with another model spec"));
+  so.mode = st.mode() == flashmemory::v1::DECODE_MODE_DENSE ? Mode::kDense : Mode::kSparse;
+  so.policy = static_cast<indexer::Policy>(st.policy());
+  so.budget = st.budget();
+  so.max_pages = st.max_pages();
+  so.tau = st.tau();
+  so.switch_lag = st.switch_lag();
+  so.level2_topk = st.level2_topk();
+  so.miss_ratio = st.miss_ratio();
+  so.max_tokens = st.max_tokens();
+  return impl_->Create(id, so, &st);
+}
+
+absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOptions& o,
+                                      const flashmemory::v1::DecodeSessionState* restore) {
   if (absl::Status st = o.spec.Validate(); !st.ok()) return st;
   const ModelSpec& sp = o.spec;
   if (sp.index_layers == 0 || sp.index_dim == 0)
@@ -1383,7 +1440,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "oracle_page_mass has ", o.oracle_page_mass.size(), " values; expected steps x ",
         o.spec.PagesForTokens(o.max_tokens), " (the pages of max_tokens)"));
-  if (const uint32_t tau = o.tau ? o.tau : impl_->options.tau;
+  if (const uint32_t tau = o.tau ? o.tau : options.tau;
       tau != 0 && o.switch_lag > std::max<uint32_t>(1, tau - 1))
     return absl::InvalidArgumentError(absl::StrCat("switch_lag must be below tau (", tau,
                                                    "), got ", o.switch_lag));
@@ -1396,7 +1453,7 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
                                                    o.level2_topk));
   if (o.level2_topk > 0 && o.mode == Mode::kTrace)
     return absl::InvalidArgumentError("trace mode records dense attention: level2_topk must be 0");
-  const DecodeOptions& opt = impl_->options;
+  const DecodeOptions& opt = options;
   if (!o.trace_name.empty() && (o.mode != Mode::kTrace || !IsPlainFileName(o.trace_name)))
     return absl::InvalidArgumentError(absl::StrCat(
         "trace_path \"", o.trace_name,
@@ -1453,11 +1510,9 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
   s->lag_pages = std::max<uint64_t>(
       1, static_cast<uint64_t>(std::ceil(std::min(1.0, share) * double(predict_budget) * pages)));
   {
-    absl::MutexLock l(&impl_->mu);
-    Impl& im = *impl_;
-    if (im.sessions.count(id))
-      return absl::AlreadyExistsError(absl::StrCat("session \"", id, "\" is already open"));
-    if (im.sessions.size() >= opt.max_sessions)
+    absl::MutexLock l(&mu);
+    Impl& im = *this;
+    if (im.admitted >= opt.max_sessions)
       return absl::ResourceExhaustedError(
           absl::StrCat("the worker holds its limit of ", opt.max_sessions, " sessions"));
     if (!im.arena) {
@@ -1484,19 +1539,29 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
                        " page cells (", ModeName(o.mode), ", ", o.max_tokens, " tokens), ",
                        im.num_cells - im.reserved_cells, " of ", im.num_cells, " are free"));
     im.reserved_cells += cells;
-    im.sessions[id] = s;
+    ++im.admitted;
   }
   absl::MutexLock l(&s->mu);
   s->cell_of.assign(pages + 1, kNoCell);
-  if (impl_->Checks(*s))
+  if (Checks(*s))
     s->check_bounds.reserve((pages + 1) * indexer::IndexerBoundsFloats(sp));
   s->keys.assign(sp.index_layers, {});
   s->hidden.assign(sp.hidden_dim, 0.0f);
   s->index_query.assign(size_t{sp.index_layers} * sp.q_heads * sp.head_dim, 0.0f);
   s->stats.reserved_cells = cells;
   if (o.mode == Mode::kTrace)
-    s->trace = std::make_unique<TraceRecorder>(sp, s->tau, impl_->options.trace_labels);
-  return impl_->EnsureOpenCell(*s);
+    s->trace = std::make_unique<TraceRecorder>(sp, s->tau, options.trace_labels);
+  absl::Status st = EnsureOpenCell(*s);
+  if (st.ok() && restore) st = RestoreState(s, *restore);
+  if (!st.ok()) {  // a failed resume: nothing of it stays
+    s->closed = true;
+    s->WaitQuiet();
+    Release(*s);
+    return st;
+  }
+  absl::MutexLock rl(&mu);
+  sessions[id] = s;
+  return absl::OkStatus();
 }
 
 absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, uint64_t n_pages,
@@ -1507,7 +1572,8 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
   Session& s = *sp;
   Impl& im = *impl_;
   absl::MutexLock l(&s.mu);
-  s.WaitIdle();
+  if (absl::Status st = s.Enter(); !st.ok()) return st;
+  absl::Cleanup leave = [&s]() ABSL_NO_THREAD_SAFETY_ANALYSIS { s.Leave(); };
   const ModelSpec& spec = s.opt.spec;
   const uint32_t P = spec.page_tokens;
   if (s.decoding) return absl::FailedPreconditionError("prefill after the first decode step");
@@ -1570,7 +1636,11 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
   // The keys records of the prefill (a failure leaves them to the first flush).
   if (s.opt.mode == Mode::kSparse) (void)im.PersistKeys(s);
   s.stats.tokens = s.tokens;
-  // Keys and bounds reach the indexer with the first decode step.
+  // The state a resuming worker starts from, so that a worker lost before the session's
+  // first seal leaves it resumable from step 0 (in sparse mode this hands the indexer the
+  // prefill's keys now rather than at the first step). A store or indexer that is down only
+  // delays it, as at a seal.
+  (void)im.SaveState(s);
   return absl::OkStatus();
 }
 
@@ -1729,7 +1799,8 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
                                                        static_cast<uint32_t>(s.list_cells.size())},
                                      r.layer, s.opt.level2_topk, r.q.data(), r.out, lse);
     });
-    // A close that came while the kernel ran wins: the step leaves no job or state behind.
+    // (A Close waits for the running step, so this holds only for a session that never
+    // opened.)
     if (s.closed) return absl::NotFoundError(absl::StrCat("session \"", s.id, "\" was closed"));
     if (ks != kernels::KernelStatus::kOk)
       return absl::InternalError(absl::StrCat("attention: ", kernels::KernelStatusName(ks)));
@@ -1805,8 +1876,12 @@ std::vector<absl::Status> DecodeCore::Step(absl::Span<const LayerStep> batch) {
       continue;
     }
     absl::MutexLock l(&s->mu);
-    s->WaitIdle();
+    if (absl::Status st = s->Enter(); !st.ok()) {
+      out.push_back(st);
+      continue;
+    }
     out.push_back(impl_->StepOne(s, r));
+    s->Leave();
   }
   return out;
 }
@@ -1821,41 +1896,59 @@ absl::Status DecodeCore::Close(const std::string& id, bool drop_history, bool sa
     absl::MutexLock l(&impl_->mu);
     auto it = impl_->sessions.find(id);
     if (it == impl_->sessions.end())
-      return absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
+      return impl_->pending.count(id)
+                 ? absl::UnavailableError(absl::StrCat(
+                       "session \"", id, "\" is being opened or closed by another call; retry"))
+                 : absl::NotFoundError(absl::StrCat("unknown session \"", id, "\""));
     s = it->second;
     impl_->sessions.erase(it);
+    impl_->pending.insert(id);  // until its state is saved: a resume of it waits for that
   }
-  absl::MutexLock l(&s->mu);
-  s->closed = true;
-  s->WaitQuiet();
+  absl::Status st = impl_->CloseSession(*s, drop_history, save);
+  impl_->Unclaim(id);
+  return st;
+}
+
+absl::Status DecodeCore::Impl::CloseSession(Session& s, bool drop_history, bool save) {
+  absl::MutexLock l(&s.mu);
+  s.closing = true;
+  while (s.busy || s.in_kernel) s.job_cv.Wait(&s.mu);
+  s.closed = true;
+  s.WaitQuiet();  // a fetch or check of it in flight ends first
   absl::Status st = absl::OkStatus();
-  const uint32_t P = s->opt.spec.page_tokens;
+  const uint32_t P = s.opt.spec.page_tokens;
+  const std::string& id = s.id;
   if (drop_history) {
-    st = impl_->store->DeleteSession(id);
+    st = store->DeleteSession(id);
     if (absl::IsNotFound(st)) st = absl::OkStatus();
-    if (s->registered) st.Update(impl_->predictor->Drop(id));
+    if (s.registered) st.Update(predictor->Drop(id));
   } else if (save) {
     // The open page's tokens so far and the decode state, so that any worker can resume.
-    const uint64_t open = s->open_page();
-    if (s->tokens % P != 0)
-      st = impl_->PutPage(*s, open, impl_->Payload(static_cast<uint32_t>(s->cell_of[open])),
-                          static_cast<uint32_t>(s->tokens % P));
-    if (st.ok()) st = impl_->SaveState(*s);
+    const uint64_t open = s.open_page();
+    if (s.tokens % P != 0)
+      st = PutPage(s, open, Payload(static_cast<uint32_t>(s.cell_of[open])),
+                   static_cast<uint32_t>(s.tokens % P));
+    if (st.ok()) st = SaveState(s);
   }
   // A trace-mode session's trace is what it was for: written whether or not its pages stay,
   // and whatever else failed.
-  if (s->trace)
-    st.Update(s->trace->Write((std::filesystem::path(impl_->options.trace_dir) /
-                               (s->opt.trace_name.empty() ? TraceFileName(id) : s->opt.trace_name))
-                                  .string()));
-  if (s->job) impl_->ReleaseCells(*s, *s->job, true);
-  s->job.reset();
-  if (s->recovery) impl_->ReleaseCells(*s, *s->recovery, true);
-  s->recovery.reset();
-  for (uint64_t p = 0; p < s->cell_of.size(); ++p) impl_->Evict(*s, p);
-  absl::MutexLock rl(&impl_->mu);
-  impl_->reserved_cells -= s->reserved;
+  if (s.trace)
+    st.Update(s.trace->Write((std::filesystem::path(options.trace_dir) /
+                              (s.opt.trace_name.empty() ? TraceFileName(id) : s.opt.trace_name))
+                                 .string()));
+  Release(s);
   return st;
+}
+
+void DecodeCore::Impl::Release(Session& s) {
+  if (s.job) ReleaseCells(s, *s.job, true);
+  s.job.reset();
+  if (s.recovery) ReleaseCells(s, *s.recovery, true);
+  s.recovery.reset();
+  for (uint64_t p = 0; p < s.cell_of.size(); ++p) Evict(s, p);
+  absl::MutexLock rl(&mu);
+  reserved_cells -= s.reserved;
+  --admitted;
 }
 
 absl::StatusOr<SessionStats> DecodeCore::Stats(const std::string& id) const {

@@ -298,6 +298,7 @@ class DecodeCore {
  private:
   struct Session;
   struct Impl;
+  absl::Status OpenClaimed(const std::string& session, const SessionOptions& options);
   std::unique_ptr<Impl> impl_;
 };
 
