@@ -8,7 +8,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <filesystem>
+#include <thread>
 
 #include "common/status_matchers.h"
 #include "services/indexer/indexer_client.h"
@@ -419,6 +421,155 @@ TEST_F(DecodeProcessTest, ReopenedOnASecondWorkerContinuesWithIdenticalOutputs) 
   // A second resume of an open session is refused; an unknown one has nothing to resume.
   EXPECT_THAT(cb->Open("r", resume), StatusIs(Code::kAlreadyExists));
   EXPECT_THAT(cb->Open("nobody", resume), StatusIs(Code::kNotFound));
+}
+
+// A worker killed at step 5, before the session's first seal (step 31): the state saved
+// when the prefill completed resumes it on another worker from step 0, with the
+// undisturbed run's outputs.
+TEST_F(DecodeProcessTest, AWorkerLostBeforeTheFirstSealLeavesTheSessionResumable) {
+  auto one = AllInOne("one");
+  ASSERT_NE(one, nullptr);
+  auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  ASSERT_THAT(ref, IsOk());
+  auto kv =
+      Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  const std::vector<std::string> args = {"--kvstore",  kv->target(),      "--indexer",
+                                         ix->target(), "--reserve_bytes", "64MiB"};
+  auto a = Start("fm-decode", args);
+  auto b = Start("fm-decode", args);
+  ASSERT_TRUE(a && b);
+  const ModelSpec& sp = g_->spec();
+  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  std::vector<float> out(ref->out.size());
+  replay::StepSource src(*g_, "r", 16);
+  auto steps = [&](DecodeClient& c, uint32_t from, uint32_t to) {
+    auto stream = c.OpenStream();
+    for (uint32_t st = from; st < to; ++st) {
+      v1::DecodeBatch batch;
+      *batch.add_requests() = src.Request(st, 0, sp.layers);
+      auto r = stream->Run(batch);
+      ASSERT_THAT(r, IsOk());
+      ASSERT_EQ(r->results(0).code(), 0) << r->results(0).message();
+      std::memcpy(out.data() + size_t{st} * sp.layers * qs, r->results(0).out().data(),
+                  sp.layers * qs * 4);
+    }
+    EXPECT_THAT(stream->Finish(), IsOk());
+  };
+  {
+    auto ca = DecodeClient::Connect(a->target(), 10000).value();
+    ASSERT_THAT(OpenQuest(*ca, "r"), IsOk());
+    steps(*ca, 0, 5);
+  }
+  ASSERT_TRUE(WIFSIGNALED(a->Stop(SIGKILL)));
+  auto cb = DecodeClient::Connect(b->target(), 10000).value();
+  SessionOptions resume;
+  resume.resume = true;
+  ASSERT_THAT(cb->Open("r", resume), IsOk());
+  auto st = cb->Stats("r");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->steps(), 0u);
+  EXPECT_EQ(st->tokens(), 4000u);
+  steps(*cb, 0, 64);
+  EXPECT_LT(MaxDiff(out, ref->out), 1e-6);
+  EXPECT_TRUE(b->Alive());
+}
+
+// One client steps a session on fm-decode while two others close and resume it in a loop
+// (what crashed the worker, or answered steps OK with other outputs, before): the worker
+// stays up, every call answers OK or a precise code, every step answered OK gives the
+// undisturbed run's output.
+TEST_F(DecodeProcessTest, ClientsRacingStepsResumesAndClosesOfOneSession) {
+  auto one = AllInOne("one");
+  ASSERT_NE(one, nullptr);
+  auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  ASSERT_THAT(ref, IsOk());
+  auto kv =
+      Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  auto dec = Start("fm-decode", {"--kvstore", kv->target(), "--indexer", ix->target(),
+                                 "--reserve_bytes", "64MiB"});
+  ASSERT_NE(dec, nullptr);
+  const ModelSpec& sp = g_->spec();
+  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  {
+    auto c = DecodeClient::Connect(dec->target(), 10000).value();
+    ASSERT_THAT(OpenQuest(*c, "r"), IsOk());
+  }
+  std::atomic<bool> done{false};
+  std::atomic<int> closes{0}, resumes{0}, bad{0};
+  auto ok_code = [&](const absl::Status& s) {
+    if (s.ok() || s.code() == Code::kNotFound || s.code() == Code::kUnavailable ||
+        s.code() == Code::kAlreadyExists)
+      return;
+    ++bad;
+    ADD_FAILURE() << s;
+  };
+  auto racer = [&](int seed) {
+    auto c = DecodeClient::Connect(dec->target(), 10000).value();
+    SessionOptions resume;
+    resume.resume = true;
+    unsigned r = seed;
+    const auto stop = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!done && std::chrono::steady_clock::now() < stop) {
+      absl::Status cs = c->Close("r");
+      ok_code(cs);
+      if (cs.ok()) ++closes;
+      usleep(rand_r(&r) % 20000);
+      auto os = c->Open("r", resume);
+      ok_code(os.status());
+      if (os.ok()) ++resumes;
+      usleep(rand_r(&r) % 20000);
+    }
+  };
+  std::thread t1(racer, 1), t2(racer, 2);
+  auto c = DecodeClient::Connect(dec->target(), 10000).value();
+  replay::StepSource src(*g_, "r", 16);
+  uint32_t st = 0, l = 0, ok_steps = 0, wrong = 0, retries = 0;
+  const auto stop = std::chrono::steady_clock::now() + std::chrono::seconds(90);
+  auto stream = c->OpenStream();
+  while (st < 64 && std::chrono::steady_clock::now() < stop) {
+    v1::DecodeBatch b;
+    *b.add_requests() = src.Request(st, l, 1);
+    auto r = stream->Run(b);
+    ASSERT_THAT(r, IsOk());
+    const v1::LayerResult& lr = r->results(0);
+    if (lr.code() == 0) {
+      ++ok_steps;
+      std::vector<float> got(qs), want(qs);
+      std::memcpy(got.data(), lr.out().data(), qs * 4);
+      std::memcpy(want.data(), ref->out.data() + (size_t{st} * sp.layers + l) * qs, qs * 4);
+      if (MaxDiff(got, want) > 1e-6) {
+        ++wrong;
+        ADD_FAILURE() << "step " << st << " layer " << l << " answered OK with another output";
+      }
+      if (++l == sp.layers) l = 0, ++st;
+      continue;
+    }
+    ++retries;
+    if (lr.code() == int(Code::kFailedPrecondition)) {  // the session went back to a step
+      auto s = c->Stats("r");
+      if (s.ok()) st = static_cast<uint32_t>(s->steps()), l = 0;
+    } else {
+      ASSERT_EQ(lr.code(), int(Code::kNotFound)) << lr.message();
+    }
+    usleep(2000);
+  }
+  done = true;
+  t1.join();
+  t2.join();
+  EXPECT_THAT(stream->Finish(), IsOk());
+  EXPECT_EQ(st, 64u);
+  EXPECT_EQ(wrong, 0u) << "of " << ok_steps;
+  EXPECT_EQ(bad, 0);
+  EXPECT_GE(closes, 3);
+  EXPECT_GE(resumes, 3);
+  EXPECT_TRUE(dec->Alive());
+  std::printf("steps ok %u, retried %u, closes %d, resumes %d\n", ok_steps, retries,
+              closes.load(), resumes.load());
+  EXPECT_EQ(dec->Stop(SIGTERM), 0);
 }
 
 TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
