@@ -25,6 +25,10 @@ absl::Status GrpcServerRunner::Start() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // No SO_REUSEPORT: a second server on a port already served must fail to start, not
+  // share the port's connections with the first (acknowledged writes would be split
+  // between two processes).
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(absl::StrCat(options_.host, ":", options_.port),
                            grpc::InsecureServerCredentials(), &port_);
   builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
@@ -33,7 +37,8 @@ absl::Status GrpcServerRunner::Start() {
   server_ = builder.BuildAndStart();
   if (!server_ || port_ == 0)
     return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options_.host, ":", options_.port));
+        absl::StrCat("cannot listen on ", options_.host, ":", options_.port,
+                     options_.port != 0 ? " (is another process serving that port?)" : ""));
   auto* health = server_->GetHealthCheckService();
   for (auto& [svc, name] : services_) health->SetServingStatus(name, true);
   health->SetServingStatus(true);

@@ -32,6 +32,24 @@ void LoadFloats(DType t, const uint8_t* in, float* out, size_t n) {
   }
 }
 
+bool AllFiniteElems(DType t, const uint8_t* in, size_t n) {
+  if (t == DType::kFp32) {
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t b;
+      std::memcpy(&b, in + 4 * i, 4);
+      if ((b & 0x7f800000u) == 0x7f800000u) return false;
+    }
+    return true;
+  }
+  const uint16_t exp = t == DType::kBf16 ? 0x7f80 : 0x7c00;  // all-ones exponent: NaN or inf
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * i, 2);
+    if ((h & exp) == exp) return false;
+  }
+  return true;
+}
+
 size_t DTypeSize(DType t) {
   switch (t) {
     case DType::kFp32:

@@ -21,6 +21,15 @@ const char* DTypeName(DType t);
 // n page elements in dtype t from / to fp32 (bf16 and fp16 round to nearest even).
 void StoreFloats(DType t, const float* in, uint8_t* out, size_t n);
 void LoadFloats(DType t, const uint8_t* in, float* out, size_t n);
+// Whether n page elements in dtype t are all finite (no NaN, no infinity).
+bool AllFiniteElems(DType t, const uint8_t* in, size_t n);
+
+// The longest history a session may hold: 16M tokens, 16 times the longest context the
+// project targets (1M). Larger values are refused where a client names a length (a decode
+// session's max_tokens, the indexer's tokens), before they size anything.
+inline constexpr uint64_t kMaxSessionTokens = uint64_t{1} << 24;
+// The longest cycle (decode steps between predictions) a session may ask for.
+inline constexpr uint32_t kMaxTau = 1024;
 absl::StatusOr<DType> ParseDType(const std::string& name);
 
 struct ModelSpec {

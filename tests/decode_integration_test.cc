@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "common/spec_proto.h"
 #include "common/status_matchers.h"
 #include "services/indexer/indexer_client.h"
 #include "services/kvstore/kv_client.h"
@@ -572,6 +573,46 @@ TEST_F(DecodeProcessTest, ClientsRacingStepsResumesAndClosesOfOneSession) {
   EXPECT_EQ(dec->Stop(SIGTERM), 0);
 }
 
+// A second server on a port already served refuses to start (before, SO_REUSEPORT let a
+// second fm-kvstore share the port and half the acknowledged pages read back NOT_FOUND).
+TEST_F(DecodeProcessTest, EveryServerRefusesAPortAlreadyServed) {
+  auto kv = Start("fm-kvstore", {"--db", dir_ + "/kv1", "--ram_bytes", "16MiB", "--slab_bytes",
+                                 "4MiB", "--no_ucx"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  const std::string port = std::to_string(kv->port());
+  const std::vector<std::pair<std::string, std::vector<std::string>>> second = {
+      {"fm-kvstore", {"--db", dir_ + "/kv2", "--ram_bytes", "16MiB", "--slab_bytes", "4MiB",
+                      "--no_ucx"}},
+      {"fm-indexer", {}},
+      {"fm-decode", {"--kvstore", kv->target(), "--indexer", ix->target(), "--reserve_bytes",
+                     "16MiB", "--no_ucx"}},
+      {"flashmemory", {"--data_dir", dir_ + "/one", "--ram_bytes", "16MiB", "--reserve_bytes",
+                       "16MiB"}}};
+  for (auto [bin, args] : second) {
+    args.insert(args.end(), {"--port", port});
+    auto p = ServerProcess::Start(bin, args, 20000);
+    EXPECT_FALSE(p.ok()) << bin << " started on port " << port << ", which fm-kvstore serves";
+    if (!p.ok()) {
+      EXPECT_THAT(p.status(), StatusIs(Code::kInternal)) << bin;  // exited during start-up
+    }
+  }
+  // The first server still serves every write it acknowledges.
+  KvClientOptions ko;
+  ko.use_ucx = false;
+  auto c = KvClient::Connect(kv->target(), ko);
+  ASSERT_THAT(c, IsOk());
+  for (uint64_t p = 0; p < 20; ++p) {
+    const std::string payload = RandomBytes(256, p);
+    ASSERT_THAT((*c)->Put(MakePageHeader("s", p, 1, 1, DType::kFp32, payload.data(), 256),
+                          payload.data()),
+                IsOk());
+  }
+  std::vector<PageRef> keys;
+  for (uint64_t p = 0; p < 20; ++p) keys.push_back({"s", p});
+  EXPECT_THAT((*c)->Get(keys), IsOk());
+}
+
 TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
   auto server = AllInOne("one");
   ASSERT_NE(server, nullptr);
@@ -585,12 +626,40 @@ TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
   zero.max_tokens = 0;
   EXPECT_THAT(client->Open("x", zero), StatusIs(Code::kInvalidArgument, "max_tokens"));
   SessionOptions huge = so;
-  huge.max_tokens = 1ull << 30;  // far beyond a 64 MiB reserve
+  huge.max_tokens = 1ull << 24;  // far beyond a 64 MiB reserve
   EXPECT_THAT(client->Open("x", huge), StatusIs(Code::kResourceExhausted, "cannot admit"));
   SessionOptions oracle = so;
   oracle.mode = Mode::kSparse;
   oracle.policy = indexer::Policy::kOracle;
   EXPECT_THAT(client->Open("x", oracle), StatusIs(Code::kInvalidArgument, "oracle"));
+  {  // An unknown mode (it ran as sparse before) and lengths beyond any session's.
+    auto stub = v1::Decode::NewStub(
+        grpc::CreateChannel(server->target(), grpc::InsecureChannelCredentials()));
+    v1::OpenSessionRequest req;
+    req.set_session_id("m");
+    SpecToProto(so.spec, req.mutable_spec());
+    req.set_max_tokens(4064);
+    req.set_mode(static_cast<v1::DecodeMode>(99));
+    v1::OpenSessionResponse resp;
+    grpc::ClientContext c1;
+    grpc::Status st = stub->OpenSession(&c1, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find("unknown mode 99"), std::string::npos) << st.error_message();
+    req.set_mode(v1::DECODE_MODE_SPARSE);
+    req.set_max_tokens(UINT64_MAX);
+    grpc::ClientContext c2;
+    st = stub->OpenSession(&c2, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find("max_tokens must be in [1, 16777216]"), std::string::npos)
+        << st.error_message();
+    req.set_max_tokens(4064);
+    req.set_tau(UINT32_MAX);
+    grpc::ClientContext c3;
+    st = stub->OpenSession(&c3, req, &resp);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find("tau must be in [0, 1024]"), std::string::npos)
+        << st.error_message();
+  }
   ASSERT_THAT(client->Open("a", so), IsOk());
   EXPECT_THAT(client->Open("a", so), StatusIs(Code::kAlreadyExists));
   // Prefill: unknown session, misaligned tokens.

@@ -1427,8 +1427,13 @@ absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOption
   const ModelSpec& sp = o.spec;
   if (sp.index_layers == 0 || sp.index_dim == 0)
     return absl::InvalidArgumentError("the spec has no index layers; the worker needs them");
-  if (o.max_tokens == 0)
-    return absl::InvalidArgumentError("max_tokens must be > 0: it sizes the reservation");
+  if (o.max_tokens == 0 || o.max_tokens > kMaxSessionTokens)
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens must be in [1, ", kMaxSessionTokens, "] (it sizes the reservation), got ",
+                     o.max_tokens));
+  if (o.tau > kMaxTau)
+    return absl::InvalidArgumentError(
+        absl::StrCat("tau must be in [0, ", kMaxTau, "] (0 = the worker's), got ", o.tau));
   if (o.mode == Mode::kSparse && o.max_pages == 0 && !(o.budget > 0.0f && o.budget <= 1.0f))
     return absl::InvalidArgumentError(absl::StrCat("budget must be in (0, 1], got ", o.budget));
   if (o.mode == Mode::kSparse && o.policy == indexer::Policy::kOracle &&
@@ -1599,6 +1604,20 @@ absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, ui
   if (chunks > 0 && !index_keys) return absl::InvalidArgumentError("index keys missing");
   const size_t pb = spec.PageBytes(), kb = spec.IndexKeyBytes();
   const size_t bf = indexer::IndexerBoundsFloats(spec);
+  // The K and V of every token the pages carry must be finite (a step's are checked too).
+  const size_t es = DTypeSize(spec.dtype);
+  for (uint64_t i = 0; i < n_pages; ++i) {
+    const uint64_t page = s.tokens / P + i;
+    const uint32_t valid = static_cast<uint32_t>(std::min<uint64_t>(P, tokens - page * P));
+    for (uint32_t l = 0; l < spec.layers; ++l)
+      for (uint32_t kv = 0; kv < 2; ++kv)
+        for (uint32_t h = 0; h < spec.kv_heads; ++h)
+          if (!AllFiniteElems(spec.dtype, pages + i * pb + spec.ElemOffset(l, kv, h, 0) * es,
+                              size_t{valid} * spec.head_dim))
+            return absl::InvalidArgumentError(
+                absl::StrCat("prefill page ", page, " holds a NaN or infinity (layer ", l, ", ",
+                             kv ? "V" : "K", ", kv head ", h, ")"));
+  }
   // Every page is stored before any state changes, so a failed call can be retried whole.
   for (uint64_t i = 0; i < n_pages; ++i) {
     const uint64_t page = s.tokens / P + i;

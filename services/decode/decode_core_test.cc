@@ -761,7 +761,14 @@ TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   bad.budget = 0.1f;
   bad.max_tokens = 0;
   EXPECT_EQ(core->Open("b", bad).code(), StatusCode::kInvalidArgument);
+  bad.max_tokens = UINT64_MAX;  // was admitted with 3 cells
+  EXPECT_THAT(core->Open("b", bad),
+              ::fm::testing::StatusIs(StatusCode::kInvalidArgument, "max_tokens must be in [1, 16777216]"));
   bad.max_tokens = 4096;
+  bad.tau = UINT32_MAX;
+  EXPECT_THAT(core->Open("b", bad),
+              ::fm::testing::StatusIs(StatusCode::kInvalidArgument, "tau must be in [0, 1024]"));
+  bad.tau = 0;
   bad.switch_lag = 16;  // the set of a cycle must take over within it (tau 16)
   auto lag = core->Open("b", bad);
   EXPECT_EQ(lag.code(), StatusCode::kInvalidArgument);
@@ -774,6 +781,20 @@ TEST_F(DecodeCoreTest, BadInputGetsPreciseStatusAndLeavesTheSessionIntact) {
   other.spec.head_dim = 128;  // pages of another size than the reserve's
   EXPECT_EQ(core->Open("b", other).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(core->Prefill("nope", nullptr, 0, 1, nullptr, 0, 0).code(), StatusCode::kNotFound);
+  {  // A NaN or infinity in a prefill page's K or V (steps refuse them too); padding rows of
+     // a partial page are not read.
+    std::vector<uint8_t> page(spec_.PageBytes());
+    g->FillPage(0, page.data());
+    float* f = reinterpret_cast<float*>(page.data());
+    f[spec_.ElemOffset(1, 1, 0, 5)] = INFINITY;
+    EXPECT_THAT(core->Prefill("a", page.data(), 1, 64, nullptr, 0, 0),
+                ::fm::testing::StatusIs(StatusCode::kInvalidArgument,
+                                        "prefill page 0 holds a NaN or infinity (layer 1, V"));
+    ASSERT_THAT(core->Open("c", Options(*g, Mode::kDense, 1.0f, indexer::Policy::kDefault)),
+                IsOk());
+    EXPECT_THAT(core->Prefill("c", page.data(), 1, 5, nullptr, 0, 0), IsOk());  // row 5: padding
+    ASSERT_THAT(core->Close("c", true), IsOk());
+  }
   Prefill(*core, "a", *g);
 
   StepData d = Data(*g, 0, 0, 16);

@@ -309,6 +309,10 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
                                                      v1::OpenSessionResponse* resp) {
   SessionOptions o;
   o.spec = SpecFromProto(req->spec());
+  if (req->mode() < v1::DECODE_MODE_UNSPECIFIED || req->mode() > v1::DECODE_MODE_TRACE)
+    return FinishUnary(ctx, absl::InvalidArgumentError(absl::StrCat(
+                                "unknown mode ", static_cast<int>(req->mode()),
+                                "; expected 0 (sparse), 1 sparse, 2 dense or 3 trace")));
   o.mode = req->mode() == v1::DECODE_MODE_DENSE   ? Mode::kDense
            : req->mode() == v1::DECODE_MODE_TRACE ? Mode::kTrace
                                                   : Mode::kSparse;

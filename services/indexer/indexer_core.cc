@@ -299,9 +299,10 @@ absl::Status IndexerCore::Append(const std::string& session, const uint8_t* keys
   if (first_chunk != s->chunks)
     return absl::FailedPreconditionError(absl::StrCat(
         "keys start at chunk ", first_chunk, " but the session expects chunk ", s->chunks));
-  if (tokens < s->tokens)
-    return absl::InvalidArgumentError(
-        absl::StrCat("tokens ", tokens, " is below the session's ", s->tokens));
+  if (tokens < s->tokens || tokens > kMaxSessionTokens)
+    return absl::InvalidArgumentError(absl::StrCat("tokens must be in [", s->tokens, ", ",
+                                                   kMaxSessionTokens, "] (the session holds ",
+                                                   s->tokens, "), got ", tokens));
   const uint64_t new_chunks = first_chunk + chunks;
   if (new_chunks * sp.chunk_tokens > tokens)
     return absl::InvalidArgumentError(absl::StrCat(new_chunks, " chunks of ", sp.chunk_tokens,
@@ -521,6 +522,11 @@ absl::Status TokenQueryScores(const ModelSpec& sp, const std::vector<kernels::Hu
 
 absl::StatusOr<Prediction> IndexerCore::Predict(const std::string& session, const PredictArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
+  for (const auto* v : {&a.hidden, &a.query})
+    for (float x : *v)
+      if (!std::isfinite(x))
+        return absl::InvalidArgumentError(absl::StrCat(
+            v == &a.hidden ? "hidden" : "query", " holds a NaN or infinity"));
   auto s = Find(session);
   if (!s) return absl::NotFoundError(absl::StrCat("unknown session \"", session, "\""));
   // Before the session lock (lock order); the spec is fixed at registration.

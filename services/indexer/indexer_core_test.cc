@@ -239,8 +239,17 @@ TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
   EXPECT_THAT(st, StatusIs(StatusCode::kInvalidArgument));
   EXPECT_NE(st.message().find("expected hidden_dim = 256"), std::string::npos) << st;
   a.hidden.assign(sp.hidden_dim, 0.0f);
+  a.hidden[7] = std::nanf("");  // every score would be 0
+  EXPECT_THAT(core.Predict("good", a).status(),
+              StatusIs(StatusCode::kInvalidArgument, "hidden holds a NaN or infinity"));
+  a.hidden[7] = INFINITY;
+  EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  a.hidden.assign(sp.hidden_dim, 0.0f);
   a.policy = Policy::kQuest;
   EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kInvalidArgument));
+  a.query.assign(sp.q_heads * sp.head_dim, -INFINITY);
+  EXPECT_THAT(core.Predict("good", a).status(),
+              StatusIs(StatusCode::kInvalidArgument, "query holds a NaN or infinity"));
   a.query.assign(sp.q_heads * sp.head_dim, 0.0f);
   EXPECT_THAT(core.Predict("good", a).status(), StatusIs(StatusCode::kFailedPrecondition));
   a.policy = Policy::kOracle;
@@ -254,6 +263,11 @@ TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
   EXPECT_THAT(core.Append("good", keys.data(), chunks, 16, 46 * 64),
               StatusIs(StatusCode::kInvalidArgument));
   EXPECT_THAT(core.Append("nope", keys.data(), 0, 1, 64), StatusIs(StatusCode::kNotFound));
+  // A history beyond any session's (it left the session in a bad state before).
+  EXPECT_THAT(core.Append("good", keys.data(), chunks, 0, UINT64_MAX),
+              StatusIs(StatusCode::kInvalidArgument, "tokens must be in [2944, 16777216]"));
+  EXPECT_THAT(core.Register("huge", sp, keys.data(), 1, UINT64_MAX),
+              StatusIs(StatusCode::kInvalidArgument, "tokens must be in"));
   EXPECT_THAT(core.Register("", sp, keys.data(), 1, 64), StatusIs(StatusCode::kInvalidArgument));
   ModelSpec noindex = sp;
   noindex.index_layers = 0;
