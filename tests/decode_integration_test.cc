@@ -613,6 +613,37 @@ TEST_F(DecodeProcessTest, EveryServerRefusesAPortAlreadyServed) {
   EXPECT_THAT((*c)->Get(keys), IsOk());
 }
 
+// A close drops the session from the indexer: with room for 3 sessions there, 5 sessions
+// one after the other all run and close OK (the 4th failed its first step with
+// RESOURCE_EXHAUSTED before, and its close reported RESOURCE_EXHAUSTED though it closed),
+// and a closed session still resumes (the indexer gets its history again).
+TEST_F(DecodeProcessTest, ClosedSessionsLeaveTheIndexer) {
+  auto server = Start("flashmemory", {"--data_dir", dir_ + "/one", "--ram_bytes", "64MiB",
+                                      "--reserve_bytes", "64MiB", "--indexer_max_sessions", "3"});
+  ASSERT_NE(server, nullptr);
+  std::unique_ptr<replay::ReplayResult> first;
+  for (int i = 0; i < 5; ++i) {
+    auto r = Run(server->target(), absl::StrCat("s", i), Mode::kSparse, 0.25f,
+                 indexer::Policy::kQuest);
+    ASSERT_THAT(r, IsOk()) << "session " << i;
+    EXPECT_EQ(r->stats.prediction_failures(), 0u) << "session " << i;
+    if (i == 0) {
+      first = std::make_unique<replay::ReplayResult>(*r);
+    } else {
+      EXPECT_LT(MaxDiff(r->out, first->out), 1e-6);  // the same generated session
+    }
+  }
+  auto client = DecodeClient::Connect(server->target(), 10000).value();
+  SessionOptions resume;
+  resume.resume = true;
+  ASSERT_THAT(client->Open("s0", resume), IsOk());
+  auto st = client->Stats("s0");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->tokens(), 4064u);
+  ASSERT_THAT(client->Close("s0"), IsOk());
+  EXPECT_EQ(server->Stop(SIGTERM), 0);
+}
+
 TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
   auto server = AllInOne("one");
   ASSERT_NE(server, nullptr);

@@ -712,7 +712,10 @@ struct DecodeCore::Impl {
                                                 s.bounds.data(), pages);
     };
     absl::Status st = send();
-    if (absl::IsNotFound(st) && s.registered) {
+    // The indexer lost the session (NOT_FOUND), or holds an older history of it than this
+    // worker sent (FAILED_PRECONDITION: a close's drop that did not reach it): it gets the
+    // history again.
+    if ((absl::IsNotFound(st) || absl::IsFailedPrecondition(st)) && s.registered) {
       if (absl::Status r = Reregister(s); !r.ok()) return r;
       st = send();
     }
@@ -924,7 +927,10 @@ struct DecodeCore::Impl {
     return placed;
   }
 
-  absl::Status SaveState(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+  // Writes the session's decode state to the kvstore (kStatePage). to_indexer: hands the
+  // indexer the pending keys first (seals, prefills); else (a close) only the kvstore is
+  // written.
+  absl::Status SaveState(Session& s, bool to_indexer = true) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
   absl::Status RestoreState(const std::shared_ptr<Session>& sp,
                             const flashmemory::v1::DecodeSessionState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
@@ -1090,12 +1096,20 @@ struct DecodeCore::Impl {
   absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r);
 };
 
-absl::Status DecodeCore::Impl::SaveState(Session& s) {
+absl::Status DecodeCore::Impl::SaveState(Session& s, bool to_indexer) {
   if (s.trace) return absl::OkStatus();  // a trace lives in its worker: nothing to resume
-  if (s.opt.mode == Mode::kSparse)  // the indexer first holds what the state says it holds
-    if (absl::Status st = Flush(s); !st.ok()) return st;
-  namespace v1 = flashmemory::v1;
   const ModelSpec& sp = s.opt.spec;
+  // The history the state says the indexer was given: what it was sent (a flush first), or
+  // at a close, every page whose keys records are in the kvstore (a resume re-registers the
+  // session from them), the keys after them kept in the state.
+  if (s.opt.mode == Mode::kSparse) {
+    absl::Status st = to_indexer ? Flush(s) : PersistKeys(s);
+    if (!st.ok()) return st;
+  }
+  const uint64_t sent_pages =
+      to_indexer ? s.sent_pages : std::max(s.sent_pages, s.persisted_pages);
+  const uint64_t skip = (sent_pages - s.sent_pages) * sp.ChunksPerPage();
+  namespace v1 = flashmemory::v1;
   v1::DecodeSessionState st;
   SpecToProto(sp, st.mutable_spec());
   st.set_mode(s.opt.mode == Mode::kDense ? v1::DECODE_MODE_DENSE : v1::DECODE_MODE_SPARSE);
@@ -1113,9 +1127,10 @@ absl::Status DecodeCore::Impl::SaveState(Session& s) {
   st.set_next_step(s.next_step);
   st.set_decoding(s.decoding);
   st.set_key_chunks(s.key_chunks);
-  st.set_sent_chunks(s.sent_chunks);
-  st.set_sent_pages(s.sent_pages);
-  for (const auto& k : s.keys) st.mutable_pending_keys()->append(k.begin(), k.end());
+  st.set_sent_chunks(s.sent_chunks + skip);
+  st.set_sent_pages(sent_pages);
+  for (const auto& k : s.keys)
+    st.mutable_pending_keys()->append(k.begin() + skip * sp.IndexKeyBytes(), k.end());
   st.set_have_set(s.have_set);
   for (uint64_t p : s.wanted) st.add_wanted(p);
   for (uint64_t p : s.ranked) st.add_ranked(p);
@@ -1942,12 +1957,21 @@ absl::Status DecodeCore::Impl::CloseSession(Session& s, bool drop_history, bool 
     if (absl::IsNotFound(st)) st = absl::OkStatus();
     if (s.registered) st.Update(predictor->Drop(id));
   } else if (save) {
-    // The open page's tokens so far and the decode state, so that any worker can resume.
+    // The open page's tokens so far and the decode state, so that any worker can resume;
+    // the indexer forgets the session (a resume gives it the history again from the keys
+    // records), so that closed sessions do not fill it. A close that saved reports no error
+    // of the indexer's.
     const uint64_t open = s.open_page();
     if (s.tokens % P != 0)
       st = PutPage(s, open, Payload(static_cast<uint32_t>(s.cell_of[open])),
                    static_cast<uint32_t>(s.tokens % P));
-    if (st.ok()) st = SaveState(s);
+    if (st.ok()) st = SaveState(s, /*to_indexer=*/false);
+    if (st.ok() && s.registered) {
+      absl::Status d = predictor->Drop(id);
+      if (!d.ok() && !absl::IsNotFound(d))
+        FM_LOG_WARN("decode: closed session \"%s\" stays in the indexer: %s", id.c_str(),
+                    d.ToString().c_str());
+    }
   }
   // A trace-mode session's trace is what it was for: written whether or not its pages stay,
   // and whatever else failed.

@@ -1064,6 +1064,7 @@ TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
     EXPECT_EQ(st->next_step, 0u);
     EXPECT_EQ(st->tokens, 4000u);
     run(*b, "u" + sfx, 0, 64, &outs);
+    EXPECT_EQ(b->Stats("u" + sfx)->prediction_failures, 0u);
     for (uint32_t s = 0; s < 64; ++s)
       for (uint32_t l = 0; l < spec_.layers; ++l)
         ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
