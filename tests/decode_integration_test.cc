@@ -644,6 +644,28 @@ TEST_F(DecodeProcessTest, ClosedSessionsLeaveTheIndexer) {
   EXPECT_EQ(server->Stop(SIGTERM), 0);
 }
 
+// The kvstore deletes a closed session's pages --closed_session_ttl after its close; a
+// resumed one (its worker writes its state at once) stays.
+TEST_F(DecodeProcessTest, ClosedSessionsLeaveTheKvstoreAfterTheirTtl) {
+  auto server = Start("flashmemory", {"--data_dir", dir_ + "/one", "--ram_bytes", "64MiB",
+                                      "--reserve_bytes", "64MiB", "--closed_session_ttl", "2"});
+  ASSERT_NE(server, nullptr);
+  ASSERT_THAT(Run(server->target(), "a", Mode::kSparse, 0.25f, indexer::Policy::kQuest), IsOk());
+  ASSERT_THAT(Run(server->target(), "b", Mode::kSparse, 0.25f, indexer::Policy::kQuest), IsOk());
+  auto client = DecodeClient::Connect(server->target(), 10000).value();
+  SessionOptions resume;
+  resume.resume = true;
+  ASSERT_THAT(client->Open("b", resume), IsOk());  // b is served again
+  sleep(5);  // past the TTL (2 s) and the next sweep (every second)
+  EXPECT_THAT(client->Open("a", resume), StatusIs(Code::kNotFound));
+  ASSERT_THAT(client->Close("b"), IsOk());
+  ASSERT_THAT(client->Open("b", resume), IsOk());
+  auto st = client->Stats("b");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->tokens(), 4064u);
+  EXPECT_EQ(server->Stop(SIGTERM), 0);
+}
+
 TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
   auto server = AllInOne("one");
   ASSERT_NE(server, nullptr);

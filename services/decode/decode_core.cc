@@ -1573,6 +1573,9 @@ absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOption
     s->trace = std::make_unique<TraceRecorder>(sp, s->tau, options.trace_labels);
   absl::Status st = EnsureOpenCell(*s);
   if (st.ok() && restore) st = RestoreState(s, *restore);
+  // A resumed session writes its state at once: the kvstore's close mark of it goes, so
+  // that its TTL cannot delete a session a worker serves.
+  if (st.ok() && restore) st = SaveState(*s, /*to_indexer=*/false);
   if (!st.ok()) {  // a failed resume: nothing of it stays
     s->closed = true;
     s->WaitQuiet();
@@ -1972,6 +1975,11 @@ absl::Status DecodeCore::Impl::CloseSession(Session& s, bool drop_history, bool 
         FM_LOG_WARN("decode: closed session \"%s\" stays in the indexer: %s", id.c_str(),
                     d.ToString().c_str());
     }
+    // The kvstore keeps it for a resume until its closed-session TTL.
+    if (st.ok())
+      if (absl::Status c = store->CloseSession(id); !c.ok())
+        FM_LOG_WARN("decode: the kvstore did not mark session \"%s\" closed: %s", id.c_str(),
+                    c.ToString().c_str());
   }
   // A trace-mode session's trace is what it was for: written whether or not its pages stay,
   // and whatever else failed.
@@ -2066,6 +2074,9 @@ class LocalStore : public PageStore {
         &from_spill);
     if (!st.ok()) return st;
     return out;
+  }
+  absl::Status CloseSession(const std::string& session) override {
+    return s_->CloseSession(session);
   }
   absl::Status DeleteSession(const std::string& session) override {
     return s_->DeleteSession(session).status();

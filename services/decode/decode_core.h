@@ -70,6 +70,9 @@ class PageStore {
   // The payload of one page (any length): the session's saved decode state.
   virtual absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) = 0;
   virtual absl::Status DeleteSession(const std::string& session) = 0;
+  // Marks the session closed: the store deletes it after its TTL unless a worker writes to
+  // it first (a resume does at once).
+  virtual absl::Status CloseSession(const std::string& session) { return absl::OkStatus(); }
   // Memory for the worker's reserve, registered with the store's transport so that Read
   // lands pages in their cells in place (null: the worker allocates its own). Called at most
   // once; the store owns the memory and outlives the worker.

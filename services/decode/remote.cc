@@ -55,6 +55,9 @@ class RemoteStore : public PageStore {
     if (!recs.ok()) return recs.status();
     return std::move((*recs)[0].payload);
   }
+  absl::Status CloseSession(const std::string& session) override {
+    return kv_->CloseSession(session);
+  }
   absl::Status DeleteSession(const std::string& session) override {
     return kv_->DeleteSession(session).status();
   }

@@ -19,6 +19,9 @@ inline void AddKvStoreFlags(CLI::App& app, KvStoreOptions* o) {
                  "Durable bytes per session (0 = unlimited)")
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
+  app.add_option("--closed_session_ttl", o->closed_session_ttl_s,
+                 "Seconds a closed session's pages stay for a resume (0 = forever)")
+      ->capture_default_str();
   app.add_option("--max_keys_per_call", o->max_keys_per_call, "Pages per Get/Resolve/Prefetch")
       ->capture_default_str();
   app.add_option("--default_lease_ms", o->default_lease_ms, "Lease when a request asks for 0")

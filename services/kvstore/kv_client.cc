@@ -392,6 +392,14 @@ absl::StatusOr<uint64_t> KvClient::DeleteSession(const std::string& session_id) 
   return resp.pages_deleted();
 }
 
+absl::Status KvClient::CloseSession(const std::string& session_id) {
+  v1::KvCloseSessionRequest req;
+  req.set_session_id(session_id);
+  v1::KvCloseSessionResponse resp;
+  auto ctx = Context();
+  return FromGrpcStatus(stub_->CloseSession(ctx.get(), req, &resp));
+}
+
 absl::StatusOr<v1::GetStatsResponse> KvClient::Stats(const std::string& session) {
   v1::GetStatsRequest req;
   req.set_session_id(session);
@@ -505,6 +513,20 @@ absl::StatusOr<uint64_t> ShardedKvClient::DeleteSession(const std::string& sessi
   }
   if (!found) return absl::NotFoundError(absl::StrCat("unknown session \"", session_id, "\""));
   return total;
+}
+
+absl::Status ShardedKvClient::CloseSession(const std::string& session_id) {
+  bool found = false;
+  for (auto& c : clients_) {
+    absl::Status st = c->CloseSession(session_id);
+    if (st.ok()) {
+      found = true;
+    } else if (!absl::IsNotFound(st)) {
+      return st;
+    }
+  }
+  if (!found) return absl::NotFoundError(absl::StrCat("unknown session \"", session_id, "\""));
+  return absl::OkStatus();
 }
 
 }  // namespace fm

@@ -98,6 +98,7 @@ class KvClient {
                                                              uint32_t lease_ms = 0);
   absl::Status Release(uint64_t lease_id);
   absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
+  absl::Status CloseSession(const std::string& session_id);
   absl::StatusOr<flashmemory::v1::GetStatsResponse> Stats(const std::string& session = "");
 
  private:
@@ -154,6 +155,9 @@ class ShardedKvClient {
                         std::vector<PageHeaderData>* headers = nullptr);
   // Deletes the session on every replica; NOT_FOUND only if no replica knew it.
   absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
+  // Marks it closed on every replica that holds it (KvStore::CloseSession); NOT_FOUND only
+  // if none did.
+  absl::Status CloseSession(const std::string& session_id);
 
  private:
   // Indices of keys per replica that holds them.

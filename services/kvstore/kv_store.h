@@ -31,8 +31,14 @@ struct KvStoreOptions {
   uint32_t max_lease_ms = 600000;     // longest lease granted
   bool sync_writes = false;           // fsync WAL per put (power-loss durability)
   bool enable_ucx = true;             // register the arena with UCX; false = gRPC byte path only
+  // A session marked closed (CloseSession) and not written since is deleted this long after
+  // its close; 0 = never.
+  uint64_t closed_session_ttl_s = 3600;
   uint64_t slab_bytes = 64ull << 20;  // RAM arena carving unit; larger records are not cached
 };
+
+// The page number of a session's close mark (KvStore::CloseSession).
+inline constexpr uint64_t kClosedMarkPage = ~uint64_t{0};
 
 struct PageRef {
   std::string session_id;
@@ -101,6 +107,11 @@ class KvStore {
   virtual absl::Status CommitPut(uint64_t lease_id) = 0;
   virtual absl::Status Release(uint64_t lease_id) = 0;
   virtual absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id) = 0;
+  // Marks a session closed: kept for a resume, and deleted closed_session_ttl_s after the
+  // close unless a page of it is written first (a resumed worker writes its state at once).
+  // The mark is a durable record (page kClosedMarkPage, its header's spec_hash the close
+  // time in unix seconds, 0 once reopened) that a restart re-arms. NOT_FOUND: unknown.
+  virtual absl::Status CloseSession(const std::string& session_id) = 0;
   // session = "" : no per-session rows; "*" : all sessions; else that session (NOT_FOUND if
   // unknown).
   virtual absl::StatusOr<KvStats> Stats(const std::string& session) = 0;

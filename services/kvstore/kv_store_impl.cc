@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cstring>
 #include <random>
 
@@ -77,6 +78,8 @@ absl::Status KvStoreImpl::Init() {
       FM_LOG_WARN("kvstore: skipping a malformed meta entry during recovery");
       return;
     }
+    if (page == kClosedMarkPage && h.spec_hash != 0)  // a closed session's TTL runs on
+      closed_[sid] = static_cast<int64_t>(h.spec_hash);
     SessionState& ss = sessions_[sid];
     uint64_t len = kPageHeaderBytes + h.payload_bytes;
     ss.bytes += len;
@@ -196,7 +199,64 @@ void KvStoreImpl::PublishLocked(RamCell* cell, const std::string& key, const std
 
 absl::Status KvStoreImpl::Put(const PageHeaderData& header, const uint8_t* payload, size_t len,
                               bool* in_ram) {
+  bool reopened = false;
+  FM_RETURN_IF_ERROR(PutRecord(header, payload, len, in_ram, &reopened));
+  // A write to a session marked closed (a resumed worker's) keeps it: the mark goes.
+  if (reopened) (void)WriteCloseMark(header.session_id, 0);
+  return absl::OkStatus();
+}
+
+absl::Status KvStoreImpl::WriteCloseMark(const std::string& sid, int64_t closed_at) {
+  const uint8_t payload[1] = {0};
+  PageHeaderData h;
+  h.session_id = sid;
+  h.page = kClosedMarkPage;
+  h.spec_hash = static_cast<uint64_t>(closed_at);
+  h.token_count = 1;
+  h.dtype = DType::kFp32;
+  h.payload_bytes = 1;
+  h.checksum = Checksum64(payload, 1);
+  bool in_ram, reopened;
+  return PutRecord(h, payload, 1, &in_ram, &reopened);
+}
+
+absl::Status KvStoreImpl::CloseSession(const std::string& sid) {
+  FM_RETURN_IF_ERROR(ValidateSessionId(sid));
+  {
+    absl::MutexLock lock(&mu_);
+    if (!sessions_.contains(sid))
+      return absl::NotFoundError(absl::StrCat("unknown session \"", sid, "\""));
+  }
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  return WriteCloseMark(sid, now);
+}
+
+void KvStoreImpl::ExpireClosedSessions() {
+  if (options_.closed_session_ttl_s == 0) return;
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  std::vector<std::string> due;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [sid, at] : closed_)
+      if (now - at >= static_cast<int64_t>(options_.closed_session_ttl_s)) due.push_back(sid);
+  }
+  for (const std::string& sid : due) {
+    absl::StatusOr<uint64_t> n = DeleteSession(sid);
+    if (n.ok())
+      FM_LOG_INFO("kvstore: deleted closed session \"%s\" (%llu pages) after its TTL of %llu s",
+                  sid.c_str(), static_cast<unsigned long long>(*n),
+                  static_cast<unsigned long long>(options_.closed_session_ttl_s));
+  }
+}
+
+absl::Status KvStoreImpl::PutRecord(const PageHeaderData& header, const uint8_t* payload,
+                                    size_t len, bool* in_ram, bool* reopened) {
   *in_ram = false;
+  *reopened = false;
   FM_RETURN_IF_ERROR(ValidateHeader(header));
   if (len != header.payload_bytes)
     return absl::InvalidArgumentError(
@@ -240,6 +300,14 @@ absl::Status KvStoreImpl::Put(const PageHeaderData& header, const uint8_t* paylo
       *in_ram = true;
     }
     ram_->Unpin(cell);
+  }
+  if (header.page == kClosedMarkPage) {
+    if (header.spec_hash != 0)
+      closed_[header.session_id] = static_cast<int64_t>(header.spec_hash);
+    else
+      closed_.erase(header.session_id);
+  } else {
+    *reopened = closed_.erase(header.session_id) > 0;
   }
   if (puts_metric_) {
     puts_metric_->Add();
@@ -498,11 +566,12 @@ void KvStoreImpl::ExpireLeases() {
 
 void KvStoreImpl::ReaperLoop() {
   std::unique_lock<std::mutex> lock(reaper_mu_);
-  while (!stop_) {
+  for (uint64_t round = 0; !stop_; ++round) {
     reaper_cv_.wait_for(lock, std::chrono::milliseconds(50));
     if (stop_) break;
     lock.unlock();
     ExpireLeases();
+    if (round % 20 == 0) ExpireClosedSessions();  // about once a second
     lock.lock();
   }
 }
@@ -527,6 +596,7 @@ absl::StatusOr<uint64_t> KvStoreImpl::DeleteSession(const std::string& sid) {
     n = it->second.pages.size();
     for (const auto& [page, info] : it->second.pages) ram_->Erase(EncodePageKey(sid, page));
     sessions_.erase(it);
+    closed_.erase(sid);
   }
   FM_RETURN_IF_ERROR(disk_->DeleteSession(sid));
   return n;

@@ -31,6 +31,7 @@ class KvStoreImpl final : public KvStore {
   absl::Status CommitPut(uint64_t lease_id) override;
   absl::Status Release(uint64_t lease_id) override;
   absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id) override;
+  absl::Status CloseSession(const std::string& session_id) override;
   absl::StatusOr<KvStats> Stats(const std::string& session) override;
   void TEST_ExpireLeases() override { ExpireLeases(); }
 
@@ -73,6 +74,12 @@ class KvStoreImpl final : public KvStore {
   uint32_t LeaseMs(uint32_t requested) const;
   void ExpireLeases();
   void ReaperLoop();
+  absl::Status PutRecord(const PageHeaderData& header, const uint8_t* payload, size_t len,
+                         bool* in_ram, bool* reopened);
+  // Deletes the sessions closed longer than closed_session_ttl_s ago.
+  void ExpireClosedSessions();
+  // Writes a session's close mark (close time, or 0 = open again).
+  absl::Status WriteCloseMark(const std::string& sid, int64_t closed_at);
   void RenderMetrics(std::string* out);
 
   const KvStoreOptions options_;
@@ -97,6 +104,8 @@ class KvStoreImpl final : public KvStore {
   absl::flat_hash_map<std::string, SessionState> sessions_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, LeaseState> leases_ ABSL_GUARDED_BY(mu_);
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
+  // Sessions marked closed: the close time (unix seconds).
+  absl::flat_hash_map<std::string, int64_t> closed_ ABSL_GUARDED_BY(mu_);
   uint64_t next_version_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t hits_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t misses_ ABSL_GUARDED_BY(mu_) = 0;

@@ -270,6 +270,47 @@ namespace {
 // Concurrent puts of the same pages (both data paths) racing session deletes: afterwards the
 // store's answers and what RocksDB recovers after a reopen agree page by page, so no slower
 // write landed after a newer one and no deleted page came back.
+// A closed session stays for a resume until its TTL, then goes; a write to it first (a
+// resumed worker's) keeps it; the mark is durable, so a restarted store deletes it too.
+TEST_F(KvStoreTest, ClosedSessionsGoAfterTheirTtlUnlessWrittenAgain) {
+  options_.closed_session_ttl_s = 1;
+  Open();
+  const std::string payload = RandomBytes(1000, 3);
+  for (const char* sid : {"a", "b"})
+    for (uint64_t p = 0; p < 3; ++p) ASSERT_THAT(PutPage(sid, p, payload), IsOk());
+  EXPECT_THAT(store_->CloseSession("nope"), StatusIs(Code::kNotFound));
+  ASSERT_THAT(store_->CloseSession("a"), IsOk());
+  ASSERT_THAT(store_->CloseSession("b"), IsOk());
+  EXPECT_THAT(ReadPayload("a", 1), IsOk());  // kept for a resume meanwhile
+  ASSERT_THAT(PutPage("b", 3, payload), IsOk());  // b is served again
+  bool gone = false;
+  for (int i = 0; i < 100 && !gone; ++i) {  // within 10 s
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    gone = absl::IsNotFound(store_->Stats("a").status());
+  }
+  EXPECT_TRUE(gone);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));  // past b's TTL too
+  auto b = store_->Stats("b");
+  ASSERT_THAT(b, IsOk());
+  EXPECT_EQ(b->sessions[0].pages, 5u);  // 4 pages and its (cleared) close mark
+  EXPECT_THAT(ReadPayload("b", 3), IsOk());
+
+  // Closed under a long TTL, then reopened with a short one: the durable mark re-arms.
+  store_.reset();
+  options_.closed_session_ttl_s = 3600;
+  Open();
+  ASSERT_THAT(store_->CloseSession("b"), IsOk());
+  store_.reset();
+  options_.closed_session_ttl_s = 1;
+  Open();
+  gone = false;
+  for (int i = 0; i < 100 && !gone; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    gone = absl::IsNotFound(store_->Stats("b").status());
+  }
+  EXPECT_TRUE(gone);
+}
+
 TEST_F(KvStoreTest, ConcurrentWritesAndDeletesAgreeWithTheDurableState) {
   options_.ram_bytes = 64 * kCell;
   options_.slab_bytes = 16 * kCell;

@@ -207,6 +207,12 @@ grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerCont
   return FinishUnary(ctx, n.status());
 }
 
+grpc::ServerUnaryReactor* KvStoreService::CloseSession(grpc::CallbackServerContext* ctx,
+                                                       const v1::KvCloseSessionRequest* req,
+                                                       v1::KvCloseSessionResponse*) {
+  return FinishUnary(ctx, store_->CloseSession(req->session_id()));
+}
+
 grpc::ServerUnaryReactor* KvStoreService::GetStats(grpc::CallbackServerContext* ctx,
                                                    const v1::GetStatsRequest* req,
                                                    v1::GetStatsResponse* resp) {

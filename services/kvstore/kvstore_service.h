@@ -45,6 +45,9 @@ class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
   grpc::ServerUnaryReactor* DeleteSession(grpc::CallbackServerContext* ctx,
                                           const flashmemory::v1::DeleteSessionRequest* req,
                                           flashmemory::v1::DeleteSessionResponse* resp) override;
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx,
+                                         const flashmemory::v1::KvCloseSessionRequest* req,
+                                         flashmemory::v1::KvCloseSessionResponse* resp) override;
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* ctx,
                                      const flashmemory::v1::GetStatsRequest* req,
                                      flashmemory::v1::GetStatsResponse* resp) override;
