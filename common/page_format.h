@@ -25,6 +25,9 @@ struct PageHeaderData {
   uint64_t payload_bytes = 0;
   uint64_t checksum = 0;  // Checksum64 of the payload
   DType dtype = DType::kBf16;
+  // Not part of the encoded header: the writer's ownership epoch of the session
+  // (KvStore::ClaimSession); a write below the session's epoch is refused. 0 = unfenced.
+  uint64_t epoch = 0;
 };
 
 // Session ids are 1..kMaxSessionIdBytes bytes of anything.

@@ -666,6 +666,75 @@ TEST_F(DecodeProcessTest, ClosedSessionsLeaveTheKvstoreAfterTheirTtl) {
   EXPECT_EQ(server->Stop(SIGTERM), 0);
 }
 
+// Two workers, one session: worker B resumes it while worker A still serves it (before,
+// both sealed and a later resume continued a history that differed from either). B's
+// claim fences A: A's next seal fails with ABORTED and every later call of it too, nothing
+// A writes after it lands, B gives the undisturbed outputs, and a later resume on A
+// continues B's history.
+TEST_F(DecodeProcessTest, ASessionHasOneOwnerAtATime) {
+  auto one = AllInOne("one");
+  ASSERT_NE(one, nullptr);
+  auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  ASSERT_THAT(ref, IsOk());
+  auto kv =
+      Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  const std::vector<std::string> args = {"--kvstore",  kv->target(),      "--indexer",
+                                         ix->target(), "--reserve_bytes", "64MiB"};
+  auto a = Start("fm-decode", args);
+  auto b = Start("fm-decode", args);
+  ASSERT_TRUE(a && b);
+  const ModelSpec& sp = g_->spec();
+  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  std::vector<float> out(ref->out.size());
+  replay::StepSource src(*g_, "r", 16);
+  // Runs whole steps [from, to); the code of the first that fails.
+  auto steps = [&](DecodeClient::Stream& stream, uint32_t from, uint32_t to) -> int {
+    for (uint32_t st = from; st < to; ++st) {
+      v1::DecodeBatch batch;
+      *batch.add_requests() = src.Request(st, 0, sp.layers);
+      auto r = stream.Run(batch);
+      if (!r.ok()) return int(Code::kInternal);
+      if (r->results(0).code() != 0) return r->results(0).code();
+      std::memcpy(out.data() + size_t{st} * sp.layers * qs, r->results(0).out().data(),
+                  sp.layers * qs * 4);
+    }
+    return 0;
+  };
+  auto ca = DecodeClient::Connect(a->target(), 10000).value();
+  auto cb = DecodeClient::Connect(b->target(), 10000).value();
+  ASSERT_THAT(OpenQuest(*ca, "r"), IsOk());
+  auto sa = ca->OpenStream();
+  ASSERT_EQ(steps(*sa, 0, 20), 0);
+  SessionOptions resume;
+  resume.resume = true;
+  ASSERT_THAT(cb->Open("r", resume), IsOk());  // A still holds it
+  auto st = cb->Stats("r");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->steps(), 0u);  // the state A saved when the prefill completed
+  // A goes on: its steps run on what it holds until the seal of step 31 meets the fence.
+  EXPECT_EQ(steps(*sa, 20, 64), int(Code::kAborted));
+  auto as = ca->Stats("r");
+  ASSERT_THAT(as, IsOk());
+  EXPECT_EQ(as->steps(), 31u);
+  EXPECT_EQ(steps(*sa, 31, 32), int(Code::kAborted));  // and every later call
+  EXPECT_THAT(ca->Close("r"), StatusIs(Code::kAborted, "moved to another worker"));
+  // B decodes the whole session from the saved state: the undisturbed outputs.
+  auto sb = cb->OpenStream();
+  ASSERT_EQ(steps(*sb, 0, 64), 0);
+  EXPECT_LT(MaxDiff(out, ref->out), 1e-6);
+  EXPECT_THAT(sb->Finish(), IsOk());
+  ASSERT_THAT(cb->Close("r"), IsOk());
+  // A later resume on A continues B's history.
+  ASSERT_THAT(ca->Open("r", resume), IsOk());
+  st = ca->Stats("r");
+  ASSERT_THAT(st, IsOk());
+  EXPECT_EQ(st->steps(), 64u);
+  EXPECT_EQ(st->tokens(), 4064u);
+  EXPECT_TRUE(a->Alive() && b->Alive());
+}
+
 TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
   auto server = AllInOne("one");
   ASSERT_NE(server, nullptr);

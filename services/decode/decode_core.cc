@@ -232,6 +232,10 @@ struct DecodeCore::Session {
   // whole, before it marks the session closed: a step never returns an error after it
   // changed the session (a launched prediction, an installed set).
   bool closing ABSL_GUARDED_BY(mu) = false;
+  // The session's ownership epoch in the kvstore (PageStore::ClaimSession), carried by
+  // every write; moved: a write was refused because another worker claimed it since.
+  uint64_t epoch = 0;
+  bool moved ABSL_GUARDED_BY(mu) = false;
 
   SessionStats stats ABSL_GUARDED_BY(mu);
 
@@ -254,8 +258,13 @@ struct DecodeCore::Session {
     while (busy || in_kernel) job_cv.Wait(&mu);
     if (closed || closing)
       return absl::NotFoundError(absl::StrCat("session \"", id, "\" is closed"));
+    if (moved) return MovedError();
     busy = true;
     return absl::OkStatus();
+  }
+  absl::Status MovedError() const {
+    return absl::AbortedError(absl::StrCat("session \"", id,
+                                           "\" moved to another worker (it resumed it there)"));
   }
   void Leave() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) {
     busy = false;
@@ -322,7 +331,7 @@ struct DecodeCore::Impl {
   // Admits, initialises and (with a saved state) restores a session whose id the caller
   // claimed, and publishes it.
   absl::Status Create(const std::string& id, const SessionOptions& o,
-                      const flashmemory::v1::DecodeSessionState* restore);
+                      const flashmemory::v1::DecodeSessionState* restore, uint64_t epoch);
   // Gives back a quiet session's cells and reservation.
   void Release(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
   // Close of a session taken out of `sessions`: saves (or drops) its history, writes its
@@ -759,7 +768,7 @@ struct DecodeCore::Impl {
       std::memcpy(o, s.bounds.data() + i * bf, bf * 4);
       const PageHeaderData h = MakePageHeader(s.id, kKeysPage + p, ModelSpecHash(sp),
                                               sp.page_tokens, DType::kFp32, rec.data(), rec.size());
-      if (absl::Status st = store->Put(h, rec.data()); !st.ok()) return st;
+      if (absl::Status st = Write(s, h, rec.data()); !st.ok()) return st;
       s.persisted_pages = p + 1;
     }
     return absl::OkStatus();
@@ -803,12 +812,27 @@ struct DecodeCore::Impl {
     return absl::OkStatus();
   }
 
+  // Writes a record of the session to the store under its ownership epoch; a store that
+  // another worker's claim of the session reached first refuses (ABORTED), and the session
+  // is then lost to this worker: every later call of it fails with ABORTED.
+  absl::Status Write(Session& s, PageHeaderData h, const uint8_t* payload)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    h.epoch = s.epoch;
+    absl::Status st = store->Put(h, payload);
+    if (absl::IsAborted(st) && !s.moved) {
+      s.moved = true;
+      FM_LOG_WARN("decode: session \"%s\" moved to another worker: %s", s.id.c_str(),
+                  st.ToString().c_str());
+    }
+    return st;
+  }
+
   // Writes a page (its cell's payload) to the store.
   absl::Status PutPage(Session& s, uint64_t page, const uint8_t* payload, uint32_t valid) {
     const ModelSpec& sp = s.opt.spec;
     const PageHeaderData h =
         MakePageHeader(s.id, page, ModelSpecHash(sp), valid, sp.dtype, payload, sp.PageBytes());
-    return store->Put(h, payload);
+    return Write(s, h, payload);
   }
 
   absl::Status RebuildPlan(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
@@ -1178,7 +1202,7 @@ absl::Status DecodeCore::Impl::SaveState(Session& s, bool to_indexer) {
   const std::string blob = st.SerializeAsString();
   const PageHeaderData h =
       MakePageHeader(s.id, kStatePage, ModelSpecHash(sp), 1, sp.dtype, blob.data(), blob.size());
-  return store->Put(h, reinterpret_cast<const uint8_t*>(blob.data()));
+  return Write(s, h, reinterpret_cast<const uint8_t*>(blob.data()));
 }
 
 absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
@@ -1409,7 +1433,14 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
 }
 
 absl::Status DecodeCore::OpenClaimed(const std::string& id, const SessionOptions& o) {
-  if (!o.resume) return impl_->Create(id, o, nullptr);
+  // The worker becomes the session's owner first: the writes of a worker that held it
+  // before are refused from here on, so the state read below is its last.
+  absl::StatusOr<uint64_t> epoch = impl_->store->ClaimSession(id);
+  if (!epoch.ok())
+    return absl::Status(epoch.status().code(), absl::StrCat("claiming session \"", id,
+                                                            "\" in the kvstore: ",
+                                                            epoch.status().message()));
+  if (!o.resume) return impl_->Create(id, o, nullptr, *epoch);
   // The state is read with the id claimed, so that a close of it on this worker has saved
   // its last state first.
   auto blob = impl_->store->ReadPayload(id, kStatePage);
@@ -1433,11 +1464,12 @@ absl::Status DecodeCore::OpenClaimed(const std::string& id, const SessionOptions
   so.level2_topk = st.level2_topk();
   so.miss_ratio = st.miss_ratio();
   so.max_tokens = st.max_tokens();
-  return impl_->Create(id, so, &st);
+  return impl_->Create(id, so, &st, *epoch);
 }
 
 absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOptions& o,
-                                      const flashmemory::v1::DecodeSessionState* restore) {
+                                      const flashmemory::v1::DecodeSessionState* restore,
+                                      uint64_t epoch) {
   if (absl::Status st = o.spec.Validate(); !st.ok()) return st;
   const ModelSpec& sp = o.spec;
   if (sp.index_layers == 0 || sp.index_dim == 0)
@@ -1515,6 +1547,7 @@ absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOption
                                   : AutoSwitchLag(sp, predict_budget);
   auto s = std::make_shared<Session>();
   s->id = id;
+  s->epoch = epoch;
   s->opt = o;
   s->shape = ShapeOf(sp);
   s->reserved = cells;
@@ -1955,8 +1988,12 @@ absl::Status DecodeCore::Impl::CloseSession(Session& s, bool drop_history, bool 
   absl::Status st = absl::OkStatus();
   const uint32_t P = s.opt.spec.page_tokens;
   const std::string& id = s.id;
+  if (s.moved) {  // another worker owns it: nothing of it is this worker's to save or drop
+    Release(s);
+    return s.MovedError();
+  }
   if (drop_history) {
-    st = store->DeleteSession(id);
+    st = store->DeleteSession(id, s.epoch);
     if (absl::IsNotFound(st)) st = absl::OkStatus();
     if (s.registered) st.Update(predictor->Drop(id));
   } else if (save) {
@@ -1977,7 +2014,7 @@ absl::Status DecodeCore::Impl::CloseSession(Session& s, bool drop_history, bool 
     }
     // The kvstore keeps it for a resume until its closed-session TTL.
     if (st.ok())
-      if (absl::Status c = store->CloseSession(id); !c.ok())
+      if (absl::Status c = store->CloseSession(id, s.epoch); !c.ok())
         FM_LOG_WARN("decode: the kvstore did not mark session \"%s\" closed: %s", id.c_str(),
                     c.ToString().c_str());
   }
@@ -2075,11 +2112,14 @@ class LocalStore : public PageStore {
     if (!st.ok()) return st;
     return out;
   }
-  absl::Status CloseSession(const std::string& session) override {
-    return s_->CloseSession(session);
+  absl::Status CloseSession(const std::string& session, uint64_t epoch) override {
+    return s_->CloseSession(session, epoch);
   }
-  absl::Status DeleteSession(const std::string& session) override {
-    return s_->DeleteSession(session).status();
+  absl::StatusOr<uint64_t> ClaimSession(const std::string& session) override {
+    return s_->ClaimSession(session);
+  }
+  absl::Status DeleteSession(const std::string& session, uint64_t epoch) override {
+    return s_->DeleteSession(session, epoch).status();
   }
 
  private:

@@ -69,10 +69,17 @@ class PageStore {
                             size_t payload_bytes, const std::vector<uint8_t*>& dst) = 0;
   // The payload of one page (any length): the session's saved decode state.
   virtual absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) = 0;
-  virtual absl::Status DeleteSession(const std::string& session) = 0;
+  // epoch: the worker's ownership epoch of the session (ClaimSession; Put carries it in
+  // the header): a store whose session another worker claimed since refuses with ABORTED.
+  virtual absl::Status DeleteSession(const std::string& session, uint64_t epoch) = 0;
   // Marks the session closed: the store deletes it after its TTL unless a worker writes to
   // it first (a resume does at once).
-  virtual absl::Status CloseSession(const std::string& session) { return absl::OkStatus(); }
+  virtual absl::Status CloseSession(const std::string& session, uint64_t epoch) {
+    return absl::OkStatus();
+  }
+  // Makes this worker the session's owner (a fencing epoch kept with its pages); 0: the
+  // store does not fence.
+  virtual absl::StatusOr<uint64_t> ClaimSession(const std::string& session) { return 0; }
   // Memory for the worker's reserve, registered with the store's transport so that Read
   // lands pages in their cells in place (null: the worker allocates its own). Called at most
   // once; the store owns the memory and outlives the worker.

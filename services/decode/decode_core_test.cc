@@ -374,8 +374,14 @@ class SlowStore : public PageStore {
   absl::StatusOr<std::string> ReadPayload(const std::string& session, uint64_t page) override {
     return in_->ReadPayload(session, page);
   }
-  absl::Status DeleteSession(const std::string& session) override {
-    return in_->DeleteSession(session);
+  absl::Status DeleteSession(const std::string& session, uint64_t epoch) override {
+    return in_->DeleteSession(session, epoch);
+  }
+  absl::Status CloseSession(const std::string& session, uint64_t epoch) override {
+    return in_->CloseSession(session, epoch);
+  }
+  absl::StatusOr<uint64_t> ClaimSession(const std::string& session) override {
+    return in_->ClaimSession(session);
   }
 
  private:

@@ -55,11 +55,14 @@ class RemoteStore : public PageStore {
     if (!recs.ok()) return recs.status();
     return std::move((*recs)[0].payload);
   }
-  absl::Status CloseSession(const std::string& session) override {
-    return kv_->CloseSession(session);
+  absl::Status CloseSession(const std::string& session, uint64_t epoch) override {
+    return kv_->CloseSession(session, epoch);
   }
-  absl::Status DeleteSession(const std::string& session) override {
-    return kv_->DeleteSession(session).status();
+  absl::StatusOr<uint64_t> ClaimSession(const std::string& session) override {
+    return kv_->ClaimSession(session);
+  }
+  absl::Status DeleteSession(const std::string& session, uint64_t epoch) override {
+    return kv_->DeleteSession(session, epoch).status();
   }
   uint8_t* AllocateReserve(size_t bytes) override {
     if (!kv_->engine() || region_) return nullptr;

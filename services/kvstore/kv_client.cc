@@ -136,6 +136,7 @@ std::unique_ptr<grpc::ClientContext> KvClient::Context() const {
 absl::Status KvClient::Put(const PageHeaderData& header, const void* payload, bool* in_ram) {
   v1::PutPageRequest req;
   HeaderToProto(header, req.mutable_header());
+  req.set_epoch(header.epoch);
   req.set_payload(payload, header.payload_bytes);
   v1::PutPageResponse resp;
   auto ctx = Context();
@@ -287,6 +288,7 @@ absl::Status KvClient::PutUcx(const PageHeaderData& header, const void* payload)
     return absl::ResourceExhaustedError("page larger than the staging buffer");
   v1::GrantPutRequest req;
   HeaderToProto(header, req.mutable_header());
+  req.set_epoch(header.epoch);
   req.set_lease_ms(options_.lease_ms);
   v1::GrantPutResponse resp;
   {
@@ -383,18 +385,31 @@ absl::Status KvClient::Release(uint64_t lease_id) {
   return FromGrpcStatus(stub_->Release(ctx.get(), req, &resp));
 }
 
-absl::StatusOr<uint64_t> KvClient::DeleteSession(const std::string& session_id) {
+absl::StatusOr<uint64_t> KvClient::DeleteSession(const std::string& session_id, uint64_t epoch) {
   v1::DeleteSessionRequest req;
   req.set_session_id(session_id);
+  req.set_epoch(epoch);
   v1::DeleteSessionResponse resp;
   auto ctx = Context();
   FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->DeleteSession(ctx.get(), req, &resp)));
   return resp.pages_deleted();
 }
 
-absl::Status KvClient::CloseSession(const std::string& session_id) {
+absl::StatusOr<uint64_t> KvClient::ClaimSession(const std::string& session_id,
+                                                uint64_t min_epoch) {
+  v1::ClaimSessionRequest req;
+  req.set_session_id(session_id);
+  req.set_min_epoch(min_epoch);
+  v1::ClaimSessionResponse resp;
+  auto ctx = Context();
+  FM_RETURN_IF_ERROR(FromGrpcStatus(stub_->ClaimSession(ctx.get(), req, &resp)));
+  return resp.epoch();
+}
+
+absl::Status KvClient::CloseSession(const std::string& session_id, uint64_t epoch) {
   v1::KvCloseSessionRequest req;
   req.set_session_id(session_id);
+  req.set_epoch(epoch);
   v1::KvCloseSessionResponse resp;
   auto ctx = Context();
   return FromGrpcStatus(stub_->CloseSession(ctx.get(), req, &resp));
@@ -499,11 +514,12 @@ absl::Status ShardedKvClient::ReadInto(const std::vector<PageRef>& keys, const U
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> ShardedKvClient::DeleteSession(const std::string& session_id) {
+absl::StatusOr<uint64_t> ShardedKvClient::DeleteSession(const std::string& session_id,
+                                                       uint64_t epoch) {
   uint64_t total = 0;
   bool found = false;
   for (auto& c : clients_) {
-    absl::StatusOr<uint64_t> n = c->DeleteSession(session_id);
+    absl::StatusOr<uint64_t> n = c->DeleteSession(session_id, epoch);
     if (n.ok()) {
       found = true;
       total += *n;
@@ -515,10 +531,34 @@ absl::StatusOr<uint64_t> ShardedKvClient::DeleteSession(const std::string& sessi
   return total;
 }
 
-absl::Status ShardedKvClient::CloseSession(const std::string& session_id) {
+absl::StatusOr<uint64_t> ShardedKvClient::ClaimSession(const std::string& session_id) {
+  // Each replica's epoch becomes max(its own + 1, e). The first pass raises each by one; the
+  // highest answer is the claim, and the replicas below it are raised to it. A replica that
+  // answers above (a claim elsewhere got ahead there) raises the target again.
+  std::vector<uint64_t> at(clients_.size(), 0);
+  uint64_t e = 0;
+  for (size_t i = 0; i < clients_.size(); ++i) {
+    FM_ASSIGN_OR_RETURN(at[i], clients_[i]->ClaimSession(session_id, 0));
+    e = std::max(e, at[i]);
+  }
+  for (int round = 0; round < 8; ++round) {
+    bool agreed = true;
+    for (size_t i = 0; i < clients_.size(); ++i) {
+      if (at[i] >= e) continue;
+      FM_ASSIGN_OR_RETURN(at[i], clients_[i]->ClaimSession(session_id, e));
+      if (at[i] > e) e = at[i];
+    }
+    for (uint64_t v : at) agreed = agreed && v == e;
+    if (agreed) return e;
+  }
+  return absl::AbortedError(absl::StrCat("session \"", session_id,
+                                         "\" is being claimed by another worker; retry"));
+}
+
+absl::Status ShardedKvClient::CloseSession(const std::string& session_id, uint64_t epoch) {
   bool found = false;
   for (auto& c : clients_) {
-    absl::Status st = c->CloseSession(session_id);
+    absl::Status st = c->CloseSession(session_id, epoch);
     if (st.ok()) {
       found = true;
     } else if (!absl::IsNotFound(st)) {

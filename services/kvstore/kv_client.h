@@ -97,8 +97,11 @@ class KvClient {
   absl::StatusOr<flashmemory::v1::PrefetchResponse> Prefetch(const std::vector<PageRef>& keys,
                                                              uint32_t lease_ms = 0);
   absl::Status Release(uint64_t lease_id);
-  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
-  absl::Status CloseSession(const std::string& session_id);
+  // epoch: the caller's ownership epoch (KvStore::ClaimSession); 0 = unfenced. Put and
+  // PutUcx send header.epoch.
+  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id, uint64_t epoch = 0);
+  absl::Status CloseSession(const std::string& session_id, uint64_t epoch = 0);
+  absl::StatusOr<uint64_t> ClaimSession(const std::string& session_id, uint64_t min_epoch = 0);
   absl::StatusOr<flashmemory::v1::GetStatsResponse> Stats(const std::string& session = "");
 
  private:
@@ -154,10 +157,12 @@ class ShardedKvClient {
                         const std::vector<uint64_t>& offsets, uint64_t room,
                         std::vector<PageHeaderData>* headers = nullptr);
   // Deletes the session on every replica; NOT_FOUND only if no replica knew it.
-  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id);
+  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id, uint64_t epoch = 0);
   // Marks it closed on every replica that holds it (KvStore::CloseSession); NOT_FOUND only
   // if none did.
-  absl::Status CloseSession(const std::string& session_id);
+  absl::Status CloseSession(const std::string& session_id, uint64_t epoch = 0);
+  // Claims the session on every replica, at one epoch (the highest any replica needs).
+  absl::StatusOr<uint64_t> ClaimSession(const std::string& session_id);
 
  private:
   // Indices of keys per replica that holds them.

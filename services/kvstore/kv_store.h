@@ -39,6 +39,8 @@ struct KvStoreOptions {
 
 // The page number of a session's close mark (KvStore::CloseSession).
 inline constexpr uint64_t kClosedMarkPage = ~uint64_t{0};
+// The page number of a session's ownership epoch record (KvStore::ClaimSession).
+inline constexpr uint64_t kEpochPage = ~uint64_t{0} - 1;
 
 struct PageRef {
   std::string session_id;
@@ -106,12 +108,21 @@ class KvStore {
   // durable and visible. The lease ends either way.
   virtual absl::Status CommitPut(uint64_t lease_id) = 0;
   virtual absl::Status Release(uint64_t lease_id) = 0;
-  virtual absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id) = 0;
+  // epoch (DeleteSession, CloseSession, and PageHeaderData::epoch of a Put or GrantPut): the
+  // caller's ownership epoch of the session; below the session's, ABORTED ("session moved
+  // to another worker") and nothing changes. 0 = unfenced (tools, tests).
+  virtual absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id,
+                                                 uint64_t epoch = 0) = 0;
+  // Makes the caller the session's owner: its epoch becomes max(epoch + 1, min_epoch),
+  // durably (page kEpochPage, its header's spec_hash the epoch), and every later write of a
+  // lower epoch is refused. A decode worker claims a session when it opens or resumes it.
+  virtual absl::StatusOr<uint64_t> ClaimSession(const std::string& session_id,
+                                                uint64_t min_epoch = 0) = 0;
   // Marks a session closed: kept for a resume, and deleted closed_session_ttl_s after the
   // close unless a page of it is written first (a resumed worker writes its state at once).
   // The mark is a durable record (page kClosedMarkPage, its header's spec_hash the close
   // time in unix seconds, 0 once reopened) that a restart re-arms. NOT_FOUND: unknown.
-  virtual absl::Status CloseSession(const std::string& session_id) = 0;
+  virtual absl::Status CloseSession(const std::string& session_id, uint64_t epoch = 0) = 0;
   // session = "" : no per-session rows; "*" : all sessions; else that session (NOT_FOUND if
   // unknown).
   virtual absl::StatusOr<KvStats> Stats(const std::string& session) = 0;

@@ -81,6 +81,7 @@ absl::Status KvStoreImpl::Init() {
     if (page == kClosedMarkPage && h.spec_hash != 0)  // a closed session's TTL runs on
       closed_[sid] = static_cast<int64_t>(h.spec_hash);
     SessionState& ss = sessions_[sid];
+    if (page == kEpochPage) ss.epoch = std::max(ss.epoch, h.spec_hash);
     uint64_t len = kPageHeaderBytes + h.payload_bytes;
     ss.bytes += len;
     ss.pages[page] = PageInfo{len, next_version_++};
@@ -140,7 +141,17 @@ absl::Status KvStoreImpl::CheckLimitLocked(const PageHeaderData& h) const {
   return absl::OkStatus();
 }
 
+absl::Status KvStoreImpl::FenceLocked(const std::string& sid, uint64_t epoch) {
+  if (epoch == 0) return absl::OkStatus();
+  auto it = sessions_.find(sid);
+  if (it == sessions_.end() || epoch >= it->second.epoch) return absl::OkStatus();
+  return absl::AbortedError(absl::StrCat("session \"", sid,
+                                         "\" moved to another worker: a write of epoch ", epoch,
+                                         ", its owner holds epoch ", it->second.epoch));
+}
+
 absl::Status KvStoreImpl::ReserveLocked(const PageHeaderData& h, bool* had_old, PageInfo* old) {
+  FM_RETURN_IF_ERROR(FenceLocked(h.session_id, h.epoch));
   FM_RETURN_IF_ERROR(CheckLimitLocked(h));
   SessionState& ss = sessions_[h.session_id];
   uint64_t len = kPageHeaderBytes + h.payload_bytes;
@@ -220,12 +231,36 @@ absl::Status KvStoreImpl::WriteCloseMark(const std::string& sid, int64_t closed_
   return PutRecord(h, payload, 1, &in_ram, &reopened);
 }
 
-absl::Status KvStoreImpl::CloseSession(const std::string& sid) {
+absl::StatusOr<uint64_t> KvStoreImpl::ClaimSession(const std::string& sid, uint64_t min_epoch) {
+  FM_RETURN_IF_ERROR(ValidateSessionId(sid));
+  uint64_t e;
+  {
+    absl::MutexLock lock(&mu_);
+    SessionState& ss = sessions_[sid];
+    e = std::max(ss.epoch + 1, min_epoch);
+    ss.epoch = e;  // fences at once; the record makes it durable
+  }
+  const uint8_t payload[1] = {0};
+  PageHeaderData h;
+  h.session_id = sid;
+  h.page = kEpochPage;
+  h.spec_hash = e;
+  h.token_count = 1;
+  h.dtype = DType::kFp32;
+  h.payload_bytes = 1;
+  h.checksum = Checksum64(payload, 1);
+  bool in_ram;
+  FM_RETURN_IF_ERROR(Put(h, payload, 1, &in_ram));
+  return e;
+}
+
+absl::Status KvStoreImpl::CloseSession(const std::string& sid, uint64_t epoch) {
   FM_RETURN_IF_ERROR(ValidateSessionId(sid));
   {
     absl::MutexLock lock(&mu_);
     if (!sessions_.contains(sid))
       return absl::NotFoundError(absl::StrCat("unknown session \"", sid, "\""));
+    FM_RETURN_IF_ERROR(FenceLocked(sid, epoch));
   }
   const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
                           std::chrono::system_clock::now().time_since_epoch())
@@ -300,6 +335,10 @@ absl::Status KvStoreImpl::PutRecord(const PageHeaderData& header, const uint8_t*
       *in_ram = true;
     }
     ram_->Unpin(cell);
+  }
+  if (header.page == kEpochPage) {
+    if (auto it = sessions_.find(header.session_id); it != sessions_.end())
+      it->second.epoch = std::max(it->second.epoch, header.spec_hash);
   }
   if (header.page == kClosedMarkPage) {
     if (header.spec_hash != 0)
@@ -467,8 +506,10 @@ absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32
   if (c == nullptr)
     return absl::ResourceExhaustedError(
         "RAM tier is full of pinned pages; use PutPage or release leases");
-  // The session's accounting changes only at CommitPut; here the limit is checked early.
-  absl::Status s = CheckLimitLocked(header);
+  // The session's accounting changes only at CommitPut; here the limit and the owner's
+  // epoch are checked early (and again at the commit).
+  absl::Status s = FenceLocked(header.session_id, header.epoch);
+  if (s.ok()) s = CheckLimitLocked(header);
   if (!s.ok()) {
     ram_->Unpin(c);
     return s;
@@ -576,7 +617,7 @@ void KvStoreImpl::ReaperLoop() {
   }
 }
 
-absl::StatusOr<uint64_t> KvStoreImpl::DeleteSession(const std::string& sid) {
+absl::StatusOr<uint64_t> KvStoreImpl::DeleteSession(const std::string& sid, uint64_t epoch) {
   FM_RETURN_IF_ERROR(ValidateSessionId(sid));
   // Every stripe, in index order: no write of this session is between its reservation and
   // its publication while the pages go, so none lands after the range delete.
@@ -593,6 +634,7 @@ absl::StatusOr<uint64_t> KvStoreImpl::DeleteSession(const std::string& sid) {
     auto it = sessions_.find(sid);
     if (it == sessions_.end())
       return absl::NotFoundError(absl::StrCat("unknown session \"", sid, "\""));
+    FM_RETURN_IF_ERROR(FenceLocked(sid, epoch));
     n = it->second.pages.size();
     for (const auto& [page, info] : it->second.pages) ram_->Erase(EncodePageKey(sid, page));
     sessions_.erase(it);

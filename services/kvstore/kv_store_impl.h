@@ -30,8 +30,11 @@ class KvStoreImpl final : public KvStore {
   absl::StatusOr<Lease> GrantPut(const PageHeaderData& header, uint32_t lease_ms) override;
   absl::Status CommitPut(uint64_t lease_id) override;
   absl::Status Release(uint64_t lease_id) override;
-  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id) override;
-  absl::Status CloseSession(const std::string& session_id) override;
+  absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id,
+                                         uint64_t epoch = 0) override;
+  absl::StatusOr<uint64_t> ClaimSession(const std::string& session_id,
+                                        uint64_t min_epoch = 0) override;
+  absl::Status CloseSession(const std::string& session_id, uint64_t epoch = 0) override;
   absl::StatusOr<KvStats> Stats(const std::string& session) override;
   void TEST_ExpireLeases() override { ExpireLeases(); }
 
@@ -44,7 +47,11 @@ class KvStoreImpl final : public KvStore {
     uint64_t bytes = 0;
     absl::flat_hash_map<uint64_t, PageInfo> pages;
     uint64_t ram_pages = 0, hits = 0, misses = 0;
+    uint64_t epoch = 0;  // the owner's (ClaimSession)
   };
+  // ABORTED when `epoch` (non-zero) is below the session's owner epoch.
+  absl::Status FenceLocked(const std::string& sid, uint64_t epoch)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   struct LeaseState {
     std::vector<RamCell*> cells;
     std::chrono::steady_clock::time_point deadline;

@@ -311,6 +311,50 @@ TEST_F(KvStoreTest, ClosedSessionsGoAfterTheirTtlUnlessWrittenAgain) {
   EXPECT_TRUE(gone);
 }
 
+// A claim makes the caller the session's owner: writes of an older epoch are refused with
+// ABORTED and change nothing; unfenced writes (epoch 0) and the owner's go on; the epoch
+// survives a restart.
+TEST_F(KvStoreTest, ClaimsFenceWritesOfEarlierOwners) {
+  Open();
+  const std::string p1 = RandomBytes(1000, 1), p2 = RandomBytes(1000, 2);
+  auto put = [&](uint64_t page, const std::string& payload, uint64_t epoch) {
+    bool r;
+    auto h = MakePageHeader("s", page, 99, 64, DType::kBf16, payload.data(), payload.size());
+    h.epoch = epoch;
+    return store_->Put(h, reinterpret_cast<const uint8_t*>(payload.data()), payload.size(), &r);
+  };
+  auto a = store_->ClaimSession("s");
+  ASSERT_THAT(a, IsOk());
+  EXPECT_EQ(*a, 1u);
+  ASSERT_THAT(put(0, p1, *a), IsOk());
+  auto b = store_->ClaimSession("s");  // another worker resumes it
+  ASSERT_THAT(b, IsOk());
+  EXPECT_EQ(*b, 2u);
+  EXPECT_THAT(put(0, p2, *a), StatusIs(Code::kAborted, "moved to another worker"));
+  EXPECT_THAT(put(1, p2, *a), StatusIs(Code::kAborted));
+  EXPECT_EQ(*ReadPayload("s", 0), p1);  // nothing of the old owner's landed
+  EXPECT_THAT(ReadPayload("s", 1), StatusIs(Code::kNotFound));
+  auto grant = [&](uint64_t epoch) {
+    auto h = MakePageHeader("s", 5, 99, 64, DType::kBf16, p2.data(), p2.size());
+    h.epoch = epoch;
+    return store_->GrantPut(h, 0);
+  };
+  EXPECT_THAT(grant(*a).status(), StatusIs(Code::kAborted));
+  EXPECT_THAT(store_->CloseSession("s", *a), StatusIs(Code::kAborted));
+  EXPECT_THAT(store_->DeleteSession("s", *a).status(), StatusIs(Code::kAborted));
+  ASSERT_THAT(put(0, p2, *b), IsOk());
+  ASSERT_THAT(put(1, p2, 0), IsOk());  // unfenced
+  EXPECT_EQ(*ReadPayload("s", 0), p2);
+  EXPECT_THAT(store_->ClaimSession("s", 7), IsOk());  // max(2 + 1, 7)
+  store_.reset();
+  Open();
+  auto c = store_->ClaimSession("s");
+  ASSERT_THAT(c, IsOk());
+  EXPECT_EQ(*c, 8u);  // the epoch record survived the restart
+  EXPECT_THAT(put(0, p1, 7), StatusIs(Code::kAborted));
+  EXPECT_THAT(store_->DeleteSession("s", *c), IsOk());
+}
+
 TEST_F(KvStoreTest, ConcurrentWritesAndDeletesAgreeWithTheDurableState) {
   options_.ram_bytes = 64 * kCell;
   options_.slab_bytes = 16 * kCell;

@@ -77,7 +77,9 @@ grpc::ServerUnaryReactor* KvStoreService::PutPage(grpc::CallbackServerContext* c
                                                   v1::PutPageResponse* resp) {
   if (!req->has_header()) return FinishUnary(ctx, absl::InvalidArgumentError("header is missing"));
   bool in_ram = false;
-  absl::Status s = store_->Put(HeaderFromProto(req->header()),
+  PageHeaderData h = HeaderFromProto(req->header());
+  h.epoch = req->epoch();
+  absl::Status s = store_->Put(h,
                                reinterpret_cast<const uint8_t*>(req->payload().data()),
                                req->payload().size(), &in_ram);
   resp->set_in_ram(in_ram);
@@ -168,7 +170,9 @@ grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* 
                                                    const v1::GrantPutRequest* req,
                                                    v1::GrantPutResponse* resp) {
   if (!req->has_header()) return FinishUnary(ctx, absl::InvalidArgumentError("header is missing"));
-  absl::StatusOr<Lease> lease = store_->GrantPut(HeaderFromProto(req->header()), req->lease_ms());
+  PageHeaderData h = HeaderFromProto(req->header());
+  h.epoch = req->epoch();
+  absl::StatusOr<Lease> lease = store_->GrantPut(h, req->lease_ms());
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   LocationToProto(lease->locations[0], resp->mutable_location());
@@ -202,7 +206,7 @@ grpc::ServerUnaryReactor* KvStoreService::Release(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerContext* ctx,
                                                         const v1::DeleteSessionRequest* req,
                                                         v1::DeleteSessionResponse* resp) {
-  absl::StatusOr<uint64_t> n = store_->DeleteSession(req->session_id());
+  absl::StatusOr<uint64_t> n = store_->DeleteSession(req->session_id(), req->epoch());
   if (n.ok()) resp->set_pages_deleted(*n);
   return FinishUnary(ctx, n.status());
 }
@@ -210,7 +214,15 @@ grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* KvStoreService::CloseSession(grpc::CallbackServerContext* ctx,
                                                        const v1::KvCloseSessionRequest* req,
                                                        v1::KvCloseSessionResponse*) {
-  return FinishUnary(ctx, store_->CloseSession(req->session_id()));
+  return FinishUnary(ctx, store_->CloseSession(req->session_id(), req->epoch()));
+}
+
+grpc::ServerUnaryReactor* KvStoreService::ClaimSession(grpc::CallbackServerContext* ctx,
+                                                       const v1::ClaimSessionRequest* req,
+                                                       v1::ClaimSessionResponse* resp) {
+  absl::StatusOr<uint64_t> e = store_->ClaimSession(req->session_id(), req->min_epoch());
+  if (e.ok()) resp->set_epoch(*e);
+  return FinishUnary(ctx, e.status());
 }
 
 grpc::ServerUnaryReactor* KvStoreService::GetStats(grpc::CallbackServerContext* ctx,

@@ -48,6 +48,9 @@ class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
   grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx,
                                          const flashmemory::v1::KvCloseSessionRequest* req,
                                          flashmemory::v1::KvCloseSessionResponse* resp) override;
+  grpc::ServerUnaryReactor* ClaimSession(grpc::CallbackServerContext* ctx,
+                                         const flashmemory::v1::ClaimSessionRequest* req,
+                                         flashmemory::v1::ClaimSessionResponse* resp) override;
   grpc::ServerUnaryReactor* GetStats(grpc::CallbackServerContext* ctx,
                                      const flashmemory::v1::GetStatsRequest* req,
                                      flashmemory::v1::GetStatsResponse* resp) override;
