@@ -12,6 +12,12 @@
 
 namespace fm {
 
+absl::StatusOr<std::unique_ptr<Authenticator>> MakeAuthenticator(const ServerOptions& o) {
+  AuthOptions a = o.auth;
+  a.mtls = o.tls.server_tls() && !o.tls.ca.empty();
+  return Authenticator::Create(a);
+}
+
 GrpcServerRunner::GrpcServerRunner(ServerOptions options, MetricsRegistry* metrics)
     : options_(std::move(options)), metrics_(metrics) {}
 
@@ -29,8 +35,17 @@ absl::Status GrpcServerRunner::Start() {
   // share the port's connections with the first (acknowledged writes would be split
   // between two processes).
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
-  builder.AddListeningPort(absl::StrCat(options_.host, ":", options_.port),
-                           grpc::InsecureServerCredentials(), &port_);
+  auto creds = MakeServerCredentials(options_.tls);
+  if (!creds.ok()) return creds.status();
+  if (!options_.tls.server_tls() && !IsLoopbackHost(options_.host)) {
+    if (!options_.insecure)
+      return absl::FailedPreconditionError(absl::StrCat(
+          "listening on ", options_.host,
+          " (not loopback) without TLS: give --tls_cert and --tls_key, or --insecure"));
+    FM_LOG_WARN("serving %s WITHOUT TLS (--insecure): anyone who reaches it can call it",
+                options_.host.c_str());
+  }
+  builder.AddListeningPort(absl::StrCat(options_.host, ":", options_.port), *creds, &port_);
   builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
   builder.SetMaxSendMessageSize(options_.max_message_bytes);
   for (auto& [svc, name] : services_) builder.RegisterService(svc);

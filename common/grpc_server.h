@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "common/metrics.h"
+#include "common/security.h"
 #include "common/status.h"
 
 namespace fm {
@@ -24,13 +25,21 @@ inline grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx,
 }
 
 struct ServerOptions {
-  std::string host = "0.0.0.0";      // listen address; "127.0.0.1" for loopback only
+  // Listen address. Loopback by default; a non-loopback address needs TLS (tls) or an
+  // explicit insecure.
+  std::string host = "127.0.0.1";
   int port = 50051;                  // gRPC port; 0 = any free port (see ready_file)
   int max_message_bytes = 64 << 20;  // max gRPC message size, both directions
   int metrics_port = -1;             // Prometheus /metrics HTTP port; -1 = off, 0 = any free
   std::string ready_file;  // written once serving: "<grpc port>\n<metrics port>\n"; empty = none
   int shutdown_grace_ms = 10000;  // drain deadline for in-flight calls on shutdown
+  TlsOptions tls;          // the server's certificate (and the CA its clients must come from)
+  bool insecure = false;   // serve a non-loopback address without TLS
+  AuthOptions auth;        // tokens file and service names (common/security.h)
 };
+
+// The authenticator a server's services check callers with (mTLS when the server has a CA).
+absl::StatusOr<std::unique_ptr<Authenticator>> MakeAuthenticator(const ServerOptions& o);
 
 class GrpcServerRunner {
  public:

@@ -55,7 +55,9 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::s
   p->ready_file_ = MakeTempDir("fm_ready") + "/ready";
   // --port 0 (the server picks) unless the caller names a port (a restart on the same one).
   const bool has_port = std::find(args.begin(), args.end(), "--port") != args.end();
-  args.insert(args.begin(), {path, "--host", "127.0.0.1", "--ready_file", p->ready_file_});
+  const bool has_host = std::find(args.begin(), args.end(), "--host") != args.end();
+  args.insert(args.begin(), {path, "--ready_file", p->ready_file_});
+  if (!has_host) args.insert(args.begin() + 1, {"--host", "127.0.0.1"});
   if (!has_port) args.insert(args.begin() + 1, {"--port", "0"});
   pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");

@@ -22,8 +22,8 @@ std::string MakeTempDir(const std::string& prefix);
 
 class ServerProcess {
  public:
-  // Runs `binary` (a name in BinDir() or a path) with args plus --host 127.0.0.1 --port 0
-  // (unless args name a port) --ready_file; waits until it is serving or timeout_ms passes.
+  // Runs `binary` (a name in BinDir() or a path) with args plus --host 127.0.0.1 and
+  // --port 0 (unless args name them) and --ready_file; waits until it is serving or timeout_ms passes.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(const std::string& binary,
                                                               std::vector<std::string> args,
                                                               int timeout_ms = 30000);

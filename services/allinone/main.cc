@@ -55,14 +55,19 @@ int main(int argc, char** argv) {
     FM_LOG_ERROR("flashmemory: %s", core.status().ToString().c_str());
     return 1;
   }
-  fm::KvStoreService kv_service(store->get(), kv.max_keys_per_call);
-  fm::indexer::IndexerService ix_service(core->get());
+  auto auth = fm::MakeAuthenticator(server);
+  if (!auth.ok()) {
+    FM_LOG_ERROR("%s: %s", "flashmemory", auth.status().ToString().c_str());
+    return 1;
+  }
+  fm::KvStoreService kv_service(store->get(), kv.max_keys_per_call, auth->get());
+  fm::indexer::IndexerService ix_service(core->get(), auth->get());
   fm::indexer::AddIndexerMetrics(core->get(), &metrics);
   // The decode worker reads and writes pages and asks for predictions in process.
   auto page_store = fm::decode::LocalPageStore(store->get());
   auto predictor = fm::decode::LocalPredictor(core->get());
   fm::decode::DecodeCore decode_core(decode, page_store.get(), predictor.get());
-  fm::decode::DecodeService decode_service(&decode_core);
+  fm::decode::DecodeService decode_service(&decode_core, auth->get());
   fm::decode::AddDecodeMetrics(&decode_core, &metrics);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&decode_service, "flashmemory.v1.Decode");

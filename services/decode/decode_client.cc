@@ -10,13 +10,16 @@
 namespace fm::decode {
 namespace v1 = flashmemory::v1;
 
-absl::StatusOr<std::unique_ptr<DecodeClient>> DecodeClient::Connect(const std::string& target,
-                                                                    int deadline_ms) {
+absl::StatusOr<std::unique_ptr<DecodeClient>> DecodeClient::Connect(
+    const std::string& target, int deadline_ms, const ClientSecurity& security) {
+  auto creds = MakeChannelCredentials(security.tls);
+  if (!creds.ok()) return creds.status();
   auto c = std::unique_ptr<DecodeClient>(new DecodeClient());
+  c->token_ = security.token;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(256 << 20);
   args.SetMaxSendMessageSize(256 << 20);
-  c->channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  c->channel_ = grpc::CreateCustomChannel(target, *creds, args);
   c->stub_ = v1::Decode::NewStub(c->channel_);
   c->deadline_ms_ = deadline_ms;
   return c;
@@ -24,6 +27,7 @@ absl::StatusOr<std::unique_ptr<DecodeClient>> DecodeClient::Connect(const std::s
 
 std::unique_ptr<grpc::ClientContext> DecodeClient::Context() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
+  AddBearerToken(ctx.get(), token_);
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms_));
   return ctx;
 }
@@ -120,6 +124,7 @@ absl::StatusOr<v1::SessionStatsResponse> DecodeClient::Stats(const std::string& 
 
 std::unique_ptr<DecodeClient::Stream> DecodeClient::OpenStream() {
   auto s = std::unique_ptr<Stream>(new Stream());
+  AddBearerToken(&s->ctx_, token_);
   s->rw_ = stub_->DecodeStream(&s->ctx_);
   return s;
 }

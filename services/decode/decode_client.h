@@ -11,14 +11,16 @@
 
 #include "absl/status/statusor.h"
 #include "flashmemory/v1/decode.grpc.pb.h"
+#include "common/security.h"
 #include "services/decode/decode_core.h"
 
 namespace fm::decode {
 
 class DecodeClient {
  public:
-  static absl::StatusOr<std::unique_ptr<DecodeClient>> Connect(const std::string& target,
-                                                               int deadline_ms = 60000);
+  // security: TLS files and the tenant's bearer token (common/security.h).
+  static absl::StatusOr<std::unique_ptr<DecodeClient>> Connect(
+      const std::string& target, int deadline_ms = 60000, const ClientSecurity& security = {});
 
   // Returns the cells the admission reserved.
   absl::StatusOr<uint64_t> Open(const std::string& session, const SessionOptions& options);
@@ -53,6 +55,7 @@ class DecodeClient {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<flashmemory::v1::Decode::Stub> stub_;
   int deadline_ms_ = 60000;
+  std::string token_;
 };
 
 }  // namespace fm::decode

@@ -17,7 +17,14 @@ namespace {
 // Pages a prefill stream: raw K/V token ranges into whole pages, keys into chunks.
 class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
  public:
-  PrefillReader(DecodeCore* core, v1::PrefillResponse* resp) : core_(core), resp_(resp) {
+  // scope: the caller's tenant (its session ids are scoped by it); denied: finish at once.
+  PrefillReader(DecodeCore* core, v1::PrefillResponse* resp, absl::StatusOr<Identity> who)
+      : core_(core), resp_(resp) {
+    if (!who.ok()) {
+      grpc::ServerReadReactor<v1::PrefillChunk>::Finish(ToGrpcStatus(who.status()));
+      return;
+    }
+    who_ = *who;
     StartRead(&chunk_);
   }
   void OnReadDone(bool ok) override {
@@ -52,8 +59,8 @@ class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
     if (id_.empty()) {
       if (c.session_id().empty())
         return absl::InvalidArgumentError("the first prefill message must name the session");
-      if (absl::Status st = Start(c.session_id()); !st.ok()) return st;
-    } else if (!c.session_id().empty() && c.session_id() != id_) {
+      if (absl::Status st = Start(ScopedSessionId(who_, c.session_id())); !st.ok()) return st;
+    } else if (!c.session_id().empty() && ScopedSessionId(who_, c.session_id()) != id_) {
       return absl::InvalidArgumentError("one prefill stream carries one session");
     }
     const ModelSpec& sp = spec_;
@@ -152,6 +159,7 @@ class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
 
   DecodeCore* core_;
   v1::PrefillResponse* resp_;
+  Identity who_;
   v1::PrefillChunk chunk_;
   std::string id_;
   ModelSpec spec_;
@@ -163,7 +171,14 @@ class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
 // Runs batches of layer requests: read, run, answer, read the next.
 class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeResults> {
  public:
-  explicit StepStream(DecodeCore* core) : core_(core) { StartRead(&batch_); }
+  StepStream(DecodeCore* core, absl::StatusOr<Identity> who) : core_(core) {
+    if (!who.ok()) {
+      Finish(ToGrpcStatus(who.status()));
+      return;
+    }
+    who_ = *who;
+    StartRead(&batch_);
+  }
   void OnReadDone(bool ok) override {
     if (!ok) {
       Finish(grpc::Status::OK);
@@ -200,7 +215,7 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
   }
 
   absl::Status Prepare(const v1::LayerRequest& r, Item& it) {
-    auto sp = Spec(r.session_id());
+    auto sp = Spec(ScopedSessionId(who_, r.session_id()));
     if (!sp.ok()) return sp.status();
     it.spec = *sp;
     const ModelSpec& s = it.spec;
@@ -249,7 +264,7 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
       const size_t qs = size_t{s.q_heads} * s.head_dim, ks = size_t{s.kv_heads} * s.head_dim;
       for (uint32_t j = 0; j < it.count; ++j) {
         LayerStep ls;
-        ls.session = reqs[i].session_id();
+        ls.session = ScopedSessionId(who_, reqs[i].session_id());
         ls.step = reqs[i].step();
         ls.layer = reqs[i].layer() + j;
         ls.q = absl::MakeConstSpan(it.q.data() + j * qs, qs);
@@ -285,7 +300,7 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
       if (!it.status.ok()) {
         res->set_code(static_cast<int32_t>(it.status.code()));
         res->set_message(std::string(it.status.message()));
-        if (absl::IsNotFound(it.status)) specs_.erase(reqs[i].session_id());
+        if (absl::IsNotFound(it.status)) specs_.erase(ScopedSessionId(who_, reqs[i].session_id()));
         continue;
       }
       res->set_out(it.out.data(), it.out.size() * 4);
@@ -295,6 +310,7 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
   }
 
   DecodeCore* core_;
+  Identity who_;
   v1::DecodeBatch batch_;
   v1::DecodeResults results_;
   std::vector<Item> items_;
@@ -307,6 +323,9 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
 grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext* ctx,
                                                      const v1::OpenSessionRequest* req,
                                                      v1::OpenSessionResponse* resp) {
+  auto who = Caller(*ctx);
+  if (!who.ok()) return FinishUnary(ctx, who.status());
+  const std::string id = ScopedSessionId(*who, req->session_id());
   SessionOptions o;
   o.spec = SpecFromProto(req->spec());
   if (req->mode() < v1::DECODE_MODE_UNSPECIFIED || req->mode() > v1::DECODE_MODE_TRACE)
@@ -330,9 +349,9 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   o.resume = req->resume();
   o.miss_ratio = req->miss_ratio();
   o.oracle_page_mass.assign(req->oracle_page_mass().begin(), req->oracle_page_mass().end());
-  absl::Status st = core_->Open(req->session_id(), o);
+  absl::Status st = core_->Open(id, o);
   if (st.ok()) {
-    auto stats = core_->Stats(req->session_id());
+    auto stats = core_->Stats(id);
     if (stats.ok()) {
       resp->set_reserve_pages(stats->reserved_cells);
       if (o.resume) {
@@ -344,28 +363,33 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   return FinishUnary(ctx, st);
 }
 
-grpc::ServerReadReactor<v1::PrefillChunk>* DecodeService::Prefill(grpc::CallbackServerContext*,
+grpc::ServerReadReactor<v1::PrefillChunk>* DecodeService::Prefill(grpc::CallbackServerContext* ctx,
                                                                   v1::PrefillResponse* resp) {
-  return new PrefillReader(core_, resp);
+  return new PrefillReader(core_, resp, Caller(*ctx));
 }
 
 grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeResults>* DecodeService::DecodeStream(
-    grpc::CallbackServerContext*) {
-  return new StepStream(core_);
+    grpc::CallbackServerContext* ctx) {
+  return new StepStream(core_, Caller(*ctx));
 }
 
 grpc::ServerUnaryReactor* DecodeService::CloseSession(grpc::CallbackServerContext* ctx,
                                                       const v1::CloseSessionRequest* req,
                                                       v1::CloseSessionResponse*) {
-  return FinishUnary(ctx, core_->Close(req->session_id(), req->delete_pages()));
+  auto who = Caller(*ctx);
+  if (!who.ok()) return FinishUnary(ctx, who.status());
+  return FinishUnary(ctx, core_->Close(ScopedSessionId(*who, req->session_id()), req->delete_pages()));
 }
 
 grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerContext* ctx,
                                                          const v1::SessionStatsRequest* req,
                                                          v1::SessionStatsResponse* resp) {
-  auto st = core_->Stats(req->session_id());
+  auto who = Caller(*ctx);
+  if (!who.ok()) return FinishUnary(ctx, who.status());
+  const std::string id = ScopedSessionId(*who, req->session_id());
+  auto st = core_->Stats(id);
   if (!st.ok()) return FinishUnary(ctx, st.status());
-  auto spec = core_->SessionSpec(req->session_id());
+  auto spec = core_->SessionSpec(id);
   const uint64_t pb = spec.ok() ? spec->PageBytes() : 0;
   resp->set_tokens(st->tokens);
   resp->set_steps(st->steps);
@@ -393,7 +417,7 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_total_pages(st->total_pages);
   if (req->probe_pages_size() > 0) {
     auto r =
-        core_->Resident(req->session_id(), {req->probe_pages().begin(), req->probe_pages().end()});
+        core_->Resident(id, {req->probe_pages().begin(), req->probe_pages().end()});
     if (!r.ok()) return FinishUnary(ctx, r.status());
     for (bool b : *r) resp->add_probe_resident(b);
   }

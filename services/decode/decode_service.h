@@ -7,6 +7,7 @@
 // with its outputs or its own error code: one bad request never ends the stream.
 #pragma once
 
+#include "common/security.h"
 #include "flashmemory/v1/decode.grpc.pb.h"
 #include "services/decode/decode_core.h"
 
@@ -14,7 +15,10 @@ namespace fm::decode {
 
 class DecodeService final : public flashmemory::v1::Decode::CallbackService {
  public:
-  explicit DecodeService(DecodeCore* core) : core_(core) {}
+  // auth (may be null: one default tenant): with a tokens file every call needs a tenant
+  // token, and a tenant's session ids are scoped by its name (ScopedSessionId).
+  explicit DecodeService(DecodeCore* core, const Authenticator* auth = nullptr)
+      : core_(core), auth_(auth) {}
 
   grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* ctx,
                                         const flashmemory::v1::OpenSessionRequest* req,
@@ -31,7 +35,11 @@ class DecodeService final : public flashmemory::v1::Decode::CallbackService {
                                             flashmemory::v1::SessionStatsResponse* resp) override;
 
  private:
+  absl::StatusOr<Identity> Caller(const grpc::ServerContextBase& ctx) const {
+    return auth_ ? auth_->RequireTenant(ctx) : absl::StatusOr<Identity>(Identity{});
+  }
   DecodeCore* core_;
+  const Authenticator* auth_;
 };
 
 }  // namespace fm::decode

@@ -16,7 +16,11 @@ int main(int argc, char** argv) {
   std::string kvstore = "127.0.0.1:50052", indexer = "127.0.0.1:50053";
   bool use_ucx = true, verbose = false;
   int indexer_deadline_ms = 10000;
+  std::string service_token;
   fm::AddServerFlags(app, &server);
+  app.add_option("--service_token", service_token,
+                 "Bearer token of this worker's service identity at the kvstore and indexer "
+                 "(else, under mTLS, its certificate --tls_cert names it)");
   fm::decode::AddDecodeFlags(app, &options);
   app.add_option("--kvstore", kvstore, "kvstore replicas: h:p,h:p or dns:NAME:PORT")
       ->capture_default_str();
@@ -36,14 +40,20 @@ int main(int argc, char** argv) {
     FM_LOG_ERROR("decode: --kvstore: %s", replicas.status().ToString().c_str());
     return 1;
   }
+  // The worker reaches the kvstore and the indexer with its own certificate (mTLS) and/or
+  // its service token.
+  fm::ClientSecurity security;
+  if (!server.tls.ca.empty()) security.tls = server.tls;  // its CA verifies the servers
+  security.token = service_token;
   fm::KvClientOptions ko;
   ko.use_ucx = use_ucx;
+  ko.security = security;
   auto kv = fm::ShardedKvClient::Connect(*replicas, ko);
   if (!kv.ok()) {
     FM_LOG_ERROR("decode: kvstore: %s", kv.status().ToString().c_str());
     return 1;
   }
-  auto ix = fm::indexer::IndexerClient::Connect(indexer, indexer_deadline_ms);
+  auto ix = fm::indexer::IndexerClient::Connect(indexer, indexer_deadline_ms, security);
   if (!ix.ok()) {
     FM_LOG_ERROR("decode: indexer: %s", ix.status().ToString().c_str());
     return 1;
@@ -52,7 +62,12 @@ int main(int argc, char** argv) {
   auto predictor = fm::decode::RemotePredictor(ix->get());
   fm::decode::DecodeCore core(options, store.get(), predictor.get());
   fm::MetricsRegistry metrics;
-  fm::decode::DecodeService service(&core);
+  auto auth = fm::MakeAuthenticator(server);
+  if (!auth.ok()) {
+    FM_LOG_ERROR("%s: %s", "decode", auth.status().ToString().c_str());
+    return 1;
+  }
+  fm::decode::DecodeService service(&core, auth->get());
   fm::decode::AddDecodeMetrics(&core, &metrics, store.get());
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.Decode");

@@ -31,19 +31,22 @@ void AddBounds(const ModelSpec& spec, const float* bounds, uint64_t first, uint6
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<IndexerClient>> IndexerClient::Connect(const std::string& replicas,
-                                                                      int deadline_ms) {
+absl::StatusOr<std::unique_ptr<IndexerClient>> IndexerClient::Connect(
+    const std::string& replicas, int deadline_ms, const ClientSecurity& security) {
+  auto creds = MakeChannelCredentials(security.tls);
+  if (!creds.ok()) return creds.status();
   auto names = ResolveReplicas(replicas);
   if (!names.ok()) return names.status();
   auto c = std::unique_ptr<IndexerClient>(new IndexerClient());
   c->names_ = *names;
   c->deadline_ms_ = deadline_ms;
+  c->token_ = security.token;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(256 << 20);
   args.SetMaxSendMessageSize(256 << 20);
   for (const auto& n : c->names_)
     c->stubs_.push_back(v1::Indexer::NewStub(
-        grpc::CreateCustomChannel(n, grpc::InsecureChannelCredentials(), args)));
+        grpc::CreateCustomChannel(n, *creds, args)));
   return c;
 }
 
@@ -53,6 +56,7 @@ size_t IndexerClient::ReplicaFor(const std::string& session) const {
 
 std::unique_ptr<grpc::ClientContext> IndexerClient::Context() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
+  AddBearerToken(ctx.get(), token_);
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(deadline_ms_));
   return ctx;
 }

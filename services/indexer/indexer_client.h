@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/security.h"
 #include "flashmemory/v1/indexer.grpc.pb.h"
 #include "services/indexer/indexer_core.h"
 
@@ -18,8 +19,8 @@ namespace fm::indexer {
 class IndexerClient {
  public:
   // replicas: as ResolveReplicas parses ("h:p,h:p" or "dns:NAME:PORT").
-  static absl::StatusOr<std::unique_ptr<IndexerClient>> Connect(const std::string& replicas,
-                                                                int deadline_ms = 10000);
+  static absl::StatusOr<std::unique_ptr<IndexerClient>> Connect(
+      const std::string& replicas, int deadline_ms = 10000, const ClientSecurity& security = {});
 
   size_t ReplicaFor(const std::string& session) const;
   const std::vector<std::string>& replicas() const { return names_; }
@@ -46,6 +47,7 @@ class IndexerClient {
   std::vector<std::string> names_;
   std::vector<std::unique_ptr<flashmemory::v1::Indexer::Stub>> stubs_;
   int deadline_ms_ = 10000;
+  std::string token_;
 };
 
 }  // namespace fm::indexer

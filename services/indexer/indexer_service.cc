@@ -57,6 +57,7 @@ absl::StatusOr<std::vector<float>> Bounds(
 grpc::ServerUnaryReactor* IndexerService::RegisterSession(grpc::CallbackServerContext* ctx,
                                                           const v1::RegisterSessionRequest* req,
                                                           v1::RegisterSessionResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   const ModelSpec spec = SpecFromProto(req->spec());
   if (absl::Status st = spec.Validate(); !st.ok()) return FinishUnary(ctx, st);
   if (req->keys().first_chunk() != 0)
@@ -77,6 +78,7 @@ grpc::ServerUnaryReactor* IndexerService::RegisterSession(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* IndexerService::AppendKeys(grpc::CallbackServerContext* ctx,
                                                      const v1::AppendKeysRequest* req,
                                                      v1::AppendKeysResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   auto spec = core_->SessionSpec(req->session_id());
   if (!spec.ok()) return FinishUnary(ctx, spec.status());
   if (absl::Status st = CheckKeys(*spec, req->keys()); !st.ok()) return FinishUnary(ctx, st);
@@ -94,6 +96,7 @@ grpc::ServerUnaryReactor* IndexerService::AppendKeys(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* IndexerService::Predict(grpc::CallbackServerContext* ctx,
                                                   const v1::PredictRequest* req,
                                                   v1::PredictResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   PredictArgs a;
   a.step = req->step();
   auto h = Floats(req->hidden(), "hidden");
@@ -131,12 +134,14 @@ grpc::ServerUnaryReactor* IndexerService::Predict(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* IndexerService::DropSession(grpc::CallbackServerContext* ctx,
                                                       const v1::DropSessionRequest* req,
                                                       v1::DropSessionResponse*) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   return FinishUnary(ctx, core_->Drop(req->session_id()));
 }
 
 grpc::ServerUnaryReactor* IndexerService::LoadWeights(grpc::CallbackServerContext* ctx,
                                                       const v1::LoadWeightsRequest* req,
                                                       v1::LoadWeightsResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   uint64_t hash = 0;
   absl::Status st = core_->LoadWeights(req->path(), &hash);
   if (st.ok()) resp->set_weights_hash(hash);
@@ -146,6 +151,7 @@ grpc::ServerUnaryReactor* IndexerService::LoadWeights(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* IndexerService::GetStats(grpc::CallbackServerContext* ctx,
                                                    const v1::IndexerStatsRequest*,
                                                    v1::IndexerStatsResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   const CoreStats s = core_->Stats();
   resp->set_sessions(s.sessions);
   resp->set_chunks(s.chunks);

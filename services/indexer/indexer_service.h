@@ -1,6 +1,7 @@
 // The gRPC face of an IndexerCore (flashmemory.v1.Indexer), callback API.
 #pragma once
 
+#include "common/security.h"
 #include "flashmemory/v1/indexer.grpc.pb.h"
 #include "services/indexer/indexer_core.h"
 
@@ -8,7 +9,9 @@ namespace fm::indexer {
 
 class IndexerService final : public flashmemory::v1::Indexer::CallbackService {
  public:
-  explicit IndexerService(IndexerCore* core) : core_(core) {}
+  // auth (may be null: every caller allowed): every RPC needs a service identity.
+  explicit IndexerService(IndexerCore* core, const Authenticator* auth = nullptr)
+      : core_(core), auth_(auth) {}
 
   grpc::ServerUnaryReactor* RegisterSession(
       grpc::CallbackServerContext* ctx, const flashmemory::v1::RegisterSessionRequest* req,
@@ -30,7 +33,11 @@ class IndexerService final : public flashmemory::v1::Indexer::CallbackService {
                                      flashmemory::v1::IndexerStatsResponse* resp) override;
 
  private:
+  absl::Status Allow(const grpc::ServerContextBase& ctx) const {
+    return auth_ ? auth_->RequireService(ctx).status() : absl::OkStatus();
+  }
   IndexerCore* core_;
+  const Authenticator* auth_;
 };
 
 }  // namespace fm::indexer

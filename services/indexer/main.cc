@@ -23,7 +23,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   fm::MetricsRegistry metrics;
-  fm::indexer::IndexerService service(core->get());
+  auto auth = fm::MakeAuthenticator(server);
+  if (!auth.ok()) {
+    FM_LOG_ERROR("%s: %s", "indexer", auth.status().ToString().c_str());
+    return 1;
+  }
+  fm::indexer::IndexerService service(core->get(), auth->get());
   fm::indexer::AddIndexerMetrics(core->get(), &metrics);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.Indexer");

@@ -61,7 +61,9 @@ absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(const std::string& t
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
-  c->channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  auto creds = MakeChannelCredentials(options.security.tls);
+  if (!creds.ok()) return creds.status();
+  c->channel_ = grpc::CreateCustomChannel(target, *creds, args);
   c->stub_ = v1::KvStore::NewStub(c->channel_);
 
   if (options.use_ucx) {
@@ -128,6 +130,7 @@ KvClient::~KvClient() {
 
 std::unique_ptr<grpc::ClientContext> KvClient::Context() const {
   auto ctx = std::make_unique<grpc::ClientContext>();
+  AddBearerToken(ctx.get(), options_.security.token);
   ctx->set_deadline(std::chrono::system_clock::now() +
                     std::chrono::milliseconds(options_.deadline_ms));
   return ctx;
@@ -264,6 +267,7 @@ void KvClient::ReleaseAsync(uint64_t lease_id) {
     v1::ReleaseResponse resp;
   };
   auto* call = new Call();
+  AddBearerToken(&call->ctx, options_.security.token);
   call->ctx.set_deadline(std::chrono::system_clock::now() +
                          std::chrono::milliseconds(options_.deadline_ms));
   call->req.set_lease_id(lease_id);

@@ -20,6 +20,7 @@
 #include "common/page_format.h"
 #include "flashmemory/v1/kvstore.grpc.pb.h"
 #include "common/replicas.h"
+#include "common/security.h"
 #include "services/kvstore/kv_store.h"
 #include "services/kvstore/ucx_transport.h"
 
@@ -31,6 +32,7 @@ struct KvClientOptions {
   bool use_ucx = true;                   // connect the UCX data path when the server offers it
   uint32_t lease_ms = 0;                 // lease for Resolve/GrantPut; 0 = server default
   uint64_t staging_bytes = 64ull << 20;  // registered buffer for ReadPayloads / PutUcx
+  ClientSecurity security;               // TLS and the service token the store requires
 };
 
 // A page read back: its header and payload.

@@ -63,6 +63,7 @@ void HeaderToProto(const PageHeaderData& h, v1::PageHeader* p) {
 grpc::ServerUnaryReactor* KvStoreService::Connect(grpc::CallbackServerContext* ctx,
                                                   const v1::ConnectRequest* req,
                                                   v1::ConnectResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   UcxEndpointInfo info = store_->ucx();
   resp->set_worker_address(info.worker_address);
   resp->set_rkey(info.rkey);
@@ -75,6 +76,7 @@ grpc::ServerUnaryReactor* KvStoreService::Connect(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* KvStoreService::PutPage(grpc::CallbackServerContext* ctx,
                                                   const v1::PutPageRequest* req,
                                                   v1::PutPageResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   if (!req->has_header()) return FinishUnary(ctx, absl::InvalidArgumentError("header is missing"));
   bool in_ram = false;
   PageHeaderData h = HeaderFromProto(req->header());
@@ -92,8 +94,13 @@ namespace {
 // completes (so at most one page is buffered per call).
 class GetPagesReactor final : public grpc::ServerWriteReactor<v1::PageData> {
  public:
-  GetPagesReactor(KvStore* store, std::vector<PageRef> keys, uint32_t max_keys)
+  GetPagesReactor(KvStore* store, std::vector<PageRef> keys, uint32_t max_keys,
+                  const absl::Status& denied)
       : store_(store), keys_(std::move(keys)) {
+    if (!denied.ok()) {
+      Finish(ToGrpcStatus(denied));
+      return;
+    }
     if (keys_.empty()) {
       Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no pages requested"));
       return;
@@ -152,12 +159,15 @@ class GetPagesReactor final : public grpc::ServerWriteReactor<v1::PageData> {
 
 grpc::ServerWriteReactor<v1::PageData>* KvStoreService::GetPages(grpc::CallbackServerContext* ctx,
                                                                  const v1::GetPagesRequest* req) {
-  return new GetPagesReactor(store_, Refs(req->keys()), max_keys_);
+  absl::Status who = Allow(*ctx);
+  return new GetPagesReactor(store_, who.ok() ? Refs(req->keys()) : std::vector<PageRef>{},
+                             max_keys_, who);
 }
 
 grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* ctx,
                                                   const v1::ResolveRequest* req,
                                                   v1::ResolveResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
@@ -169,6 +179,7 @@ grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* ctx,
                                                    const v1::GrantPutRequest* req,
                                                    v1::GrantPutResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   if (!req->has_header()) return FinishUnary(ctx, absl::InvalidArgumentError("header is missing"));
   PageHeaderData h = HeaderFromProto(req->header());
   h.epoch = req->epoch();
@@ -183,12 +194,14 @@ grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* KvStoreService::CommitPut(grpc::CallbackServerContext* ctx,
                                                     const v1::CommitPutRequest* req,
                                                     v1::CommitPutResponse*) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   return FinishUnary(ctx, store_->CommitPut(req->lease_id()));
 }
 
 grpc::ServerUnaryReactor* KvStoreService::Prefetch(grpc::CallbackServerContext* ctx,
                                                    const v1::PrefetchRequest* req,
                                                    v1::PrefetchResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
@@ -200,12 +213,14 @@ grpc::ServerUnaryReactor* KvStoreService::Prefetch(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* KvStoreService::Release(grpc::CallbackServerContext* ctx,
                                                   const v1::ReleaseRequest* req,
                                                   v1::ReleaseResponse*) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   return FinishUnary(ctx, store_->Release(req->lease_id()));
 }
 
 grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerContext* ctx,
                                                         const v1::DeleteSessionRequest* req,
                                                         v1::DeleteSessionResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   absl::StatusOr<uint64_t> n = store_->DeleteSession(req->session_id(), req->epoch());
   if (n.ok()) resp->set_pages_deleted(*n);
   return FinishUnary(ctx, n.status());
@@ -214,12 +229,14 @@ grpc::ServerUnaryReactor* KvStoreService::DeleteSession(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* KvStoreService::CloseSession(grpc::CallbackServerContext* ctx,
                                                        const v1::KvCloseSessionRequest* req,
                                                        v1::KvCloseSessionResponse*) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   return FinishUnary(ctx, store_->CloseSession(req->session_id(), req->epoch()));
 }
 
 grpc::ServerUnaryReactor* KvStoreService::ClaimSession(grpc::CallbackServerContext* ctx,
                                                        const v1::ClaimSessionRequest* req,
                                                        v1::ClaimSessionResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   absl::StatusOr<uint64_t> e = store_->ClaimSession(req->session_id(), req->min_epoch());
   if (e.ok()) resp->set_epoch(*e);
   return FinishUnary(ctx, e.status());
@@ -228,6 +245,7 @@ grpc::ServerUnaryReactor* KvStoreService::ClaimSession(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* KvStoreService::GetStats(grpc::CallbackServerContext* ctx,
                                                    const v1::GetStatsRequest* req,
                                                    v1::GetStatsResponse* resp) {
+  if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
   absl::StatusOr<KvStats> st = store_->Stats(req->session_id());
   if (!st.ok()) return FinishUnary(ctx, st.status());
   resp->mutable_ram()->set_bytes(st->ram_bytes);

@@ -1,6 +1,7 @@
 // The gRPC face of a KvStore (flashmemory.v1.KvStore), callback API.
 #pragma once
 
+#include "common/security.h"
 #include "flashmemory/v1/kvstore.grpc.pb.h"
 #include "services/kvstore/kv_store.h"
 
@@ -15,8 +16,10 @@ uint64_t NewInstanceId();
 class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
  public:
   // `store` must outlive the service. GetPages takes at most max_keys_per_call pages.
-  explicit KvStoreService(KvStore* store, uint32_t max_keys_per_call = 4096)
-      : store_(store), max_keys_(max_keys_per_call), instance_id_(NewInstanceId()) {}
+  // auth (may be null: every caller allowed): every RPC needs a service identity.
+  explicit KvStoreService(KvStore* store, uint32_t max_keys_per_call = 4096,
+                          const Authenticator* auth = nullptr)
+      : store_(store), max_keys_(max_keys_per_call), instance_id_(NewInstanceId()), auth_(auth) {}
   uint64_t instance_id() const { return instance_id_; }
 
   grpc::ServerUnaryReactor* Connect(grpc::CallbackServerContext* ctx,
@@ -56,9 +59,14 @@ class KvStoreService final : public flashmemory::v1::KvStore::CallbackService {
                                      flashmemory::v1::GetStatsResponse* resp) override;
 
  private:
+  absl::Status Allow(const grpc::ServerContextBase& ctx) const {
+    return auth_ ? auth_->RequireService(ctx).status() : absl::OkStatus();
+  }
+
   KvStore* store_;
   uint32_t max_keys_;
   const uint64_t instance_id_;
+  const Authenticator* auth_;
 };
 
 }  // namespace fm

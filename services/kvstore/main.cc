@@ -24,7 +24,12 @@ int main(int argc, char** argv) {
     FM_LOG_ERROR("kvstore: %s", store.status().ToString().c_str());
     return 1;
   }
-  fm::KvStoreService service(store->get(), kv.max_keys_per_call);
+  auto auth = fm::MakeAuthenticator(server);
+  if (!auth.ok()) {
+    FM_LOG_ERROR("%s: %s", "kvstore", auth.status().ToString().c_str());
+    return 1;
+  }
+  fm::KvStoreService service(store->get(), kv.max_keys_per_call, auth->get());
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.KvStore");
   return runner.ServeUntilSignal("kvstore");
