@@ -28,12 +28,12 @@ def bin_dir():
     return os.environ.get("FM_BIN_DIR", os.path.join(ROOT, "build", "bin"))
 
 
-def start_server(tmp):
-    ready = os.path.join(tmp, "ready")
+def start_server(tmp, extra=(), name="data"):
+    ready = os.path.join(tmp, name + ".ready")
     p = subprocess.Popen([os.path.join(bin_dir(), "flashmemory"), "--host", "127.0.0.1",
                           "--port", "0", "--ready_file", ready, "--data_dir",
-                          os.path.join(tmp, "data"), "--ram_bytes", "64MiB",
-                          "--reserve_bytes", "64MiB"],
+                          os.path.join(tmp, name), "--ram_bytes", "64MiB",
+                          "--reserve_bytes", "64MiB", *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(300):
         if os.path.exists(ready) and os.path.getsize(ready) > 0:
@@ -73,6 +73,36 @@ def decode(client, sid, spec, t, mode, budget, policy):
     stats = client.stats(sid)
     client.close(sid)
     return outs, lses, stats, steps / dt
+
+
+def check_security(tmp, spec, t):
+    """A server behind mTLS and tokens: the client's TLS files and token let a tenant in;
+    no token is refused, and another tenant does not see the session."""
+    certs = os.path.join(tmp, "certs")
+    subprocess.run(["bash", os.path.join(ROOT, "scripts", "make_dev_certs.sh"), certs],
+                   check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(tmp, "tokens"), "w") as f:
+        f.write("tok-a alice\ntok-b bob\n")
+    pem = lambda n: os.path.join(certs, n)  # noqa: E731
+    server, target = start_server(tmp, ["--tls_cert", pem("service.pem"), "--tls_key",
+                                        pem("service.key"), "--tls_ca", pem("ca.pem"),
+                                        "--tokens_file", os.path.join(tmp, "tokens")], "secure")
+    target = target.replace("127.0.0.1", "localhost")
+    tls = dict(tls_ca=pem("ca.pem"), tls_cert=pem("client.pem"), tls_key=pem("client.key"))
+    try:
+        alice = DecodeClient(target, token="tok-a", **tls)
+        alice.open("s", spec, mode="dense", max_tokens=t["prefill"] + t["steps"])
+        assert alice.stats("s")["tokens"] == 0
+        for token, code in ((None, "UNAUTHENTICATED"), ("tok-b", "NOT_FOUND")):
+            try:
+                DecodeClient(target, token=token, **tls).stats("s")
+                raise AssertionError(f"token {token} read alice's session")
+            except DecodeError as e:
+                assert e.code.name == code, e
+        alice.close("s", delete_pages=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def main():
@@ -130,6 +160,7 @@ def main():
                     raise AssertionError("an unknown session was accepted")
                 except DecodeError as e:
                     assert e.code.name == "NOT_FOUND", e
+                check_security(tmp, spec, t)
                 print("checks passed")
         finally:
             if server:

@@ -150,11 +150,61 @@ def result_arrays(res, q_shape):
     return out, lse
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds "authorization: Bearer <token>" to every call (a tenant's identity)."""
+
+    def __init__(self, token):
+        self._md = ("authorization", "Bearer " + token)
+
+    def _details(self, d):
+        md = list(d.metadata or []) + [self._md]
+        return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_unary_stream(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_stream_unary(self, cont, d, it):
+        return cont(self._details(d), it)
+
+    def intercept_stream_stream(self, cont, d, it):
+        return cont(self._details(d), it)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
+        self.wait_for_ready, self.compression = d.wait_for_ready, d.compression
+        self.metadata = metadata
+
+
+def make_channel(target, options=(), tls_ca=None, tls_cert=None, tls_key=None, token=None):
+    """A channel to a FlashMemory server: TLS when tls_ca is given (with the client
+    certificate tls_cert/tls_key for mTLS), and the bearer token on every call."""
+    if tls_ca:
+        def read(p):
+            with open(p, "rb") as f:
+                return f.read()
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=read(tls_ca),
+            private_key=read(tls_key) if tls_key else None,
+            certificate_chain=read(tls_cert) if tls_cert else None)
+        channel = grpc.secure_channel(target, creds, options=list(options))
+    else:
+        channel = grpc.insecure_channel(target, options=list(options))
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+
+
 class DecodeClient:
-    def __init__(self, target, timeout=60.0):
+    def __init__(self, target, timeout=60.0, tls_ca=None, tls_cert=None, tls_key=None,
+                 token=None):
+        """tls_ca/tls_cert/tls_key: PEM files (TLS, mTLS); token: the tenant's bearer token."""
         opts = [("grpc.max_send_message_length", 256 << 20),
                 ("grpc.max_receive_message_length", 256 << 20)]
-        self._channel = grpc.insecure_channel(target, options=opts)
+        self._channel = make_channel(target, opts, tls_ca, tls_cert, tls_key, token)
         self._stub = decode_pb2_grpc.DecodeStub(self._channel)
         self._timeout = timeout
 
@@ -241,8 +291,9 @@ class DecodeClient:
 class IndexerClient:
     """The indexer's admin calls (an fm-indexer replica, or the all-in-one's address)."""
 
-    def __init__(self, target, timeout=60.0):
-        self._channel = grpc.insecure_channel(target)
+    def __init__(self, target, timeout=60.0, tls_ca=None, tls_cert=None, tls_key=None,
+                 token=None):
+        self._channel = make_channel(target, (), tls_ca, tls_cert, tls_key, token)
         self._stub = indexer_pb2_grpc.IndexerStub(self._channel)
         self._timeout = timeout
 
