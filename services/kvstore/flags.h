@@ -28,7 +28,7 @@ inline void AddKvStoreFlags(CLI::App& app, KvStoreOptions* o) {
       ->capture_default_str();
   app.add_option("--max_lease_ms", o->max_lease_ms, "Longest lease granted")->capture_default_str();
   app.add_option("--slab_bytes", o->slab_bytes,
-                 "RAM arena carving unit; larger pages are not cached")
+                 "Largest record cached in the RAM tier; larger ones are served from RocksDB")
       ->transform(CLI::AsSizeValue(false))
       ->capture_default_str();
   app.add_flag("--sync_writes", o->sync_writes,

@@ -34,7 +34,7 @@ struct KvStoreOptions {
   // A session marked closed (CloseSession) and not written since is deleted this long after
   // its close; 0 = never.
   uint64_t closed_session_ttl_s = 3600;
-  uint64_t slab_bytes = 64ull << 20;  // RAM arena carving unit; larger records are not cached
+  uint64_t slab_bytes = 64ull << 20;  // largest record cached in RAM (larger: RocksDB only)
 };
 
 // The page number of a session's close mark (KvStore::CloseSession).

@@ -4,108 +4,121 @@
 
 namespace fm {
 namespace {
-constexpr uint64_t kCellAlign = 4096;
-}
+// Records start on cache lines: any mix of sizes packs the arena within 64 bytes each.
+constexpr uint64_t kCellAlign = 64;
+constexpr int kLruTries = 64;  // LRU evictions per allocation before a window is cleared
+}  // namespace
 
-RamTier::RamTier(uint8_t* base, uint64_t bytes, uint64_t slab_bytes)
+RamTier::RamTier(uint8_t* base, uint64_t bytes, uint64_t max_record_bytes)
     : base_(base),
-      bytes_(bytes),
-      slab_bytes_(std::max<uint64_t>(slab_bytes / kCellAlign * kCellAlign, kCellAlign)) {
-  for (uint64_t off = 0; off + kCellAlign <= bytes_; off += slab_bytes_) {
-    Slab s;
-    s.offset = off;
-    s.bytes = std::min(slab_bytes_, (bytes_ - off) / kCellAlign * kCellAlign);
-    slabs_.push_back(s);
-  }
-  for (uint32_t i = slabs_.size(); i-- > 0;) uncarved_.push_back(i);
+      bytes_(bytes / kCellAlign * kCellAlign),
+      max_record_(std::max<uint64_t>(max_record_bytes, kCellAlign)) {
+  if (bytes_ > 0) GiveExtent(0, bytes_);
 }
 
 RamCell* RamTier::Find(const std::string& key) {
   auto it = index_.find(key);
   if (it == index_.end()) return nullptr;
   RamCell* c = it->second;
-  if (c->in_lru) {
-    auto& lru = classes_[c->cell_bytes].lru;
-    lru.splice(lru.begin(), lru, c->lru_it);
-  }
+  if (c->in_lru) lru_.splice(lru_.begin(), lru_, c->lru_it);
   return c;
 }
 
-void RamTier::Carve(uint32_t slab, uint64_t cell_bytes, SizeClass* cls) {
-  Slab& s = slabs_[slab];
-  s.cell_bytes = cell_bytes;
-  uint64_t n = s.bytes / cell_bytes;
-  // Reuse the cell objects the slab had before, then make new ones.
-  for (uint64_t i = 0; i < n; ++i) {
-    RamCell* c;
-    if (i < s.cells.size()) {
-      c = s.cells[i];
-    } else {
-      cells_.push_back(std::make_unique<RamCell>());
-      c = cells_.back().get();
-      s.cells.push_back(c);
-    }
-    *c = RamCell{};
-    c->offset = s.offset + i * cell_bytes;
-    c->slab = slab;
-    c->cell_bytes = cell_bytes;
-    cls->free.push_back(c);
+bool RamTier::TakeExtent(uint64_t len, uint64_t* offset) {
+  auto it = free_by_len_.lower_bound(len);
+  if (it == free_by_len_.end()) return false;
+  const uint64_t off = it->second, have = it->first;
+  free_by_len_.erase(it);
+  free_.erase(off);
+  free_bytes_ -= have;
+  if (have > len) {
+    free_[off + len] = have - len;
+    free_by_len_.emplace(have - len, off + len);
+    free_bytes_ += have - len;
   }
-  s.cells.resize(n);  // surplus cell objects (from a class of smaller cells) stay unused
+  *offset = off;
+  return true;
 }
 
-int RamTier::StealSlab(uint64_t cell_bytes, std::vector<std::string>* evicted) {
-  for (size_t tried = 0; tried < slabs_.size(); ++tried) {
-    uint32_t i = steal_cursor_++ % slabs_.size();
-    Slab& s = slabs_[i];
-    if (s.cell_bytes == 0 || s.cell_bytes == cell_bytes || s.bytes < cell_bytes) continue;
-    bool pinned = false;
-    for (RamCell* c : s.cells) pinned |= c->pins > 0;
-    if (pinned) continue;
-    SizeClass& old = classes_[s.cell_bytes];
-    for (RamCell* c : s.cells) {
-      if (c->published) {
-        if (evicted) evicted->push_back(c->key);
-        ++evictions_;
-        Unpublish(c);  // unpinned: back on the old class's free list
+void RamTier::GiveExtent(uint64_t offset, uint64_t len) {
+  auto erase_by_len = [&](uint64_t off, uint64_t l) {
+    auto [a, b] = free_by_len_.equal_range(l);
+    for (auto i = a; i != b; ++i)
+      if (i->second == off) {
+        free_by_len_.erase(i);
+        return;
       }
-    }
-    old.free.erase(
-        std::remove_if(old.free.begin(), old.free.end(), [i](RamCell* c) { return c->slab == i; }),
-        old.free.end());
-    return static_cast<int>(i);
+  };
+  free_bytes_ += len;
+  auto next = free_.lower_bound(offset);
+  if (next != free_.end() && next->first == offset + len) {  // merge the following extent
+    erase_by_len(next->first, next->second);
+    len += next->second;
+    next = free_.erase(next);
   }
-  return -1;
+  if (next != free_.begin()) {  // merge the preceding extent
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == offset) {
+      erase_by_len(prev->first, prev->second);
+      offset = prev->first;
+      len += prev->second;
+      free_.erase(prev);
+    }
+  }
+  free_[offset] = len;
+  free_by_len_.emplace(len, offset);
+}
+
+void RamTier::Evict(RamCell* c, std::vector<std::string>* evicted) {
+  if (evicted) evicted->push_back(c->key);
+  ++evictions_;
+  Unpublish(c);  // unpinned: its extent goes back
+}
+
+bool RamTier::EvictWindow(uint64_t len, std::vector<std::string>* evicted) {
+  // Walk the arena in offset order; `start` is where the current run without pinned cells
+  // began. The first run of len bytes is cleared.
+  uint64_t start = 0;
+  for (auto it = cells_by_offset_.begin();; ++it) {
+    const uint64_t at = it == cells_by_offset_.end() ? bytes_ : it->first;
+    if (at >= start + len) break;  // [start, start + len) holds no pinned cell
+    if (it == cells_by_offset_.end()) return false;
+    RamCell* c = it->second;
+    if (c->pins > 0 || !c->published) start = c->offset + c->cell_bytes;
+  }
+  std::vector<RamCell*> victims;
+  for (auto it = cells_by_offset_.lower_bound(start);
+       it != cells_by_offset_.end() && it->first < start + len; ++it)
+    victims.push_back(it->second);
+  for (RamCell* c : victims) Evict(c, evicted);
+  return true;
 }
 
 RamCell* RamTier::Allocate(uint64_t record_len, std::vector<std::string>* evicted) {
-  uint64_t cell_bytes = (record_len + kCellAlign - 1) / kCellAlign * kCellAlign;
-  if (cell_bytes > slab_bytes_) return nullptr;
-  SizeClass& cls = classes_[cell_bytes];
-  if (cls.free.empty()) {
-    auto fit = std::find_if(uncarved_.rbegin(), uncarved_.rend(),
-                            [&](uint32_t i) { return slabs_[i].bytes >= cell_bytes; });
-    if (fit != uncarved_.rend()) {
-      uint32_t slab = *fit;
-      uncarved_.erase(std::next(fit).base());
-      Carve(slab, cell_bytes, &cls);
-    } else if (!cls.lru.empty()) {
-      RamCell* victim = cls.lru.back();
-      if (evicted) evicted->push_back(victim->key);
-      ++evictions_;
-      Unpublish(victim);  // unpinned: goes to the free list
-    } else {
-      int slab = StealSlab(cell_bytes, evicted);
-      if (slab < 0) return nullptr;
-      Carve(static_cast<uint32_t>(slab), cell_bytes, &cls);
+  const uint64_t need = (record_len + kCellAlign - 1) / kCellAlign * kCellAlign;
+  if (need > max_record_ || need > bytes_) return nullptr;
+  uint64_t offset = 0;
+  for (int tries = 0; !TakeExtent(need, &offset); ++tries) {
+    if (tries < kLruTries && !lru_.empty()) {
+      Evict(lru_.back(), evicted);
+    } else if (tries > kLruTries + 1 || !EvictWindow(need, evicted)) {
+      return nullptr;
     }
   }
-  if (cls.free.empty()) return nullptr;
-  RamCell* c = cls.free.back();
-  cls.free.pop_back();
+  RamCell* c;
+  if (!spare_.empty()) {
+    c = spare_.back();
+    spare_.pop_back();
+  } else {
+    cells_.push_back(std::make_unique<RamCell>());
+    c = cells_.back().get();
+  }
+  *c = RamCell{};
+  c->offset = offset;
+  c->cell_bytes = need;
   c->record_len = record_len;
   c->pins = 1;
-  c->published = false;
+  cells_by_offset_[offset] = c;
   return c;
 }
 
@@ -123,9 +136,8 @@ void RamTier::Publish(RamCell* cell, const std::string& key, bool* replaced) {
   if (cell->pins > 0) {
     ++pinned_published_;
   } else {
-    auto& lru = classes_[cell->cell_bytes].lru;
-    lru.push_front(cell);
-    cell->lru_it = lru.begin();
+    lru_.push_front(cell);
+    cell->lru_it = lru_.begin();
     cell->in_lru = true;
   }
 }
@@ -134,7 +146,7 @@ void RamTier::Pin(RamCell* c) {
   if (c->pins++ == 0 && c->published) {
     ++pinned_published_;
     if (c->in_lru) {
-      classes_[c->cell_bytes].lru.erase(c->lru_it);
+      lru_.erase(c->lru_it);
       c->in_lru = false;
     }
   }
@@ -148,9 +160,8 @@ void RamTier::Unpin(RamCell* c) {
     return;
   }
   --pinned_published_;
-  auto& lru = classes_[c->cell_bytes].lru;
-  lru.push_front(c);
-  c->lru_it = lru.begin();
+  lru_.push_front(c);
+  c->lru_it = lru_.begin();
   c->in_lru = true;
 }
 
@@ -166,7 +177,7 @@ void RamTier::Unpublish(RamCell* c) {
   used_bytes_ -= c->record_len;
   c->published = false;
   if (c->in_lru) {
-    classes_[c->cell_bytes].lru.erase(c->lru_it);
+    lru_.erase(c->lru_it);
     c->in_lru = false;
   }
   if (c->pins == 0) {
@@ -177,9 +188,12 @@ void RamTier::Unpublish(RamCell* c) {
 }
 
 void RamTier::Free(RamCell* c) {
+  cells_by_offset_.erase(c->offset);
+  GiveExtent(c->offset, c->cell_bytes);
   c->key.clear();
   c->record_len = 0;
-  classes_[c->cell_bytes].free.push_back(c);
+  c->cell_bytes = 0;
+  spare_.push_back(c);
 }
 
 }  // namespace fm
