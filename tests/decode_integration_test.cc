@@ -735,6 +735,38 @@ TEST_F(DecodeProcessTest, ASessionHasOneOwnerAtATime) {
   EXPECT_TRUE(a->Alive() && b->Alive());
 }
 
+// A batch beyond --max_batch_requests ends its stream with RESOURCE_EXHAUSTED before any
+// of it runs; batches within it run, and other streams are untouched.
+TEST_F(DecodeProcessTest, ABatchBeyondTheLimitIsRefusedWhole) {
+  auto server = Start("flashmemory", {"--data_dir", dir_ + "/one", "--ram_bytes", "64MiB",
+                                      "--reserve_bytes", "64MiB", "--max_batch_requests", "4"});
+  ASSERT_NE(server, nullptr);
+  auto client = DecodeClient::Connect(server->target(), 10000).value();
+  ASSERT_THAT(OpenQuest(*client, "a"), IsOk());
+  replay::StepSource src(*g_, "a", 16);
+  auto other = client->OpenStream();
+  auto flood = client->OpenStream();
+  v1::DecodeBatch big;
+  for (int i = 0; i < 5; ++i) {
+    v1::LayerRequest r = src.Request(0, 0, 1);
+    r.set_session_id("ghost" + std::to_string(i));
+    *big.add_requests() = r;
+  }
+  EXPECT_THAT(flood->Run(big), StatusIs(Code::kResourceExhausted, "the limit is 4"));
+  big.mutable_requests()->RemoveLast();  // 4: within the limit
+  auto second = client->OpenStream();
+  auto within = second->Run(big);
+  ASSERT_THAT(within, IsOk());
+  EXPECT_EQ(within->results(3).code(), int(Code::kNotFound));
+  EXPECT_THAT(second->Finish(), IsOk());
+  v1::DecodeBatch one;
+  *one.add_requests() = src.Request(0, 0, g_->spec().layers);
+  auto r = other->Run(one);
+  ASSERT_THAT(r, IsOk());
+  EXPECT_EQ(r->results(0).code(), 0) << r->results(0).message();
+  EXPECT_EQ(server->Stop(SIGTERM), 0);
+}
+
 TEST_F(DecodeProcessTest, BadInputGetsPreciseCodesAndTheStreamStaysUp) {
   auto server = AllInOne("one");
   ASSERT_NE(server, nullptr);

@@ -1383,6 +1383,8 @@ DecodeCore::~DecodeCore() {
   }
 }
 
+const DecodeOptions& DecodeCore::options() const { return impl_->options; }
+
 uint64_t DecodeCore::cell_payload_bytes() const {
   absl::ReaderMutexLock l(&impl_->mu);
   return impl_->payload_bytes;

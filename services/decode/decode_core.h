@@ -159,6 +159,10 @@ struct DecodeOptions {
   // fetches; <= 0: per session from its catch-up lag (AutoCatchUpShare).
   double catch_up_share = -1;
   uint32_t max_sessions = 1024;
+  // The gRPC service's bound on the requests of one DecodeStream batch: a larger batch ends
+  // its stream with RESOURCE_EXHAUSTED before any of it runs (a flood of one stream must
+  // not hold the worker's threads).
+  uint32_t max_batch_requests = 4096;
   uint32_t threads = 0;  // attention threads; 0 = the kernel pool's default
   // Miss recovery between predictions: at every step the last index layer's query is
   // checked against the Quest bounds of the pages that are not resident; a page whose bound
@@ -304,6 +308,7 @@ class DecodeCore {
 
   // The page payload bytes the reserve's cells hold (0 until the first Open).
   uint64_t cell_payload_bytes() const;
+  const DecodeOptions& options() const;
 
  private:
   struct Session;

@@ -184,6 +184,14 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
       Finish(grpc::Status::OK);
       return;
     }
+    if (const uint32_t max = core_->options().max_batch_requests;
+        static_cast<uint32_t>(batch_.requests_size()) > max) {
+      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                          absl::StrCat("a batch of ", batch_.requests_size(),
+                                       " requests; the limit is ", max,
+                                       " (--max_batch_requests)")));
+      return;
+    }
     Run();
     StartWrite(&results_);
   }

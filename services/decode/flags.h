@@ -41,6 +41,9 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
                  "Directory for the traces of trace-mode sessions (empty: refuse them)");
   app.add_option("--sink", o->sink, "Always-resident first pages")->capture_default_str();
   app.add_option("--tail", o->tail, "Always-resident last sealed pages")->capture_default_str();
+  app.add_option("--max_batch_requests", o->max_batch_requests,
+                 "Requests in one DecodeStream batch (more: RESOURCE_EXHAUSTED)")
+      ->capture_default_str();
   app.add_option("--max_decode_sessions", o->max_sessions, "Sessions a worker holds")
       ->capture_default_str();
   app.add_option("--miss_check", o->miss_check,
