@@ -180,6 +180,36 @@ TEST_F(SecurityTest, MtlsAndTokensKeepClientsOutAndTenantsApart) {
   EXPECT_TRUE(kv->Alive() && ix->Alive() && dec->Alive());
 }
 
+// LoadWeights reads only under --weights_dir (and without it, on a server with
+// authentication, nothing), and its errors quote no file.
+TEST_F(SecurityTest, WeightsComeFromTheWeightsDirOnly) {
+  const std::string wd = dir_ + "/weights";
+  std::filesystem::create_directories(wd);
+  std::filesystem::copy_file(std::string(FM_SOURCE_DIR) + "/models/lsa-bench.safetensors",
+                             wd + "/lsa-bench.safetensors");
+  std::ofstream(wd + "/bad.safetensors") << "root:x:0:0:root:/root:/bin/bash\n";
+  std::vector<std::string> args = ServerTls();
+  auto closed = Start("fm-indexer", args);
+  args.insert(args.end(), {"--weights_dir", wd});
+  auto ix = Start("fm-indexer", args);
+  ASSERT_TRUE(closed && ix);
+  auto svc = [&](const ServerProcess& p) {
+    return *indexer::IndexerClient::Connect("localhost:" + std::to_string(p.port()), 5000,
+                                            Tenant("tok-svc"));
+  };
+  EXPECT_THAT(svc(*closed)->LoadWeights(wd + "/lsa-bench.safetensors").status(),
+              StatusIs(Code::kFailedPrecondition, "--weights_dir"));
+  auto c = svc(*ix);
+  EXPECT_THAT(c->LoadWeights("lsa-bench.safetensors"), IsOk());
+  EXPECT_THAT(c->LoadWeights(wd + "/lsa-bench.safetensors"), IsOk());
+  for (const char* outside : {"/etc/passwd", "../tokens", "/tmp"})
+    EXPECT_THAT(c->LoadWeights(outside).status(), StatusIs(Code::kPermissionDenied)) << outside;
+  auto bad = c->LoadWeights("bad.safetensors");
+  EXPECT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().message().find("root"), std::string::npos) << bad.status();
+  EXPECT_NE(bad.status().message().find("not a weights file"), std::string::npos) << bad.status();
+}
+
 TEST_F(SecurityTest, ANonLoopbackAddressWithoutTlsNeedsInsecure) {
   // Refused before it binds anything.
   auto p = ServerProcess::Start("fm-indexer", {"--host", "0.0.0.0"}, 10000);

@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   fm::KvStoreService kv_service(store->get(), kv.max_keys_per_call, auth->get());
-  fm::indexer::IndexerService ix_service(core->get(), auth->get());
+  fm::indexer::IndexerService ix_service(core->get(), auth->get(), ix.weights_dir);
   fm::indexer::AddIndexerMetrics(core->get(), &metrics);
   // The decode worker reads and writes pages and asks for predictions in process.
   auto page_store = fm::decode::LocalPageStore(store->get());

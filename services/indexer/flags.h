@@ -19,6 +19,9 @@ struct IndexerFlags {
   CoreOptions core;
   std::string weights;  // loaded at start when set
   std::string default_policy = "lsa";
+  // The directory LoadWeights RPCs read from (paths relative to it, or inside it); empty:
+  // any path on a server without authentication, none on one with it.
+  std::string weights_dir;
 };
 
 inline void AddIndexerFlags(CLI::App& app, IndexerFlags* f) {
@@ -46,6 +49,9 @@ inline void AddIndexerFlags(CLI::App& app, IndexerFlags* f) {
                  "the rest by kept-chunk count")
       ->check(CLI::Range(0.0f, 1.0f))
       ->capture_default_str();
+  app.add_option("--weights_dir", f->weights_dir,
+                 "Directory the LoadWeights RPC reads weights from (required for it on a "
+                 "server with --tokens_file or mTLS)");
   app.add_option("--indexer_max_sessions", f->core.max_sessions, "Sessions held")
       ->capture_default_str();
   app.add_option("--default_policy", f->default_policy,

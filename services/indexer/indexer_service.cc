@@ -1,9 +1,12 @@
 #include "services/indexer/indexer_service.h"
 
+#include <algorithm>
 #include <cstring>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_server.h"
+#include "common/log.h"
 #include "common/spec_proto.h"
 #include "common/status.h"
 
@@ -142,10 +145,40 @@ grpc::ServerUnaryReactor* IndexerService::LoadWeights(grpc::CallbackServerContex
                                                       const v1::LoadWeightsRequest* req,
                                                       v1::LoadWeightsResponse* resp) {
   if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
+  auto path = WeightsPath(req->path());
+  if (!path.ok()) return FinishUnary(ctx, path.status());
   uint64_t hash = 0;
-  absl::Status st = core_->LoadWeights(req->path(), &hash);
-  if (st.ok()) resp->set_weights_hash(hash);
+  absl::Status st = core_->LoadWeights(*path, &hash);
+  if (st.ok()) {
+    resp->set_weights_hash(hash);
+  } else if (!absl::IsNotFound(st)) {
+    // The parser's messages quote the file (its header, tensor names, lengths): they go to
+    // the log only, the caller learns the code and the path.
+    FM_LOG_WARN("indexer: LoadWeights %s: %s", path->c_str(), st.ToString().c_str());
+    st = absl::Status(st.code(), absl::StrCat(req->path(),
+                                              " is not a weights file this indexer can load "
+                                              "(the reason is in its log)"));
+  }
   return FinishUnary(ctx, st);
+}
+
+absl::StatusOr<std::string> IndexerService::WeightsPath(const std::string& path) const {
+  namespace fs = std::filesystem;
+  if (weights_dir_.empty()) {
+    if (auth_ && auth_->enforcing())
+      return absl::FailedPreconditionError(
+          "this indexer loads no weights over RPC: start it with --weights_dir");
+    return path;
+  }
+  std::error_code ec;
+  const fs::path dir = fs::weakly_canonical(weights_dir_, ec);
+  const fs::path p = fs::weakly_canonical(fs::path(path).is_absolute() ? fs::path(path)
+                                                                       : dir / path, ec);
+  auto [d, q] = std::mismatch(dir.begin(), dir.end(), p.begin(), p.end());
+  if (ec || d != dir.end() || q == p.end())
+    return absl::PermissionDeniedError(
+        absl::StrCat("weights are loaded from under --weights_dir only; ", path, " is not"));
+  return p.string();
 }
 
 grpc::ServerUnaryReactor* IndexerService::GetStats(grpc::CallbackServerContext* ctx,

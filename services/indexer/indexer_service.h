@@ -10,8 +10,10 @@ namespace fm::indexer {
 class IndexerService final : public flashmemory::v1::Indexer::CallbackService {
  public:
   // auth (may be null: every caller allowed): every RPC needs a service identity.
-  explicit IndexerService(IndexerCore* core, const Authenticator* auth = nullptr)
-      : core_(core), auth_(auth) {}
+  // weights_dir: where LoadWeights may read (see IndexerFlags::weights_dir).
+  explicit IndexerService(IndexerCore* core, const Authenticator* auth = nullptr,
+                          std::string weights_dir = "")
+      : core_(core), auth_(auth), weights_dir_(std::move(weights_dir)) {}
 
   grpc::ServerUnaryReactor* RegisterSession(
       grpc::CallbackServerContext* ctx, const flashmemory::v1::RegisterSessionRequest* req,
@@ -36,8 +38,12 @@ class IndexerService final : public flashmemory::v1::Indexer::CallbackService {
   absl::Status Allow(const grpc::ServerContextBase& ctx) const {
     return auth_ ? auth_->RequireService(ctx).status() : absl::OkStatus();
   }
+  // The file a LoadWeights path names, if the service may read it.
+  absl::StatusOr<std::string> WeightsPath(const std::string& path) const;
+
   IndexerCore* core_;
   const Authenticator* auth_;
+  std::string weights_dir_;
 };
 
 }  // namespace fm::indexer

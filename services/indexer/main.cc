@@ -28,7 +28,7 @@ int main(int argc, char** argv) {
     FM_LOG_ERROR("%s: %s", "indexer", auth.status().ToString().c_str());
     return 1;
   }
-  fm::indexer::IndexerService service(core->get(), auth->get());
+  fm::indexer::IndexerService service(core->get(), auth->get(), flags.weights_dir);
   fm::indexer::AddIndexerMetrics(core->get(), &metrics);
   fm::GrpcServerRunner runner(server, &metrics);
   runner.AddService(&service, "flashmemory.v1.Indexer");
