@@ -27,6 +27,15 @@ inline void AddKvStoreFlags(CLI::App& app, KvStoreOptions* o) {
   app.add_option("--default_lease_ms", o->default_lease_ms, "Lease when a request asks for 0")
       ->capture_default_str();
   app.add_option("--max_lease_ms", o->max_lease_ms, "Longest lease granted")->capture_default_str();
+  app.add_option("--max_leases", o->max_leases, "Leases held at once, all clients")
+      ->capture_default_str();
+  app.add_option("--max_leases_per_client", o->max_leases_per_client,
+                 "Leases one client (connection) holds at once")
+      ->capture_default_str();
+  app.add_option("--max_pinned_bytes_per_client", o->max_pinned_bytes_per_client,
+                 "RAM bytes one client's leases pin (0 = half of --ram_bytes)")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
   app.add_option("--slab_bytes", o->slab_bytes,
                  "Largest record cached in the RAM tier; larger ones are served from RocksDB")
       ->transform(CLI::AsSizeValue(false))

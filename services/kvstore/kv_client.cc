@@ -330,11 +330,17 @@ absl::StatusOr<std::vector<PageRecord>> KvClient::Read(const std::vector<PageRef
   // Batches sized to the staging buffer; the record size is learned from the first batch.
   size_t i = 0;
   uint64_t record = 0;
+  size_t most = SIZE_MAX;  // halved while the store refuses a lease this large
   while (i < keys.size()) {
     size_t n = record == 0 ? 1 : std::max<uint64_t>(1, staging_->size() / record);
-    n = std::min(n, keys.size() - i);
-    FM_ASSIGN_OR_RETURN(Resolved r,
-                        Resolve(std::vector<PageRef>(keys.begin() + i, keys.begin() + i + n)));
+    n = std::min({n, most, keys.size() - i});
+    absl::StatusOr<Resolved> resolved =
+        Resolve(std::vector<PageRef>(keys.begin() + i, keys.begin() + i + n));
+    if (absl::IsResourceExhausted(resolved.status()) && n > 1) {
+      most = n / 2;  // over this client's share of pinned bytes: smaller leases
+      continue;
+    }
+    FM_ASSIGN_OR_RETURN(Resolved r, std::move(resolved));
     std::vector<uint64_t> offsets;
     uint64_t off = 0;
     for (uint64_t len : r.lengths) {
@@ -494,7 +500,21 @@ absl::Status ShardedKvClient::ReadInto(const std::vector<PageRef>& keys, const U
     }
     std::vector<PageHeaderData> h;
     if (c->has_ucx()) {
-      FM_ASSIGN_OR_RETURN(KvClient::Resolved res, c->Resolve(sub));
+      absl::StatusOr<KvClient::Resolved> resolved = c->Resolve(sub);
+      if (absl::IsResourceExhausted(resolved.status()) && sub.size() > 1) {
+        // Over this client's share of the store's pinned bytes: two smaller leases.
+        const size_t half = idx.size() / 2;
+        for (auto [a, b] : {std::pair<size_t, size_t>{0, half}, {half, idx.size()}}) {
+          std::vector<PageRef> k(sub.begin() + a, sub.begin() + b);
+          std::vector<uint64_t> o(off.begin() + a, off.begin() + b);
+          std::vector<PageHeaderData> hh;
+          FM_RETURN_IF_ERROR(ReadInto(k, dst, o, room, headers ? &hh : nullptr));
+          if (headers)
+            for (size_t j = a; j < b; ++j) (*headers)[idx[j]] = std::move(hh[j - a]);
+        }
+        continue;
+      }
+      FM_ASSIGN_OR_RETURN(KvClient::Resolved res, std::move(resolved));
       for (size_t j = 0; j < sub.size(); ++j)
         if (res.lengths[j] > room) {
           (void)c->Release(res.lease_id);

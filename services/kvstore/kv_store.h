@@ -29,6 +29,11 @@ struct KvStoreOptions {
   uint32_t max_keys_per_call = 4096;  // pages per Get/Resolve/Prefetch call
   uint32_t default_lease_ms = 30000;  // lease length when a request says 0
   uint32_t max_lease_ms = 600000;     // longest lease granted
+  // Bounds of the lease table and of each client's share of it (a client: one connection,
+  // as its gRPC peer names it), so that no client can pin the whole RAM tier.
+  uint32_t max_leases = 65536;
+  uint32_t max_leases_per_client = 1024;
+  uint64_t max_pinned_bytes_per_client = 0;  // 0 = half the RAM tier
   bool sync_writes = false;           // fsync WAL per put (power-loss durability)
   bool enable_ucx = true;             // register the arena with UCX; false = gRPC byte path only
   // A session marked closed (CloseSession) and not written since is deleted this long after
@@ -100,10 +105,13 @@ class KvStore {
                             const std::function<void(const uint8_t*, size_t)>& sink,
                             bool* from_spill) = 0;
   // Puts every page in RAM (promoting spilled ones) and pins them under a new lease.
-  virtual absl::StatusOr<Lease> Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms) = 0;
+  // client: who holds the lease, for the per-client bounds (RESOURCE_EXHAUSTED beyond them).
+  virtual absl::StatusOr<Lease> Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms,
+                                        const std::string& client = "") = 0;
   // Reserves a RAM cell for a page the client writes itself (UCX put). The cell is private
   // until Commit.
-  virtual absl::StatusOr<Lease> GrantPut(const PageHeaderData& header, uint32_t lease_ms) = 0;
+  virtual absl::StatusOr<Lease> GrantPut(const PageHeaderData& header, uint32_t lease_ms,
+                                         const std::string& client = "") = 0;
   // Verifies the record written into the granted cell against the granted header, makes it
   // durable and visible. The lease ends either way.
   virtual absl::Status CommitPut(uint64_t lease_id) = 0;

@@ -451,7 +451,40 @@ uint32_t KvStoreImpl::LeaseMs(uint32_t requested) const {
   return std::min(ms, options_.max_lease_ms);
 }
 
-absl::StatusOr<Lease> KvStoreImpl::Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms) {
+absl::Status KvStoreImpl::AdmitLeaseLocked(const std::string& client, uint64_t bytes) {
+  if (leases_.size() >= options_.max_leases)
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the kvstore holds its limit of ", options_.max_leases, " leases; release some"));
+  ClientUse& u = clients_[client];
+  const uint64_t max_bytes = options_.max_pinned_bytes_per_client
+                                 ? options_.max_pinned_bytes_per_client
+                                 : options_.ram_bytes / 2;
+  absl::Status st;
+  if (u.leases >= options_.max_leases_per_client)
+    st = absl::ResourceExhaustedError(absl::StrCat("this client holds its limit of ",
+                                                   options_.max_leases_per_client, " leases"));
+  else if (u.bytes + bytes > max_bytes)
+    st = absl::ResourceExhaustedError(absl::StrCat("this client would pin ", u.bytes + bytes,
+                                                   " bytes; its limit is ", max_bytes));
+  if (!st.ok()) {
+    if (u.leases == 0) clients_.erase(client);
+    return st;
+  }
+  ++u.leases;
+  u.bytes += bytes;
+  return absl::OkStatus();
+}
+
+void KvStoreImpl::ForgetLeaseLocked(const LeaseState& lease) {
+  auto it = clients_.find(lease.client);
+  if (it == clients_.end()) return;
+  it->second.leases -= std::min<uint64_t>(it->second.leases, 1);
+  it->second.bytes -= std::min(it->second.bytes, lease.bytes);
+  if (it->second.leases == 0) clients_.erase(it);
+}
+
+absl::StatusOr<Lease> KvStoreImpl::Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms,
+                                           const std::string& client) {
   if (keys.empty()) return absl::InvalidArgumentError("no pages requested");
   if (keys.size() > options_.max_keys_per_call)
     return absl::ResourceExhaustedError(
@@ -483,6 +516,9 @@ absl::StatusOr<Lease> KvStoreImpl::Acquire(const std::vector<PageRef>& keys, uin
         k, reinterpret_cast<uint64_t>(arena_ + (*cell)->offset), (*cell)->record_len});
   }
   absl::MutexLock lock(&mu_);
+  state.client = client;
+  for (RamCell* c : state.cells) state.bytes += c->record_len;
+  if (failure.ok()) failure = AdmitLeaseLocked(client, state.bytes);
   if (!failure.ok()) {
     for (RamCell* c : state.cells) ram_->Unpin(c);
     return failure;
@@ -493,11 +529,14 @@ absl::StatusOr<Lease> KvStoreImpl::Acquire(const std::vector<PageRef>& keys, uin
   return lease;
 }
 
-absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32_t lease_ms) {
+absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32_t lease_ms,
+                                            const std::string& client) {
   FM_RETURN_IF_ERROR(ValidateHeader(header));
   const uint64_t record_len = kPageHeaderBytes + header.payload_bytes;
   absl::MutexLock lock(&mu_);
   LeaseState state;
+  state.client = client;
+  state.bytes = record_len;
   state.is_put = true;
   state.put_header = header;
   state.put_key = EncodePageKey(header.session_id, header.page);
@@ -513,6 +552,10 @@ absl::StatusOr<Lease> KvStoreImpl::GrantPut(const PageHeaderData& header, uint32
   if (!s.ok()) {
     ram_->Unpin(c);
     return s;
+  }
+  if (absl::Status admit = AdmitLeaseLocked(client, record_len); !admit.ok()) {
+    ram_->Unpin(c);
+    return admit;
   }
   state.cells.push_back(c);
   state.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(LeaseMs(lease_ms));
@@ -535,6 +578,7 @@ absl::Status KvStoreImpl::CommitPut(uint64_t lease_id) {
     if (!it->second.is_put)
       return absl::InvalidArgumentError(absl::StrCat("lease ", lease_id, " is not a put grant"));
     state = std::move(it->second);
+    ForgetLeaseLocked(state);
     leases_.erase(it);
   }
   const PageHeaderData& want = state.put_header;
@@ -588,6 +632,7 @@ absl::Status KvStoreImpl::Release(uint64_t lease_id) {
   if (it == leases_.end())
     return absl::NotFoundError(absl::StrCat("lease ", lease_id, " is unknown or expired"));
   EndLeaseLocked(it->second);
+  ForgetLeaseLocked(it->second);
   leases_.erase(it);
   return absl::OkStatus();
 }
@@ -598,6 +643,7 @@ void KvStoreImpl::ExpireLeases() {
   for (auto it = leases_.begin(); it != leases_.end();) {
     if (it->second.deadline <= now) {
       EndLeaseLocked(it->second);
+      ForgetLeaseLocked(it->second);
       leases_.erase(it++);
     } else {
       ++it;

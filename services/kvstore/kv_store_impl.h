@@ -26,8 +26,10 @@ class KvStoreImpl final : public KvStore {
                    bool* in_ram) override;
   absl::Status Read(const PageRef& key, const std::function<void(const uint8_t*, size_t)>& sink,
                     bool* from_spill) override;
-  absl::StatusOr<Lease> Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms) override;
-  absl::StatusOr<Lease> GrantPut(const PageHeaderData& header, uint32_t lease_ms) override;
+  absl::StatusOr<Lease> Acquire(const std::vector<PageRef>& keys, uint32_t lease_ms,
+                                const std::string& client = "") override;
+  absl::StatusOr<Lease> GrantPut(const PageHeaderData& header, uint32_t lease_ms,
+                                 const std::string& client = "") override;
   absl::Status CommitPut(uint64_t lease_id) override;
   absl::Status Release(uint64_t lease_id) override;
   absl::StatusOr<uint64_t> DeleteSession(const std::string& session_id,
@@ -60,7 +62,16 @@ class KvStoreImpl final : public KvStore {
     std::string put_key;
     bool had_old = false;  // put grants: the reservation to roll back
     PageInfo old_info;
+    std::string client;  // who holds it, and the record bytes it pins
+    uint64_t bytes = 0;
   };
+  struct ClientUse {
+    uint64_t leases = 0, bytes = 0;
+  };
+  // Counts a new lease of `client` pinning `bytes`, or RESOURCE_EXHAUSTED past a bound.
+  absl::Status AdmitLeaseLocked(const std::string& client, uint64_t bytes)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ForgetLeaseLocked(const LeaseState& lease) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   absl::Status ValidateHeader(const PageHeaderData& h) const;
   // RESOURCE_EXHAUSTED when writing h would take its session over max_session_bytes.
@@ -111,6 +122,7 @@ class KvStoreImpl final : public KvStore {
   absl::flat_hash_map<std::string, SessionState> sessions_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uint64_t, LeaseState> leases_ ABSL_GUARDED_BY(mu_);
   uint64_t next_lease_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::flat_hash_map<std::string, ClientUse> clients_ ABSL_GUARDED_BY(mu_);
   // Sessions marked closed: the close time (unix seconds).
   absl::flat_hash_map<std::string, int64_t> closed_ ABSL_GUARDED_BY(mu_);
   uint64_t next_version_ ABSL_GUARDED_BY(mu_) = 1;

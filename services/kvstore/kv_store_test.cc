@@ -171,6 +171,7 @@ TEST_F(KvStoreTest, BadInputGetsPreciseStatus) {
 
 TEST_F(KvStoreTest, LeasesPinAndExpire) {
   options_.default_lease_ms = 60000;
+  options_.max_pinned_bytes_per_client = options_.ram_bytes;  // one client pins it all here
   Open();
   for (uint64_t i = 0; i < 4; ++i) ASSERT_THAT(PutPage("s", i, RandomBytes(kPayload, i)), IsOk());
   auto lease = store_->Acquire({{"s", 0}, {"s", 1}, {"s", 2}, {"s", 3}}, 0);
@@ -200,6 +201,33 @@ TEST_F(KvStoreTest, LeasesPinAndExpire) {
   store_->TEST_ExpireLeases();
   EXPECT_EQ(store_->Stats("").value().pinned_pages, 0u);
   EXPECT_THAT(store_->Release(second->id), StatusIs(Code::kNotFound, "expired"));
+}
+
+// No client can pin the whole RAM tier: each holds at most max_leases_per_client leases and
+// max_pinned_bytes_per_client bytes (half the tier by default); ending a lease (release,
+// expiry, commit) gives its share back; other clients are unaffected.
+TEST_F(KvStoreTest, LeasesAreBoundedPerClient) {
+  options_.max_leases_per_client = 2;
+  Open();
+  for (uint64_t i = 0; i < 4; ++i) ASSERT_THAT(PutPage("s", i, RandomBytes(kPayload, i)), IsOk());
+  EXPECT_THAT(store_->Acquire({{"s", 0}, {"s", 1}, {"s", 2}}, 0, "a"),
+              StatusIs(Code::kResourceExhausted, "its limit is"));  // 3 of 4 cells: > half
+  auto l1 = store_->Acquire({{"s", 0}}, 0, "a");
+  auto l2 = store_->Acquire({{"s", 1}}, 0, "a");
+  ASSERT_THAT(l1, IsOk());
+  ASSERT_THAT(l2, IsOk());
+  EXPECT_THAT(store_->Acquire({{"s", 2}}, 0, "a"),
+              StatusIs(Code::kResourceExhausted, "holds its limit of 2 leases"));
+  auto other = store_->Acquire({{"s", 2}}, 0, "b");
+  ASSERT_THAT(other, IsOk());
+  const std::string payload = RandomBytes(kPayload, 9);
+  auto h = MakePageHeader("s", 9, 99, 64, DType::kBf16, payload.data(), payload.size());
+  EXPECT_THAT(store_->GrantPut(h, 0, "a").status(), StatusIs(Code::kResourceExhausted));
+  ASSERT_THAT(store_->Release(l1->id), IsOk());
+  auto grant = store_->GrantPut(h, 0, "a");
+  ASSERT_THAT(grant, IsOk());
+  EXPECT_FALSE(store_->CommitPut(grant->id).ok());  // nothing was written into the cell
+  EXPECT_THAT(store_->Acquire({{"s", 3}}, 0, "a"), IsOk());  // the grant's share came back
 }
 
 TEST_F(KvStoreTest, GrantPutCommitsWhatWasWrittenAndRejectsForgeries) {

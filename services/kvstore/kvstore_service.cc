@@ -168,7 +168,7 @@ grpc::ServerUnaryReactor* KvStoreService::Resolve(grpc::CallbackServerContext* c
                                                   const v1::ResolveRequest* req,
                                                   v1::ResolveResponse* resp) {
   if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
-  absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
+  absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms(), ctx->peer());
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   resp->set_instance_id(instance_id_);
@@ -183,7 +183,7 @@ grpc::ServerUnaryReactor* KvStoreService::GrantPut(grpc::CallbackServerContext* 
   if (!req->has_header()) return FinishUnary(ctx, absl::InvalidArgumentError("header is missing"));
   PageHeaderData h = HeaderFromProto(req->header());
   h.epoch = req->epoch();
-  absl::StatusOr<Lease> lease = store_->GrantPut(h, req->lease_ms());
+  absl::StatusOr<Lease> lease = store_->GrantPut(h, req->lease_ms(), ctx->peer());
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   LocationToProto(lease->locations[0], resp->mutable_location());
@@ -202,7 +202,7 @@ grpc::ServerUnaryReactor* KvStoreService::Prefetch(grpc::CallbackServerContext* 
                                                    const v1::PrefetchRequest* req,
                                                    v1::PrefetchResponse* resp) {
   if (absl::Status who = Allow(*ctx); !who.ok()) return FinishUnary(ctx, who);
-  absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms());
+  absl::StatusOr<Lease> lease = store_->Acquire(Refs(req->keys()), req->lease_ms(), ctx->peer());
   if (!lease.ok()) return FinishUnary(ctx, lease.status());
   resp->set_lease_id(lease->id);
   resp->set_promoted(lease->promoted);
