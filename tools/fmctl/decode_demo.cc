@@ -35,7 +35,7 @@ int DecodeDemo(const DecodeDemoOptions& o) {
       "generated a %llu-token session (%s spec, %.0f MiB of KV, %u decode steps) in %.1f s\n",
       static_cast<unsigned long long>(o.tokens), o.spec.c_str(), prefill.pages.size() / 1048576.0,
       o.steps, std::chrono::duration<double>(std::chrono::steady_clock::now() - g0).count());
-  auto client = decode::DecodeClient::Connect(o.target);
+  auto client = decode::DecodeClient::Connect(o.target, 60000, o.security);
   if (!client.ok()) {
     std::fprintf(stderr, "fmctl demo: %s\n", client.status().ToString().c_str());
     return 1;

@@ -1,5 +1,7 @@
 #pragma once
 
+#include "common/security.h"
+
 #include <cstdint>
 #include <string>
 
@@ -7,6 +9,7 @@ namespace fm::fmctl {
 
 struct DecodeDemoOptions {
   std::string target = "127.0.0.1:50051";
+  ClientSecurity security;  // TLS files and the tenant's token
   std::string spec = "bench";
   std::string session = "demo";
   uint64_t tokens = 32768;

@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_format.h"
 #include "common/codecs.h"
+#include "common/flags.h"
 #include "common/model_spec.h"
 #include "common/status.h"
 #include "services/indexer/indexer_client.h"
@@ -26,6 +27,9 @@
 #include "workload/trace.h"
 
 namespace {
+
+// What fmctl presents to the servers (--tls_ca, --tls_cert, --tls_key, --token).
+fm::ClientSecurity g_security;
 
 using Clock = std::chrono::steady_clock;
 
@@ -80,6 +84,7 @@ int Demo(const std::string& target, const std::string& spec_name, uint64_t token
   auto spec = fm::PresetSpec(spec_name);
   if (!spec.ok()) return Fail(spec.status());
   fm::KvClientOptions co;
+  co.security = g_security;
   co.max_message_bytes = 64 << 20;
   auto client = fm::KvClient::Connect(target, co);
   if (!client.ok()) return Fail(client.status());
@@ -204,6 +209,7 @@ int Demo(const std::string& target, const std::string& spec_name, uint64_t token
 int Stats(const std::string& target, const std::string& session) {
   fm::KvClientOptions co;
   co.use_ucx = false;
+  co.security = g_security;
   auto client = fm::KvClient::Connect(target, co);
   if (!client.ok()) return Fail(client.status());
   auto st = (*client)->Stats(session.empty() ? "*" : session);
@@ -245,6 +251,9 @@ int Gen(const std::string& spec_name, uint64_t tokens, uint32_t steps, uint64_t 
 int main(int argc, char** argv) {
   CLI::App app{"fmctl: FlashMemory command-line client"};
   app.require_subcommand(1);
+  app.fallthrough();  // the TLS and token flags go before or after the subcommand
+  fm::AddTlsFlags(app, &g_security.tls);
+  app.add_option("--token", g_security.token, "Bearer token (a tenant's, or a service's)");
   std::string target = "127.0.0.1:50051", spec = "bench", session = "demo";
   uint64_t tokens = 32768;
   fm::fmctl::DecodeDemoOptions dd;
@@ -324,11 +333,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (gen->parsed()) return Gen(spec, tokens, steps, seed, count, out_dir, topt, knobs);
+  dd.security = g_security;
   if (ddemo->parsed()) return fm::fmctl::DecodeDemo(dd);
   if (demo->parsed()) return Demo(target, spec, tokens, session);
   if (stats->parsed()) return Stats(target, stats->count("--session") ? session : "");
   if (lw->parsed()) {
-    auto client = fm::indexer::IndexerClient::Connect(target);
+    auto client = fm::indexer::IndexerClient::Connect(target, 10000, g_security);
     if (!client.ok()) return Fail(client.status());
     auto hash = (*client)->LoadWeights(weights);
     if (!hash.ok()) return Fail(hash.status());
@@ -339,6 +349,7 @@ int main(int argc, char** argv) {
   if (del->parsed()) {
     fm::KvClientOptions co;
     co.use_ucx = false;
+    co.security = g_security;
     auto client = fm::KvClient::Connect(target, co);
     if (!client.ok()) return Fail(client.status());
     auto n = (*client)->DeleteSession(session);
