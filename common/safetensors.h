@@ -38,6 +38,10 @@ class SafetensorsWriter {
            const std::vector<T>& v) {
     Add(name, dtype, std::move(shape), static_cast<const void*>(v.data()));
   }
+  // A temporary would be gone before Write reads it.
+  template <typename T>
+  void Add(const std::string& name, StDType dtype, std::vector<int64_t> shape,
+           std::vector<T>&& v) = delete;
   absl::Status Write(const std::string& path,
                      const std::map<std::string, std::string>& metadata) const;
 

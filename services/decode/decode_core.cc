@@ -1313,9 +1313,11 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
     auto rec = std::make_shared<Session::Recovery>();
     rec->install_step = st.recovery_install_step();
     rec->q.resize(st.recovery_q().size() / 4);
-    std::memcpy(rec->q.data(), st.recovery_q().data(), rec->q.size() * 4);
+    if (!rec->q.empty())  // (no memcpy of null)
+      std::memcpy(rec->q.data(), st.recovery_q().data(), rec->q.size() * 4);
     rec->lse.resize(st.recovery_lse().size() / 4);
-    std::memcpy(rec->lse.data(), st.recovery_lse().data(), rec->lse.size() * 4);
+    if (!rec->lse.empty())  // (no memcpy of null)
+      std::memcpy(rec->lse.data(), st.recovery_lse().data(), rec->lse.size() * 4);
     rec->pages.assign(st.recovery_pages().begin(), st.recovery_pages().end());
     if (st.recovery_done()) {
       rec->done = true;
@@ -1347,10 +1349,12 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       a.step = st.job_step();
       if (st.job_has_hidden()) {
         a.hidden.resize(st.job_hidden().size() / 4);
-        std::memcpy(a.hidden.data(), st.job_hidden().data(), a.hidden.size() * 4);
+        if (!a.hidden.empty())  // (no memcpy of null)
+          std::memcpy(a.hidden.data(), st.job_hidden().data(), a.hidden.size() * 4);
       }
       a.query.resize(st.job_query().size() / 4);
-      std::memcpy(a.query.data(), st.job_query().data(), a.query.size() * 4);
+      if (!a.query.empty())  // (no memcpy of null)
+        std::memcpy(a.query.data(), st.job_query().data(), a.query.size() * 4);
       a.budget = s.predict_budget;
       a.policy = s.opt.policy;
       a.sink = options.sink;

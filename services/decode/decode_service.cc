@@ -252,7 +252,7 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
     LoadFloats(s.dtype, reinterpret_cast<const uint8_t*>(r.k().data()), it.k.data(), kn);
     LoadFloats(s.dtype, reinterpret_cast<const uint8_t*>(r.v().data()), it.v.data(), kn);
     it.hidden.resize(r.hidden().size() / 4);
-    std::memcpy(it.hidden.data(), r.hidden().data(), r.hidden().size());
+    if (!it.hidden.empty()) std::memcpy(it.hidden.data(), r.hidden().data(), r.hidden().size());
     it.out.assign(qn, 0.0f);
     it.lse.assign(size_t{n} * s.q_heads, 0.0f);
     it.count = n;

@@ -283,11 +283,13 @@ TEST(IndexerCore, BadInputGetsAPreciseStatusAndLeavesOtherSessionsAlone) {
   w->w_b[0].resize(10);
   const std::string path = ::testing::TempDir() + "/bad_weights.safetensors";
   SafetensorsWriter wr;  // w_b with 10 floats, claimed by metadata to be [heads * dim, rank]
-  std::vector<float> tiny(10);
-  wr.Add("layer0.w_a", StDType::kF32, {16, 256}, RandomWeights(sp, 16, 3)->w_a[0]);
-  wr.Add("layer0.g", StDType::kF32, {16}, std::vector<float>(16, 1.0f));
+  // The writer keeps pointers to the tensors until Write: they must outlive it.
+  std::vector<float> tiny(10), ones(16, 1.0f);
+  const auto full = RandomWeights(sp, 16, 3);
+  wr.Add("layer0.w_a", StDType::kF32, {16, 256}, full->w_a[0]);
+  wr.Add("layer0.g", StDType::kF32, {16}, ones);
   wr.Add("layer0.w_b", StDType::kF32, {10}, tiny);
-  wr.Add("layer0.w_w", StDType::kF32, {4, 256}, RandomWeights(sp, 16, 3)->w_w[0]);
+  wr.Add("layer0.w_w", StDType::kF32, {4, 256}, full->w_w[0]);
   ASSERT_THAT(wr.Write(path, {{"index_layers", "1"},
                               {"index_heads", "4"},
                               {"index_dim", "64"},

@@ -19,7 +19,7 @@ absl::StatusOr<std::vector<float>> Floats(const std::string& bytes, const char* 
     return absl::InvalidArgumentError(
         absl::StrCat(what, " has ", bytes.size(), " bytes, not a whole number of fp32 values"));
   std::vector<float> v(bytes.size() / 4);
-  std::memcpy(v.data(), bytes.data(), bytes.size());
+  if (!v.empty()) std::memcpy(v.data(), bytes.data(), bytes.size());  // (no memcpy of null)
   return v;
 }
 
