@@ -1,0 +1,96 @@
+// The fixture of the decode worker's process tests (decode_integration_test.cc,
+// decode_faults_test.cc): a generated tiny-spec session, and helpers that start the real
+// binaries on loopback and drive them with the replay client.
+#pragma once
+
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <atomic>
+#include <filesystem>
+#include <thread>
+
+#include "common/spec_proto.h"
+#include "common/status_matchers.h"
+#include "services/indexer/indexer_client.h"
+#include "services/kvstore/kv_client.h"
+#include "tests/process_util.h"
+#include "tools/replay/replay.h"
+
+namespace fm::decode {
+namespace {
+namespace v1 = flashmemory::v1;
+using ::fm::testing::IsOk;
+using ::fm::testing::StatusIs;
+using Code = absl::StatusCode;
+
+inline double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, double(std::abs(a[i] - b[i])));
+  return m;
+}
+
+class DecodeProcessTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = MakeTempDir("fm_decit");
+    workload::SessionConfig c;
+    c.spec = *PresetSpec("tiny");
+    c.knobs.tau = 16;
+    c.seed = 21;
+    c.prefill_tokens = 4000;  // a partial last page
+    c.steps = 64;
+    g_ = *workload::Session::Generate(c);
+    prefill_ = replay::MakePrefill(*g_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::unique_ptr<ServerProcess> Start(const std::string& bin, std::vector<std::string> args) {
+    // The tests' step numbers assume a set switch 4 steps after each cycle start.
+    if (bin == "flashmemory" || bin == "fm-decode") args.insert(args.end(), {"--switch_lag", "4"});
+    auto p = ServerProcess::Start(bin, std::move(args));
+    EXPECT_THAT(p, IsOk());
+    return p.ok() ? std::move(*p) : nullptr;
+  }
+  std::unique_ptr<ServerProcess> AllInOne(const std::string& name) {
+    return Start("flashmemory", {"--data_dir", dir_ + "/" + name, "--ram_bytes", "64MiB",
+                                 "--reserve_bytes", "64MiB"});
+  }
+  absl::StatusOr<replay::ReplayResult> Run(const std::string& target, const std::string& id,
+                                           Mode mode, float budget, indexer::Policy policy,
+                                           bool whole_step = false) {
+    auto client = DecodeClient::Connect(target, 30000);
+    if (!client.ok()) return client.status();
+    replay::ReplayOptions o;
+    o.session_id = id;
+    o.mode = mode;
+    o.budget = budget;
+    o.policy = policy;
+    o.whole_step = whole_step;
+    return replay::Replay(**client, *g_, prefill_, o);
+  }
+
+  // Opens `id` (sparse, quest at 25 %) on a worker and prefills the generated history.
+  absl::Status OpenQuest(DecodeClient& client, const std::string& id) {
+    replay::ReplayOptions o;
+    o.session_id = id;
+    o.budget = 0.25f;
+    o.policy = indexer::Policy::kQuest;
+    replay::ReplayResult unused;
+    return replay::OpenAndPrefill(client, *g_, prefill_, o, &unused);
+  }
+
+  void RestartKvstoreMidSession(bool ucx, int sig, bool restart_at_once);
+
+  std::string dir_;
+  std::unique_ptr<workload::Session> g_;
+  replay::PrefillData prefill_;
+};
+
+}  // namespace
+}  // namespace fm::decode
