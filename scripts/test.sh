@@ -4,6 +4,8 @@
 #
 # SANITIZE=address runs the whole suite under ASan + UBSan (build-asan/), SANITIZE=thread the
 # decode and kvstore tests under TSan (build-tsan/); any report fails the test that made it.
+# TSan sees absl::Mutex only when abseil itself is built with TSan (Debian's is not): against
+# Debian's it reports every absl::Mutex-guarded access (docs/reliability.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
