@@ -76,6 +76,12 @@ absl::Status DecodePageHeader(const uint8_t* in, PageHeaderData* h) {
   h->payload_bytes = Get<uint64_t>(in, kOffPayloadBytes);
   h->checksum = Get<uint64_t>(in, kOffChecksum);
   h->token_count = Get<uint32_t>(in, kOffTokens);
+  // Every byte the fields do not use is zero: one encoding per header (found by fuzzing: a
+  // header with a non-zero padding byte and a matching header checksum decoded).
+  uint8_t canonical[kPageHeaderBytes];
+  EncodePageHeader(*h, canonical);
+  if (std::memcmp(canonical, in, kPageHeaderBytes) != 0)
+    return absl::DataLossError("page header: non-zero reserved or padding bytes");
   return absl::OkStatus();
 }
 

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <vector>
 
 #include "common/checksum.h"
@@ -54,6 +55,19 @@ TEST(PageFormat, DetectsEveryMismatch) {
   std::vector<uint8_t> zeros(rec.size());
   EXPECT_THAT(VerifyPageRecord(zeros.data(), zeros.size(), "alice", 3),
               StatusIs(absl::StatusCode::kDataLoss, "magic"));
+}
+
+// One encoding per header: a byte the fields do not use (session-id padding, reserved) must
+// be zero even when the header checksum is made to match (the fuzzer did exactly that).
+TEST(PageFormat, RefusesNonZeroPaddingUnderAValidHeaderChecksum) {
+  for (size_t at : {size_t{44}, size_t{100}, size_t{200}}) {
+    auto rec = MakeRecord("s", 0, 64);
+    rec[at] = 0x83;
+    const uint64_t sum = Checksum64(rec.data(), 248);  // the header checksum's range
+    std::memcpy(rec.data() + 248, &sum, 8);
+    PageHeaderData h;
+    EXPECT_THAT(DecodePageHeader(rec.data(), &h), StatusIs(absl::StatusCode::kDataLoss)) << at;
+  }
 }
 
 TEST(PageFormat, SessionIdLimits) {
