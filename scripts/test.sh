@@ -6,6 +6,7 @@
 # decode and kvstore tests under TSan (build-tsan/); any report fails the test that made it.
 # TSan sees absl::Mutex only when abseil itself is built with TSan (Debian's is not): against
 # Debian's it reports every absl::Mutex-guarded access (docs/reliability.md).
+# FUZZ=SECONDS also runs each libFuzzer target that long (scripts/fuzz.sh; needs clang).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install_deps.sh
@@ -28,3 +29,6 @@ case "${SANITIZE:-}" in
     ;;
 esac
 ctest --test-dir "$BUILD" --output-on-failure -j "${JOBS:-2}" --timeout "${TEST_TIMEOUT:-300}" "${args[@]}"
+if [[ -n "${FUZZ:-}" ]]; then
+  bash scripts/fuzz.sh "$FUZZ"
+fi
