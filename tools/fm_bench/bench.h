@@ -59,6 +59,15 @@ struct E2eBenchOptions {
 
 int RunE2eBench(const E2eBenchOptions& options);
 
+struct FloodBenchOptions {
+  uint32_t steps = 200;               // victim steps per phase
+  uint32_t floods = 2;                // flooding streams
+  uint32_t batch = 4096;              // requests per flood batch
+  uint32_t max_batch_requests = 4096; // the server's bound
+  std::string json;
+};
+int RunFloodBench(const FloodBenchOptions& options);
+
 // The footprint cap of a context from the cap at an anchor context: the caps (10 %
 // at 128K, 5 % at 1M) keep pages growing as context^(2/3) between them, and this continues
 // that law to other contexts: cap * (context / anchor)^(-1/3), at most 1 (32K at 15.9 %,

@@ -45,6 +45,15 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   ic->add_option("--json", ib.json, "Write the rows as JSON");
   ic->add_flag("--verbose", ib.verbose, "Per-cycle mass recall of every policy on stderr");
+  fm::bench::FloodBenchOptions fb;
+  auto* fc = app.add_subcommand(
+      "flood", "Another session's step latency while streams flood the worker with requests");
+  fc->add_option("--steps", fb.steps, "Victim steps per phase")->capture_default_str();
+  fc->add_option("--floods", fb.floods, "Flooding streams")->capture_default_str();
+  fc->add_option("--batch", fb.batch, "Requests per flood batch")->capture_default_str();
+  fc->add_option("--max_batch_requests", fb.max_batch_requests, "The server's batch bound")
+      ->capture_default_str();
+  fc->add_option("--json", fb.json, "Write the figures as JSON");
   fm::bench::E2eBenchOptions eb;
   auto* ec = app.add_subcommand(
       "e2e", "The cluster end to end: dense vs sparse fidelity, footprint, throughput, ceiling");
@@ -103,6 +112,7 @@ int main(int argc, char** argv) {
   ec->add_option("--json", eb.json, "Write the rows as JSON");
   ec->add_option("--plots", eb.plots, "Directory for PNG plots (with --json)");
   CLI11_PARSE(app, argc, argv);
+  if (fc->parsed()) return fm::bench::RunFloodBench(fb);
   if (ec->parsed()) return fm::bench::RunE2eBench(eb);
   if (ic->parsed()) {
     if (ib.weights.empty()) ib.weights = std::string(FM_MODELS_DIR) + "/lsa-" + ib.spec + ".safetensors";
