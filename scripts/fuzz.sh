@@ -7,6 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
+if ! command -v "${CXX:-clang++}" > /dev/null; then  # Debian's clang carries libFuzzer
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends clang
+fi
 out=build-fuzz
 mkdir -p "$out"
 CXX=${CXX:-clang++}

@@ -8,6 +8,7 @@ PKGS=(
   libabsl-dev librocksdb-dev libucx-dev
   libgtest-dev libgmock-dev libhwy-dev
   libcli11-dev libxxhash-dev libcpp-httplib-dev nlohmann-json3-dev
+  openssl  # scripts/make_dev_certs.sh (the security tests' certificates)
   python3-numpy python3-torch python3-grpcio python3-protobuf python3-matplotlib
   libopenblas0-pthread  # Debian's torch calls the system BLAS: 20x faster matmul than the reference BLAS
 )
