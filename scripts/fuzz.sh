@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-60}
 if ! command -v "${CXX:-clang++}" > /dev/null; then  # Debian's clang carries libFuzzer
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-  $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends clang
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends clang libclang-rt-14-dev
 fi
 out=build-fuzz
 mkdir -p "$out"
