@@ -140,30 +140,15 @@ TEST_F(DecodeProcessTest, AWorkerLostBeforeTheFirstSealLeavesTheSessionResumable
   ASSERT_NE(one, nullptr);
   auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
   ASSERT_THAT(ref, IsOk());
-  auto kv =
-      Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
-  auto ix = Start("fm-indexer", {});
-  ASSERT_TRUE(kv && ix);
-  const std::vector<std::string> args = {"--kvstore",  kv->target(),      "--indexer",
-                                         ix->target(), "--reserve_bytes", "64MiB"};
-  auto a = Start("fm-decode", args);
-  auto b = Start("fm-decode", args);
-  ASSERT_TRUE(a && b);
-  const ModelSpec& sp = g_->spec();
-  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  TwoWorkers c = StartTwoWorkers();
+  ASSERT_TRUE(c.kv && c.ix && c.a && c.b);
+  auto& a = c.a;
+  auto& b = c.b;
   std::vector<float> out(ref->out.size());
   replay::StepSource src(*g_, "r", 16);
-  auto steps = [&](DecodeClient& c, uint32_t from, uint32_t to) {
-    auto stream = c.OpenStream();
-    for (uint32_t st = from; st < to; ++st) {
-      v1::DecodeBatch batch;
-      *batch.add_requests() = src.Request(st, 0, sp.layers);
-      auto r = stream->Run(batch);
-      ASSERT_THAT(r, IsOk());
-      ASSERT_EQ(r->results(0).code(), 0) << r->results(0).message();
-      std::memcpy(out.data() + size_t{st} * sp.layers * qs, r->results(0).out().data(),
-                  sp.layers * qs * 4);
-    }
+  auto steps = [&](DecodeClient& client, uint32_t from, uint32_t to) {
+    auto stream = client.OpenStream();
+    ASSERT_EQ(WholeSteps(*stream, src, from, to, &out), 0);
     EXPECT_THAT(stream->Finish(), IsOk());
   };
   {
@@ -384,31 +369,14 @@ TEST_F(DecodeProcessTest, ASessionHasOneOwnerAtATime) {
   ASSERT_NE(one, nullptr);
   auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
   ASSERT_THAT(ref, IsOk());
-  auto kv =
-      Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
-  auto ix = Start("fm-indexer", {});
-  ASSERT_TRUE(kv && ix);
-  const std::vector<std::string> args = {"--kvstore",  kv->target(),      "--indexer",
-                                         ix->target(), "--reserve_bytes", "64MiB"};
-  auto a = Start("fm-decode", args);
-  auto b = Start("fm-decode", args);
-  ASSERT_TRUE(a && b);
-  const ModelSpec& sp = g_->spec();
-  const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+  TwoWorkers c = StartTwoWorkers();
+  ASSERT_TRUE(c.kv && c.ix && c.a && c.b);
+  auto& a = c.a;
+  auto& b = c.b;
   std::vector<float> out(ref->out.size());
   replay::StepSource src(*g_, "r", 16);
-  // Runs whole steps [from, to); the code of the first that fails.
-  auto steps = [&](DecodeClient::Stream& stream, uint32_t from, uint32_t to) -> int {
-    for (uint32_t st = from; st < to; ++st) {
-      v1::DecodeBatch batch;
-      *batch.add_requests() = src.Request(st, 0, sp.layers);
-      auto r = stream.Run(batch);
-      if (!r.ok()) return int(Code::kInternal);
-      if (r->results(0).code() != 0) return r->results(0).code();
-      std::memcpy(out.data() + size_t{st} * sp.layers * qs, r->results(0).out().data(),
-                  sp.layers * qs * 4);
-    }
-    return 0;
+  auto steps = [&](DecodeClient::Stream& stream, uint32_t from, uint32_t to) {
+    return WholeSteps(stream, src, from, to, &out);
   };
   auto ca = DecodeClient::Connect(a->target(), 10000).value();
   auto cb = DecodeClient::Connect(b->target(), 10000).value();

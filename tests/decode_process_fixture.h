@@ -85,6 +85,41 @@ class DecodeProcessTest : public ::testing::Test {
     return replay::OpenAndPrefill(client, *g_, prefill_, o, &unused);
   }
 
+  // A kvstore, an indexer and two decode workers (a, b) that share them.
+  struct TwoWorkers {
+    std::unique_ptr<ServerProcess> kv, ix, a, b;
+  };
+  TwoWorkers StartTwoWorkers() {
+    TwoWorkers c;
+    c.kv = Start("fm-kvstore",
+                 {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+    c.ix = Start("fm-indexer", {});
+    if (!c.kv || !c.ix) return c;
+    const std::vector<std::string> args = {"--kvstore",  c.kv->target(),    "--indexer",
+                                           c.ix->target(), "--reserve_bytes", "64MiB"};
+    c.a = Start("fm-decode", args);
+    c.b = Start("fm-decode", args);
+    return c;
+  }
+
+  // Runs whole steps [from, to) of `src`'s session on a stream, their outputs into
+  // out[step][layer][q_heads * head_dim]; the code of the first that fails (0: none).
+  int WholeSteps(DecodeClient::Stream& stream, replay::StepSource& src, uint32_t from,
+                 uint32_t to, std::vector<float>* out) {
+    const ModelSpec& sp = g_->spec();
+    const size_t qs = size_t{sp.q_heads} * sp.head_dim;
+    for (uint32_t st = from; st < to; ++st) {
+      flashmemory::v1::DecodeBatch batch;
+      *batch.add_requests() = src.Request(st, 0, sp.layers);
+      auto r = stream.Run(batch);
+      if (!r.ok()) return int(r.status().code());
+      if (r->results(0).code() != 0) return r->results(0).code();
+      std::memcpy(out->data() + size_t{st} * sp.layers * qs, r->results(0).out().data(),
+                  sp.layers * qs * 4);
+    }
+    return 0;
+  }
+
   void RestartKvstoreMidSession(bool ucx, int sig, bool restart_at_once);
 
   std::string dir_;
