@@ -338,7 +338,7 @@ TEST_F(DecodeProcessTest, ClosedSessionsLeaveTheIndexer) {
 }
 
 // The kvstore deletes a closed session's pages --closed_session_ttl after its close; a
-// resumed one (its worker writes its state at once) stays.
+// resumed one (its worker claims it, a write) stays.
 TEST_F(DecodeProcessTest, ClosedSessionsLeaveTheKvstoreAfterTheirTtl) {
   auto server = Start("flashmemory", {"--data_dir", dir_ + "/one", "--ram_bytes", "64MiB",
                                       "--reserve_bytes", "64MiB", "--closed_session_ttl", "2"});

@@ -1440,7 +1440,9 @@ absl::Status DecodeCore::Open(const std::string& id, const SessionOptions& o) {
 
 absl::Status DecodeCore::OpenClaimed(const std::string& id, const SessionOptions& o) {
   // The worker becomes the session's owner first: the writes of a worker that held it
-  // before are refused from here on, so the state read below is its last.
+  // before are refused from here on, so the state read below is its last. (The claim is a
+  // write of the session: it also lifts a kvstore's close mark, so that the closed-session
+  // TTL cannot delete a session a worker serves.)
   absl::StatusOr<uint64_t> epoch = impl_->store->ClaimSession(id);
   if (!epoch.ok())
     return absl::Status(epoch.status().code(), absl::StrCat("claiming session \"", id,
@@ -1612,9 +1614,6 @@ absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOption
     s->trace = std::make_unique<TraceRecorder>(sp, s->tau, options.trace_labels);
   absl::Status st = EnsureOpenCell(*s);
   if (st.ok() && restore) st = RestoreState(s, *restore);
-  // A resumed session writes its state at once: the kvstore's close mark of it goes, so
-  // that its TTL cannot delete a session a worker serves.
-  if (st.ok() && restore) st = SaveState(*s, /*to_indexer=*/false);
   if (!st.ok()) {  // a failed resume: nothing of it stays
     s->closed = true;
     s->WaitQuiet();

@@ -127,7 +127,7 @@ class KvStore {
   virtual absl::StatusOr<uint64_t> ClaimSession(const std::string& session_id,
                                                 uint64_t min_epoch = 0) = 0;
   // Marks a session closed: kept for a resume, and deleted closed_session_ttl_s after the
-  // close unless a page of it is written first (a resumed worker writes its state at once).
+  // close unless a page of it is written first (a resuming worker claims it, which writes).
   // The mark is a durable record (page kClosedMarkPage, its header's spec_hash the close
   // time in unix seconds, 0 once reopened) that a restart re-arms. NOT_FOUND: unknown.
   virtual absl::Status CloseSession(const std::string& session_id, uint64_t epoch = 0) = 0;
