@@ -221,8 +221,25 @@ absl::Status KvClient::ReadUcx(const std::vector<PageRef>& keys, const UcxRegion
                                std::vector<PageHeaderData>* headers) {
   if (dst_offsets.size() != keys.size())
     return absl::InvalidArgumentError("one destination offset per key");
-  FM_ASSIGN_OR_RETURN(Resolved r, Resolve(keys));
-  return ReadResolved(r, dst, dst_offsets, headers);
+  absl::StatusOr<Resolved> r = Resolve(keys);
+  if (absl::IsResourceExhausted(r.status()) && keys.size() > 1) {
+    // Over this client's share of the store's pinned bytes: two smaller leases.
+    const size_t half = keys.size() / 2;
+    std::vector<PageHeaderData> h[2];
+    for (int i = 0; i < 2; ++i) {
+      const size_t a = i ? half : 0, b = i ? keys.size() : half;
+      FM_RETURN_IF_ERROR(ReadUcx({keys.begin() + a, keys.begin() + b},
+                                 dst, {dst_offsets.begin() + a, dst_offsets.begin() + b},
+                                 headers ? &h[i] : nullptr));
+    }
+    if (headers) {
+      *headers = std::move(h[0]);
+      headers->insert(headers->end(), h[1].begin(), h[1].end());
+    }
+    return absl::OkStatus();
+  }
+  if (!r.ok()) return r.status();
+  return ReadResolved(*r, dst, dst_offsets, headers);
 }
 
 absl::Status KvClient::ReadResolved(const Resolved& r, const UcxRegion& dst,
