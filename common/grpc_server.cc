@@ -23,8 +23,10 @@ GrpcServerRunner::GrpcServerRunner(ServerOptions options, MetricsRegistry* metri
 
 GrpcServerRunner::~GrpcServerRunner() { Shutdown(); }
 
-void GrpcServerRunner::AddService(grpc::Service* service, const std::string& health_name) {
+void GrpcServerRunner::AddService(grpc::Service* service, const std::string& health_name,
+                                  std::function<void()> on_drain) {
   services_.emplace_back(service, health_name);
+  if (on_drain) on_drain_.push_back(std::move(on_drain));
 }
 
 absl::Status GrpcServerRunner::Start() {
@@ -79,6 +81,7 @@ absl::Status GrpcServerRunner::Start() {
 void GrpcServerRunner::Shutdown() {
   if (server_) {
     server_->GetHealthCheckService()->SetServingStatus(false);
+    for (auto& fn : on_drain_) fn();
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::milliseconds(options_.shutdown_grace_ms));
     server_->Wait();

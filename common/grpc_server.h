@@ -5,6 +5,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -47,7 +48,9 @@ class GrpcServerRunner {
   ~GrpcServerRunner();
 
   // Services are owned by the caller and must outlive the runner.
-  void AddService(grpc::Service* service, const std::string& health_name);
+  // on_drain (may be empty) runs when shutdown begins, before in-flight calls are drained.
+  void AddService(grpc::Service* service, const std::string& health_name,
+                  std::function<void()> on_drain = nullptr);
   absl::Status Start();
   int port() const { return port_; }
   int metrics_port() const { return metrics_http_ ? metrics_http_->port() : -1; }
@@ -61,6 +64,7 @@ class GrpcServerRunner {
   ServerOptions options_;
   MetricsRegistry* metrics_;
   std::vector<std::pair<grpc::Service*, std::string>> services_;
+  std::vector<std::function<void()>> on_drain_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsHttpServer> metrics_http_;
   int port_ = 0;

@@ -230,6 +230,70 @@ TEST_F(DecodeProcessTest, ABatchBeyondTheLimitIsRefusedWhole) {
   auto r = other->Run(one);
   ASSERT_THAT(r, IsOk());
   EXPECT_EQ(r->results(0).code(), 0) << r->results(0).message();
+  EXPECT_THAT(other->Finish(), IsOk());
+  EXPECT_EQ(server->Stop(SIGTERM), 0);
+}
+
+// Refused requests beyond --refused_bytes_per_s get their answers late, while a served
+// session's steps on another stream do not wait; a drain answers what the throttle holds.
+TEST_F(DecodeProcessTest, RefusedFloodsWaitForTheThrottleAndServedStepsDoNot) {
+  replay::StepSource src(*g_, "a", 16);
+  v1::DecodeBatch ghosts;
+  for (int i = 0; i < 4; ++i) {
+    v1::LayerRequest r = src.Request(0, 0, 1);
+    r.set_session_id("ghost" + std::to_string(i));
+    *ghosts.add_requests() = r;
+  }
+  // One batch is 4 s worth of refusals: the first overdraws the one-second bucket by 3 s.
+  const size_t rate = ghosts.ByteSizeLong() / 4;
+  auto server = Start("flashmemory", {"--data_dir", dir_ + "/one", "--ram_bytes", "64MiB",
+                                      "--reserve_bytes", "64MiB", "--refused_bytes_per_s",
+                                      std::to_string(rate), "--metrics_port", "0"});
+  ASSERT_NE(server, nullptr);
+  auto client = DecodeClient::Connect(server->target(), 10000).value();
+  ASSERT_THAT(OpenQuest(*client, "a"), IsOk());
+  auto served = client->OpenStream();
+  auto flood = client->OpenStream();
+  std::atomic<bool> answered{false};
+  absl::StatusOr<v1::DecodeResults> refused;
+  const auto start = std::chrono::steady_clock::now();
+  std::thread t([&] {
+    refused = flood->Run(ghosts);
+    answered = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (uint32_t step = 0; step < 4; ++step) {
+    v1::DecodeBatch one;
+    *one.add_requests() = src.Request(step, 0, g_->spec().layers);
+    auto r = served->Run(one);
+    ASSERT_THAT(r, IsOk());
+    EXPECT_EQ(r->results(0).code(), 0) << r->results(0).message();
+  }
+  EXPECT_FALSE(answered);  // the served steps went first
+  t.join();
+  EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(2900));
+  ASSERT_THAT(refused, IsOk());
+  ASSERT_EQ(refused->results_size(), 4);
+  for (const auto& r : refused->results()) EXPECT_EQ(r.code(), int(Code::kNotFound));
+  httplib::Client http("127.0.0.1", server->metrics_port());
+  auto res = http.Get("/metrics");
+  ASSERT_TRUE(res && res->status == 200);
+  const std::string& metrics = res->body;
+  EXPECT_THAT(metrics, HasSubstr("fm_decode_throttled_answers_total 1\n"));
+  size_t bytes = 0;  // each refused request is charged its own bytes
+  for (const auto& r : ghosts.requests()) bytes += r.ByteSizeLong();
+  EXPECT_THAT(metrics, HasSubstr(absl::StrCat("fm_decode_refused_bytes_total ", bytes, "\n")));
+  // The next refused batch would wait 4 s more; a SIGTERM answers it at once and drains.
+  std::thread t2([&] { refused = flood->Run(ghosts); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  const auto stop = std::chrono::steady_clock::now();
+  ASSERT_EQ(kill(server->pid(), SIGTERM), 0);
+  t2.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - stop, std::chrono::milliseconds(3500));
+  ASSERT_THAT(refused, IsOk());
+  EXPECT_EQ(refused->results(0).code(), int(Code::kNotFound));
+  EXPECT_THAT(flood->Finish(), IsOk());
+  EXPECT_THAT(served->Finish(), IsOk());
   EXPECT_EQ(server->Stop(SIGTERM), 0);
 }
 

@@ -28,6 +28,7 @@ namespace v1 = flashmemory::v1;
 using ::fm::testing::IsOk;
 using ::fm::testing::StatusIs;
 using Code = absl::StatusCode;
+using ::testing::HasSubstr;
 
 inline double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
   double m = 0;

@@ -69,8 +69,9 @@ int main(int argc, char** argv) {
   fm::decode::DecodeCore decode_core(decode, page_store.get(), predictor.get());
   fm::decode::DecodeService decode_service(&decode_core, auth->get());
   fm::decode::AddDecodeMetrics(&decode_core, &metrics);
+  decode_service.AddMetrics(&metrics);
   fm::GrpcServerRunner runner(server, &metrics);
-  runner.AddService(&decode_service, "flashmemory.v1.Decode");
+  runner.AddService(&decode_service, "flashmemory.v1.Decode", [&] { decode_service.Drain(); });
   runner.AddService(&kv_service, "flashmemory.v1.KvStore");
   runner.AddService(&ix_service, "flashmemory.v1.Indexer");
   return runner.ServeUntilSignal("flashmemory");

@@ -163,6 +163,11 @@ struct DecodeOptions {
   // its stream with RESOURCE_EXHAUSTED before any of it runs (a flood of one stream must
   // not hold the worker's threads).
   uint32_t max_batch_requests = 4096;
+  // The gRPC service's refusal throttle (common/throttle.h): the bytes of DecodeStream
+  // requests refused for the client's fault (unknown sessions, malformed requests) beyond
+  // this rate, all streams together, with a one-second burst, get their answers late.
+  // Receiving a request costs the worker by its bytes whether it is served or not. 0 = off.
+  double refused_bytes_per_s = 8 << 20;
   uint32_t threads = 0;  // attention threads; 0 = the kernel pool's default
   // Miss recovery between predictions: at every step the last index layer's query is
   // checked against the Quest bounds of the pages that are not resident; a page whose bound

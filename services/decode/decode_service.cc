@@ -168,12 +168,36 @@ class PrefillReader : public grpc::ServerReadReactor<v1::PrefillChunk> {
   std::vector<std::string> keys_;  // [index layer]: buffered keys from sent_chunks_
 };
 
-// Runs batches of layer requests: read, run, answer, read the next.
+// A request refused for what the client sent (an unknown or foreign session, a malformed
+// request, a session that moved): the throttle charges these, never the worker's own
+// failures (UNAVAILABLE, RESOURCE_EXHAUSTED, INTERNAL, ...).
+bool RefusedByClientFault(const absl::Status& st) {
+  switch (st.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kPermissionDenied:
+    case absl::StatusCode::kUnauthenticated:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kAborted:
+    case absl::StatusCode::kOutOfRange:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// What a call refused before its first message (unauthenticated) is charged.
+constexpr uint64_t kDeniedCallBytes = 4096;
+
+// Runs batches of layer requests: read, run, answer (after the refusal throttle, when the
+// batch's refused requests overdraw it), read the next.
 class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeResults> {
  public:
-  StepStream(DecodeCore* core, absl::StatusOr<Identity> who) : core_(core) {
+  StepStream(DecodeCore* core, RefusalThrottle* throttle, absl::StatusOr<Identity> who)
+      : core_(core), throttle_(throttle) {
     if (!who.ok()) {
-      Finish(ToGrpcStatus(who.status()));
+      throttle_->Charge(kDeniedCallBytes, [this, st = who.status()] { Finish(ToGrpcStatus(st)); });
       return;
     }
     who_ = *who;
@@ -186,14 +210,14 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
     }
     if (const uint32_t max = core_->options().max_batch_requests;
         static_cast<uint32_t>(batch_.requests_size()) > max) {
-      Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          absl::StrCat("a batch of ", batch_.requests_size(),
-                                       " requests; the limit is ", max,
-                                       " (--max_batch_requests)")));
+      grpc::Status st(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                      absl::StrCat("a batch of ", batch_.requests_size(),
+                                   " requests; the limit is ", max, " (--max_batch_requests)"));
+      throttle_->Charge(batch_.ByteSizeLong(), [this, st] { Finish(st); });
       return;
     }
-    Run();
-    StartWrite(&results_);
+    const uint64_t refused = Run();
+    throttle_->Charge(refused, [this] { StartWrite(&results_); });
   }
   void OnWriteDone(bool ok) override {
     if (!ok) {
@@ -259,7 +283,10 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
     return absl::OkStatus();
   }
 
-  void Run() {
+  // Runs the batch into results_; returns the bytes of the requests refused for the caller's
+  // own fault (RefusedByClientFault), which the throttle charges.
+  uint64_t Run() {
+    uint64_t refused = 0;
     const auto& reqs = batch_.requests();
     items_.assign(reqs.size(), Item{});
     steps_.clear();
@@ -306,6 +333,7 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
       res->set_layer(reqs[i].layer());
       res->set_layer_count(std::max<uint32_t>(1, reqs[i].layer_count()));
       if (!it.status.ok()) {
+        if (RefusedByClientFault(it.status)) refused += reqs[i].ByteSizeLong();
         res->set_code(static_cast<int32_t>(it.status.code()));
         res->set_message(std::string(it.status.message()));
         if (absl::IsNotFound(it.status)) specs_.erase(ScopedSessionId(who_, reqs[i].session_id()));
@@ -315,9 +343,11 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
       res->set_lse(it.lse.data(), it.lse.size() * 4);
       res->set_stalled(it.stalled);
     }
+    return refused;
   }
 
   DecodeCore* core_;
+  RefusalThrottle* throttle_;
   Identity who_;
   v1::DecodeBatch batch_;
   v1::DecodeResults results_;
@@ -327,6 +357,17 @@ class StepStream : public grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeRes
 };
 
 }  // namespace
+
+void DecodeService::AddMetrics(MetricsRegistry* metrics) const {
+  metrics->AddCollector([this](std::string* out) {
+    AppendMetricFamily(out, "fm_decode_refused_bytes_total",
+                       "Bytes of DecodeStream requests refused for the client's fault.", "counter",
+                       {{"", double(throttle_.refused())}});
+    AppendMetricFamily(out, "fm_decode_throttled_answers_total",
+                       "DecodeStream answers held back by the refusal throttle.", "counter",
+                       {{"", double(throttle_.delayed())}});
+  });
+}
 
 grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext* ctx,
                                                      const v1::OpenSessionRequest* req,
@@ -378,7 +419,7 @@ grpc::ServerReadReactor<v1::PrefillChunk>* DecodeService::Prefill(grpc::Callback
 
 grpc::ServerBidiReactor<v1::DecodeBatch, v1::DecodeResults>* DecodeService::DecodeStream(
     grpc::CallbackServerContext* ctx) {
-  return new StepStream(core_, Caller(*ctx));
+  return new StepStream(core_, &throttle_, Caller(*ctx));
 }
 
 grpc::ServerUnaryReactor* DecodeService::CloseSession(grpc::CallbackServerContext* ctx,

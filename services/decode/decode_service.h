@@ -7,7 +7,9 @@
 // with its outputs or its own error code: one bad request never ends the stream.
 #pragma once
 
+#include "common/metrics.h"
 #include "common/security.h"
+#include "common/throttle.h"
 #include "flashmemory/v1/decode.grpc.pb.h"
 #include "services/decode/decode_core.h"
 
@@ -17,8 +19,17 @@ class DecodeService final : public flashmemory::v1::Decode::CallbackService {
  public:
   // auth (may be null: one default tenant): with a tokens file every call needs a tenant
   // token, and a tenant's session ids are scoped by its name (ScopedSessionId).
+  // The refusal throttle (common/throttle.h) takes its rate from the core's options.
   explicit DecodeService(DecodeCore* core, const Authenticator* auth = nullptr)
-      : core_(core), auth_(auth) {}
+      : core_(core),
+        auth_(auth),
+        throttle_(core->options().refused_bytes_per_s, core->options().refused_bytes_per_s) {}
+
+  const RefusalThrottle& throttle() const { return throttle_; }
+  // Shutdown begins: answers held by the refusal throttle go out now.
+  void Drain() { throttle_.ReleaseAll(); }
+  // fm_decode_refused_bytes_total and fm_decode_throttled_answers_total.
+  void AddMetrics(MetricsRegistry* metrics) const;
 
   grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* ctx,
                                         const flashmemory::v1::OpenSessionRequest* req,
@@ -40,6 +51,7 @@ class DecodeService final : public flashmemory::v1::Decode::CallbackService {
   }
   DecodeCore* core_;
   const Authenticator* auth_;
+  RefusalThrottle throttle_;  // outlives the server: declared before its runner in main
 };
 
 }  // namespace fm::decode

@@ -44,6 +44,12 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
   app.add_option("--max_batch_requests", o->max_batch_requests,
                  "Requests in one DecodeStream batch (more: RESOURCE_EXHAUSTED)")
       ->capture_default_str();
+  app.add_option("--refused_bytes_per_s", o->refused_bytes_per_s,
+                 "Bytes of DecodeStream requests refused for the client's fault (unknown "
+                 "sessions, malformed requests) that the worker answers per second, all "
+                 "streams together, beyond a one-second burst; later ones are answered late "
+                 "(0 = off)")
+      ->capture_default_str();
   app.add_option("--max_decode_sessions", o->max_sessions, "Sessions a worker holds")
       ->capture_default_str();
   app.add_option("--miss_check", o->miss_check,

@@ -69,7 +69,8 @@ int main(int argc, char** argv) {
   }
   fm::decode::DecodeService service(&core, auth->get());
   fm::decode::AddDecodeMetrics(&core, &metrics, store.get());
+  service.AddMetrics(&metrics);
   fm::GrpcServerRunner runner(server, &metrics);
-  runner.AddService(&service, "flashmemory.v1.Decode");
+  runner.AddService(&service, "flashmemory.v1.Decode", [&] { service.Drain(); });
   return runner.ServeUntilSignal("decode");
 }

@@ -60,10 +60,12 @@ struct E2eBenchOptions {
 int RunE2eBench(const E2eBenchOptions& options);
 
 struct FloodBenchOptions {
-  uint32_t steps = 200;               // victim steps per phase
+  double seconds = 10;                // each phase's length
+  double interval_ms = 2;             // the victim's step period
   uint32_t floods = 2;                // flooding streams
   uint32_t batch = 4096;              // requests per flood batch
   uint32_t max_batch_requests = 4096; // the server's bound
+  double refused_bytes_per_s = -1;    // the server's refusal throttle; < 0: its default
   std::string json;
 };
 int RunFloodBench(const FloodBenchOptions& options);

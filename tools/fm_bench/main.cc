@@ -48,11 +48,15 @@ int main(int argc, char** argv) {
   fm::bench::FloodBenchOptions fb;
   auto* fc = app.add_subcommand(
       "flood", "Another session's step latency while streams flood the worker with requests");
-  fc->add_option("--steps", fb.steps, "Victim steps per phase")->capture_default_str();
+  fc->add_option("--seconds", fb.seconds, "Length of each phase")->capture_default_str();
+  fc->add_option("--interval_ms", fb.interval_ms, "The victim's step period")
+      ->capture_default_str();
   fc->add_option("--floods", fb.floods, "Flooding streams")->capture_default_str();
   fc->add_option("--batch", fb.batch, "Requests per flood batch")->capture_default_str();
   fc->add_option("--max_batch_requests", fb.max_batch_requests, "The server's batch bound")
       ->capture_default_str();
+  fc->add_option("--refused_bytes_per_s", fb.refused_bytes_per_s,
+                 "The server's refusal throttle (0 = off; default: the server's)");
   fc->add_option("--json", fb.json, "Write the figures as JSON");
   fm::bench::E2eBenchOptions eb;
   auto* ec = app.add_subcommand(
