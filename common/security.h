@@ -37,6 +37,13 @@ struct TlsOptions {
   bool server_tls() const { return !cert.empty(); }
 };
 
+// The channel arguments of every FlashMemory client: message size limits both ways, and a
+// reconnect backoff of 100 ms growing to at most 1 s (each attempt given 5 s to connect).
+// gRPC's default backoff grows to 120 s, so a
+// peer that restarted twice could stay unreachable from a client for minutes after it is
+// back; a cluster's services restart in about a second.
+grpc::ChannelArguments ClientChannelArgs(int max_message_bytes);
+
 // Server credentials: TLS when cert and key are given (client certificates required and
 // verified when ca is given too), else insecure. INVALID_ARGUMENT for a half-given pair or an
 // unreadable file.

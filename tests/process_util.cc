@@ -1,5 +1,6 @@
 #include "tests/process_util.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -49,7 +50,8 @@ std::string MakeTempDir(const std::string& prefix) {
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::string& binary,
                                                                     std::vector<std::string> args,
-                                                                    int timeout_ms) {
+                                                                    int timeout_ms,
+                                                                    const std::string& log_file) {
   std::unique_ptr<ServerProcess> p(new ServerProcess());
   std::string path = binary.find('/') == std::string::npos ? BinDir() + "/" + binary : binary;
   p->ready_file_ = MakeTempDir("fm_ready") + "/ready";
@@ -70,6 +72,14 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const std::s
     sigemptyset(&set);
     pthread_sigmask(SIG_SETMASK, &set, nullptr);
     prctl(PR_SET_PDEATHSIG, SIGKILL);  // never outlive the test or benchmark
+    if (!log_file.empty()) {
+      const int fd = open(log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+      if (fd >= 0) {
+        dup2(fd, 1);
+        dup2(fd, 2);
+        close(fd);
+      }
+    }
     execv(path.c_str(), argv.data());
     _exit(127);
   }
@@ -95,6 +105,7 @@ bool ServerProcess::Alive() {
   int status;
   if (waitpid(pid_, &status, WNOHANG) == pid_) {
     pid_ = -1;
+    exit_status_ = status;
     return false;
   }
   return true;
@@ -106,6 +117,7 @@ int ServerProcess::Stop(int sig) {
   int status = 0;
   waitpid(pid_, &status, 0);
   pid_ = -1;
+  exit_status_ = status;
   return status;
 }
 

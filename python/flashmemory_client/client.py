@@ -202,8 +202,13 @@ class DecodeClient:
     def __init__(self, target, timeout=60.0, tls_ca=None, tls_cert=None, tls_key=None,
                  token=None):
         """tls_ca/tls_cert/tls_key: PEM files (TLS, mTLS); token: the tenant's bearer token."""
+        # The C++ clients' reconnect backoff (common/security.h ClientChannelArgs): 100 ms
+        # growing to 1 s, not gRPC's 120 s, so a worker back from a restart is reached.
         opts = [("grpc.max_send_message_length", 256 << 20),
-                ("grpc.max_receive_message_length", 256 << 20)]
+                ("grpc.max_receive_message_length", 256 << 20),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 5000),  # gRPC: the connect timeout
+                ("grpc.max_reconnect_backoff_ms", 1000)]
         self._channel = make_channel(target, opts, tls_ca, tls_cert, tls_key, token)
         self._stub = decode_pb2_grpc.DecodeStub(self._channel)
         self._timeout = timeout

@@ -16,9 +16,7 @@ absl::StatusOr<std::unique_ptr<DecodeClient>> DecodeClient::Connect(
   if (!creds.ok()) return creds.status();
   auto c = std::unique_ptr<DecodeClient>(new DecodeClient());
   c->token_ = security.token;
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(256 << 20);
-  args.SetMaxSendMessageSize(256 << 20);
+  grpc::ChannelArguments args = ClientChannelArgs(256 << 20);
   c->channel_ = grpc::CreateCustomChannel(target, *creds, args);
   c->stub_ = v1::Decode::NewStub(c->channel_);
   c->deadline_ms_ = deadline_ms;

@@ -300,7 +300,8 @@ struct DecodeCore::Impl {
   // Totals since the worker started, for its metrics.
   struct Totals {
     std::atomic<uint64_t> steps{0}, stalls{0}, catch_up_stalls{0}, stall_us{0}, predictions{0},
-        prediction_failures{0}, fetched_pages{0}, surprise_fetches{0}, reregistrations{0};
+        prediction_failures{0}, fetched_pages{0}, surprise_fetches{0}, reregistrations{0},
+        peer_retries{0};
   } totals;
   uint64_t payload_bytes ABSL_GUARDED_BY(mu) = 0;  // page payload per cell
   size_t cell_stride ABSL_GUARDED_BY(mu) = 0;
@@ -959,6 +960,40 @@ struct DecodeCore::Impl {
                             const flashmemory::v1::DecodeSessionState& st)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
 
+  // Runs fn until it succeeds or fails for good. A peer that is down for a moment (a
+  // restart, a lost connection) costs the cycle a wait rather than its prediction: while
+  // fn answers UNAVAILABLE, it runs again after a backoff (50 ms, doubling to 500 ms) for up
+  // to options.peer_retry_ms, unless the session is closing. The step at the cycle's switch
+  // waits for the job, so a retried prediction serves the set an undisturbed run serves.
+  template <typename F>
+  auto RetryTransient(Session& s, F fn) -> decltype(fn()) {
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::milliseconds(options.peer_retry_ms);
+    int backoff_ms = 50;
+    for (int tries = 1;; ++tries) {
+      auto r = fn();
+      absl::Status st;
+      if constexpr (std::is_same_v<decltype(r), absl::Status>) {
+        st = r;
+      } else {
+        st = r.status();
+      }
+      if (!absl::IsUnavailable(st)) return r;
+      if (std::chrono::steady_clock::now() >= deadline) {
+        FM_LOG_WARN("decode: session \"%s\": a peer stayed unavailable for %u ms (%d tries)",
+                    s.id.c_str(), options.peer_retry_ms, tries);
+        return r;
+      }
+      {
+        absl::MutexLock l(&s.mu);
+        if (s.closed || s.closing) return r;
+      }
+      ++totals.peer_retries;
+      std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
+      backoff_ms = std::min(backoff_ms * 2, 500);
+    }
+  }
+
   void RunJob(const std::shared_ptr<Session>& sp, const std::shared_ptr<Job>& job,
               const indexer::PredictArgs& args) {
     Session& s = *sp;
@@ -973,23 +1008,25 @@ struct DecodeCore::Impl {
       pred = indexer::Prediction{};
       float score = static_cast<float>(job->pages.size());
       for (uint64_t p : job->pages) pred->pages.push_back({p, score--});
-    } else if (absl::Status flushed =
-                   [&] {
-                     absl::MutexLock l(&s.mu);
-                     return Flush(s);
-                   }();
-               !flushed.ok()) {
-      finish(flushed);
-      return;
     } else {
-      pred = predictor->Predict(s.id, args);
-      if (absl::IsNotFound(pred.status())) {  // the indexer lost the session: give it again
-        absl::Status again = [&] {
-          absl::MutexLock l(&s.mu);
-          return s.closed ? pred.status() : Reregister(s);
-        }();
-        pred = again.ok() ? predictor->Predict(s.id, args) : again;
-      }
+      pred = RetryTransient(s, [&]() -> absl::StatusOr<indexer::Prediction> {
+        if (absl::Status flushed =
+                [&] {
+                  absl::MutexLock l(&s.mu);
+                  return Flush(s);
+                }();
+            !flushed.ok())
+          return flushed;
+        auto p = predictor->Predict(s.id, args);
+        if (absl::IsNotFound(p.status())) {  // the indexer lost the session: give it again
+          absl::Status again = [&] {
+            absl::MutexLock l(&s.mu);
+            return s.closed ? p.status() : Reregister(s);
+          }();
+          p = again.ok() ? predictor->Predict(s.id, args) : again;
+        }
+        return p;
+      });
     }
     if (!pred.ok()) {
       finish(pred.status());
@@ -1038,7 +1075,9 @@ struct DecodeCore::Impl {
       }
     }
     absl::Status st =
-        pages.empty() ? absl::OkStatus() : store->Read(s.id, pages, s.opt.spec.PageBytes(), dst);
+        pages.empty() ? absl::OkStatus() : RetryTransient(s, [&] {
+          return store->Read(s.id, pages, s.opt.spec.PageBytes(), dst);
+        });
     absl::MutexLock l(&s.mu);
     if (!st.ok()) job->fetched.clear();  // the cells go back with the job
     job->status = st;
@@ -1412,6 +1451,7 @@ ReserveStats DecodeCore::Reserve() const {
   r.fetched_pages = t.fetched_pages.load();
   r.surprise_fetches = t.surprise_fetches.load();
   r.reregistrations = t.reregistrations.load();
+  r.peer_retries = t.peer_retries.load();
   return r;
 }
 
@@ -1587,6 +1627,13 @@ absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOption
       im.arena = im.store->AllocateReserve(im.arena_bytes);
       im.store_arena = im.arena != nullptr;
       if (!im.arena) im.arena = kernels::AllocatePagePoolMemory(im.arena_bytes);
+      if (!im.arena)
+        return absl::ResourceExhaustedError(
+            absl::StrCat("cannot allocate a reserve of ", im.arena_bytes, " bytes"));
+      // Touch every page of the reserve now, once: a fetch or a step that lands in a cell
+      // for the first time then takes no page fault, and the worker's memory is what it
+      // will stay (a growing RSS is a leak, not the reserve filling).
+      std::memset(im.arena, 0, im.arena_bytes);
       im.free_cells.resize(im.num_cells);
       for (uint32_t c = 0; c < im.num_cells; ++c) im.free_cells[c] = im.num_cells - 1 - c;
     } else if (sp.PageBytes() != im.payload_bytes) {

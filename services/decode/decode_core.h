@@ -163,6 +163,10 @@ struct DecodeOptions {
   // its stream with RESOURCE_EXHAUSTED before any of it runs (a flood of one stream must
   // not hold the worker's threads).
   uint32_t max_batch_requests = 4096;
+  // A prediction's indexer calls and fetches that fail with UNAVAILABLE (a kvstore or
+  // indexer restarting) are retried for this long before the cycle loses its prediction;
+  // the cycle's switch step waits for them. 0 = no retry.
+  uint32_t peer_retry_ms = 5000;
   // The gRPC service's refusal throttle (common/throttle.h): the bytes of DecodeStream
   // requests refused for the client's fault (unknown sessions, malformed requests) beyond
   // this rate, all streams together, with a one-second burst, get their answers late.
@@ -260,6 +264,7 @@ struct ReserveStats {
   uint64_t cells = 0, cell_bytes = 0, reserved_cells = 0, used_cells = 0, sessions = 0;
   uint64_t steps = 0, stalls = 0, catch_up_stalls = 0, predictions = 0, prediction_failures = 0,
            fetched_pages = 0, surprise_fetches = 0, reregistrations = 0;
+  uint64_t peer_retries = 0;  // prediction calls and fetches retried while a peer was down
   uint64_t stall_us = 0;  // the time stalled steps waited
 };
 

@@ -44,6 +44,11 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
   app.add_option("--max_batch_requests", o->max_batch_requests,
                  "Requests in one DecodeStream batch (more: RESOURCE_EXHAUSTED)")
       ->capture_default_str();
+  app.add_option("--peer_retry_ms", o->peer_retry_ms,
+                 "How long a prediction retries indexer calls and fetches that fail with "
+                 "UNAVAILABLE (a peer restarting) before the cycle loses its prediction; the "
+                 "cycle's switch step waits for it (0 = no retry)")
+      ->capture_default_str();
   app.add_option("--refused_bytes_per_s", o->refused_bytes_per_s,
                  "Bytes of DecodeStream requests refused for the client's fault (unknown "
                  "sessions, malformed requests) that the worker answers per second, all "
@@ -92,10 +97,12 @@ inline void AddDecodeMetrics(const DecodeCore* core, MetricsRegistry* metrics,
         {"fm_decode_prediction_failures_total", "Predictions that failed (the set kept serving)."},
         {"fm_decode_pages_fetched_total", "Pages fetched by predictions and catch-ups."},
         {"fm_decode_surprise_fetches_total", "Pages fetched by the per-step miss check."},
-        {"fm_decode_reregistrations_total", "Sessions given again to an indexer that lost them."}};
+        {"fm_decode_reregistrations_total", "Sessions given again to an indexer that lost them."},
+        {"fm_decode_peer_retries_total",
+         "Prediction calls and fetches retried while a kvstore or indexer was unavailable."}};
     const uint64_t values[] = {r.steps,         r.stalls,           r.catch_up_stalls,
                                r.predictions,   r.prediction_failures, r.fetched_pages,
-                               r.surprise_fetches, r.reregistrations};
+                               r.surprise_fetches, r.reregistrations, r.peer_retries};
     for (size_t i = 0; i < std::size(values); ++i)
       AppendMetricFamily(out, counters[i].first, counters[i].second, "counter",
                          {{"", double(values[i])}});

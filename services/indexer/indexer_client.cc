@@ -41,9 +41,7 @@ absl::StatusOr<std::unique_ptr<IndexerClient>> IndexerClient::Connect(
   c->names_ = *names;
   c->deadline_ms_ = deadline_ms;
   c->token_ = security.token;
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(256 << 20);
-  args.SetMaxSendMessageSize(256 << 20);
+  const grpc::ChannelArguments args = ClientChannelArgs(256 << 20);
   for (const auto& n : c->names_)
     c->stubs_.push_back(v1::Indexer::NewStub(
         grpc::CreateCustomChannel(n, *creds, args)));

@@ -58,9 +58,7 @@ absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(const std::string& t
   std::unique_ptr<KvClient> c(new KvClient());
   c->target_ = target;
   c->options_ = options;
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(options.max_message_bytes);
-  args.SetMaxSendMessageSize(options.max_message_bytes);
+  grpc::ChannelArguments args = ClientChannelArgs(options.max_message_bytes);
   auto creds = MakeChannelCredentials(options.security.tls);
   if (!creds.ok()) return creds.status();
   c->channel_ = grpc::CreateCustomChannel(target, *creds, args);

@@ -7,6 +7,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/statusor.h"
+#include "common/security.h"
+
 namespace fm::bench {
 
 struct KvBenchOptions {
@@ -69,6 +72,34 @@ struct FloodBenchOptions {
   std::string json;
 };
 int RunFloodBench(const FloodBenchOptions& options);
+struct ChaosBenchOptions {
+  uint32_t sessions = 4;          // concurrent sessions (one thread each)
+  double minutes = 5;             // how long faults are injected
+  double fault_every_s = 8;       // mean gap between faults (uniform in [0.5, 1.5] of it)
+  uint32_t steps = 512;           // decode steps per session (whole cycles of 16)
+  uint64_t prefill_tokens = 2048; // history before the first step
+  double step_interval_ms = 2;    // a session's step period at most
+  double flood_seconds = 5;       // each phase of the flood figure at the end
+  uint64_t seed = 7100;
+  std::string certs;              // a make_dev_certs.sh directory (default: made in the run)
+  bool keep = false;              // keep the run's directory (logs, databases)
+  std::string json;
+};
+// 0: every target met; 3: wrong outputs, lost pages or crashes; 1: could not run.
+int RunChaosBench(const ChaosBenchOptions& options);
+
+// The flood measurement against a running decode worker (TLS and token in security): a
+// victim session `victim` of the tiny spec, alone and then flooded; the session is deleted.
+struct FloodFigures {
+  uint32_t steps_per_phase = 0;
+  double p50_alone = 0, p99_alone = 0, p50_flood = 0, p99_flood = 0, ratio = 0;
+  uint64_t batches = 0, refused = 0;  // flood batches answered, refused whole
+};
+absl::StatusOr<FloodFigures> MeasureFlood(const std::string& target,
+                                          const ClientSecurity& security,
+                                          const FloodBenchOptions& options,
+                                          const std::string& victim);
+void PrintFlood(const FloodBenchOptions& options, const FloodFigures& figures);
 
 // The footprint cap of a context from the cap at an anchor context: the caps (10 %
 // at 128K, 5 % at 1M) keep pages growing as context^(2/3) between them, and this continues

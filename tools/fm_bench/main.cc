@@ -58,6 +58,26 @@ int main(int argc, char** argv) {
   fc->add_option("--refused_bytes_per_s", fb.refused_bytes_per_s,
                  "The server's refusal throttle (0 = off; default: the server's)");
   fc->add_option("--json", fb.json, "Write the figures as JSON");
+  fm::bench::ChaosBenchOptions cb;
+  auto* cc = app.add_subcommand(
+      "chaos", "A six-process mTLS cluster under kills and restarts: outputs, pages, crashes");
+  cc->add_option("--sessions", cb.sessions, "Concurrent sessions")->capture_default_str();
+  cc->add_option("--minutes", cb.minutes, "How long faults are injected")->capture_default_str();
+  cc->add_option("--fault_every_s", cb.fault_every_s, "Mean gap between faults")
+      ->capture_default_str();
+  cc->add_option("--steps", cb.steps, "Decode steps per session (a multiple of 16)")
+      ->check(CLI::Range(16u, 1u << 20))
+      ->capture_default_str();
+  cc->add_option("--prefill", cb.prefill_tokens, "Prefill tokens per session")
+      ->capture_default_str();
+  cc->add_option("--step_interval_ms", cb.step_interval_ms, "A session's step period at most")
+      ->capture_default_str();
+  cc->add_option("--flood_seconds", cb.flood_seconds, "Each phase of the closing flood figure")
+      ->capture_default_str();
+  cc->add_option("--seed", cb.seed, "Workload seed")->capture_default_str();
+  cc->add_option("--certs", cb.certs, "A make_dev_certs.sh directory (default: made per run)");
+  cc->add_flag("--keep", cb.keep, "Keep the run's directory (service logs, databases)");
+  cc->add_option("--json", cb.json, "Write the figures as JSON");
   fm::bench::E2eBenchOptions eb;
   auto* ec = app.add_subcommand(
       "e2e", "The cluster end to end: dense vs sparse fidelity, footprint, throughput, ceiling");
@@ -117,6 +137,7 @@ int main(int argc, char** argv) {
   ec->add_option("--plots", eb.plots, "Directory for PNG plots (with --json)");
   CLI11_PARSE(app, argc, argv);
   if (fc->parsed()) return fm::bench::RunFloodBench(fb);
+  if (cc->parsed()) return fm::bench::RunChaosBench(cb);
   if (ec->parsed()) return fm::bench::RunE2eBench(eb);
   if (ic->parsed()) {
     if (ib.weights.empty()) ib.weights = std::string(FM_MODELS_DIR) + "/lsa-" + ib.spec + ".safetensors";
