@@ -131,6 +131,61 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedAtOnceOverUcx) {
   RestartKvstoreMidSession(/*ucx=*/true, SIGKILL, /*restart_at_once=*/true);
 }
 
+// The indexer is killed at step 21 and is back 1.5 s later: the prediction of the cycle at
+// step 32 retries (--peer_retry_ms) and gives the session to the new indexer, the step at
+// the switch waits for it, and the session answers as the undisturbed run. (Before: the
+// cycle lost its prediction at once and the set before it served.)
+TEST_F(DecodeProcessTest, AnIndexerRestartCostsTheCycleAWaitNotItsPrediction) {
+  auto ref_server = AllInOne("one");
+  ASSERT_NE(ref_server, nullptr);
+  auto ref = Run(ref_server->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest, true);
+  ASSERT_THAT(ref, IsOk());
+  auto kv = Start("fm-kvstore",
+                  {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
+  auto ix = Start("fm-indexer", {});
+  ASSERT_TRUE(kv && ix);
+  const std::string ix_port = std::to_string(ix->port());
+  auto dec = Start("fm-decode", {"--kvstore", kv->target(), "--indexer", ix->target(),
+                                 "--reserve_bytes", "64MiB", "--peer_retry_ms", "20000"});
+  ASSERT_NE(dec, nullptr);
+  auto client = DecodeClient::Connect(dec->target(), 30000).value();
+  ASSERT_THAT(OpenQuest(*client, "r"), IsOk());
+  replay::StepSource src(*g_, "r", 16);
+  auto stream = client->OpenStream();
+  std::vector<float> out(ref->out.size());
+  ASSERT_EQ(WholeSteps(*stream, src, 0, 21, &out), 0);
+  ASSERT_TRUE(WIFSIGNALED(ix->Stop(SIGKILL)));
+  // The new indexer is started from a thread that lives until the steps are done: a child
+  // gets SIGKILL when the thread that forked it ends (PR_SET_PDEATHSIG).
+  std::atomic<bool> done{false};
+  std::thread restart([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+    ix = Start("fm-indexer", {"--port", ix_port});
+    while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  });
+  for (uint32_t st = 21; st < 64; ++st) {
+    int code = WholeSteps(*stream, src, st, st + 1, &out);
+    // A seal that hands the indexer its keys meets it down: the step fails whole, retryable.
+    for (int tries = 0; tries < 100 && code == int(Code::kUnavailable); ++tries) {
+      usleep(100000);
+      code = WholeSteps(*stream, src, st, st + 1, &out);
+    }
+    if (code != 0) done = true;
+    ASSERT_EQ(code, 0) << "step " << st;
+  }
+  auto stats = client->Stats("r");
+  done = true;
+  restart.join();
+  ASSERT_NE(ix, nullptr);
+  ASSERT_THAT(stats, IsOk());
+  EXPECT_EQ(stats->steps(), 64u);
+  EXPECT_EQ(stats->prediction_failures(), 0u);
+  EXPECT_GE(stats->reregistrations(), 1u);  // the new indexer got the session again
+  EXPECT_LT(MaxDiff(out, ref->out), 1e-6);
+  EXPECT_THAT(stream->Finish(), IsOk());
+  EXPECT_EQ(dec->Stop(SIGTERM), 0);
+}
+
 
 // A worker killed at step 5, before the session's first seal (step 31): the state saved
 // when the prefill completed resumes it on another worker from step 0, with the

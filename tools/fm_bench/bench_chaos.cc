@@ -41,6 +41,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// A process's RSS drift is measured from this long after its start (its sessions, channels
+// and buffers in place) to the end of the run; a younger process reports none (null).
+constexpr double kRssWarmS = 30;
+
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 int FreePort() {
@@ -73,7 +77,8 @@ struct Service {
   std::mutex mu;
   std::unique_ptr<ServerProcess> proc;  // null while down
   Clock::time_point started;
-  double rss_first = -1, rss_last = 0;  // this incarnation: first sample after warm-up, last
+  // This incarnation's RSS: the first sample once it has served kRssWarmS seconds, the last.
+  double rss_first = -1, rss_last = 0;
 
   std::string target() const { return "127.0.0.1:" + std::to_string(port); }
   absl::Status StartLocked() {
@@ -440,7 +445,7 @@ void Chaos::Watch() {
       continue;
     }
     const double rss = RssMb(s->proc->pid());
-    if (Since(s->started) >= 5 && s->rss_first < 0) s->rss_first = rss;
+    if (Since(s->started) >= kRssWarmS && s->rss_first < 0) s->rss_first = rss;
     s->rss_last = rss;
   }
 }
@@ -497,8 +502,6 @@ int Chaos::Run() {
               "25 %%), undisturbed\n",
               work_.size(), o_.steps, static_cast<unsigned long long>(o_.prefill_tokens));
   Watch();
-  std::map<std::string, double> rss_start;
-  for (auto& s : svc_) rss_start[s->name] = s->rss_last;
   std::printf("faults for %.1f min, one every ~%.1f s:\n", o_.minutes, o_.fault_every_s);
   const auto begin = Clock::now();
   end_ = begin + std::chrono::duration_cast<Clock::duration>(
@@ -535,13 +538,11 @@ int Chaos::Run() {
   j["errors_by_code"] = tally_.errors;
   j["resumes"] = tally_.resumes;
   for (auto& s : svc_) {
-    // Drift of the running incarnation: from its first sample after warm-up to the last;
-    // a service never restarted is measured from before the faults.
-    const bool restarted = s->started > begin;
-    const double from = restarted ? s->rss_first : rss_start[s->name];
+    // Drift of the running incarnation, from kRssWarmS after its start to the end; its age.
     j["rss_drift_mb"][s->name] =
-        from < 0 ? nlohmann::json() : nlohmann::json(s->rss_last - from);  // null: just restarted
+        s->rss_first < 0 ? nlohmann::json() : nlohmann::json(s->rss_last - s->rss_first);
     j["rss_mb"][s->name] = s->rss_last;
+    j["uptime_s"][s->name] = Since(s->started);
   }
   if (flood.ok()) {
     j["flood_p99_ratio"] = flood->ratio;
