@@ -35,6 +35,7 @@ int RunKernelsBench(const KernelBenchOptions& options);
 
 struct E2eBenchOptions {
   std::string target;  // a running decode worker / all-in-one; empty = start flashmemory
+  ClientSecurity security;  // for --target: TLS files and the tenant's token
   std::vector<uint64_t> contexts = {32768, 131072, 524288, 1048576};  // bench spec < 512K
   uint32_t steps = 256;                    // decode steps of the fidelity run
   uint32_t conc_steps = 64;                // steps per streaming style in the concurrency runs
@@ -76,7 +77,8 @@ struct ChaosBenchOptions {
   uint32_t sessions = 4;          // concurrent sessions (one thread each)
   double minutes = 5;             // how long faults are injected
   double fault_every_s = 8;       // mean gap between faults (uniform in [0.5, 1.5] of it)
-  uint32_t steps = 512;           // decode steps per session (whole cycles of 16)
+  uint32_t steps = 2048;          // decode steps per session (whole cycles of 16): longer
+                                  // than a worker's drain, so SIGTERMs move sessions too
   uint64_t prefill_tokens = 2048; // history before the first step
   double step_interval_ms = 2;    // a session's step period at most
   double flood_seconds = 5;       // each phase of the flood figure at the end

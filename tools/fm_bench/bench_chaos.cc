@@ -42,7 +42,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 // A process's RSS drift is measured from this long after its start (its sessions, channels
-// and buffers in place) to the end of the run; a younger process reports none (null).
+// and buffers in place) to its end (a fault, or the end of the run). Each service reports
+// the drift of its longest-lived process, and the window it was measured over.
 constexpr double kRssWarmS = 30;
 
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
@@ -79,6 +80,15 @@ struct Service {
   Clock::time_point started;
   // This incarnation's RSS: the first sample once it has served kRssWarmS seconds, the last.
   double rss_first = -1, rss_last = 0;
+  // The longest-lived incarnation's drift and its window (seconds), so far.
+  double drift = 0, drift_window = -1;
+  void EndIncarnation() {
+    const double window = Since(started) - kRssWarmS;
+    if (rss_first >= 0 && window > drift_window) {
+      drift_window = window;
+      drift = rss_last - rss_first;
+    }
+  }
 
   std::string target() const { return "127.0.0.1:" + std::to_string(port); }
   absl::Status StartLocked() {
@@ -306,7 +316,9 @@ void Chaos::RunSession(uint32_t thread, uint64_t n) {
     std::lock_guard<std::mutex> l(tally_.mu);
     ++tally_.sessions;
   }
-  size_t worker = (thread + n) % 2;
+  // Each worker starts half the threads' sessions, so that a worker killed always holds
+  // sessions (a session that resumed elsewhere ends there; the thread's next starts here).
+  size_t worker = thread % 2;
   // Open and prefill; a fault here gives the session up (its prefill never completed, so
   // there is nothing to resume) and the thread starts another.
   replay::ReplayOptions ro;
@@ -335,16 +347,16 @@ void Chaos::RunSession(uint32_t thread, uint64_t n) {
     for (int attempt = 0; attempt < 80 && !stop_; ++attempt) {
       const size_t to = (worker + 1 + attempt) % 2;
       absl::Status st = dec_[to]->Open(id, SessionOpts(w, true)).status();
-      if (st.ok() || absl::IsAlreadyExists(st)) {  // resumed, or that worker still holds it
+      if (st.ok()) {
+        std::lock_guard<std::mutex> l(tally_.mu);
+        ++tally_.resumes;
+      }
+      if (st.ok() || absl::IsAlreadyExists(st)) {  // resumed, or that worker holds it
         auto stats = dec_[to]->Stats(id);
         if (stats.ok()) {
           worker = to;
           step = static_cast<uint32_t>(stats->steps());
           stream = dec_[worker]->OpenStream();
-          if (st.ok()) {
-            std::lock_guard<std::mutex> l(tally_.mu);
-            ++tally_.resumes;
-          }
           return true;
         }
         st = stats.status();
@@ -440,6 +452,7 @@ void Chaos::Watch() {
       crash_notes_.push_back(absl::StrCat(
           s->name, WIFSIGNALED(st) ? " killed by signal " : " exited with ",
           WIFSIGNALED(st) ? WTERMSIG(st) : WEXITSTATUS(st), " (log ", s->log, ")"));
+      s->EndIncarnation();
       s->proc.reset();
       (void)s->StartLocked();
       continue;
@@ -466,6 +479,7 @@ void Chaos::FaultLoop() {
     {
       std::lock_guard<std::mutex> l(s.mu);
       if (!s.proc) continue;
+      s.EndIncarnation();
       const int st = s.proc->Stop(kill9 ? SIGKILL : SIGTERM);
       s.proc.reset();
       const bool expected = kill9 ? (WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL)
@@ -538,11 +552,11 @@ int Chaos::Run() {
   j["errors_by_code"] = tally_.errors;
   j["resumes"] = tally_.resumes;
   for (auto& s : svc_) {
-    // Drift of the running incarnation, from kRssWarmS after its start to the end; its age.
+    s->EndIncarnation();
     j["rss_drift_mb"][s->name] =
-        s->rss_first < 0 ? nlohmann::json() : nlohmann::json(s->rss_last - s->rss_first);
+        s->drift_window < 0 ? nlohmann::json() : nlohmann::json(s->drift);
+    j["rss_drift_window_s"][s->name] = std::max(0.0, s->drift_window);
     j["rss_mb"][s->name] = s->rss_last;
-    j["uptime_s"][s->name] = Since(s->started);
   }
   if (flood.ok()) {
     j["flood_p99_ratio"] = flood->ratio;

@@ -133,7 +133,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       server = std::move(*s);
       target = server->target();
     }
-    auto c = decode::DecodeClient::Connect(target, 600000);
+    auto c = decode::DecodeClient::Connect(target, 600000, o.security);
     if (!c.ok()) {
       std::fprintf(stderr, "fm-bench e2e: %s\n", c.status().ToString().c_str());
       return false;

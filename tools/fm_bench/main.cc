@@ -82,6 +82,10 @@ int main(int argc, char** argv) {
   auto* ec = app.add_subcommand(
       "e2e", "The cluster end to end: dense vs sparse fidelity, footprint, throughput, ceiling");
   ec->add_option("--target", eb.target, "A running decode worker (default: start flashmemory)");
+  ec->add_option("--tls_ca", eb.security.tls.ca, "--target: CA that verifies the server (TLS)");
+  ec->add_option("--tls_cert", eb.security.tls.cert, "--target: client certificate (mTLS)");
+  ec->add_option("--tls_key", eb.security.tls.key, "--target: client key (mTLS)");
+  ec->add_option("--token", eb.security.token, "--target: the tenant's bearer token");
   ec->add_option("--contexts", eb.contexts, "Context lengths (bench spec below 512K, long above)")
       ->capture_default_str();
   ec->add_option("--steps", eb.steps, "Decode steps of the fidelity run")->capture_default_str();
