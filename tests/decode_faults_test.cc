@@ -13,9 +13,7 @@ namespace {
 // with the undisturbed run's outputs (over UCX: a new endpoint and remote key to the new
 // instance, never a read of the old one's arena).
 void DecodeProcessTest::RestartKvstoreMidSession(bool ucx, int sig, bool restart_at_once) {
-  auto ref_server = AllInOne("one");
-  ASSERT_NE(ref_server, nullptr);
-  auto ref = Run(ref_server->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  auto ref = UndisturbedQuestRun();
   ASSERT_THAT(ref, IsOk());
 
   std::vector<std::string> kv_args = {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes",
@@ -136,9 +134,7 @@ TEST_F(DecodeProcessTest, KvstoreKilledAndRestartedAtOnceOverUcx) {
 // the switch waits for it, and the session answers as the undisturbed run. (Before: the
 // cycle lost its prediction at once and the set before it served.)
 TEST_F(DecodeProcessTest, AnIndexerRestartCostsTheCycleAWaitNotItsPrediction) {
-  auto ref_server = AllInOne("one");
-  ASSERT_NE(ref_server, nullptr);
-  auto ref = Run(ref_server->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest, true);
+  auto ref = UndisturbedQuestRun(true);
   ASSERT_THAT(ref, IsOk());
   auto kv = Start("fm-kvstore",
                   {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
@@ -191,9 +187,7 @@ TEST_F(DecodeProcessTest, AnIndexerRestartCostsTheCycleAWaitNotItsPrediction) {
 // when the prefill completed resumes it on another worker from step 0, with the
 // undisturbed run's outputs.
 TEST_F(DecodeProcessTest, AWorkerLostBeforeTheFirstSealLeavesTheSessionResumable) {
-  auto one = AllInOne("one");
-  ASSERT_NE(one, nullptr);
-  auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  auto ref = UndisturbedQuestRun();
   ASSERT_THAT(ref, IsOk());
   TwoWorkers c = StartTwoWorkers();
   ASSERT_TRUE(c.kv && c.ix && c.a && c.b);
@@ -230,9 +224,7 @@ TEST_F(DecodeProcessTest, AWorkerLostBeforeTheFirstSealLeavesTheSessionResumable
 // stays up, every call answers OK or a precise code, every step answered OK gives the
 // undisturbed run's output.
 TEST_F(DecodeProcessTest, ClientsRacingStepsResumesAndClosesOfOneSession) {
-  auto one = AllInOne("one");
-  ASSERT_NE(one, nullptr);
-  auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  auto ref = UndisturbedQuestRun();
   ASSERT_THAT(ref, IsOk());
   auto kv =
       Start("fm-kvstore", {"--db", dir_ + "/kv", "--ram_bytes", "32MiB", "--slab_bytes", "4MiB"});
@@ -420,9 +412,7 @@ TEST_F(DecodeProcessTest, ClosedSessionsLeaveTheKvstoreAfterTheirTtl) {
 // A writes after it lands, B gives the undisturbed outputs, and a later resume on A
 // continues B's history.
 TEST_F(DecodeProcessTest, ASessionHasOneOwnerAtATime) {
-  auto one = AllInOne("one");
-  ASSERT_NE(one, nullptr);
-  auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  auto ref = UndisturbedQuestRun();
   ASSERT_THAT(ref, IsOk());
   TwoWorkers c = StartTwoWorkers();
   ASSERT_TRUE(c.kv && c.ix && c.a && c.b);

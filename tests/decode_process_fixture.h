@@ -87,6 +87,16 @@ class DecodeProcessTest : public ::testing::Test {
   }
 
   // A kvstore, an indexer and two decode workers (a, b) that share them.
+  // The undisturbed run of session "r" (quest at 25 %) on an all-in-one that is stopped
+  // afterwards: the outputs the fault tests compare theirs with.
+  absl::StatusOr<replay::ReplayResult> UndisturbedQuestRun(bool whole_step = false) {
+    auto one = AllInOne("one");
+    if (!one) return absl::InternalError("the reference all-in-one did not start");
+    auto ref = Run(one->target(), "r", Mode::kSparse, 0.25f, indexer::Policy::kQuest, whole_step);
+    one->Stop(SIGTERM);
+    return ref;
+  }
+
   struct TwoWorkers {
     std::unique_ptr<ServerProcess> kv, ix, a, b;
   };
