@@ -1630,10 +1630,6 @@ absl::Status DecodeCore::Impl::Create(const std::string& id, const SessionOption
       if (!im.arena)
         return absl::ResourceExhaustedError(
             absl::StrCat("cannot allocate a reserve of ", im.arena_bytes, " bytes"));
-      // Touch every page of the reserve now, once: a fetch or a step that lands in a cell
-      // for the first time then takes no page fault, and the worker's memory is what it
-      // will stay (a growing RSS is a leak, not the reserve filling).
-      std::memset(im.arena, 0, im.arena_bytes);
       im.free_cells.resize(im.num_cells);
       for (uint32_t c = 0; c < im.num_cells; ++c) im.free_cells[c] = im.num_cells - 1 - c;
     } else if (sp.PageBytes() != im.payload_bytes) {
