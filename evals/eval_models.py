@@ -186,6 +186,7 @@ def run_cell(client, model, spec, sample, cache, policy, cap, sid, oracle_mass, 
             "footprint": stats["footprint"], "stalls": stats["stalls"], "steps": stats["steps"],
             "surprise_fetches": stats["surprise_fetches"], "seconds": wa.seconds,
             "miss_fires": stats["miss_fires"], "miss_checks": stats["miss_checks"],
+            "miss_exact_pages": stats["miss_exact_pages"], "stall_ms": stats["stall_ms"],
             "pages_fetched": stats["pages_fetched"],
             "prediction_failures": stats["prediction_failures"],
             "decode_steps": wa.step, "tau": stats["tau"]}
@@ -218,6 +219,8 @@ def main():
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "fm-eval-cache"))
     ap.add_argument("--zoo", default=os.path.join(HERE, "zoo", "models"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server_flags", default="",
+                    help="more flags for the all-in-one it starts, e.g. '--miss_sketch_rank 0'")
     ap.add_argument("--lsa_weights", default="{zoo}/{model}.lsa.safetensors",
                     help="policy lsa: the weights each model's sessions are served with "
                     "(loaded into the worker's indexer: the all-in-one's, or --target's)")
@@ -278,7 +281,7 @@ def main():
                     server.terminate()
                     server.wait(timeout=30)
                 tmp = tempfile.mkdtemp(prefix=f"fm-eval-{mname}-")
-                server, target = start_server(tmp, "2GiB", "4GiB")
+                server, target = start_server(tmp, "2GiB", "4GiB", a.server_flags.split())
             client = DecodeClient(target, timeout=600)
             if "lsa" in policies:
                 w = os.path.abspath(a.lsa_weights.format(zoo=a.zoo, model=mname))
@@ -334,9 +337,12 @@ def main():
                             "needle_resident": float(np.mean([r["needle_resident"] for r in rs])),
                             "footprint": float(np.mean([r["footprint"] for r in rs])),
                             "stall_fraction": sum(r["stalls"] for r in rs) / max(1, steps),
+                            "stall_ms_per_step": sum(r["stall_ms"] for r in rs) / max(1, steps),
                             "tokens_per_s": steps / max(1e-9, sum(r["seconds"] for r in rs)),
                             "surprise_fetches": sum(r["surprise_fetches"] for r in rs),
                             "miss_fire_rate": sum(r["miss_fires"] for r in rs) /
+                            max(1, sum(r["miss_checks"] for r in rs)),
+                            "miss_exact_pages_per_check": sum(r["miss_exact_pages"] for r in rs) /
                             max(1, sum(r["miss_checks"] for r in rs)),
                             "fetched_mb": sum(r["pages_fetched"] for r in rs) * spec.page_bytes / 2**20,
                             "prediction_failures": sum(r["prediction_failures"] for r in rs),
@@ -367,14 +373,15 @@ def print_row(r):
     if not HEADER:
         print(f"{'model':8s} {'task':10s} {'ctx':>5s} {'policy':12s} {'cap':>5s} {'miss':>4s} {'n':>4s} "
               f"{'exact':>6s} {'95% CI':>13s} {'torch':>6s} {'recall':>7s} {'needle':>6s} "
-              f"{'footpr':>6s} {'stalls':>6s} {'tok/s':>7s} {'fires':>6s} {'MB':>6s}")
+              f"{'footpr':>6s} {'stalls':>6s} {'ms/stp':>6s} {'tok/s':>7s} {'fires':>6s} {'exact/chk':>9s} {'MB':>6s}")
         HEADER = True
     print(f"{r['model']:8s} {r['task']:10s} {r['context'] // 1024:4d}K {r['policy']:12s} "
           f"{r['cap']:5.2f} {r['miss_ratio']:4g} {r['n']:4d} {r['exact_match']:6.3f} "
           f"[{r['exact_match_lo']:.2f}, {r['exact_match_hi']:.2f}] "
           f"{r['torch_dense_exact_match']:6.3f} {r['mass_recall']:7.4f} "
           f"{r['needle_resident']:6.3f} {r['footprint']:6.3f} {r['stall_fraction']:6.3f} "
-          f"{r['tokens_per_s']:7.1f} {r['miss_fire_rate']:6.3f} {r['fetched_mb']:6.1f}", flush=True)
+          f"{r.get('stall_ms_per_step', 0):6.3f} {r['tokens_per_s']:7.1f} {r['miss_fire_rate']:6.3f} "
+          f"{r.get('miss_exact_pages_per_check', 0):9.2f} {r['fetched_mb']:6.1f}", flush=True)
 
 
 def markdown(rows):

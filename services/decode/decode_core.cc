@@ -1,4 +1,5 @@
 #include "services/decode/decode_core.h"
+#include "services/decode/miss_sketch.h"
 
 #include <algorithm>
 #include <atomic>
@@ -205,6 +206,8 @@ struct DecodeCore::Session {
   // stored keys of every chunk from chunk 0 on, per index layer, to score a flagged page's
   // tokens exactly (not kept over a resume: those pages get the bound alone).
   std::vector<std::vector<uint8_t>> check_keys ABSL_GUARDED_BY(mu);
+  // Their low-rank sketches (miss_sketch.h), per index layer, kept with them.
+  std::vector<KeySketch> check_sketch ABSL_GUARDED_BY(mu);
   struct Recovery : CellFetch {
     bool done = false;
     bool cancelled = false;  // the session closed before it chose its pages: run it on resume
@@ -460,6 +463,17 @@ struct DecodeCore::Impl {
     for (uint32_t l = 0; l < sp.index_layers; ++l)
       s.check_keys[l].insert(s.check_keys[l].end(), keys + l * layer_stride,
                              keys + l * layer_stride + chunks * kb);
+    // The keys' sketches follow page by page, so that no check waits for a whole history's.
+    for (uint32_t l = 0; l < sp.index_layers; ++l) SyncSketch(s, l);
+  }
+  // The sketch of index layer l's kept keys, brought up to date (nullptr: none kept, or
+  // DecodeOptions::miss_sketch_rank is 0).
+  const KeySketch* SyncSketch(Session& s, uint32_t l) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
+    if (options.miss_sketch_rank == 0 || l >= s.check_keys.size()) return nullptr;
+    if (s.check_sketch.size() < s.check_keys.size())
+      s.check_sketch.resize(s.check_keys.size(), KeySketch(options.miss_sketch_rank));
+    s.check_sketch[l].Sync(s.opt.spec, s.check_keys[l]);
+    return &s.check_sketch[l];
   }
   // Keeps a page's bounds (the index layers') for the miss check.
   void KeepCheckBounds(Session& s, const float* bounds) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) {
@@ -472,20 +486,37 @@ struct DecodeCore::Impl {
   // bound of q.k exceeds the resident log-sum-exp by log(ratio) in some head, at most
   // max_pages, most wanted first.
   //
-  // With `keys` (the layer's stored keys holding the model's own K, ModelKeys), a page the
-  // bound does not rule out is scored exactly instead: the log of its tokens' attention mass
-  // (from the fp8 keys) against the resident log-sum-exp, so that only a page that would
-  // carry more than `ratio` times the resident mass in some head is flagged.
+  // With `keys` (the layer's stored keys holding the model's own K, ModelKeys), a page is
+  // scored instead (miss_sketch.h): by the bound of the keys' low-rank `sketch` where it
+  // covers the page (else the Quest box), then, if that cannot rule it out, exactly from
+  // the fp8 keys, so that only a page that would carry more than `ratio` times the
+  // resident mass in some head is flagged. *exact counts those scored exactly.
   std::vector<uint64_t> MissCheck(const ModelSpec& sp, uint32_t l, const float* q,
                                   const float* lse, const std::vector<uint64_t>& pages,
                                   const float* bounds, double ratio, uint32_t max_pages,
-                                  const std::vector<uint8_t>* keys = nullptr) const {
+                                  const std::vector<uint8_t>* keys = nullptr,
+                                  const KeySketch* sketch = nullptr,
+                                  uint64_t* exact = nullptr) const {
     const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads;
     const float scale = sp.Scale(), margin = static_cast<float>(std::log(ratio));
     const size_t stride = indexer::IndexerBoundsFloats(sp);
     std::vector<std::pair<float, uint64_t>> hot;
     std::vector<float> scratch;
+    KeySketch::Query projected;
+    if (sketch && sketch->pages() > 0) projected = sketch->Project(sp, q);
+    const uint64_t page_key_bytes = sp.ChunksPerPage() * sp.IndexKeyBytes();
     for (uint64_t p : pages) {
+      const bool have_keys = keys && (p + 1) * page_key_bytes <= keys->size();
+      if (have_keys && sketch && p < sketch->pages()) {
+        // The sketch's bound is far tighter than the Quest box (which rules out almost no
+        // page of a trained model's keys): the box is skipped.
+        if (sketch->PageBound(sp, projected, lse, p, margin, &scratch) <= margin) continue;
+        if (exact) ++*exact;
+        const float mass =
+            ExactPageMass(sp, q, lse, keys->data() + p * page_key_bytes, margin, &scratch);
+        if (mass > margin) hot.push_back({mass, p});
+        continue;
+      }
       const float* b = bounds + p * stride + size_t{l} * sp.kv_heads * 2 * d;
       float best = -std::numeric_limits<float>::infinity();
       for (uint32_t h = 0; h < sp.q_heads; ++h) {
@@ -496,13 +527,9 @@ struct DecodeCore::Impl {
         for (uint32_t j = 0; j < d; ++j) ub += std::max(qh[j] * mn[j], qh[j] * mx[j]);
         best = std::max(best, ub * scale - lse[h]);
       }
-      if (keys && best + std::log(float(sp.page_tokens)) > margin) {
-        const uint64_t cpp = sp.ChunksPerPage(), kb = sp.IndexKeyBytes();
-        if ((p + 1) * cpp * kb <= keys->size()) {
-          best = ExactPageMass(sp, q, lse, keys->data() + p * cpp * kb, margin, &scratch);
-          if (best > margin) hot.push_back({best, p});
-          continue;
-        }
+      if (have_keys && best + std::log(float(sp.page_tokens)) > margin) {
+        if (exact) ++*exact;
+        best = ExactPageMass(sp, q, lse, keys->data() + p * page_key_bytes, margin, &scratch);
       }
       if (best > margin) hot.push_back({best, p});
     }
@@ -510,62 +537,6 @@ struct DecodeCore::Impl {
     std::vector<uint64_t> out;
     for (size_t i = 0; i < hot.size() && i < max_pages; ++i) out.push_back(hot[i].second);
     return out;
-  }
-
-  // max over heads of log(sum over the page's tokens of exp(scale q_h . k_t)) - lse_h, from
-  // the page's stored model-K keys; -inf as soon as no head can exceed `margin` (a head's
-  // log-mass is at most its best token's logit + log(page_tokens)). `scratch` is reused.
-  // The page's K is laid out [kv head][dim][token] so that each query dimension adds one
-  // scaled row over all the page's tokens (a fixed-width loop the compiler vectorizes).
-  static float ExactPageMass(const ModelSpec& sp, const float* q, const float* lse,
-                             const uint8_t* page_keys, float margin, std::vector<float>* scratch) {
-    const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads, di = sp.index_dim;
-    const uint32_t ct = sp.chunk_tokens, hkv = sp.kv_heads;
-    const size_t kb = sp.IndexKeyBytes();
-    const uint64_t cpp = sp.ChunksPerPage();
-    const uint32_t P = sp.page_tokens;
-    scratch->resize(di + size_t{hkv} * d * P + size_t{sp.q_heads} * P);
-    float* k = scratch->data();
-    float* kt = k + di;                        // [kv head][dim][token]
-    float* logits = kt + size_t{hkv} * d * P;  // [q head][token]
-    for (uint64_t c = 0; c < cpp; ++c) {
-      const uint8_t* key = page_keys + c * kb;
-      float scale;
-      std::memcpy(&scale, key + di, 4);
-      Fp8E4m3ToFloatN(key, k, di);
-      for (uint32_t t = 0; t < ct; ++t)
-        for (uint32_t kv = 0; kv < hkv; ++kv) {
-          const float* src = k + (size_t{t} * hkv + kv) * d;
-          float* dst = kt + size_t{kv} * d * P + c * ct + t;
-          for (uint32_t j = 0; j < d; ++j) dst[size_t{j} * P] = src[j] * scale;
-        }
-    }
-    const float s = sp.Scale();
-    for (uint32_t h = 0; h < sp.q_heads; ++h) {
-      float* lg = logits + size_t{h} * P;
-      std::fill(lg, lg + P, 0.0f);
-      const float* qh = q + size_t{h} * d;
-      const float* kh = kt + size_t{h / group} * d * P;
-      for (uint32_t j = 0; j < d; ++j) {
-        const float qj = qh[j] * s;
-        const float* row = kh + size_t{j} * P;
-        uint32_t t = 0;
-        for (; t + 16 <= P; t += 16)  // fixed width: vectorized at -O2
-          for (uint32_t u = 0; u < 16; ++u) lg[t + u] += qj * row[t + u];
-        for (; t < P; ++t) lg[t] += qj * row[t];
-      }
-    }
-    const float log_p = std::log(float(P));
-    float best = -std::numeric_limits<float>::infinity();
-    for (uint32_t h = 0; h < sp.q_heads; ++h) {
-      const float* lg = logits + size_t{h} * P;
-      const float mx = *std::max_element(lg, lg + P);
-      if (mx + log_p - lse[h] <= std::max(margin, best)) continue;  // cannot win
-      float z = 0;
-      for (uint32_t t = 0; t < P; ++t) z += std::exp(lg[t] - mx);
-      best = std::max(best, mx + std::log(z) - lse[h]);
-    }
-    return best;
   }
 
   // Launches the miss check of this step's query (off the critical path).
@@ -638,9 +609,11 @@ struct DecodeCore::Impl {
     for (uint64_t p = 0; p < std::min(s.sealed(), have); ++p)
       if (s.cell_of[p] == kNoCell) candidates.push_back(p);
     ++s.stats.miss_checks;
+    const std::vector<uint8_t>* keys = l < s.check_keys.size() ? &s.check_keys[l] : nullptr;
+    const KeySketch* sketch = SyncSketch(s, l);
     const std::vector<uint64_t> hot =
         MissCheck(spec, l, q, lse, candidates, s.check_bounds.data(), s.opt.miss_ratio,
-                  options.miss_max_pages, l < s.check_keys.size() ? &s.check_keys[l] : nullptr);
+                  options.miss_max_pages, keys, sketch, &s.stats.miss_exact_pages);
     if (hot.empty()) return absl::OkStatus();
     const auto t0 = std::chrono::steady_clock::now();
     CellFetch f;

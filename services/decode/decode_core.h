@@ -191,6 +191,10 @@ struct DecodeOptions {
   // check). The floor costs a short session a few pages (32 cells = 2K tokens of the zoo's
   // pages) and a long one nothing.
   uint32_t min_session_cells = 32;
+  // The rank of the key sketch that bounds a page's mass before the session's own miss
+  // check scores it exactly (services/decode/miss_sketch.h); 0 = every page the Quest box
+  // does not rule out is scored exactly (about 10x the cost on the zoo's models at 64K).
+  uint32_t miss_sketch_rank = 8;
   // Trace mode: where traces go (empty: the worker refuses trace sessions) and how their
   // golden labels are drawn.
   std::string trace_dir;
@@ -250,6 +254,7 @@ struct SessionStats {
   // The session's own miss check (SessionOptions::miss_ratio): (step, layer) checks run, and
   // those that flagged pages (each a stall).
   uint64_t miss_checks = 0, miss_fires = 0;
+  uint64_t miss_exact_pages = 0;  // pages it scored from their keys (neither bound ruled out)
   uint64_t miss_evictions = 0;  // pages of the set it evicted to make room
   uint64_t reregistrations = 0;   // times the indexer had lost the session and got it again
   bool fetching = false;          // a prediction or catch-up is in flight

@@ -454,6 +454,7 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_miss_checks(st->miss_checks);
   resp->set_miss_fires(st->miss_fires);
   resp->set_miss_evictions(st->miss_evictions);
+  resp->set_miss_exact_pages(st->miss_exact_pages);
   resp->set_reregistrations(st->reregistrations);
   resp->set_fetching(st->fetching);
   resp->set_tau(st->tau);

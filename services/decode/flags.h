@@ -65,6 +65,10 @@ inline void AddDecodeFlags(CLI::App& app, DecodeOptions* o) {
                  "check (up to all its pages): a short session's share is too few to serve a "
                  "step and the check's fetches")
       ->capture_default_str();
+  app.add_option("--miss_sketch_rank", o->miss_sketch_rank,
+                 "Rank of the key sketch that bounds pages before the session miss check "
+                 "scores them exactly (0 = score every page its Quest box allows)")
+      ->capture_default_str();
   app.add_option("--miss_ratio", o->miss_ratio,
                  "Miss check: fetch a page whose Quest bound exceeds this times the resident mass")
       ->capture_default_str();
