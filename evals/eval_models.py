@@ -112,6 +112,7 @@ def _clone(c):
     out.k = dict(c.k)
     out.v = dict(c.v)
     out.canon = dict(c.canon)
+    out.__dict__.pop("_room", None)  # appends must not share the original's spare room
     return out
 
 

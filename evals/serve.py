@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "evals", "zoo"))
 from convert_dump import compress_keys  # noqa: E402
 from flashmemory_client import Spec  # noqa: E402
 from flashmemory_client.client import request, result_arrays  # noqa: E402
+from model import decode_scores  # noqa: E402
 
 CHUNK = 4
 PAGE = 64
@@ -94,8 +95,7 @@ class WorkerAttention:
 
     def __call__(self, li, q, k, v):
         c = self.cache
-        c.k[li] = torch.cat([c.k[li], k[None]], 0)
-        c.v[li] = torch.cat([c.v[li], v[None]], 0)
+        c.append(li, k, v)
         pos = c.tokens  # the new token's position
         layer = self.G.index(li)
         self.chunk_k[li].append(k.numpy())
@@ -120,11 +120,7 @@ class WorkerAttention:
         if res.stalled and layer == 0:
             self.stalls += 1
         # Dense reference lse of the same query over the whole history.
-        d = q.shape[-1]
-        g = q.shape[0] // k.shape[0]
-        kk = c.k[li].repeat_interleave(g, dim=1)  # [T, Hq, d]
-        s = torch.einsum("hd,thd->ht", q, kk) * d ** -0.5
-        dense_lse = torch.logsumexp(s, dim=-1).numpy()
+        dense_lse = torch.logsumexp(decode_scores(q, c.k[li]), dim=-1).numpy()
         self.recall.extend(np.minimum(1.0, np.exp(lse.astype(np.float64) - dense_lse)).tolist())
         if last:
             self.step += 1
@@ -147,17 +143,14 @@ class DenseRecorder:
 
     def __call__(self, li, q, k, v):
         c = self.cache
-        c.k[li] = torch.cat([c.k[li], k[None]], 0)
-        c.v[li] = torch.cat([c.v[li], v[None]], 0)
-        d = q.shape[-1]
-        g = q.shape[0] // k.shape[0]
-        kk = c.k[li].repeat_interleave(g, dim=1)
-        vv = c.v[li].repeat_interleave(g, dim=1)
-        p = torch.softmax(torch.einsum("hd,thd->ht", q, kk) * d ** -0.5, dim=-1)  # [Hq, T]
+        c.append(li, k, v)
+        p = torch.softmax(decode_scores(q, c.k[li]), dim=-1)  # [Hq, T]
         ph = p.sum(0).numpy()
         pad = np.zeros(self.pages * PAGE)
         pad[:len(ph)] = ph
         if li == self.G[0]:
             self.steps.append(np.zeros(self.pages))
         self.steps[-1] += pad.reshape(-1, PAGE).sum(1)
-        return torch.einsum("ht,thd->hd", p, vv)
+        Hk = c.v[li].shape[1]
+        g = p.shape[0] // Hk
+        return torch.cat([torch.matmul(p[h * g:(h + 1) * g], c.v[li][:, h]) for h in range(Hk)], 0)

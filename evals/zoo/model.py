@@ -287,6 +287,43 @@ class Cache:
         self.tokens = tokens
         self.logits = None
 
+    def append(self, li, k, v):
+        """Appends one token's K and V [Hkv, d] to global layer li. The history grows inside
+        a buffer with room to spare (a copy every ~T/8 steps, not every step); k[li] and
+        v[li] stay views of it. A cache's copy (copy.copy) must drop `_room`."""
+        room = self.__dict__.setdefault("_room", {})
+        n = self.k[li].shape[0]
+        buf = room.get(li)
+        if buf is None or buf[0].shape[0] <= n or buf[0].data_ptr() != self.k[li].data_ptr():
+            cap = n + max(256, n // 8)
+            bk = torch.empty((cap,) + tuple(k.shape), dtype=self.k[li].dtype)
+            bv = torch.empty((cap,) + tuple(v.shape), dtype=self.v[li].dtype)
+            bk[:n] = self.k[li]
+            bv[:n] = self.v[li]
+            buf = room[li] = (bk, bv)
+        buf[0][n] = k
+        buf[1][n] = v
+        self.k[li], self.v[li] = buf[0][:n + 1], buf[1][:n + 1]
+
+
+def decode_scores(q, k):
+    """One token's GQA logits over a history: q [Hq, d] (SSMax-scaled), k [T, Hkv, d] ->
+    [Hq, T], d^-1/2 applied. Each KV head's keys are a strided [T, d] view: no copy."""
+    Hq, d = q.shape
+    Hk = k.shape[1]
+    g = Hq // Hk
+    return torch.cat([torch.matmul(q[h * g:(h + 1) * g], k[:, h].T) for h in range(Hk)], 0) \
+        * (d ** -0.5)
+
+
+def decode_attend(q, k, v):
+    """One token's dense GQA attention over the whole history: q [Hq, d], k, v [T, Hkv, d]
+    -> [Hq, d]."""
+    Hk = k.shape[1]
+    g = q.shape[0] // Hk
+    p = torch.softmax(decode_scores(q, k), dim=-1)
+    return torch.cat([torch.matmul(p[h * g:(h + 1) * g], v[:, h]) for h in range(Hk)], 0)
+
 
 class Decoder:
     """Incremental decoding, one token at a time. `global_attend(layer, q, k, v)` computes a
@@ -302,11 +339,8 @@ class Decoder:
 
     def _dense(self, li, q, k, v):
         c = self.cache
-        c.k[li] = torch.cat([c.k[li], k[None]], 0)
-        c.v[li] = torch.cat([c.v[li], v[None]], 0)
-        T = c.k[li].shape[0]
-        pos = torch.arange(T, dtype=torch.float32)
-        return attend(q[None, None], c.k[li][None], c.v[li][None], pos[-1:], pos)[0, 0]
+        c.append(li, k, v)
+        return decode_attend(q, c.k[li], c.v[li])
 
     @torch.no_grad()
     def step(self, token):
