@@ -84,7 +84,7 @@ void KeySketch::Sync(const ModelSpec& sp, const std::vector<uint8_t>& keys) {
   const uint64_t page_bytes = sp.ChunksPerPage() * sp.IndexKeyBytes();
   const uint64_t have = keys.size() / page_bytes;
   if (have == 0 || have == pages_) return;
-  if (pages_ == 0 || have >= 2 * basis_pages_) {
+  if (pages_ == 0 || (have >= 2 * basis_pages_ && basis_pages_ < kSettledPages)) {
     Rebuild(sp, keys, have);
     return;
   }

@@ -42,18 +42,23 @@ float ExactPageMass(const ModelSpec& sp, const float* q, const float* lse,
 // 9 multiply-adds per token and head instead of 32, with no fp8 decoding.
 //
 // The basis comes from the keys sketched first and is rebuilt from all keys whenever their
-// count has doubled (a session that decodes far past its prefill); a stale basis only
-// loosens the bound. 36 bytes per token and KV head at rank 8.
+// count has doubled, until it was made from kSettledPages pages (16K tokens of 64-token
+// pages: a session decoding far past a short prefill); a stale basis only loosens the
+// bound, and a long session never pays a rebuild of its whole history in one step.
+// 36 bytes per token and KV head at rank 8.
 class KeySketch {
  public:
   static constexpr uint32_t kDefaultRank = 8;
+  static constexpr uint64_t kSettledPages = 256;
 
   explicit KeySketch(uint32_t rank = kDefaultRank) : rank_(rank) {}
 
   // Sketches the whole pages of `keys` (the layer's stored index keys from chunk 0 on) that
-  // it has not yet; rebuilds the basis when their count has doubled since it was made.
+  // it has not yet; rebuilds the basis when their count has doubled since it was made (and
+  // it was made from fewer than kSettledPages).
   void Sync(const ModelSpec& sp, const std::vector<uint8_t>& keys);
   uint64_t pages() const { return pages_; }
+  uint64_t basis_pages() const { return basis_pages_; }  // the pages its basis came from
   uint32_t rank() const { return rank_; }
 
   // The query's projections, per query head: B q, q . m, |q - B^T B q| and |q|.

@@ -145,12 +145,30 @@ TEST(KeySketch, FollowsTheKeysAsPagesAreSealed) {
     const std::vector<uint8_t> keys(all.begin(), all.begin() + pages * page_bytes + 7);
     sk.Sync(sp, keys);  // a partial page's keys wait for the page
     EXPECT_EQ(sk.pages(), pages);
+    EXPECT_EQ(sk.basis_pages(), pages == 3 ? 2u : pages) << "rebuilt when the pages double";
     if (pages == 0) continue;
     EXPECT_EQ(sk.rank(), sp.head_dim);
     float max_gap, mean_gap;
     ExpectBounds(sp, sk, all, &max_gap, &mean_gap);
     EXPECT_LT(max_gap, 0.05f) << "a full-rank sketch is the keys themselves, at " << pages;
   }
+}
+
+// A basis made from kSettledPages pages or more is kept: the pages sealed later are only
+// sketched with it, however many.
+TEST(KeySketch, KeepsASettledBasis) {
+  const ModelSpec sp = OwnKeySpec();
+  const uint64_t settled = KeySketch::kSettledPages;
+  const std::vector<uint8_t> all = Keys(sp, 2 * settled + 40, 4, 0.01f, 8);
+  const size_t page_bytes = sp.ChunksPerPage() * sp.IndexKeyBytes();
+  KeySketch sk;
+  sk.Sync(sp, std::vector<uint8_t>(all.begin(), all.begin() + settled * page_bytes));
+  EXPECT_EQ(sk.basis_pages(), settled);
+  sk.Sync(sp, all);
+  EXPECT_EQ(sk.pages(), 2 * settled + 40);
+  EXPECT_EQ(sk.basis_pages(), settled);
+  float max_gap, mean_gap;
+  ExpectBounds(sp, sk, all, &max_gap, &mean_gap);
 }
 
 // With a margin, a page no head can lift above it answers -inf, as the exact score does.
