@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "evals", "zoo"))
 from convert_dump import compress_keys  # noqa: E402
 from flashmemory_client import Spec  # noqa: E402
 from flashmemory_client.client import request, result_arrays  # noqa: E402
-from model import decode_scores  # noqa: E402
+from model import decode_mix, decode_scores  # noqa: E402
 
 CHUNK = 4
 PAGE = 64
@@ -151,6 +151,4 @@ class DenseRecorder:
         if li == self.G[0]:
             self.steps.append(np.zeros(self.pages))
         self.steps[-1] += pad.reshape(-1, PAGE).sum(1)
-        Hk = c.v[li].shape[1]
-        g = p.shape[0] // Hk
-        return torch.cat([torch.matmul(p[h * g:(h + 1) * g], c.v[li][:, h]) for h in range(Hk)], 0)
+        return decode_mix(p, c.v[li])

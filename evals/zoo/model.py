@@ -316,13 +316,17 @@ def decode_scores(q, k):
         * (d ** -0.5)
 
 
+def decode_mix(p, v):
+    """Attention weights p [Hq, T] applied to a history's V [T, Hkv, d] -> [Hq, d]."""
+    Hk = v.shape[1]
+    g = p.shape[0] // Hk
+    return torch.cat([torch.matmul(p[h * g:(h + 1) * g], v[:, h]) for h in range(Hk)], 0)
+
+
 def decode_attend(q, k, v):
     """One token's dense GQA attention over the whole history: q [Hq, d], k, v [T, Hkv, d]
     -> [Hq, d]."""
-    Hk = k.shape[1]
-    g = q.shape[0] // Hk
-    p = torch.softmax(decode_scores(q, k), dim=-1)
-    return torch.cat([torch.matmul(p[h * g:(h + 1) * g], v[:, h]) for h in range(Hk)], 0)
+    return decode_mix(torch.softmax(decode_scores(q, k), dim=-1), v)
 
 
 class Decoder:

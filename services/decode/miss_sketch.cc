@@ -38,13 +38,11 @@ float Dot(const float* a, const float* b, uint32_t n) {
 
 }  // namespace
 
-void DecodePageKeys(const ModelSpec& sp, const uint8_t* page_keys, float* out,
-                    std::vector<float>* scratch) {
+void DecodePageKeys(const ModelSpec& sp, const uint8_t* page_keys, float* out, float* chunk) {
   const uint32_t d = sp.head_dim, di = sp.index_dim, ct = sp.chunk_tokens, hkv = sp.kv_heads;
   const uint32_t P = sp.page_tokens;
   const size_t kb = sp.IndexKeyBytes();
-  scratch->resize(di);
-  float* k = scratch->data();
+  float* k = chunk;
   for (uint64_t c = 0; c < sp.ChunksPerPage(); ++c) {
     const uint8_t* key = page_keys + c * kb;
     float scale;
@@ -63,12 +61,11 @@ float ExactPageMass(const ModelSpec& sp, const float* q, const float* lse,
                     const uint8_t* page_keys, float margin, std::vector<float>* scratch) {
   const uint32_t d = sp.head_dim, group = sp.q_heads / sp.kv_heads, P = sp.page_tokens;
   const size_t key_floats = size_t{sp.kv_heads} * d * P;
-  scratch->resize(key_floats + P + d);
+  scratch->resize(key_floats + P + d + sp.index_dim);
   float* kt = scratch->data();        // [kv head][dim][token]
   float* lg = kt + key_floats;        // one head's logits
   float* qs = lg + P;                 // one head's scaled query
-  std::vector<float> chunk;
-  DecodePageKeys(sp, page_keys, kt, &chunk);
+  DecodePageKeys(sp, page_keys, kt, qs + d);  // one chunk's keys go after the query
   const float s = sp.Scale();
   float best = kNegInf;
   for (uint32_t h = 0; h < sp.q_heads; ++h) {
@@ -101,11 +98,11 @@ void KeySketch::Rebuild(const ModelSpec& sp, const std::vector<uint8_t>& keys, u
   const size_t page_floats = size_t{hkv_} * d_ * tokens_;
   // The mean and covariance of each KV head's keys over up to 64 pages spread evenly.
   const uint64_t sample = std::min<uint64_t>(pages, 64);
-  std::vector<float> kt(page_floats), scratch;
+  std::vector<float> kt(page_floats), scratch(sp.index_dim);
   std::vector<double> sum(size_t{hkv_} * d_, 0.0), cov(size_t{hkv_} * d_ * d_, 0.0);
   for (uint64_t i = 0; i < sample; ++i) {
     const uint64_t p = i * pages / sample;
-    DecodePageKeys(sp, keys.data() + p * page_bytes, kt.data(), &scratch);
+    DecodePageKeys(sp, keys.data() + p * page_bytes, kt.data(), scratch.data());
     for (uint32_t kv = 0; kv < hkv_; ++kv) {
       const float* kh = kt.data() + size_t{kv} * d_ * tokens_;
       double* s = sum.data() + size_t{kv} * d_;
@@ -195,7 +192,8 @@ void KeySketch::Rebuild(const ModelSpec& sp, const std::vector<uint8_t>& keys, u
 void KeySketch::Append(const ModelSpec& sp, const uint8_t* page_keys, std::vector<float>* scratch) {
   const uint32_t P = tokens_;
   std::vector<float> kt(size_t{hkv_} * d_ * P), sq(P);
-  DecodePageKeys(sp, page_keys, kt.data(), scratch);
+  scratch->resize(sp.index_dim);
+  DecodePageKeys(sp, page_keys, kt.data(), scratch->data());
   const size_t at = coords_.size();
   coords_.resize(at + size_t{hkv_} * (rank_ + 1) * P);
   for (uint32_t kv = 0; kv < hkv_; ++kv) {

@@ -21,8 +21,8 @@ namespace fm::decode {
 // The page's keys from its stored index keys (ChunksPerPage chunks of IndexKeyBytes each),
 // decoded and scaled, laid out [kv head][dim][token] (`out` holds kv_heads * head_dim *
 // page_tokens floats): each query dimension then adds one row over the page's tokens.
-void DecodePageKeys(const ModelSpec& sp, const uint8_t* page_keys, float* out,
-                    std::vector<float>* scratch);
+// `chunk` holds index_dim floats of room.
+void DecodePageKeys(const ModelSpec& sp, const uint8_t* page_keys, float* out, float* chunk);
 
 // The page's exact log-mass against `lse` (see above) from its stored keys; -inf as soon
 // as no head can exceed `margin` (a head's log-mass is at most its best token's logit +
