@@ -38,6 +38,14 @@ class TasksTest(unittest.TestCase):
         (prompt, answer, needles), = s.questions
         self.assertEqual([s.haystack[n] for n in needles], answer)
 
+    def test_task_weights_repeat_a_task_in_the_batch_cycle(self):
+        import train
+        self.assertEqual(train.task_cycle(""), T.TASKS)
+        self.assertEqual(train.task_cycle("vartrack=3,frequent=0"),
+                         ["recall", "multiquery", "vartrack", "vartrack", "vartrack", "passkey"])
+        with self.assertRaises(SystemExit):
+            train.task_cycle("varttrack=2")
+
 
 class ModelTest(unittest.TestCase):
     def test_prefill_and_decoder_continue_the_forward_exactly(self):

@@ -39,11 +39,20 @@ CONFIGS = {
 }
 
 
-def batch(step, rng, bsz, lo, hi):
+def task_cycle(weights):
+    """The order in which batches draw their tasks: each task as often as its weight."""
+    w = dict(t.split("=") for t in weights.split(",")) if weights else {}
+    bad = set(w) - set(T.TASKS)
+    if bad:
+        raise SystemExit(f"--task_weights: unknown task(s) {sorted(bad)}; tasks are {T.TASKS}")
+    return [t for t in T.TASKS for _ in range(int(w.get(t, 1)))]
+
+
+def batch(step, rng, bsz, lo, hi, cycle=T.TASKS):
     L = int(rng.integers(lo, hi + 1))
     toks, masks = [], []
     for i in range(bsz):
-        task = T.TASKS[(step * bsz + i) % len(T.TASKS)]
+        task = cycle[(step * bsz + i) % len(cycle)]
         t, m = T.training_sequence(task, int(rng.integers(0, 1 << 30)), L,
                                    int(rng.integers(4, 11)))
         toks.append(t)
@@ -97,6 +106,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--eval_every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--task_weights", default="",
+                    help="e.g. vartrack=3: that task fills three times its share of a batch")
     ap.add_argument("--init", help="continue from this checkpoint (its config) with a fresh "
                     "schedule: the log goes on in the new checkpoint's log")
     a = ap.parse_args()
@@ -125,9 +136,11 @@ def main():
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model {cfg.name}: {json.dumps(cfg.to_dict())}, {n_params} parameters, seed {a.seed}"
-        + (f", continuing from {a.init}" if a.init else ""))
+        + (f", continuing from {a.init}" if a.init else "")
+        + (f", task weights {a.task_weights}" if a.task_weights else ""))
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warm = 100
+    cycle = task_cycle(a.task_weights)
     t0, step, ema = time.time(), 0, None
     budget = a.minutes * 60
     while step < a.steps and time.time() - t0 < budget:
@@ -135,7 +148,7 @@ def main():
         lr = a.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, m = batch(step, rng, a.batch, a.min_len, a.max_len)
+        x, m = batch(step, rng, a.batch, a.min_len, a.max_len, cycle)
         logits = model(x[:, :-1])
         loss_t = F.cross_entropy(logits.reshape(-1, cfg.vocab), x[:, 1:].reshape(-1),
                                  reduction="none")

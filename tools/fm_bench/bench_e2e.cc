@@ -320,6 +320,7 @@ int RunE2eBench(const E2eBenchOptions& o) {
       double footprint = 0, stall_ms = 0;
       std::vector<double> mass;
       std::vector<int> recovery;  // steps until a missed needle's page was resident (-1: not)
+      std::vector<uint32_t> miss_cycle_steps;  // a missed needle's step within its cycle
       std::string stalled_at;     // per session: the steps that stalled
     } agg;
     auto add = [&](const replay::Fidelity& fk, const replay::ReplayResult& sparse) {
@@ -337,6 +338,9 @@ int RunE2eBench(const E2eBenchOptions& o) {
       agg.footprint = std::max(agg.footprint, sparse.stats.footprint());
       agg.recovery.insert(agg.recovery.end(), sparse.needle_recovery_steps.begin(),
                           sparse.needle_recovery_steps.end());
+      agg.miss_cycle_steps.insert(agg.miss_cycle_steps.end(),
+                                  sparse.needle_miss_cycle_steps.begin(),
+                                  sparse.needle_miss_cycle_steps.end());
       absl::StrAppend(&agg.stalled_at, agg.stalled_at.empty() ? "[" : ", [",
                       absl::StrJoin(sparse.stalled_at, ", "), "]");
     };
@@ -384,8 +388,10 @@ int RunE2eBench(const E2eBenchOptions& o) {
                 steady_stall_fr);
     const std::string recovery = absl::StrJoin(agg.recovery, ", ");
     if (!agg.recovery.empty())
-      std::printf("  missed needles: page resident after [%s] steps (-1: not within %u)\n",
-                  recovery.c_str(), replay::kNeedleWatchSteps);
+      std::printf("  missed needles: at step [%s] of their cycles; page resident after [%s] steps "
+                  "(-1: not within %u)\n",
+                  absl::StrJoin(agg.miss_cycle_steps, ", ").c_str(), recovery.c_str(),
+                  replay::kNeedleWatchSteps);
     if (agg.stalls) std::printf("  stalled steps per session: %s\n", agg.stalled_at.c_str());
     std::fflush(stdout);
 

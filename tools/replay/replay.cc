@@ -154,7 +154,10 @@ absl::Status DecodeSteps(decode::DecodeClient& client, decode::DecodeClient::Str
         if (i < fresh) {
           ++res->needles;
           res->needle_hits += resident;
-          if (!resident) still.push_back({probe_pages[i], st});
+          if (!resident) {
+            still.push_back({probe_pages[i], st});
+            res->needle_miss_cycle_steps.push_back(st % g.config().knobs.tau);
+          }
           continue;
         }
         const uint32_t since = res->watching[i - fresh].second;

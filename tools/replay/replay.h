@@ -37,6 +37,10 @@ struct ReplayResult {
   // kNeedleWatchSteps more steps: how many steps later its page was resident (probed after
   // each step), -1 when it was not within the watch (or the session ended first).
   std::vector<int> needle_recovery_steps;
+  // The missed needles' retrieval steps within their cycles (step % tau), in order of miss:
+  // a miss in the first switch-lag steps of a cycle is one its own prediction came too late
+  // for.
+  std::vector<uint32_t> needle_miss_cycle_steps;
   std::vector<std::pair<uint64_t, uint32_t>> watching;  // (page, retrieval step), in progress
   flashmemory::v1::SessionStatsResponse stats;
 };
