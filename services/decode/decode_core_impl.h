@@ -526,7 +526,38 @@ struct DecodeCore::Impl {
   void PostCatchUp(const std::shared_ptr<Session>& sp, const std::vector<uint64_t>& pages,
                    uint64_t cells, uint64_t at) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
 
-  absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r);
+  // One layer of one decode step (DecodeCore::Step), the session entered.
+  absl::Status StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
+  // StepOne's stages, in order. Where the layer sits: set by ValidateStep (last, chunk,
+  // seal) and AppendToken (the open page, its cell and the token's row).
+  struct StepPosition {
+    bool last = false, completes_chunk = false, seals = false;
+    uint64_t open = 0;
+    uint8_t* page = nullptr;
+    uint32_t row = 0;
+  };
+  // The request against the session's protocol position and spec; changes nothing.
+  absl::Status ValidateStep(const Session& s, const LayerStep& r, StepPosition* at) const
+      ABSL_SHARED_LOCKS_REQUIRED(s.mu);
+  // Layer 0: the cycle's set takes over at its switch step (waiting for its fetch, a
+  // stall), and a finished miss recovery at its install step.
+  absl::Status SwitchIfDue(const std::shared_ptr<Session>& sp, const LayerStep& r)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
+  // The layer's inputs (hidden state, index keys, index query) and the token's K and V in
+  // the open page; a page this layer completes is stored.
+  absl::Status AppendToken(Session& s, const LayerStep& r, StepPosition* at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
+  // At a cycle start, the prediction once its input is in (the first one waited for).
+  void LaunchIfDue(const std::shared_ptr<Session>& sp, const LayerStep& r, const StepPosition& at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
+  // The layer's attention over the resident pages (again after a miss recovery), the
+  // worker's asynchronous miss check, the trace.
+  absl::Status AttendLayer(const std::shared_ptr<Session>& sp, const LayerStep& r,
+                           const StepPosition& at) ABSL_EXCLUSIVE_LOCKS_REQUIRED(sp->mu);
+  // The last layer: the chunk's keys, the step's counters, and a seal.
+  absl::Status FinishStep(Session& s, const LayerStep& r, const StepPosition& at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu);
 };
 
 }  // namespace fm::decode

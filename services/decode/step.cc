@@ -5,8 +5,22 @@ namespace fm::decode {
 
 absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const LayerStep& r) {
   Session& s = *sp;
+  StepPosition at;
+  if (absl::Status st = ValidateStep(s, r, &at); !st.ok()) return st;
+  // From here on the request is valid.
+  if (r.layer == 0)
+    if (absl::Status st = SwitchIfDue(sp, r); !st.ok()) return st;
+  if (absl::Status st = AppendToken(s, r, &at); !st.ok()) return st;
+  LaunchIfDue(sp, r, at);
+  if (absl::Status st = AttendLayer(sp, r, at); !st.ok()) return st;
+  if (!at.last) return absl::OkStatus();
+  return FinishStep(s, r, at);
+}
+
+absl::Status DecodeCore::Impl::ValidateStep(const Session& s, const LayerStep& r,
+                                            StepPosition* at) const {
   const ModelSpec& spec = s.opt.spec;
-  const uint32_t P = spec.page_tokens, d = spec.head_dim;
+  const uint32_t d = spec.head_dim;
   if (s.closed) return absl::NotFoundError(absl::StrCat("session \"", s.id, "\" is closed"));
   // Protocol position: layer 0 of the current step (re)starts it.
   if (r.step != s.next_step || (r.layer != 0 && r.layer != s.next_layer))
@@ -37,50 +51,56 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   if (s.tokens + 1 > s.opt.max_tokens)
     return absl::ResourceExhaustedError(
         absl::StrCat("session \"", s.id, "\" is at max_tokens ", s.opt.max_tokens));
-  const bool last = r.layer + 1 == spec.layers;
-  const bool completes_chunk = (s.tokens + 1) % spec.chunk_tokens == 0;
-  if (last && completes_chunk && r.index_keys.empty() && !(r.layer > 0 && s.have_step_keys))
+  at->last = r.layer + 1 == spec.layers;
+  at->completes_chunk = (s.tokens + 1) % spec.chunk_tokens == 0;
+  if (at->last && at->completes_chunk && r.index_keys.empty() && !(r.layer > 0 && s.have_step_keys))
     return absl::InvalidArgumentError(
         absl::StrCat("step ", r.step, " completes index chunk ", s.tokens / spec.chunk_tokens,
                      "; one of its layer requests must carry the chunk's index keys"));
-  const bool seals = last && (s.tokens + 1) % P == 0;
+  at->seals = at->last && (s.tokens + 1) % spec.page_tokens == 0;
+  return absl::OkStatus();
+}
 
-  // From here on the request is valid.
-  if (r.layer == 0) {
-    s.have_hidden = false;
-    s.have_step_keys = false;
-    if (!s.decoding && s.opt.mode == Mode::kSparse)
-      if (absl::Status st = Flush(s); !st.ok()) return st;
-    s.decoding = true;
-    if (s.opt.mode == Mode::kSparse && s.job && (r.step >= s.switch_step || !s.have_set)) {
-      if (!s.job->done) {
-        const bool stall = s.have_set;  // else the warm-up
-        const auto t0 = std::chrono::steady_clock::now();
-        while (!s.job->done) s.job_cv.Wait(&s.mu);
-        if (stall) {
-          const double ms =
-              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-                  .count();
-          ++s.stats.stalls;
-          ++totals.stalls;
-          if (s.job->catch_up) {
-            ++s.stats.catch_up_stalls;
-            ++totals.catch_up_stalls;
-          }
-          s.stats.stall_ms += ms;
-          totals.stall_us += static_cast<uint64_t>(ms * 1000);
-          if (r.stalled) *r.stalled = true;
-        } else {
-          ++s.stats.warmup_waits;
+absl::Status DecodeCore::Impl::SwitchIfDue(const std::shared_ptr<Session>& sp, const LayerStep& r) {
+  Session& s = *sp;
+  s.have_hidden = false;
+  s.have_step_keys = false;
+  if (!s.decoding && s.opt.mode == Mode::kSparse)
+    if (absl::Status st = Flush(s); !st.ok()) return st;
+  s.decoding = true;
+  if (s.opt.mode == Mode::kSparse && s.job && (r.step >= s.switch_step || !s.have_set)) {
+    if (!s.job->done) {
+      const bool stall = s.have_set;  // else the warm-up
+      const auto t0 = std::chrono::steady_clock::now();
+      while (!s.job->done) s.job_cv.Wait(&s.mu);
+      if (stall) {
+        const double ms =
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                .count();
+        ++s.stats.stalls;
+        ++totals.stalls;
+        if (s.job->catch_up) {
+          ++s.stats.catch_up_stalls;
+          ++totals.catch_up_stalls;
         }
+        s.stats.stall_ms += ms;
+        totals.stall_us += static_cast<uint64_t>(ms * 1000);
+        if (r.stalled) *r.stalled = true;
+      } else {
+        ++s.stats.warmup_waits;
       }
-      Install(sp, r.step);
     }
-    if (s.recovery && r.step >= s.recovery->install_step) {
-      while (!s.recovery->done) s.job_cv.Wait(&s.mu);
-      InstallRecovery(s);
-    }
+    Install(sp, r.step);
   }
+  if (s.recovery && r.step >= s.recovery->install_step) {
+    while (!s.recovery->done) s.job_cv.Wait(&s.mu);
+    InstallRecovery(s);
+  }
+  return absl::OkStatus();
+}
+absl::Status DecodeCore::Impl::AppendToken(Session& s, const LayerStep& r, StepPosition* at) {
+  const ModelSpec& spec = s.opt.spec;
+  const uint32_t d = spec.head_dim;
   if (!r.hidden.empty()) {
     std::copy(r.hidden.begin(), r.hidden.end(), s.hidden.begin());
     s.have_hidden = true;
@@ -94,28 +114,32 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
       std::copy(r.q.begin(), r.q.end(), s.index_query.begin() + size_t{l} * spec.q_heads * d);
 
   // The new token's K and V go into the open page.
-  const uint64_t open = s.open_page();
-  uint8_t* page = Payload(static_cast<uint32_t>(s.cell_of[open]));
-  const uint32_t row = static_cast<uint32_t>(s.tokens % P);
+  at->open = s.open_page();
+  at->page = Payload(static_cast<uint32_t>(s.cell_of[at->open]));
+  at->row = static_cast<uint32_t>(s.tokens % spec.page_tokens);
   const size_t es = DTypeSize(spec.dtype);
   for (uint32_t h = 0; h < spec.kv_heads; ++h) {
     StoreFloats(spec.dtype, r.k.data() + size_t{h} * d,
-                page + spec.ElemOffset(r.layer, 0, h, row) * es, d);
+                at->page + spec.ElemOffset(r.layer, 0, h, at->row) * es, d);
     StoreFloats(spec.dtype, r.v.data() + size_t{h} * d,
-                page + spec.ElemOffset(r.layer, 1, h, row) * es, d);
+                at->page + spec.ElemOffset(r.layer, 1, h, at->row) * es, d);
   }
-  if (seals) {
-    // The page is complete once this layer's row is in: store it before anything changes,
-    // so a store failure leaves the step retryable.
-    if (absl::Status st = PutPage(s, open, page, P); !st.ok()) return st;
-  }
+  // The page is complete once this layer's row is in: store it before anything changes, so
+  // a store failure leaves the step retryable.
+  if (at->seals) return PutPage(s, at->open, at->page, spec.page_tokens);
+  return absl::OkStatus();
+}
 
+void DecodeCore::Impl::LaunchIfDue(const std::shared_ptr<Session>& sp, const LayerStep& r,
+                                   const StepPosition& at) {
+  Session& s = *sp;
+  const ModelSpec& spec = s.opt.spec;
   // The prediction of a cycle starts once its input is in.
   bool ready;  // lsa reads the hidden state, quest and model_query the index layers' queries
   switch (s.opt.policy) {
     case indexer::Policy::kDefault:
     case indexer::Policy::kLsa:
-      ready = s.have_hidden || last;
+      ready = s.have_hidden || at.last;
       break;
     case indexer::Policy::kQuest:
     case indexer::Policy::kModelQuery:
@@ -124,15 +148,21 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     default:
       ready = true;
   }
-  if (s.opt.mode == Mode::kSparse && r.step % s.tau == 0 && s.launched_for != r.step && !s.job &&
-      ready) {
-    Launch(sp);
-    if (!s.have_set) {  // the session's first prediction: wait for it (warm-up)
-      ++s.stats.warmup_waits;
-      while (!s.job->done) s.job_cv.Wait(&s.mu);
-      Install(sp, r.step);
-    }
+  if (s.opt.mode != Mode::kSparse || r.step % s.tau != 0 || s.launched_for == r.step || s.job ||
+      !ready)
+    return;
+  Launch(sp);
+  if (!s.have_set) {  // the session's first prediction: wait for it (warm-up)
+    ++s.stats.warmup_waits;
+    while (!s.job->done) s.job_cv.Wait(&s.mu);
+    Install(sp, r.step);
   }
+}
+
+absl::Status DecodeCore::Impl::AttendLayer(const std::shared_ptr<Session>& sp, const LayerStep& r,
+                                           const StepPosition& at) {
+  Session& s = *sp;
+  const ModelSpec& spec = s.opt.spec;
   const bool check = options.miss_check && s.opt.mode == Mode::kSparse && s.have_set &&
                      !s.recovery && s.opt.miss_ratio <= 0 &&
                      r.layer == indexer::ModelLayerOfIndexLayer(spec, spec.index_layers - 1);
@@ -147,7 +177,7 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   auto attend = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) -> absl::Status {
     if (s.plan_dirty)
       if (absl::Status st = RebuildPlan(s); !st.ok()) return st;
-    s.list_valid.back() = static_cast<uint16_t>(row + 1);
+    s.list_valid.back() = static_cast<uint16_t>(at.row + 1);
     kernels::DecodeItem item{0, r.layer, r.q.data(), r.out, lse};
     kernels::KernelStatus ks;
     s.WithoutLock([&] {
@@ -184,21 +214,23 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
     if (!r.hidden.empty()) s.trace->SetHidden(static_cast<uint32_t>(r.step), r.hidden);
     std::vector<const uint8_t*> pages;
     for (uint32_t c : s.list_cells) pages.push_back(Payload(c));
-    s.trace->AddLayer(static_cast<uint32_t>(r.step), r.layer, r.q.data(), lse, pages, row + 1);
+    s.trace->AddLayer(static_cast<uint32_t>(r.step), r.layer, r.q.data(), lse, pages, at.row + 1);
   }
+  return absl::OkStatus();
+}
 
-  if (!last) return absl::OkStatus();
-  // The step is complete.
-  if (completes_chunk && s.opt.mode == Mode::kSparse) {
+absl::Status DecodeCore::Impl::FinishStep(Session& s, const LayerStep& r, const StepPosition& at) {
+  const ModelSpec& spec = s.opt.spec;
+  if (at.completes_chunk && s.opt.mode == Mode::kSparse) {
     const size_t kb = spec.IndexKeyBytes();
     for (uint32_t l = 0; l < spec.index_layers; ++l)
       s.keys[l].insert(s.keys[l].end(), s.step_keys.begin() + l * kb,
                        s.step_keys.begin() + (l + 1) * kb);
     KeepCheckKeys(s, s.step_keys.data(), 1, kb);
   }
-  if (completes_chunk) ++s.key_chunks;
+  if (at.completes_chunk) ++s.key_chunks;
   if (s.trace) {
-    if (completes_chunk) s.trace->AddKeys(s.step_keys.data(), 1);
+    if (at.completes_chunk) s.trace->AddKeys(s.step_keys.data(), 1);
     s.trace->EndStep(static_cast<uint32_t>(r.step));
   }
   ++s.tokens;
@@ -207,21 +239,20 @@ absl::Status DecodeCore::Impl::StepOne(const std::shared_ptr<Session>& sp, const
   ++s.stats.steps;
   ++totals.steps;
   s.stats.tokens = s.tokens;
-  if (seals) {
-    if (s.opt.mode == Mode::kSparse) {
-      const size_t bf = indexer::IndexerBoundsFloats(spec);
-      s.bounds.resize(s.bounds.size() + bf);
-      PageBounds(s, page, P, s.bounds.data() + s.bounds.size() - bf);
-      KeepCheckBounds(s, s.bounds.data() + s.bounds.size() - bf);
-      s.bound_pages = open + 1;
-    }
-    s.plan_dirty = true;
-    Trim(s);
-    if (absl::Status st = EnsureOpenCell(s); !st.ok()) return st;
-    // The state a resuming worker starts from; a store or indexer that is down only
-    // delays it to the next seal.
-    (void)SaveState(s);
+  if (!at.seals) return absl::OkStatus();
+  if (s.opt.mode == Mode::kSparse) {
+    const size_t bf = indexer::IndexerBoundsFloats(spec);
+    s.bounds.resize(s.bounds.size() + bf);
+    PageBounds(s, at.page, spec.page_tokens, s.bounds.data() + s.bounds.size() - bf);
+    KeepCheckBounds(s, s.bounds.data() + s.bounds.size() - bf);
+    s.bound_pages = at.open + 1;
   }
+  s.plan_dirty = true;
+  Trim(s);
+  if (absl::Status st = EnsureOpenCell(s); !st.ok()) return st;
+  // The state a resuming worker starts from; a store or indexer that is down only delays it
+  // to the next seal.
+  (void)SaveState(s);
   return absl::OkStatus();
 }
 
