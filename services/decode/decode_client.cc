@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/spec_proto.h"
 #include "common/status.h"
+#include "services/decode/session_proto.h"
 
 namespace fm::decode {
 namespace v1 = flashmemory::v1;
@@ -33,20 +34,7 @@ std::unique_ptr<grpc::ClientContext> DecodeClient::Context() const {
 absl::StatusOr<uint64_t> DecodeClient::Open(const std::string& session, const SessionOptions& o) {
   v1::OpenSessionRequest req;
   req.set_session_id(session);
-  SpecToProto(o.spec, req.mutable_spec());
-  req.set_mode(o.mode == Mode::kDense   ? v1::DECODE_MODE_DENSE
-               : o.mode == Mode::kTrace ? v1::DECODE_MODE_TRACE
-                                        : v1::DECODE_MODE_SPARSE);
-  req.set_policy(static_cast<v1::Policy>(o.policy));
-  req.set_budget(o.budget);
-  req.set_max_pages(o.max_pages);
-  req.set_tau(o.tau);
-  req.set_switch_lag(o.switch_lag);
-  req.set_level2_topk(o.level2_topk);
-  req.set_max_tokens(o.max_tokens);
-  req.set_resume(o.resume);
-  req.set_miss_ratio(o.miss_ratio);
-  for (float m : o.oracle_page_mass) req.add_oracle_page_mass(m);
+  SessionOptionsToProto(o, &req);
   v1::OpenSessionResponse resp;
   auto ctx = Context();
   grpc::Status st = stub_->OpenSession(ctx.get(), req, &resp);

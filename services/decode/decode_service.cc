@@ -9,6 +9,7 @@
 #include "common/spec_proto.h"
 #include "common/status.h"
 #include "flashmemory/kernels/indexer.h"
+#include "services/decode/session_proto.h"
 
 namespace fm::decode {
 namespace v1 = flashmemory::v1;
@@ -375,29 +376,9 @@ grpc::ServerUnaryReactor* DecodeService::OpenSession(grpc::CallbackServerContext
   auto who = Caller(*ctx);
   if (!who.ok()) return FinishUnary(ctx, who.status());
   const std::string id = ScopedSessionId(*who, req->session_id());
-  SessionOptions o;
-  o.spec = SpecFromProto(req->spec());
-  if (req->mode() < v1::DECODE_MODE_UNSPECIFIED || req->mode() > v1::DECODE_MODE_TRACE)
-    return FinishUnary(ctx, absl::InvalidArgumentError(absl::StrCat(
-                                "unknown mode ", static_cast<int>(req->mode()),
-                                "; expected 0 (sparse), 1 sparse, 2 dense or 3 trace")));
-  o.mode = req->mode() == v1::DECODE_MODE_DENSE   ? Mode::kDense
-           : req->mode() == v1::DECODE_MODE_TRACE ? Mode::kTrace
-                                                  : Mode::kSparse;
-  o.policy = static_cast<indexer::Policy>(req->policy());
-  if (req->policy() < 0 || req->policy() > static_cast<int>(indexer::Policy::kModelQuery))
-    return FinishUnary(ctx, absl::InvalidArgumentError(
-                                absl::StrCat("unknown policy ", static_cast<int>(req->policy()))));
-  o.budget = req->budget() == 0.0f ? 0.1f : req->budget();
-  o.max_pages = req->max_pages();
-  o.tau = req->tau();
-  o.switch_lag = req->switch_lag();
-  o.level2_topk = req->level2_topk();
-  o.trace_name = req->trace_path();
-  o.max_tokens = req->max_tokens();
-  o.resume = req->resume();
-  o.miss_ratio = req->miss_ratio();
-  o.oracle_page_mass.assign(req->oracle_page_mass().begin(), req->oracle_page_mass().end());
+  absl::StatusOr<SessionOptions> opts = SessionOptionsFromProto(*req);
+  if (!opts.ok()) return FinishUnary(ctx, opts.status());
+  const SessionOptions& o = *opts;
   absl::Status st = core_->Open(id, o);
   if (st.ok()) {
     auto stats = core_->Stats(id);
@@ -427,7 +408,8 @@ grpc::ServerUnaryReactor* DecodeService::CloseSession(grpc::CallbackServerContex
                                                       v1::CloseSessionResponse*) {
   auto who = Caller(*ctx);
   if (!who.ok()) return FinishUnary(ctx, who.status());
-  return FinishUnary(ctx, core_->Close(ScopedSessionId(*who, req->session_id()), req->delete_pages()));
+  return FinishUnary(ctx,
+                     core_->Close(ScopedSessionId(*who, req->session_id()), req->delete_pages()));
 }
 
 grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerContext* ctx,
@@ -466,8 +448,7 @@ grpc::ServerUnaryReactor* DecodeService::GetSessionStats(grpc::CallbackServerCon
   resp->set_reserve_pages(st->reserved_cells);
   resp->set_total_pages(st->total_pages);
   if (req->probe_pages_size() > 0) {
-    auto r =
-        core_->Resident(id, {req->probe_pages().begin(), req->probe_pages().end()});
+    auto r = core_->Resident(id, {req->probe_pages().begin(), req->probe_pages().end()});
     if (!r.ok()) return FinishUnary(ctx, r.status());
     for (bool b : *r) resp->add_probe_resident(b);
   }
