@@ -30,6 +30,10 @@ struct PageHeaderData {
   uint64_t epoch = 0;
 };
 
+// A header (checksum included) for a payload.
+PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
+                              uint32_t token_count, DType dtype, const void* payload, size_t len);
+
 // Session ids are 1..kMaxSessionIdBytes bytes of anything.
 absl::Status ValidateSessionId(absl::string_view id);
 

@@ -12,6 +12,7 @@
 
 #include "common/page_format.h"
 #include "services/decode/decode_core.h"
+#include "services/decode/local_peers.h"
 #include "services/indexer/indexer_core.h"
 #include "tools/replay/replay.h"
 #include "workload/generator.h"

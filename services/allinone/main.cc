@@ -7,6 +7,7 @@
 #include "common/log.h"
 #include "services/decode/decode_service.h"
 #include "services/decode/flags.h"
+#include "services/decode/local_peers.h"
 #include "services/indexer/flags.h"
 #include "services/indexer/indexer_service.h"
 #include "services/kvstore/flags.h"

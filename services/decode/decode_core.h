@@ -44,10 +44,6 @@
 #include "services/decode/trace_recorder.h"
 #include "services/indexer/indexer_core.h"
 
-namespace fm {
-class KvStore;
-}
-
 namespace fm::decode {
 
 // sparse: the indexer's resident set (the product); dense: the whole history resident (the
@@ -331,9 +327,5 @@ class DecodeCore {
   absl::Status OpenClaimed(const std::string& session, const SessionOptions& options);
   std::unique_ptr<Impl> impl_;
 };
-
-// Adapters for an in-process kvstore and indexer (the all-in-one server, tests).
-std::unique_ptr<PageStore> LocalPageStore(fm::KvStore* store);
-std::unique_ptr<Predictor> LocalPredictor(indexer::IndexerCore* core);
 
 }  // namespace fm::decode

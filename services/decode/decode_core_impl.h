@@ -39,8 +39,6 @@
 #include "kernels/cpu/thread_pool.h"
 #include "services/decode/decode_core.h"
 #include "services/decode/miss_sketch.h"
-#include "services/kvstore/kv_client.h"
-#include "services/kvstore/kv_store.h"
 
 namespace fm::decode {
 

@@ -1,4 +1,5 @@
 #include "services/decode/decode_core.h"
+#include "services/decode/local_peers.h"
 
 #include <gtest/gtest.h>
 

@@ -39,19 +39,6 @@ struct UcxLink {
   }
 };
 
-PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
-                              uint32_t token_count, DType dtype, const void* payload, size_t len) {
-  PageHeaderData h;
-  h.session_id = session_id;
-  h.page = page;
-  h.spec_hash = spec_hash;
-  h.token_count = token_count;
-  h.dtype = dtype;
-  h.payload_bytes = len;
-  h.checksum = Checksum64(payload, len);
-  return h;
-}
-
 absl::StatusOr<std::unique_ptr<KvClient>> KvClient::Connect(const std::string& target,
                                                             const KvClientOptions& options,
                                                             UcxEngine* engine) {

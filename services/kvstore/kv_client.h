@@ -41,10 +41,6 @@ struct PageRecord {
   std::string payload;
 };
 
-// Builds a header (checksum included) for a payload.
-PageHeaderData MakePageHeader(const std::string& session_id, uint64_t page, uint64_t spec_hash,
-                              uint32_t token_count, DType dtype, const void* payload, size_t len);
-
 // A UCX endpoint and remote key to one server instance (kv_client.cc).
 struct UcxLink;
 
