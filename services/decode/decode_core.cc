@@ -1,4 +1,5 @@
 #include "services/decode/decode_core_impl.h"
+#include "services/decode/session_proto.h"
 
 namespace fm::decode {
 
@@ -90,24 +91,22 @@ absl::Status DecodeCore::OpenClaimed(const std::string& id, const SessionOptions
   if (absl::IsNotFound(blob.status()))
     return absl::NotFoundError(absl::StrCat("no saved state of session \"", id, "\" to resume"));
   if (!blob.ok()) return blob.status();
-  flashmemory::v1::DecodeSessionState st;
-  if (!st.ParseFromString(*blob))
+  flashmemory::v1::DecodeSessionState saved;
+  if (!saved.ParseFromString(*blob))
     return absl::DataLossError(absl::StrCat("the saved state of \"", id, "\" does not parse"));
-  SessionOptions so;
-  so.spec = SpecFromProto(st.spec());
-  if (o.spec.layers != 0 && ModelSpecHash(o.spec) != ModelSpecHash(so.spec))
+  if (saved.layout() > kStateLayout)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the saved state of \"", id, "\" has layout ", saved.layout(),
+        ", newer than this worker's (", kStateLayout, "): resume it on a newer worker"));
+  const flashmemory::v1::DecodeSessionState st = UpgradeState(saved);
+  absl::StatusOr<SessionOptions> so = SessionOptionsFromProto(st.options());
+  if (!so.ok())
+    return absl::DataLossError(absl::StrCat("the saved state of \"", id,
+                                            "\" holds bad options: ", so.status().message()));
+  if (o.spec.layers != 0 && ModelSpecHash(o.spec) != ModelSpecHash(so->spec))
     return absl::InvalidArgumentError(
         absl::StrCat("session \"", id, "\" was saved with another model spec"));
-  so.mode = st.mode() == flashmemory::v1::DECODE_MODE_DENSE ? Mode::kDense : Mode::kSparse;
-  so.policy = static_cast<indexer::Policy>(st.policy());
-  so.budget = st.budget();
-  so.max_pages = st.max_pages();
-  so.tau = st.tau();
-  so.switch_lag = st.switch_lag();
-  so.level2_topk = st.level2_topk();
-  so.miss_ratio = st.miss_ratio();
-  so.max_tokens = st.max_tokens();
-  return impl_->Create(id, so, &st, *epoch);
+  return impl_->Create(id, *so, &st, *epoch);
 }
 
 absl::Status DecodeCore::Prefill(const std::string& id, const uint8_t* pages, uint64_t n_pages,

@@ -42,6 +42,11 @@
 
 namespace fm::decode {
 
+// The layout of the saved decode state this worker writes (DecodeSessionState.layout).
+inline constexpr uint32_t kStateLayout = 2;
+// A saved state in layout 2: one in layout 1 (the flat fields) converted, else a copy.
+flashmemory::v1::DecodeSessionState UpgradeState(const flashmemory::v1::DecodeSessionState& old);
+
 constexpr int64_t kNoCell = -1;
 
 inline size_t RoundUp(size_t x, size_t a) { return (x + a - 1) / a * a; }

@@ -1,4 +1,5 @@
 #include "services/decode/decode_core.h"
+#include "services/decode/decode_core_impl.h"  // UpgradeState, kStateLayout
 #include "services/decode/local_peers.h"
 
 #include <gtest/gtest.h>
@@ -1076,6 +1077,128 @@ TEST_F(DecodeCoreTest, ResumedSessionsContinueWithIdenticalOutputs) {
       for (uint32_t l = 0; l < spec_.layers; ++l)
         ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
   }
+}
+
+// A saved state in layout 1 (the flat fields a worker wrote before the nested layout), as
+// that worker would have written it: the inverse of UpgradeState.
+flashmemory::v1::DecodeSessionState FlatLayout(const flashmemory::v1::DecodeSessionState& st) {
+  flashmemory::v1::DecodeSessionState old;
+  const auto& o = st.options();
+  *old.mutable_spec() = o.spec();
+  old.set_mode(o.mode());
+  old.set_policy(o.policy());
+  old.set_budget(o.budget());
+  old.set_max_pages(o.max_pages());
+  old.set_tau(o.tau());
+  old.set_switch_lag(o.switch_lag());
+  old.set_level2_topk(o.level2_topk());
+  old.set_miss_ratio(o.miss_ratio());
+  old.set_max_tokens(o.max_tokens());
+  const auto& p = st.position();
+  old.set_tokens(p.tokens());
+  old.set_next_step(p.next_step());
+  old.set_decoding(p.decoding());
+  old.set_key_chunks(p.key_chunks());
+  old.set_sent_chunks(p.sent_chunks());
+  old.set_sent_pages(p.sent_pages());
+  old.set_pending_keys(p.pending_keys());
+  old.set_have_set(p.have_set());
+  *old.mutable_wanted() = p.wanted();
+  *old.mutable_ranked() = p.ranked();
+  old.set_launched_for(p.launched_for());
+  if (st.has_saved_job()) {
+    const auto& j = st.saved_job();
+    old.set_job(true);
+    old.set_job_step(j.step());
+    old.set_switch_step(j.switch_step());
+    old.set_job_cells(j.cells());
+    old.set_job_catch_up(j.catch_up());
+    *old.mutable_job_pages() = j.pages();
+    old.set_job_sealed(j.sealed());
+    *old.mutable_job_resident() = j.resident();
+    old.set_job_has_hidden(j.has_hidden());
+    old.set_job_hidden(j.hidden());
+    old.set_job_query(j.query());
+    old.set_job_done(j.done());
+    *old.mutable_job_wanted() = j.wanted();
+    *old.mutable_job_ranked() = j.ranked();
+    *old.mutable_job_fetched() = j.fetched();
+    *old.mutable_job_deferred_pages() = j.deferred_pages();
+  }
+  if (st.has_saved_recovery()) {
+    const auto& r = st.saved_recovery();
+    old.set_recovery(true);
+    old.set_recovery_install_step(r.install_step());
+    old.set_recovery_cells(r.cells());
+    old.set_recovery_q(r.q());
+    old.set_recovery_lse(r.lse());
+    *old.mutable_recovery_pages() = r.pages();
+    old.set_recovery_done(r.done());
+    *old.mutable_recovery_fetched() = r.fetched();
+  }
+  const auto& c = st.stats();
+  old.set_steps(c.steps());
+  old.set_stalls(c.stalls());
+  old.set_stall_ms(c.stall_ms());
+  old.set_catch_up_stalls(c.catch_up_stalls());
+  old.set_predictions(c.predictions());
+  old.set_surprise_fetches(c.surprise_fetches());
+  old.set_miss_checks(c.miss_checks());
+  old.set_miss_fires(c.miss_fires());
+  return old;
+}
+
+TEST_F(DecodeCoreTest, AStateSavedInTheFlatLayoutResumesWithIdenticalOutputs) {
+  auto g = Generate(4000, 64, 16);
+  SessionOptions so = Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest);
+  auto ref_core = Core(32 << 20, 16, true);
+  ASSERT_THAT(ref_core->Open("ref", so), IsOk());
+  Prefill(*ref_core, "ref", *g);
+  auto ref = Decode(*ref_core, "ref", *g, 16);
+  std::vector<std::vector<std::vector<float>>> outs;
+  {
+    auto a = Core(32 << 20, 16, true);
+    ASSERT_THAT(a->Open("s", so), IsOk());
+    Prefill(*a, "s", *g);
+    for (uint32_t st = 0; st < 33; ++st) outs.push_back(DecodeStep(*a, "s", *g, st, 16));
+    ASSERT_THAT(a->Close("s"), IsOk());
+  }
+  // The state as the closing worker wrote it (layout 2), then in layout 1.
+  auto blob = store_->ReadPayload("s", kStatePage);
+  ASSERT_THAT(blob, IsOk());
+  flashmemory::v1::DecodeSessionState st;
+  ASSERT_TRUE(st.ParseFromString(*blob));
+  ASSERT_EQ(st.layout(), kStateLayout);
+  ASSERT_TRUE(st.has_saved_job());  // closed between a cycle's prediction and its switch
+  const flashmemory::v1::DecodeSessionState flat = FlatLayout(st);
+  EXPECT_EQ(flat.layout(), 0u);
+  EXPECT_EQ(UpgradeState(flat).SerializeAsString(), st.SerializeAsString());
+  auto put = [&](const flashmemory::v1::DecodeSessionState& m) {
+    const std::string b = m.SerializeAsString();
+    ASSERT_THAT(store_->Put(MakePageHeader("s", kStatePage, ModelSpecHash(spec_), 1, spec_.dtype,
+                                           b.data(), b.size()),
+                            reinterpret_cast<const uint8_t*>(b.data())),
+                IsOk());
+  };
+  SessionOptions resume;
+  resume.resume = true;
+  // A layout this worker does not know is refused, and the session stays resumable.
+  flashmemory::v1::DecodeSessionState newer = st;
+  newer.set_layout(kStateLayout + 1);
+  put(newer);
+  auto b = Core(32 << 20, 16, true);
+  const absl::Status refused = b->Open("s", resume);
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(refused.message(),
+            "the saved state of \"s\" has layout 3, newer than this worker's (2): resume it on "
+            "a newer worker");
+  put(flat);
+  ASSERT_THAT(b->Open("s", resume), IsOk());
+  EXPECT_EQ(b->Stats("s")->next_step, 33u);
+  for (uint32_t st = 33; st < 64; ++st) outs.push_back(DecodeStep(*b, "s", *g, st, 16));
+  for (uint32_t s = 0; s < 64; ++s)
+    for (uint32_t l = 0; l < spec_.layers; ++l)
+      ASSERT_LT(MaxAbsDiff(outs[s][l], ref[s][l]), 1e-6) << "step " << s << " layer " << l;
 }
 
 // One client steps a session while two others close and resume it in a loop on the same
