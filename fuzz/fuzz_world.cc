@@ -108,11 +108,10 @@ World* Build() {
   auto ix = indexer::MakeIndexerCore(f);
   Check(ix.status(), "indexer");
   w->indexer = std::move(*ix);
-  w->predictor = decode::LocalPredictor(w->indexer.get());
   decode::DecodeOptions o;
   o.reserve_bytes = 16 << 20;
   o.threads = 1;
-  w->core = std::make_unique<decode::DecodeCore>(o, &w->store, w->predictor.get());
+  w->core = std::make_unique<decode::DecodeCore>(o, &w->store, w->indexer.get());
   decode::SessionOptions& so = w->options;
   so.spec = w->g->spec();
   so.mode = decode::Mode::kSparse;

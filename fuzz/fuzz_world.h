@@ -36,7 +36,6 @@ class MemPageStore : public decode::PageStore {
 struct World {
   MemPageStore store;
   std::unique_ptr<indexer::IndexerCore> indexer;
-  std::unique_ptr<decode::Predictor> predictor;
   std::unique_ptr<decode::DecodeCore> core;
   std::unique_ptr<workload::Session> g;
   decode::SessionOptions options;  // s's (resume = false)

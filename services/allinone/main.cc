@@ -66,8 +66,7 @@ int main(int argc, char** argv) {
   fm::indexer::AddIndexerMetrics(core->get(), &metrics);
   // The decode worker reads and writes pages and asks for predictions in process.
   auto page_store = fm::decode::LocalPageStore(store->get());
-  auto predictor = fm::decode::LocalPredictor(core->get());
-  fm::decode::DecodeCore decode_core(decode, page_store.get(), predictor.get());
+  fm::decode::DecodeCore decode_core(decode, page_store.get(), core->get());
   fm::decode::DecodeService decode_service(&decode_core, auth->get());
   fm::decode::AddDecodeMetrics(&decode_core, &metrics);
   decode_service.AddMetrics(&metrics);

@@ -92,21 +92,8 @@ inline constexpr uint64_t kStatePage = uint64_t{1} << 62;
 inline constexpr uint64_t kKeysPage = uint64_t{1} << 61;
 size_t KeysRecordBytes(const ModelSpec& spec);
 
-// The indexer (local or remote): the subset of its API the worker uses.
-class Predictor {
- public:
-  virtual ~Predictor() = default;
-  virtual absl::Status Register(const std::string& session, const ModelSpec& spec,
-                                const uint8_t* keys, uint64_t chunks, uint64_t tokens,
-                                const float* bounds, uint64_t bound_pages) = 0;
-  virtual absl::Status Append(const std::string& session, const ModelSpec& spec,
-                              const uint8_t* keys, uint64_t first_chunk, uint64_t chunks,
-                              uint64_t tokens, const float* bounds, uint64_t first_page,
-                              uint64_t bound_pages) = 0;
-  virtual absl::StatusOr<indexer::Prediction> Predict(const std::string& session,
-                                                      const indexer::PredictArgs& args) = 0;
-  virtual absl::Status Drop(const std::string& session) = 0;
-};
+// The indexer the worker asks (an in-process IndexerCore or a remote IndexerClient).
+using Predictor = indexer::Indexer;
 
 // The switch lag of a sparse session when neither it nor the worker sets one: the steps its
 // prediction and fetch take. The prediction: twice the ratio of the indexer's scan work per

@@ -42,7 +42,7 @@ class DecodeCoreTest : public ::testing::Test {
     ASSERT_TRUE(kv.ok()) << kv.status();
     kv_ = std::move(*kv);
     store_ = LocalPageStore(kv_.get());
-    predictor_ = LocalPredictor(&indexer_);
+    predictor_ = &indexer_;
     spec_ = PresetSpec("tiny").value();
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
@@ -67,7 +67,7 @@ class DecodeCoreTest : public ::testing::Test {
     o.tau = tau;
     o.switch_lag = 2;
     o.miss_check = miss_check;
-    return std::make_unique<DecodeCore>(o, store_.get(), predictor_.get());
+    return std::make_unique<DecodeCore>(o, store_.get(), predictor_);
   }
 
   SessionOptions Options(const workload::Session& g, Mode mode, float budget,
@@ -182,7 +182,7 @@ class DecodeCoreTest : public ::testing::Test {
   std::unique_ptr<KvStore> kv_;
   indexer::IndexerCore indexer_;
   std::unique_ptr<PageStore> store_;
-  std::unique_ptr<Predictor> predictor_;
+  Predictor* predictor_ = nullptr;
   ModelSpec spec_;
 };
 
@@ -341,7 +341,7 @@ TEST_F(DecodeCoreTest, StalledStepsReportTheTimeTheyWaited) {
   // A 60 ms Predict against a 2-step lag of sub-millisecond steps: the switches of the
   // cycles at steps 16 and 32 wait for most of it (the first prediction is the warm-up).
   auto g = Generate(4096, 48, 12);
-  SlowPredictor slow(predictor_.get(), std::chrono::milliseconds(60));
+  SlowPredictor slow(predictor_, std::chrono::milliseconds(60));
   DecodeOptions o;
   o.reserve_bytes = 32 << 20;
   o.tau = 16;
@@ -401,7 +401,7 @@ TEST_F(DecodeCoreTest, StallsOnACatchUpAreCountedApart) {
   o.reserve_bytes = 32 << 20;
   o.tau = 16;
   o.switch_lag = 2;
-  DecodeCore core(o, &slow, predictor_.get());
+  DecodeCore core(o, &slow, predictor_);
   ASSERT_THAT(core.Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom)),
               IsOk());
   Prefill(core, "s", *g);
@@ -413,7 +413,7 @@ TEST_F(DecodeCoreTest, StallsOnACatchUpAreCountedApart) {
   EXPECT_EQ(core.Reserve().catch_up_stalls, st->catch_up_stalls);
 
   // Slow predictions instead: their switches stall, and those stalls are not catch-up ones.
-  SlowPredictor late(predictor_.get(), std::chrono::milliseconds(60));
+  SlowPredictor late(predictor_, std::chrono::milliseconds(60));
   DecodeCore core2(o, store_.get(), &late);
   ASSERT_THAT(core2.Open("t", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kQuest)),
               IsOk());
@@ -442,11 +442,11 @@ TEST_F(DecodeCoreTest, OutputsDoNotDependOnWhenAJobRuns) {
     o.reserve_bytes = 32 << 20;
     o.tau = 16;
     o.miss_check = true;
-    SlowPredictor late(predictor_.get(), std::chrono::milliseconds(40));
+    SlowPredictor late(predictor_, std::chrono::milliseconds(40));
     std::vector<std::vector<std::vector<float>>> outs[2];
     uint64_t stalls[2];
     for (int i = 0; i < 2; ++i) {
-      DecodeCore core(o, store_.get(), i ? &late : predictor_.get());
+      DecodeCore core(o, store_.get(), i ? &late : predictor_);
       const std::string id = absl::StrCat("s", history, i ? "-late" : "");
       ASSERT_THAT(core.Open(id, so), IsOk());
       Prefill(core, id, *g);
@@ -564,7 +564,7 @@ TEST_F(DecodeCoreTest, PagesBeyondTheSpareCellsComeInCatchUpsTwoStepsApart) {
   o.tau = 16;
   o.switch_lag = 2;
   o.catch_up_share = 0.5;
-  DecodeCore halves(o, store_.get(), predictor_.get());
+  DecodeCore halves(o, store_.get(), predictor_);
   ASSERT_THAT(halves.Open("s", Options(*g, Mode::kSparse, 0.25f, indexer::Policy::kRandom)),
               IsOk());
   Prefill(halves, "s", *g);
@@ -1323,7 +1323,7 @@ TEST_F(DecodeCoreTest, CycleFollowsTheSwitchLagWhenNobodySetsIt) {
   o.reserve_bytes = 32 << 20;
   o.tau = 0;
   o.switch_lag = 0;
-  DecodeCore core(o, store_.get(), predictor_.get());
+  DecodeCore core(o, store_.get(), predictor_);
   SessionOptions so = Options(*g, Mode::kSparse, 0.5f, indexer::Policy::kQuest);
   so.tau = 0;
   so.switch_lag = 5;  // its own lag: a cycle of 16

@@ -6,7 +6,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/page_format.h"
-#include "services/indexer/indexer_core.h"
 #include "services/kvstore/kv_store.h"
 
 namespace fm::decode {
@@ -66,36 +65,10 @@ class LocalStore : public PageStore {
   fm::KvStore* s_;
 };
 
-class LocalIndexer : public Predictor {
- public:
-  explicit LocalIndexer(indexer::IndexerCore* c) : c_(c) {}
-  absl::Status Register(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
-                        uint64_t chunks, uint64_t tokens, const float* bounds,
-                        uint64_t bound_pages) override {
-    return c_->Register(session, spec, keys, chunks, tokens, bounds, bound_pages);
-  }
-  absl::Status Append(const std::string& session, const ModelSpec&, const uint8_t* keys,
-                      uint64_t first_chunk, uint64_t chunks, uint64_t tokens, const float* bounds,
-                      uint64_t first_page, uint64_t bound_pages) override {
-    return c_->Append(session, keys, first_chunk, chunks, tokens, bounds, first_page, bound_pages);
-  }
-  absl::StatusOr<indexer::Prediction> Predict(const std::string& session,
-                                              const indexer::PredictArgs& args) override {
-    return c_->Predict(session, args);
-  }
-  absl::Status Drop(const std::string& session) override { return c_->Drop(session); }
-
- private:
-  indexer::IndexerCore* c_;
-};
-
 }  // namespace
 
 std::unique_ptr<PageStore> LocalPageStore(fm::KvStore* store) {
   return std::make_unique<LocalStore>(store);
-}
-std::unique_ptr<Predictor> LocalPredictor(indexer::IndexerCore* core) {
-  return std::make_unique<LocalIndexer>(core);
 }
 
 }  // namespace fm::decode

@@ -1,5 +1,6 @@
-// A decode core's peers in the same process (services/decode/local_peers.cc): the
-// all-in-one server's kvstore and indexer, tests and fuzzers. A separate library
+// A decode core's kvstore in the same process (services/decode/local_peers.cc): the
+// all-in-one server's, tests' and fuzzers' (an in-process indexer is an IndexerCore, which
+// a decode core takes as it is). A separate library
 // (fm_decode_local), so that the core itself does not link the kvstore's storage and
 // transports.
 #pragma once
@@ -15,6 +16,5 @@ class KvStore;
 namespace fm::decode {
 
 std::unique_ptr<PageStore> LocalPageStore(fm::KvStore* store);
-std::unique_ptr<Predictor> LocalPredictor(indexer::IndexerCore* core);
 
 }  // namespace fm::decode

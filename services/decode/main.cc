@@ -59,8 +59,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto store = fm::decode::RemotePageStore(kv->get());
-  auto predictor = fm::decode::RemotePredictor(ix->get());
-  fm::decode::DecodeCore core(options, store.get(), predictor.get());
+  fm::decode::DecodeCore core(options, store.get(), ix->get());
   fm::MetricsRegistry metrics;
   auto auth = fm::MakeAuthenticator(server);
   if (!auth.ok()) {

@@ -68,13 +68,14 @@ class RemoteStore : public PageStore {
     if (!kv_->engine() || region_) return nullptr;
     auto r = kv_->engine()->MapRegion(bytes);
     if (!r.ok()) {
-      FM_LOG_WARN("decode: the reserve (%zu bytes) could not be mapped for UCX (%s); fetches are "
-                  "copied into it", bytes, r.status().ToString().c_str());
+      FM_LOG_WARN(
+          "decode: the reserve (%zu bytes) could not be mapped for UCX (%s); fetches are "
+          "copied into it",
+          bytes, r.status().ToString().c_str());
       return nullptr;
     }
     region_ = std::move(*r);
-    FM_LOG_INFO("decode: the reserve (%zu bytes) is mapped for UCX: fetches land in place",
-                bytes);
+    FM_LOG_INFO("decode: the reserve (%zu bytes) is mapped for UCX: fetches land in place", bytes);
     return region_->data();
   }
   uint64_t pages_read_in_place() const override { return in_place_.load(); }
@@ -91,37 +92,10 @@ class RemoteStore : public PageStore {
   std::atomic<uint64_t> in_place_{0};
 };
 
-class RemoteIndexer : public Predictor {
- public:
-  explicit RemoteIndexer(indexer::IndexerClient* ix) : ix_(ix) {}
-  absl::Status Register(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
-                        uint64_t chunks, uint64_t tokens, const float* bounds,
-                        uint64_t bound_pages) override {
-    return ix_->Register(session, spec, keys, chunks, tokens, bounds, bound_pages);
-  }
-  absl::Status Append(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
-                      uint64_t first_chunk, uint64_t chunks, uint64_t tokens, const float* bounds,
-                      uint64_t first_page, uint64_t bound_pages) override {
-    return ix_->Append(session, spec, keys, first_chunk, chunks, tokens, bounds, first_page,
-                       bound_pages);
-  }
-  absl::StatusOr<indexer::Prediction> Predict(const std::string& session,
-                                              const indexer::PredictArgs& args) override {
-    return ix_->Predict(session, args);
-  }
-  absl::Status Drop(const std::string& session) override { return ix_->Drop(session); }
-
- private:
-  indexer::IndexerClient* ix_;
-};
-
 }  // namespace
 
 std::unique_ptr<PageStore> RemotePageStore(ShardedKvClient* kv) {
   return std::make_unique<RemoteStore>(kv);
-}
-std::unique_ptr<Predictor> RemotePredictor(indexer::IndexerClient* ix) {
-  return std::make_unique<RemoteIndexer>(ix);
 }
 
 }  // namespace fm::decode

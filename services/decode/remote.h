@@ -1,6 +1,6 @@
-// Adapters that connect a DecodeCore to remote kvstore replicas (pages spread by rendezvous
-// hashing; UCX reads when the replicas offer them) and indexer replicas (sessions placed by
-// rendezvous hashing).
+// The adapter that connects a DecodeCore to remote kvstore replicas (pages spread by
+// rendezvous hashing; UCX reads when the replicas offer them). Remote indexer replicas need
+// none: an IndexerClient is an indexer::Indexer.
 #pragma once
 
 #include <memory>
@@ -12,6 +12,5 @@
 namespace fm::decode {
 
 std::unique_ptr<PageStore> RemotePageStore(ShardedKvClient* kv);
-std::unique_ptr<Predictor> RemotePredictor(indexer::IndexerClient* ix);
 
 }  // namespace fm::decode

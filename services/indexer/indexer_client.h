@@ -16,7 +16,7 @@
 
 namespace fm::indexer {
 
-class IndexerClient {
+class IndexerClient : public Indexer {
  public:
   // replicas: as ResolveReplicas parses ("h:p,h:p" or "dns:NAME:PORT").
   static absl::StatusOr<std::unique_ptr<IndexerClient>> Connect(
@@ -28,13 +28,13 @@ class IndexerClient {
   // keys: [index_layer][chunks][di + 4]; bounds: [pages][IndexerBoundsFloats(spec)].
   absl::Status Register(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
                         uint64_t chunks, uint64_t tokens, const float* bounds = nullptr,
-                        uint64_t bound_pages = 0);
+                        uint64_t bound_pages = 0) override;
   absl::Status Append(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
                       uint64_t first_chunk, uint64_t chunks, uint64_t tokens,
                       const float* bounds = nullptr, uint64_t first_page = 0,
-                      uint64_t bound_pages = 0);
-  absl::StatusOr<Prediction> Predict(const std::string& session, const PredictArgs& args);
-  absl::Status Drop(const std::string& session);
+                      uint64_t bound_pages = 0) override;
+  absl::StatusOr<Prediction> Predict(const std::string& session, const PredictArgs& args) override;
+  absl::Status Drop(const std::string& session) override;
   // Loads weights on every replica; returns the hash (equal on all).
   absl::StatusOr<uint64_t> LoadWeights(const std::string& path);
   absl::StatusOr<flashmemory::v1::IndexerStatsResponse> Stats(size_t replica);

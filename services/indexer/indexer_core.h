@@ -16,23 +16,9 @@
 #include "absl/synchronization/mutex.h"
 #include "common/model_spec.h"
 #include "flashmemory/kernels/indexer.h"
+#include "services/indexer/indexer.h"
 
 namespace fm::indexer {
-
-// Numbered as flashmemory.v1.Policy.
-enum class Policy : uint8_t {
-  kDefault = 0,
-  kLsa = 1,
-  kQuest = 2,
-  kRecency = 3,
-  kRandom = 4,
-  kSinkRecency = 5,
-  kOracle = 6,
-  kDense = 7,
-  kModelQuery = 8,
-};
-const char* PolicyName(Policy p);
-absl::StatusOr<Policy> ParsePolicy(const std::string& name);
 
 // The query tower of every index layer, fp32, of one of two kinds (metadata "tower"):
 //  - "chunk" (the default; DESIGN §3): safetensors with layer{l}.w_a [rank, hidden],
@@ -60,35 +46,6 @@ struct Weights {
   absl::Status Matches(const ModelSpec& spec) const;
 };
 
-struct PredictArgs {
-  uint64_t step = 0;
-  std::vector<float> hidden;  // [hidden_dim], for lsa
-  std::vector<float> query;   // [index_layers][q_heads][head_dim], for quest and model_query
-  float budget = 0.1f;        // fraction of pages in (0, 1], sink and tail included
-  uint32_t max_pages = 0;     // absolute page budget instead (0 = use budget)
-  Policy policy = Policy::kDefault;
-  uint32_t sink = 1, tail = 2;
-  std::vector<float> oracle_page_mass;  // [pages] true mass over the cycle (oracle)
-  // The history the prediction covers: its first history_pages pages (0 = all the session
-  // holds). A caller that keeps appending pages while its prediction is in flight names the
-  // history as of the step it predicts for, so that the answer does not depend on whether
-  // later pages arrived first.
-  uint64_t history_pages = 0;
-};
-
-struct ScoredPage {
-  uint64_t page;
-  float score;
-};
-
-struct Prediction {
-  std::vector<ScoredPage> pages;  // ascending page number; sink and tail included
-  uint64_t total_pages = 0;
-  uint64_t chunks_scored = 0;
-  double latency_ms = 0;
-  Policy policy = Policy::kDefault;
-};
-
 struct CoreOptions {
   uint64_t max_bytes = uint64_t{8} << 30;  // keys and bounds of every session
   uint32_t max_sessions = 4096;
@@ -104,7 +61,7 @@ struct CoreStats {
   uint32_t weight_sets = 0;
 };
 
-class IndexerCore {
+class IndexerCore : public Indexer {
  public:
   explicit IndexerCore(CoreOptions options = {}) : options_(options) {}
 
@@ -113,14 +70,20 @@ class IndexerCore {
   // `tokens` is the history length; keys must cover exactly its sealed pages or fewer.
   absl::Status Register(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
                         uint64_t chunks, uint64_t tokens, const float* bounds = nullptr,
-                        uint64_t bound_pages = 0);
+                        uint64_t bound_pages = 0) override;
   // Keys of chunks [first_chunk, first_chunk + chunks); first_chunk must be the next
   // expected chunk. Bounds likewise from the next expected page.
   absl::Status Append(const std::string& session, const uint8_t* keys, uint64_t first_chunk,
                       uint64_t chunks, uint64_t tokens, const float* bounds = nullptr,
                       uint64_t first_page = 0, uint64_t bound_pages = 0);
-  absl::StatusOr<Prediction> Predict(const std::string& session, const PredictArgs& args);
-  absl::Status Drop(const std::string& session);
+  // The same (the spec is the session's, known since Register).
+  absl::Status Append(const std::string& session, const ModelSpec& spec, const uint8_t* keys,
+                      uint64_t first_chunk, uint64_t chunks, uint64_t tokens, const float* bounds,
+                      uint64_t first_page, uint64_t bound_pages) override {
+    return Append(session, keys, first_chunk, chunks, tokens, bounds, first_page, bound_pages);
+  }
+  absl::StatusOr<Prediction> Predict(const std::string& session, const PredictArgs& args) override;
+  absl::Status Drop(const std::string& session) override;
   absl::StatusOr<ModelSpec> SessionSpec(const std::string& session) const;
 
   // The core holds one set of weights per index shape (layers, heads, dim, hidden), so one
