@@ -98,11 +98,13 @@ absl::Status DecodeCore::OpenClaimed(const std::string& id, const SessionOptions
     return absl::FailedPreconditionError(absl::StrCat(
         "the saved state of \"", id, "\" has layout ", saved.layout(),
         ", newer than this worker's (", kStateLayout, "): resume it on a newer worker"));
-  const flashmemory::v1::DecodeSessionState st = UpgradeState(saved);
+  flashmemory::v1::DecodeSessionState upgraded;
+  if (saved.layout() == 0) upgraded = UpgradeState(saved);
+  const flashmemory::v1::DecodeSessionState& st = saved.layout() == 0 ? upgraded : saved;
   absl::StatusOr<SessionOptions> so = SessionOptionsFromProto(st.options());
   if (!so.ok())
-    return absl::DataLossError(absl::StrCat("the saved state of \"", id,
-                                            "\" holds bad options: ", so.status().message()));
+    return absl::DataLossError(
+        absl::StrCat("the saved state of \"", id, "\" holds bad options: ", so.status().message()));
   if (o.spec.layers != 0 && ModelSpecHash(o.spec) != ModelSpecHash(so->spec))
     return absl::InvalidArgumentError(
         absl::StrCat("session \"", id, "\" was saved with another model spec"));

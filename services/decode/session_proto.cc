@@ -7,7 +7,7 @@ namespace fm::decode {
 
 namespace v1 = flashmemory::v1;
 
-void SessionOptionsToProto(const SessionOptions& o, v1::OpenSessionRequest* req) {
+void SessionOptionsToProto(const SessionOptions& o, v1::OpenSessionRequest* req, bool with_oracle) {
   SpecToProto(o.spec, req->mutable_spec());
   req->set_mode(o.mode == Mode::kDense   ? v1::DECODE_MODE_DENSE
                 : o.mode == Mode::kTrace ? v1::DECODE_MODE_TRACE
@@ -22,7 +22,8 @@ void SessionOptionsToProto(const SessionOptions& o, v1::OpenSessionRequest* req)
   req->set_max_tokens(o.max_tokens);
   req->set_resume(o.resume);
   req->set_miss_ratio(o.miss_ratio);
-  req->mutable_oracle_page_mass()->Assign(o.oracle_page_mass.begin(), o.oracle_page_mass.end());
+  if (with_oracle)
+    req->mutable_oracle_page_mass()->Assign(o.oracle_page_mass.begin(), o.oracle_page_mass.end());
 }
 
 absl::StatusOr<SessionOptions> SessionOptionsFromProto(const v1::OpenSessionRequest& req) {

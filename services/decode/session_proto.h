@@ -9,7 +9,9 @@
 
 namespace fm::decode {
 
-void SessionOptionsToProto(const SessionOptions& o, flashmemory::v1::OpenSessionRequest* req);
+// with_oracle: the evaluation-only oracle_page_mass too (a saved state leaves it out).
+void SessionOptionsToProto(const SessionOptions& o, flashmemory::v1::OpenSessionRequest* req,
+                           bool with_oracle = true);
 
 // INVALID_ARGUMENT for an unknown mode or policy. The defaults resolve here: a budget of 0
 // is 0.1 (the rest of the zeros mean "the worker's" and stay zero).

@@ -87,12 +87,12 @@ absl::Status DecodeCore::Impl::SaveState(Session& s, bool to_indexer) {
   namespace v1 = flashmemory::v1;
   v1::DecodeSessionState st;
   st.set_layout(kStateLayout);
-  SessionOptions saved = s.opt;  // as resolved; a resume's evaluation inputs are not kept
-  saved.tau = s.tau;
-  saved.switch_lag = s.lag;
-  saved.oracle_page_mass.clear();
-  saved.resume = false;
-  SessionOptionsToProto(saved, st.mutable_options());
+  // The options as resolved, without the evaluation-only oracle masses (written at every
+  // seal: no copy of them).
+  SessionOptionsToProto(s.opt, st.mutable_options(), /*with_oracle=*/false);
+  st.mutable_options()->set_tau(s.tau);
+  st.mutable_options()->set_switch_lag(s.lag);
+  st.mutable_options()->set_resume(false);
   v1::SavedPosition& pos = *st.mutable_position();
   pos.set_tokens(s.tokens);
   pos.set_next_step(s.next_step);
@@ -273,8 +273,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
     rec->pages.assign(sr.pages().begin(), sr.pages().end());
     if (sr.done()) {
       rec->done = true;
-      if (absl::Status r = take_back(rec_pages, sr.cells(), &rec->fetched, &rec->cells);
-          !r.ok())
+      if (absl::Status r = take_back(rec_pages, sr.cells(), &rec->fetched, &rec->cells); !r.ok())
         return r;
       s.recovery = rec;
     } else {
@@ -289,8 +288,7 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       job->done = true;
       job->wanted.assign(sj.wanted().begin(), sj.wanted().end());
       job->ranked.assign(sj.ranked().begin(), sj.ranked().end());
-      if (absl::Status r = take_back(job_pages, sj.cells(), &job->fetched, &job->cells);
-          !r.ok())
+      if (absl::Status r = take_back(job_pages, sj.cells(), &job->fetched, &job->cells); !r.ok())
         return r;
       job->catch_up = sj.catch_up();
       job->pages.assign(sj.pages().begin(), sj.pages().end());
@@ -313,10 +311,10 @@ absl::Status DecodeCore::Impl::RestoreState(const std::shared_ptr<Session>& sp,
       a.tail = options.tail;
       a.history_pages = sj.sealed();
       const std::vector<uint64_t> pages(sj.pages().begin(), sj.pages().end());
-      Post(sp,
-           NewJob(a, sj.catch_up() ? &pages : nullptr,
-                  {sj.resident().begin(), sj.resident().end()}),
-           sj.cells());
+      Post(
+          sp,
+          NewJob(a, sj.catch_up() ? &pages : nullptr, {sj.resident().begin(), sj.resident().end()}),
+          sj.cells());
     }
   }
   return absl::OkStatus();
